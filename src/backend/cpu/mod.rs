@@ -1,0 +1,658 @@
+//! The CPU backend: the reference implementation of [`Backend`].
+//!
+//! Buffers hold elements of type `T` (`f32` to train, `f64` as the reference for gradient checks
+//! and selftests) plus the storage [`DType`] they model. Low-precision formats are *emulated*:
+//! every op computes in `T` and then rounds its output through the buffer's format, so the values
+//! a bf16 buffer holds are exactly the values real bf16 storage would hold. `F32` buffers are
+//! full precision: exact f32 in `CpuBackend<f32>`, and not rounded at all in `CpuBackend<f64>`,
+//! which is what makes the f64 backend a clean reference.
+//!
+//! The arithmetic lives in [`kernels`]: plain functions over slices, one per job.
+
+pub mod kernels;
+
+use std::borrow::Cow;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use super::{AdamW, Backend, GemmSpec};
+use crate::numerics::{self, DType};
+use kernels::Real;
+
+/// GPT-2's LayerNorm epsilon.
+const LAYERNORM_EPS: f32 = 1e-5;
+
+/// Element types the CPU backend computes in.
+pub trait CpuElem: Real {
+    /// Rounds every element through `dtype` (a no-op for `F32`, see the module doc).
+    fn round_through(dtype: DType, xs: &mut [Self]);
+    /// Widens to f32 (for downloads).
+    fn narrow_to_f32(self) -> f32;
+    /// From f32 (for uploads).
+    fn widen_from(x: f32) -> Self;
+}
+
+impl CpuElem for f32 {
+    fn round_through(dtype: DType, xs: &mut [Self]) {
+        if dtype != DType::F32 {
+            numerics::round_slice_in_place(dtype, xs);
+        }
+    }
+    fn narrow_to_f32(self) -> f32 {
+        self
+    }
+    fn widen_from(x: f32) -> Self {
+        x
+    }
+}
+
+impl CpuElem for f64 {
+    fn round_through(dtype: DType, xs: &mut [Self]) {
+        if dtype != DType::F32 {
+            for x in xs {
+                *x = f64::from(numerics::round_to(dtype, *x as f32));
+            }
+        }
+    }
+    fn narrow_to_f32(self) -> f32 {
+        self as f32
+    }
+    fn widen_from(x: f32) -> Self {
+        f64::from(x)
+    }
+}
+
+/// Live and peak bytes held in CPU buffers.
+#[derive(Default, Debug)]
+struct MemCounter {
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemCounter {
+    fn add(&self, bytes: u64) {
+        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+    fn sub(&self, bytes: u64) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A CPU buffer: elements of `T` holding values representable in `dtype`.
+#[derive(Debug)]
+pub struct CpuBuf<T> {
+    dtype: DType,
+    data: Vec<T>,
+    mem: Arc<MemCounter>,
+}
+
+impl<T> CpuBuf<T> {
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        &self.data
+    }
+    /// The storage format this buffer models.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+impl<T> Drop for CpuBuf<T> {
+    fn drop(&mut self) {
+        self.mem
+            .sub((self.data.len() * std::mem::size_of::<T>()) as u64);
+    }
+}
+
+/// The CPU backend over element type `T`.
+#[derive(Debug, Default)]
+pub struct CpuBackend<T> {
+    mem: Arc<MemCounter>,
+    _elem: PhantomData<T>,
+}
+
+impl<T: CpuElem> CpuBackend<T> {
+    /// A backend using the global rayon thread pool.
+    pub fn new() -> Self {
+        Self {
+            mem: Arc::new(MemCounter::default()),
+            _elem: PhantomData,
+        }
+    }
+
+    /// A buffer filled from `values` (rounded into `dtype`), for tests and tools.
+    pub fn buf_from(&self, dtype: DType, values: &[T]) -> CpuBuf<T> {
+        let mut data = values.to_vec();
+        T::round_through(dtype, &mut data);
+        self.mem.add((data.len() * std::mem::size_of::<T>()) as u64);
+        CpuBuf {
+            dtype,
+            data,
+            mem: self.mem.clone(),
+        }
+    }
+
+    fn round(buf: &mut CpuBuf<T>) {
+        T::round_through(buf.dtype, &mut buf.data);
+    }
+}
+
+/// An operand as a GEMM consumes it: rounded to `spec.inputs` when its buffer is stored wider.
+fn gemm_operand<T: CpuElem>(buf: &CpuBuf<T>, spec: GemmSpec) -> Cow<'_, [T]> {
+    if spec.inputs == buf.dtype || spec.inputs == DType::F32 {
+        Cow::Borrowed(&buf.data)
+    } else {
+        let mut rounded = buf.data.clone();
+        T::round_through(spec.inputs, &mut rounded);
+        Cow::Owned(rounded)
+    }
+}
+
+fn check_len<T>(what: &str, buf: &CpuBuf<T>, want: usize) -> Result<()> {
+    if buf.data.len() != want {
+        bail!(
+            "internal error: {what} has {} elements, the op expects {want}",
+            buf.data.len()
+        );
+    }
+    Ok(())
+}
+
+/// f32 GEMM throughput of this machine, measured once on a 1024³ product.
+fn measured_cpu_peak_flops() -> f64 {
+    static PEAK: OnceLock<f64> = OnceLock::new();
+    *PEAK.get_or_init(|| {
+        let n = 1024;
+        let a = vec![1.0f32; n * n];
+        let b = vec![0.5f32; n * n];
+        let mut c = vec![0.0f32; n * n];
+        kernels::matmul(&mut c, &a, &b, n, n, n, false, false, 1.0, 0.0);
+        let reps = 3;
+        let start = Instant::now();
+        for _ in 0..reps {
+            kernels::matmul(&mut c, &a, &b, n, n, n, false, false, 1.0, 0.0);
+        }
+        2.0 * (n * n * n * reps) as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+impl<T: CpuElem> Backend for CpuBackend<T> {
+    type Buf = CpuBuf<T>;
+    type Tokens = Vec<u32>;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu ({} threads, {})",
+            rayon::current_num_threads(),
+            std::any::type_name::<T>()
+        )
+    }
+
+    fn kind(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuf<T>> {
+        let mut data = Vec::new();
+        if data.try_reserve_exact(len).is_err() {
+            bail!(
+                "out of memory: could not allocate {} MiB on the CPU; use a smaller model or batch",
+                (len * std::mem::size_of::<T>()) >> 20
+            );
+        }
+        data.resize(len, T::zero());
+        self.mem.add((len * std::mem::size_of::<T>()) as u64);
+        Ok(CpuBuf {
+            dtype,
+            data,
+            mem: self.mem.clone(),
+        })
+    }
+
+    fn alloc_tokens(&self, len: usize) -> Result<Vec<u32>> {
+        Ok(vec![0; len])
+    }
+
+    fn len(&self, buf: &CpuBuf<T>) -> usize {
+        buf.data.len()
+    }
+
+    fn dtype(&self, buf: &CpuBuf<T>) -> DType {
+        buf.dtype
+    }
+
+    fn upload(&self, dst: &mut CpuBuf<T>, src: &[f32]) -> Result<()> {
+        check_len("upload destination", dst, src.len())?;
+        for (d, &s) in dst.data.iter_mut().zip(src) {
+            *d = T::widen_from(s);
+        }
+        Self::round(dst);
+        Ok(())
+    }
+
+    fn upload_tokens(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
+        if dst.len() != src.len() {
+            bail!(
+                "internal error: token upload of {} ids into {}",
+                src.len(),
+                dst.len()
+            );
+        }
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download_range(&self, src: &CpuBuf<T>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        match src.data.get(offset..offset + len) {
+            Some(s) => Ok(s.iter().map(|&x| x.narrow_to_f32()).collect()),
+            None => bail!(
+                "internal error: download of {offset}+{len} from {}",
+                src.data.len()
+            ),
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn peak_mem_bytes(&self) -> u64 {
+        self.mem.peak.load(Ordering::Relaxed)
+    }
+
+    fn peak_flops(&self, _dtype: DType) -> f64 {
+        // Low-precision formats are emulated on the CPU: everything runs at f32 speed.
+        measured_cpu_peak_flops()
+    }
+
+    fn fill(&self, buf: &mut CpuBuf<T>, value: f32) -> Result<()> {
+        kernels::fill(&mut buf.data, T::widen_from(value));
+        Self::round(buf);
+        Ok(())
+    }
+
+    fn copy(&self, dst: &mut CpuBuf<T>, src: &CpuBuf<T>) -> Result<()> {
+        check_len("copy destination", dst, src.data.len())?;
+        dst.data.copy_from_slice(&src.data);
+        if dst.dtype != src.dtype {
+            Self::round(dst);
+        }
+        Ok(())
+    }
+
+    fn residual_forward(&self, out: &mut CpuBuf<T>, a: &CpuBuf<T>, b: &CpuBuf<T>) -> Result<()> {
+        check_len("residual a", a, out.data.len())?;
+        check_len("residual b", b, out.data.len())?;
+        kernels::residual_forward(&mut out.data, &a.data, &b.data);
+        Self::round(out);
+        Ok(())
+    }
+
+    fn scale(&self, buf: &mut CpuBuf<T>, factor: f32) -> Result<()> {
+        kernels::scale_inplace(&mut buf.data, T::widen_from(factor));
+        Self::round(buf);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, out: &mut CpuBuf<T>, inp: &CpuBuf<T>) -> Result<()> {
+        check_len("gelu input", inp, out.data.len())?;
+        kernels::gelu_forward(&mut out.data, &inp.data);
+        Self::round(out);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, dinp: &mut CpuBuf<T>, inp: &CpuBuf<T>, dout: &CpuBuf<T>) -> Result<()> {
+        check_len("gelu input", inp, dinp.data.len())?;
+        check_len("gelu dout", dout, dinp.data.len())?;
+        kernels::gelu_backward(&mut dinp.data, &inp.data, &dout.data);
+        Self::round(dinp);
+        Ok(())
+    }
+
+    fn dropout_forward(&self, x: &mut CpuBuf<T>, p: f32, seed: u64) -> Result<()> {
+        kernels::dropout_forward(&mut x.data, p, seed);
+        Self::round(x);
+        Ok(())
+    }
+
+    fn dropout_backward(&self, dx: &mut CpuBuf<T>, p: f32, seed: u64) -> Result<()> {
+        kernels::dropout_backward(&mut dx.data, p, seed);
+        Self::round(dx);
+        Ok(())
+    }
+
+    fn linear_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        inp: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        bias: Option<&CpuBuf<T>>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: GemmSpec,
+    ) -> Result<()> {
+        check_len("linear output", out, n * oc)?;
+        check_len("linear input", inp, n * ic)?;
+        check_len("linear weight", w, oc * ic)?;
+        if let Some(b) = bias {
+            check_len("linear bias", b, oc)?;
+        }
+        let inp = gemm_operand(inp, gemm);
+        let w = gemm_operand(w, gemm);
+        kernels::linear_forward(
+            &mut out.data,
+            &inp,
+            &w,
+            bias.map(|b| &b.data[..]),
+            n,
+            ic,
+            oc,
+        );
+        Self::round(out);
+        Ok(())
+    }
+
+    fn linear_backward(
+        &self,
+        dinp: Option<&mut CpuBuf<T>>,
+        dw: &mut CpuBuf<T>,
+        dbias: Option<&mut CpuBuf<T>>,
+        dout: &CpuBuf<T>,
+        inp: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        dinp_gemm: GemmSpec,
+        dw_gemm: GemmSpec,
+    ) -> Result<()> {
+        check_len("linear dout", dout, n * oc)?;
+        check_len("linear input", inp, n * ic)?;
+        check_len("linear weight", w, oc * ic)?;
+        check_len("linear weight grad", dw, oc * ic)?;
+        if let Some(dinp) = dinp {
+            check_len("linear input grad", dinp, n * ic)?;
+            let (dout_op, w_op) = (gemm_operand(dout, dinp_gemm), gemm_operand(w, dinp_gemm));
+            kernels::matmul(
+                &mut dinp.data,
+                &dout_op,
+                &w_op,
+                n,
+                ic,
+                oc,
+                false,
+                false,
+                T::one(),
+                T::zero(),
+            );
+            Self::round(dinp);
+        }
+        let (dout_op, inp_op) = (gemm_operand(dout, dw_gemm), gemm_operand(inp, dw_gemm));
+        kernels::matmul(
+            &mut dw.data,
+            &dout_op,
+            &inp_op,
+            oc,
+            ic,
+            n,
+            true,
+            false,
+            T::one(),
+            T::one(),
+        );
+        Self::round(dw);
+        if let Some(db) = dbias {
+            check_len("linear bias grad", db, oc)?;
+            kernels::bias_backward(&mut db.data, &dout.data, n, oc);
+            Self::round(db);
+        }
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        mean: &mut CpuBuf<T>,
+        rstd: &mut CpuBuf<T>,
+        inp: &CpuBuf<T>,
+        weight: &CpuBuf<T>,
+        bias: &CpuBuf<T>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        check_len("layernorm output", out, n * c)?;
+        check_len("layernorm input", inp, n * c)?;
+        check_len("layernorm mean", mean, n)?;
+        check_len("layernorm rstd", rstd, n)?;
+        kernels::layernorm_forward(
+            &mut out.data,
+            &mut mean.data,
+            &mut rstd.data,
+            &inp.data,
+            &weight.data,
+            &bias.data,
+            n,
+            c,
+            T::widen_from(LAYERNORM_EPS),
+        );
+        Self::round(out);
+        Self::round(mean);
+        Self::round(rstd);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut CpuBuf<T>,
+        dweight: &mut CpuBuf<T>,
+        dbias: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        inp: &CpuBuf<T>,
+        weight: &CpuBuf<T>,
+        mean: &CpuBuf<T>,
+        rstd: &CpuBuf<T>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        check_len("layernorm input grad", dinp, n * c)?;
+        check_len("layernorm dout", dout, n * c)?;
+        check_len("layernorm weight grad", dweight, c)?;
+        kernels::layernorm_backward(
+            &mut dinp.data,
+            &mut dweight.data,
+            &mut dbias.data,
+            &dout.data,
+            &inp.data,
+            &weight.data,
+            &mean.data,
+            &rstd.data,
+            n,
+            c,
+        );
+        Self::round(dinp);
+        Self::round(dweight);
+        Self::round(dbias);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        lse: &mut CpuBuf<T>,
+        qkv: &CpuBuf<T>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        check_len("attention output", out, b * t * c)?;
+        check_len("attention lse", lse, b * nh * t)?;
+        check_len("attention qkv", qkv, b * t * 3 * c)?;
+        kernels::attention_forward(&mut out.data, &mut lse.data, &qkv.data, b, t, c, nh);
+        Self::round(out);
+        Self::round(lse);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        qkv: &CpuBuf<T>,
+        out: &CpuBuf<T>,
+        lse: &CpuBuf<T>,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        check_len("attention qkv grad", dqkv, b * t * 3 * c)?;
+        check_len("attention dout", dout, b * t * c)?;
+        kernels::attention_backward(
+            &mut dqkv.data,
+            &dout.data,
+            &qkv.data,
+            &out.data,
+            &lse.data,
+            b,
+            t,
+            c,
+            nh,
+        );
+        Self::round(dqkv);
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        tokens: &Vec<u32>,
+        wte: &CpuBuf<T>,
+        wpe: &CpuBuf<T>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        check_len("embedding output", out, b * t * c)?;
+        if tokens.len() != b * t {
+            bail!(
+                "internal error: {} tokens for a {b}x{t} batch",
+                tokens.len()
+            );
+        }
+        let vocab = wte.data.len() / c;
+        if let Some(&bad) = tokens.iter().find(|&&tok| tok as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        kernels::embedding_forward(&mut out.data, tokens, &wte.data, &wpe.data, b, t, c);
+        Self::round(out);
+        Ok(())
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut CpuBuf<T>,
+        dwpe: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        tokens: &Vec<u32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        check_len("embedding dout", dout, b * t * c)?;
+        kernels::embedding_backward(&mut dwte.data, &mut dwpe.data, &dout.data, tokens, b, t, c);
+        Self::round(dwte);
+        Self::round(dwpe);
+        Ok(())
+    }
+
+    fn crossentropy_forward_backward(
+        &self,
+        losses: &mut CpuBuf<T>,
+        logits: &mut CpuBuf<T>,
+        targets: &Vec<u32>,
+        n: usize,
+        v: usize,
+        vp: usize,
+        dloss: f32,
+    ) -> Result<()> {
+        check_len("classifier logits", logits, n * vp)?;
+        check_len("classifier losses", losses, n)?;
+        kernels::crossentropy_forward_backward(
+            &mut losses.data,
+            &mut logits.data,
+            targets,
+            n,
+            v,
+            vp,
+            T::widen_from(dloss),
+        );
+        Self::round(losses);
+        Self::round(logits);
+        Ok(())
+    }
+
+    fn crossentropy_forward(
+        &self,
+        losses: &mut CpuBuf<T>,
+        logits: &CpuBuf<T>,
+        targets: &Vec<u32>,
+        n: usize,
+        v: usize,
+        vp: usize,
+    ) -> Result<()> {
+        check_len("classifier logits", logits, n * vp)?;
+        check_len("classifier losses", losses, n)?;
+        kernels::crossentropy_forward(&mut losses.data, &logits.data, targets, n, v, vp);
+        Self::round(losses);
+        Ok(())
+    }
+
+    fn adamw_step(
+        &self,
+        param: &mut CpuBuf<T>,
+        grad: &CpuBuf<T>,
+        m: &mut CpuBuf<T>,
+        v: &mut CpuBuf<T>,
+        compute_copy: Option<&mut CpuBuf<T>>,
+        hp: &AdamW,
+    ) -> Result<()> {
+        let len = param.data.len();
+        check_len("adamw grad", grad, len)?;
+        check_len("adamw m", m, len)?;
+        check_len("adamw v", v, len)?;
+        let hyper = kernels::AdamWHyper {
+            lr: f64::from(hp.lr),
+            beta1: f64::from(hp.beta1),
+            beta2: f64::from(hp.beta2),
+            eps: f64::from(hp.eps),
+            weight_decay: f64::from(hp.weight_decay),
+        };
+        kernels::adamw_step(
+            &mut param.data,
+            &grad.data,
+            &mut m.data,
+            &mut v.data,
+            &hyper,
+            hp.step,
+            f64::from(hp.grad_scale),
+        );
+        Self::round(param);
+        Self::round(m);
+        Self::round(v);
+        if let Some(copy) = compute_copy {
+            self.copy(copy, param)?;
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, buf: &CpuBuf<T>) -> Result<f64> {
+        Ok(kernels::sum_squares(&buf.data))
+    }
+}

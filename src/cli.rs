@@ -1,0 +1,353 @@
+//! The `halfling` command line: `prepare`, `train`, `sample`, `eval`, `bench`, `selftest`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::cpu::CpuBackend;
+use crate::config::{Config, DeviceKind, TokenizerKind};
+use crate::data::{self, PrepareOptions};
+use crate::generate::{generate, SampleOptions};
+use crate::model::Gpt;
+use crate::precision::Recipe;
+use crate::{bench, runs, selftest, train};
+
+/// The default config, trained by a bare `halfling train`.
+pub const DEFAULT_CONFIG: &str = "configs/shakespeare_char.toml";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "halfling",
+    version,
+    about = "Train transformer language models fast in mixed and low precision"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Turn a text file into train.bin/val.bin token shards plus tokenizer.json.
+    Prepare(PrepareArgs),
+    /// Train a model (default: the char-level Shakespeare config, on the CPU).
+    Train(TrainArgs),
+    /// Generate text from a trained run or checkpoint.
+    Sample(SampleArgs),
+    /// Validation loss of a run over the whole validation split.
+    Eval(EvalArgs),
+    /// Training throughput on synthetic tokens, as one JSON line.
+    Bench(BenchArgs),
+    /// Check every backend op against the f64 CPU reference on random inputs.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeviceArg {
+    /// Where to compute: auto (CUDA when usable, else CPU), cpu or cuda.
+    #[arg(long, value_parser = parse_device)]
+    device: Option<DeviceKind>,
+    /// CPU threads (0 = all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_device(s: &str) -> Result<DeviceKind, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
+#[derive(Args, Debug)]
+struct PrepareArgs {
+    /// The UTF-8 text file.
+    input: PathBuf,
+    /// Output directory for train.bin, val.bin, tokenizer.json and meta.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// char or bpe.
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// BPE vocabulary size.
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    /// Fraction of the text kept for validation (taken from the end).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Config file (TOML).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Run directory (default: runs/<config file stem>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a config key, e.g. --set train.max_steps=500 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue a run exactly from its checkpoint (a run or checkpoint directory).
+    #[arg(long, conflicts_with = "init_from")]
+    resume: Option<PathBuf>,
+    /// Start from the weights of a checkpoint (halfling or Hugging Face GPT-2), fresh optimizer.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Stop after this many steps in total, writing a checkpoint (resume later with --resume).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// No progress bar, log lines or sample.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+struct SampleArgs {
+    /// Run directory, checkpoint directory or Hugging Face GPT-2 directory.
+    #[arg(long)]
+    run: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 300)]
+    tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// Run directory or checkpoint directory.
+    #[arg(long)]
+    run: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Config file (TOML).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+struct SelftestArgs {
+    /// Seed of the random inputs (default: fresh each run).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// Runs the command line; errors come back for `main` to print.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Prepare(a) => prepare(a),
+        Command::Train(a) => train_cmd(a),
+        Command::Sample(a) => sample_cmd(a),
+        Command::Eval(a) => eval_cmd(a),
+        Command::Bench(a) => bench_cmd(a),
+        Command::Selftest(a) => selftest_cmd(a),
+    }
+}
+
+/// The CPU backend with the requested thread count.
+fn cpu(threads: usize) -> Result<CpuBackend<f32>> {
+    if threads > 0 {
+        // Fails only if the pool was already built (tests); the existing pool is then used.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
+    }
+    Ok(CpuBackend::new())
+}
+
+/// Resolves the device: this build computes on the CPU; `cuda` is refused with a clear message.
+fn device(arg: &DeviceArg, cfg_device: DeviceKind, cfg_threads: usize) -> Result<CpuBackend<f32>> {
+    match arg.device.unwrap_or(cfg_device) {
+        DeviceKind::Cuda => bail!(
+            "--device cuda: this build of halfling has no CUDA backend yet; use --device cpu or --device auto"
+        ),
+        DeviceKind::Auto | DeviceKind::Cpu => cpu(arg.threads.unwrap_or(cfg_threads)),
+    }
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    let kind: TokenizerKind = a.tokenizer.parse().context("--tokenizer")?;
+    let opts = PrepareOptions {
+        input: a.input,
+        out_dir: a.out.clone(),
+        tokenizer: match kind {
+            TokenizerKind::Char => data::prepare::TokenizerKind::Char,
+            TokenizerKind::Bpe => data::prepare::TokenizerKind::Bpe {
+                vocab_size: a.vocab_size,
+            },
+        },
+        val_fraction: a.val_fraction,
+    };
+    let r = data::prepare(&opts)?;
+    println!(
+        "{}: {} train + {} val tokens, {} tokenizer with {} tokens ({:.1}s)",
+        a.out.display(),
+        r.train_tokens,
+        r.val_tokens,
+        r.tokenizer_kind,
+        r.vocab_size,
+        r.seconds
+    );
+    Ok(())
+}
+
+fn load_config(path: &Path, overrides: &[String]) -> Result<Config> {
+    if !path.is_file() {
+        bail!(
+            "config file {} not found (run from the repository root, or pass --config FILE)",
+            path.display()
+        );
+    }
+    Config::load_with_overrides(path, overrides)
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    // A resumed run keeps its own config unless one is given explicitly.
+    let config_path = match (&a.resume, a.config.as_path() == Path::new(DEFAULT_CONFIG)) {
+        (Some(dir), true) => runs::checkpoint_dir(dir).join(runs::CONFIG_TOML),
+        _ => a.config.clone(),
+    };
+    let cfg = load_config(&config_path, &a.overrides)?;
+    let out_dir = match (&a.out, &a.resume) {
+        (Some(out), _) => out.clone(),
+        (None, Some(dir)) if dir.join(runs::CHECKPOINT_DIR).is_dir() => dir.clone(),
+        _ => {
+            let stem = a
+                .config
+                .file_stem()
+                .map_or("run".into(), |s| s.to_string_lossy().into_owned());
+            PathBuf::from("runs").join(stem)
+        }
+    };
+    let backend = device(&a.device, cfg.device.device, cfg.device.threads)?;
+    let opts = train::TrainOptions {
+        out_dir,
+        resume: a.resume,
+        init_from: a.init_from,
+        stop_at: a.stop_at,
+        quiet: a.quiet,
+    };
+    train::train(&backend, cfg, &opts)?;
+    Ok(())
+}
+
+fn sample_cmd(a: SampleArgs) -> Result<()> {
+    let ck = runs::load_checkpoint(&a.run)?;
+    let backend = device(&a.device, DeviceKind::Auto, 0)?;
+    let model = Gpt::from_values(
+        &backend,
+        ck.gpt,
+        Recipe::new(ck.config.precision.recipe),
+        0.0,
+        &ck.params,
+    )?;
+    let opts = SampleOptions {
+        prompt: a.prompt,
+        tokens: a.tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    println!("{}", generate(&backend, &model, &ck.tokenizer, &opts)?);
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let ck = runs::load_checkpoint(&a.run)?;
+    let backend = device(&a.device, DeviceKind::Auto, 0)?;
+    let data = train::load_data(&ck.config, true)?;
+    if data.tokenizer.vocab_size() != ck.gpt.vocab_size {
+        bail!(
+            "the run's data.dir = {:?} has a different tokenizer than the checkpoint",
+            ck.config.data.dir
+        );
+    }
+    let model = Gpt::from_values(
+        &backend,
+        ck.gpt.clone(),
+        Recipe::new(ck.config.precision.recipe),
+        0.0,
+        &ck.params,
+    )?;
+    let mut acts = model.activations(
+        &backend,
+        ck.config.train.batch_size,
+        ck.gpt.block_size,
+        false,
+    )?;
+    let val_loss = train::evaluate(&backend, &model, &mut acts, &data.val, 0, 0)?;
+    if a.json {
+        let out = serde_json::json!({ "val_loss": val_loss, "val_tokens": data.val.len(), "checkpoint": ck.dir });
+        println!("{out}");
+    } else {
+        println!(
+            "val loss {val_loss:.4} over {} tokens ({})",
+            data.val.len(),
+            ck.dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let cfg = load_config(&a.config, &a.overrides)?;
+    let backend = device(&a.device, cfg.device.device, cfg.device.threads)?;
+    let result = bench::bench(&backend, &cfg, a.steps, a.warmup)?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+fn selftest_cmd(a: SelftestArgs) -> Result<()> {
+    let backend = device(&a.device, DeviceKind::Auto, 0)?;
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    println!(
+        "selftest on {} against the f64 CPU reference (seed {seed})",
+        crate::backend::Backend::describe(&backend)
+    );
+    let rows = selftest::run(&backend, seed)?;
+    print!("{}", selftest::format_table(&rows));
+    let failed = rows.iter().filter(|r| !r.passed()).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", rows.len());
+    }
+    println!("all {} checks passed", rows.len());
+    Ok(())
+}

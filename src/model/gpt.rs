@@ -1,0 +1,1055 @@
+//! GPT-2: token + learned position embeddings, pre-LayerNorm blocks of causal multi-head
+//! attention and a GELU MLP, a final LayerNorm and an LM head tied to the token embedding.
+//!
+//! Parameters live in three parallel lists indexed by [`ParamSpec`] position: fp32 master
+//! weights, the compute copy the passes read (only when the recipe stores weights in a narrower
+//! format), and fp32 gradients. Activations for one batch shape live in [`Activations`], so
+//! training, evaluation and sampling can each keep a set of their own.
+//!
+//! Dropout applies to the embeddings' sum and to the output of every residual branch (attention
+//! and MLP), with masks derived from a per-pass seed so the backward regenerates them; attention
+//! probabilities are not dropped (the fused attention never materialises them).
+
+use anyhow::{bail, Result};
+
+use crate::backend::Backend;
+use crate::data::Rng;
+use crate::numerics::DType;
+use crate::precision::{GemmRole, Recipe};
+
+/// Sizes of a GPT-2 model.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GptConfig {
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads per block.
+    pub n_head: usize,
+    /// Model width.
+    pub n_embd: usize,
+    /// Longest context the position embedding covers.
+    pub block_size: usize,
+    /// Real vocabulary size (the tokenizer's).
+    pub vocab_size: usize,
+    /// Vocabulary rounded up for aligned matmuls; the extra rows are never predicted.
+    pub padded_vocab_size: usize,
+}
+
+impl GptConfig {
+    /// Number of parameters (the tied head counted once, padded vocabulary rows included).
+    pub fn num_params(&self) -> usize {
+        Gpt::<crate::backend::cpu::CpuBackend<f32>>::param_specs(self)
+            .iter()
+            .map(|s| s.numel())
+            .sum()
+    }
+
+    /// Model FLOPs per trained token: `6·(N − T·d) + 12·L·T·d` (matmuls forward and backward,
+    /// position embedding excluded, plus attention's two T×T products). Same formula as the peer
+    /// benchmark, so tokens/s and MFU compare directly.
+    pub fn flops_per_token(&self, t: usize) -> f64 {
+        let n = self.num_params() as f64;
+        let (l, d, t) = (self.n_layer as f64, self.n_embd as f64, t as f64);
+        6.0 * (n - self.block_size as f64 * d) + 12.0 * l * t * d
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            bail!(
+                "model.n_embd = {} must be a multiple of model.n_head = {}",
+                self.n_embd,
+                self.n_head
+            );
+        }
+        if self.padded_vocab_size < self.vocab_size || self.vocab_size == 0 {
+            bail!(
+                "internal error: padded vocab {} < vocab {}",
+                self.padded_vocab_size,
+                self.vocab_size
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Name, shape and optimizer treatment of one parameter tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// Internal name (Hugging Face GPT-2 naming without the `transformer.` prefix).
+    pub name: String,
+    /// Row-major shape; linear weights are `[out, in]`.
+    pub shape: Vec<usize>,
+    /// Whether AdamW's weight decay applies (matrices yes; biases and norms no).
+    pub decay: bool,
+}
+
+impl ParamSpec {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+// Offsets of a block's tensors inside its run of `PER_LAYER` params.
+const LN1_W: usize = 0;
+const LN1_B: usize = 1;
+const QKV_W: usize = 2;
+const QKV_B: usize = 3;
+const PROJ_W: usize = 4;
+const PROJ_B: usize = 5;
+const LN2_W: usize = 6;
+const LN2_B: usize = 7;
+const FC_W: usize = 8;
+const FC_B: usize = 9;
+const FCPROJ_W: usize = 10;
+const FCPROJ_B: usize = 11;
+const PER_LAYER: usize = 12;
+const WTE: usize = 0;
+const WPE: usize = 1;
+
+fn layer_param(l: usize, k: usize) -> usize {
+    2 + l * PER_LAYER + k
+}
+
+/// Activations of one layer saved for the backward pass.
+struct LayerActs<B: Backend> {
+    ln1: B::Buf,
+    ln1_mean: B::Buf,
+    ln1_rstd: B::Buf,
+    qkv: B::Buf,
+    atty: B::Buf,
+    lse: B::Buf,
+    resid2: B::Buf,
+    ln2: B::Buf,
+    ln2_mean: B::Buf,
+    ln2_rstd: B::Buf,
+    fch: B::Buf,
+    fch_gelu: B::Buf,
+    resid_out: B::Buf,
+}
+
+/// Gradient scratch shared by all layers (only for training).
+struct GradScratch<B: Backend> {
+    dresid: B::Buf,
+    dbranch: B::Buf,
+    dln: B::Buf,
+    datty: B::Buf,
+    dqkv: B::Buf,
+    dfch: B::Buf,
+    dfch_gelu: B::Buf,
+}
+
+/// Every buffer one forward (and backward) pass over a `b × t` batch needs, allocated once.
+pub struct Activations<B: Backend> {
+    b: usize,
+    t: usize,
+    tokens: B::Tokens,
+    targets: B::Tokens,
+    encoded: B::Buf,
+    branch: B::Buf,
+    layers: Vec<LayerActs<B>>,
+    lnf: B::Buf,
+    lnf_mean: B::Buf,
+    lnf_rstd: B::Buf,
+    logits: B::Buf,
+    losses: B::Buf,
+    grads: Option<GradScratch<B>>,
+    dropout_seed: Option<u64>,
+}
+
+impl<B: Backend> Activations<B> {
+    /// Batch size these buffers are for.
+    pub fn batch(&self) -> usize {
+        self.b
+    }
+    /// Sequence length these buffers are for.
+    pub fn seq_len(&self) -> usize {
+        self.t
+    }
+}
+
+/// A GPT-2 model on backend `B`.
+pub struct Gpt<B: Backend> {
+    cfg: GptConfig,
+    recipe: Recipe,
+    dropout: f32,
+    specs: Vec<ParamSpec>,
+    master: Vec<B::Buf>,
+    compute: Vec<B::Buf>,
+    grads: Vec<B::Buf>,
+}
+
+impl<B: Backend> Gpt<B> {
+    /// Parameter names, shapes and decay flags in storage order.
+    pub fn param_specs(cfg: &GptConfig) -> Vec<ParamSpec> {
+        let (c, vp, t) = (cfg.n_embd, cfg.padded_vocab_size, cfg.block_size);
+        let spec = |name: String, shape: Vec<usize>| {
+            let decay = shape.len() == 2;
+            ParamSpec { name, shape, decay }
+        };
+        let mut specs = vec![
+            spec("wte".into(), vec![vp, c]),
+            spec("wpe".into(), vec![t, c]),
+        ];
+        for l in 0..cfg.n_layer {
+            let p = |s: &str| format!("h.{l}.{s}");
+            specs.extend([
+                spec(p("ln_1.weight"), vec![c]),
+                spec(p("ln_1.bias"), vec![c]),
+                spec(p("attn.c_attn.weight"), vec![3 * c, c]),
+                spec(p("attn.c_attn.bias"), vec![3 * c]),
+                spec(p("attn.c_proj.weight"), vec![c, c]),
+                spec(p("attn.c_proj.bias"), vec![c]),
+                spec(p("ln_2.weight"), vec![c]),
+                spec(p("ln_2.bias"), vec![c]),
+                spec(p("mlp.c_fc.weight"), vec![4 * c, c]),
+                spec(p("mlp.c_fc.bias"), vec![4 * c]),
+                spec(p("mlp.c_proj.weight"), vec![c, 4 * c]),
+                spec(p("mlp.c_proj.bias"), vec![c]),
+            ]);
+        }
+        specs.push(spec("ln_f.weight".into(), vec![c]));
+        specs.push(spec("ln_f.bias".into(), vec![c]));
+        specs
+    }
+
+    /// A model with GPT-2's initialisation: N(0, 0.02) weights, residual projections scaled by
+    /// 1/√(2L), zero biases, unit LayerNorm gains, zero padded vocabulary rows.
+    pub fn new(
+        backend: &B,
+        cfg: GptConfig,
+        recipe: Recipe,
+        dropout: f32,
+        init_std: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        cfg.check()?;
+        let specs = Self::param_specs(&cfg);
+        let mut rng = Rng::new(seed);
+        let resid_std = init_std / (2.0 * cfg.n_layer as f32).sqrt();
+        let values: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|s| {
+                let n = s.numel();
+                if s.name.ends_with("ln_1.weight")
+                    || s.name.ends_with("ln_2.weight")
+                    || s.name == "ln_f.weight"
+                {
+                    vec![1.0; n]
+                } else if s.shape.len() == 1 {
+                    vec![0.0; n]
+                } else {
+                    let std = if s.name.ends_with("c_proj.weight") {
+                        resid_std
+                    } else {
+                        init_std
+                    };
+                    let mut v: Vec<f32> = (0..n).map(|_| rng.normal_f32() * std).collect();
+                    if s.name == "wte" {
+                        v[cfg.vocab_size * cfg.n_embd..].fill(0.0);
+                    }
+                    v
+                }
+            })
+            .collect();
+        Self::from_values(backend, cfg, recipe, dropout, &values)
+    }
+
+    /// A model whose parameters are `values` (one vector per [`ParamSpec`], in order).
+    pub fn from_values(
+        backend: &B,
+        cfg: GptConfig,
+        recipe: Recipe,
+        dropout: f32,
+        values: &[Vec<f32>],
+    ) -> Result<Self> {
+        cfg.check()?;
+        let specs = Self::param_specs(&cfg);
+        if values.len() != specs.len() {
+            bail!(
+                "internal error: {} parameter tensors given, the model has {}",
+                values.len(),
+                specs.len()
+            );
+        }
+        let mut master = Vec::with_capacity(specs.len());
+        let mut compute = Vec::new();
+        let mut grads = Vec::with_capacity(specs.len());
+        for (spec, vals) in specs.iter().zip(values) {
+            if vals.len() != spec.numel() {
+                bail!(
+                    "parameter {} has {} values, expected {} for shape {:?}",
+                    spec.name,
+                    vals.len(),
+                    spec.numel(),
+                    spec.shape
+                );
+            }
+            let mut buf = backend.alloc(recipe.master, spec.numel())?;
+            backend.upload(&mut buf, vals)?;
+            if recipe.has_compute_copy() {
+                let mut copy = backend.alloc(recipe.compute_weights, spec.numel())?;
+                backend.copy(&mut copy, &buf)?;
+                compute.push(copy);
+            }
+            master.push(buf);
+            grads.push(backend.alloc(recipe.grads, spec.numel())?);
+        }
+        Ok(Self {
+            cfg,
+            recipe,
+            dropout,
+            specs,
+            master,
+            compute,
+            grads,
+        })
+    }
+
+    /// The model's sizes.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+    /// The precision recipe.
+    pub fn recipe(&self) -> &Recipe {
+        &self.recipe
+    }
+    /// Parameter specs in storage order.
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+    /// fp32 master weights, in spec order.
+    pub fn master(&self) -> &[B::Buf] {
+        &self.master
+    }
+    /// Gradients, in spec order.
+    pub fn grads(&self) -> &[B::Buf] {
+        &self.grads
+    }
+    /// Master weights, gradients and compute copies together, for the optimizer.
+    pub fn params_mut(&mut self) -> (&mut [B::Buf], &[B::Buf], &mut [B::Buf]) {
+        (&mut self.master, &self.grads, &mut self.compute)
+    }
+
+    /// Downloads every parameter as f32, in spec order.
+    pub fn download_params(&self, backend: &B) -> Result<Vec<Vec<f32>>> {
+        self.master.iter().map(|b| backend.download(b)).collect()
+    }
+
+    /// Sets all gradients to zero (start of an optimizer step).
+    pub fn zero_grads(&mut self, backend: &B) -> Result<()> {
+        for g in &mut self.grads {
+            backend.fill(g, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// Buffers for batches of `b` sequences of `t` tokens; `training` adds gradient scratch.
+    pub fn activations(
+        &self,
+        backend: &B,
+        b: usize,
+        t: usize,
+        training: bool,
+    ) -> Result<Activations<B>> {
+        if t > self.cfg.block_size || t == 0 {
+            bail!(
+                "sequence length {t} is outside the model's context of 1..={} (model.block_size)",
+                self.cfg.block_size
+            );
+        }
+        let (c, nh, vp) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.padded_vocab_size);
+        let bt = b * t;
+        let act = self.recipe.activations;
+        let f32 = DType::F32;
+        let layers = (0..self.cfg.n_layer)
+            .map(|_| {
+                Ok(LayerActs {
+                    ln1: backend.alloc(act, bt * c)?,
+                    ln1_mean: backend.alloc(f32, bt)?,
+                    ln1_rstd: backend.alloc(f32, bt)?,
+                    qkv: backend.alloc(act, bt * 3 * c)?,
+                    atty: backend.alloc(act, bt * c)?,
+                    lse: backend.alloc(f32, b * nh * t)?,
+                    resid2: backend.alloc(act, bt * c)?,
+                    ln2: backend.alloc(act, bt * c)?,
+                    ln2_mean: backend.alloc(f32, bt)?,
+                    ln2_rstd: backend.alloc(f32, bt)?,
+                    fch: backend.alloc(act, bt * 4 * c)?,
+                    fch_gelu: backend.alloc(act, bt * 4 * c)?,
+                    resid_out: backend.alloc(act, bt * c)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grads = if training {
+            Some(GradScratch {
+                dresid: backend.alloc(act, bt * c)?,
+                dbranch: backend.alloc(act, bt * c)?,
+                dln: backend.alloc(act, bt * c)?,
+                datty: backend.alloc(act, bt * c)?,
+                dqkv: backend.alloc(act, bt * 3 * c)?,
+                dfch: backend.alloc(act, bt * 4 * c)?,
+                dfch_gelu: backend.alloc(act, bt * 4 * c)?,
+            })
+        } else {
+            None
+        };
+        Ok(Activations {
+            b,
+            t,
+            tokens: backend.alloc_tokens(bt)?,
+            targets: backend.alloc_tokens(bt)?,
+            encoded: backend.alloc(act, bt * c)?,
+            branch: backend.alloc(act, bt * c)?,
+            layers,
+            lnf: backend.alloc(act, bt * c)?,
+            lnf_mean: backend.alloc(f32, bt)?,
+            lnf_rstd: backend.alloc(f32, bt)?,
+            logits: backend.alloc(act, bt * vp)?,
+            losses: backend.alloc(f32, bt)?,
+            grads,
+            dropout_seed: None,
+        })
+    }
+
+    fn check_tokens(&self, tokens: &[u32], what: &str) -> Result<()> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!(
+                "{what} contain token id {bad}, outside the model's vocabulary of {} (the data and the model were made with different tokenizers?)",
+                self.cfg.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Forward pass to logits over `inputs` (`b·t` ids). With `dropout_seed` the configured
+    /// dropout is applied (training); without it the pass is deterministic (eval, sampling).
+    pub fn forward(
+        &self,
+        backend: &B,
+        acts: &mut Activations<B>,
+        inputs: &[u32],
+        dropout_seed: Option<u64>,
+    ) -> Result<()> {
+        let (b, t) = (acts.b, acts.t);
+        let (c, nh, vp) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.padded_vocab_size);
+        let bt = b * t;
+        if inputs.len() != bt {
+            bail!(
+                "internal error: {} input tokens for a {b}x{t} batch",
+                inputs.len()
+            );
+        }
+        self.check_tokens(inputs, "inputs")?;
+        backend.upload_tokens(&mut acts.tokens, inputs)?;
+        let p = self.dropout;
+        let drop = dropout_seed.filter(|_| p > 0.0);
+        acts.dropout_seed = drop;
+        let w = |i: usize| {
+            if self.compute.is_empty() {
+                &self.master[i]
+            } else {
+                &self.compute[i]
+            }
+        };
+        let fwd = self.recipe.gemm(GemmRole::Forward);
+
+        backend.embedding_forward(&mut acts.encoded, &acts.tokens, w(WTE), w(WPE), b, t, c)?;
+        if let Some(seed) = drop {
+            backend.dropout_forward(&mut acts.encoded, p, site_seed(seed, 0, 0))?;
+        }
+        for l in 0..self.cfg.n_layer {
+            let (done, rest) = acts.layers.split_at_mut(l);
+            let input = if l == 0 {
+                &acts.encoded
+            } else {
+                &done[l - 1].resid_out
+            };
+            let la = &mut rest[0];
+            let lp = |k| w(layer_param(l, k));
+            backend.layernorm_forward(
+                &mut la.ln1,
+                &mut la.ln1_mean,
+                &mut la.ln1_rstd,
+                input,
+                lp(LN1_W),
+                lp(LN1_B),
+                bt,
+                c,
+            )?;
+            backend.linear_forward(
+                &mut la.qkv,
+                &la.ln1,
+                lp(QKV_W),
+                Some(lp(QKV_B)),
+                bt,
+                c,
+                3 * c,
+                fwd,
+            )?;
+            backend.attention_forward(&mut la.atty, &mut la.lse, &la.qkv, b, t, c, nh)?;
+            backend.linear_forward(
+                &mut acts.branch,
+                &la.atty,
+                lp(PROJ_W),
+                Some(lp(PROJ_B)),
+                bt,
+                c,
+                c,
+                fwd,
+            )?;
+            if let Some(seed) = drop {
+                backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 0))?;
+            }
+            backend.residual_forward(&mut la.resid2, input, &acts.branch)?;
+            backend.layernorm_forward(
+                &mut la.ln2,
+                &mut la.ln2_mean,
+                &mut la.ln2_rstd,
+                &la.resid2,
+                lp(LN2_W),
+                lp(LN2_B),
+                bt,
+                c,
+            )?;
+            backend.linear_forward(
+                &mut la.fch,
+                &la.ln2,
+                lp(FC_W),
+                Some(lp(FC_B)),
+                bt,
+                c,
+                4 * c,
+                fwd,
+            )?;
+            backend.gelu_forward(&mut la.fch_gelu, &la.fch)?;
+            backend.linear_forward(
+                &mut acts.branch,
+                &la.fch_gelu,
+                lp(FCPROJ_W),
+                Some(lp(FCPROJ_B)),
+                bt,
+                4 * c,
+                c,
+                fwd,
+            )?;
+            if let Some(seed) = drop {
+                backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
+            }
+            backend.residual_forward(&mut la.resid_out, &la.resid2, &acts.branch)?;
+        }
+        let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
+        let nl = self.cfg.n_layer;
+        backend.layernorm_forward(
+            &mut acts.lnf,
+            &mut acts.lnf_mean,
+            &mut acts.lnf_rstd,
+            last,
+            w(layer_param(nl, 0)),
+            w(layer_param(nl, 1)),
+            bt,
+            c,
+        )?;
+        backend.linear_forward(&mut acts.logits, &acts.lnf, w(WTE), None, bt, c, vp, fwd)?;
+        Ok(())
+    }
+
+    /// Mean cross-entropy of the last forward's logits against `targets` (logits kept).
+    pub fn loss(&self, backend: &B, acts: &mut Activations<B>, targets: &[u32]) -> Result<f32> {
+        let bt = acts.b * acts.t;
+        self.check_tokens(targets, "targets")?;
+        backend.upload_tokens(&mut acts.targets, targets)?;
+        backend.crossentropy_forward(
+            &mut acts.losses,
+            &acts.logits,
+            &acts.targets,
+            bt,
+            self.cfg.vocab_size,
+            self.cfg.padded_vocab_size,
+        )?;
+        mean_loss(backend, &acts.losses)
+    }
+
+    /// Per-token losses of the last [`Gpt::loss`] or [`Gpt::forward_backward`].
+    pub fn token_losses(&self, backend: &B, acts: &Activations<B>) -> Result<Vec<f32>> {
+        backend.download(&acts.losses)
+    }
+
+    /// Logits of row `row` (a position in the flattened batch) of the last forward pass.
+    pub fn logits_row(&self, backend: &B, acts: &Activations<B>, row: usize) -> Result<Vec<f32>> {
+        let vp = self.cfg.padded_vocab_size;
+        backend.download_range(&acts.logits, row * vp, self.cfg.vocab_size)
+    }
+
+    /// Forward, loss and backward for one micro-batch; adds `loss_weight · ∂mean_loss/∂θ` into
+    /// the parameter gradients and returns the micro-batch's mean loss. `loss_weight` is
+    /// `1/grad_accum` so that micro-batches average exactly like one large batch.
+    pub fn forward_backward(
+        &mut self,
+        backend: &B,
+        acts: &mut Activations<B>,
+        inputs: &[u32],
+        targets: &[u32],
+        loss_weight: f32,
+        dropout_seed: u64,
+    ) -> Result<f32> {
+        self.forward(backend, acts, inputs, Some(dropout_seed))?;
+        let (b, t) = (acts.b, acts.t);
+        let (c, nh, v, vp) = (
+            self.cfg.n_embd,
+            self.cfg.n_head,
+            self.cfg.vocab_size,
+            self.cfg.padded_vocab_size,
+        );
+        let bt = b * t;
+        self.check_tokens(targets, "targets")?;
+        backend.upload_tokens(&mut acts.targets, targets)?;
+        let dloss = loss_weight / bt as f32;
+        backend.crossentropy_forward_backward(
+            &mut acts.losses,
+            &mut acts.logits,
+            &acts.targets,
+            bt,
+            v,
+            vp,
+            dloss,
+        )?;
+        let loss = mean_loss(backend, &acts.losses)?;
+
+        let Some(gs) = acts.grads.as_mut() else {
+            bail!("internal error: backward on activations allocated without gradients");
+        };
+        let (master, compute, grads) = (&self.master, &self.compute, &mut self.grads);
+        let w = |i: usize| {
+            if compute.is_empty() {
+                &master[i]
+            } else {
+                &compute[i]
+            }
+        };
+        let dx_spec = self.recipe.gemm(GemmRole::InputGrad);
+        let dw_spec = self.recipe.gemm(GemmRole::WeightGrad);
+        let p = self.dropout;
+        let drop = acts.dropout_seed;
+        let nl = self.cfg.n_layer;
+
+        // LM head (tied): dlnf = dlogits · wte; dwte += dlogitsᵀ · lnf.
+        backend.linear_backward(
+            Some(&mut gs.dln),
+            &mut grads[WTE],
+            None,
+            &acts.logits,
+            &acts.lnf,
+            w(WTE),
+            bt,
+            c,
+            vp,
+            dx_spec,
+            dw_spec,
+        )?;
+        backend.fill(&mut gs.dresid, 0.0)?;
+        let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
+        let (lnf_w, lnf_b) = (layer_param(nl, 0), layer_param(nl, 1));
+        let (dlnf_w, dlnf_b) = pair_mut(grads, lnf_w, lnf_b);
+        backend.layernorm_backward(
+            &mut gs.dresid,
+            dlnf_w,
+            dlnf_b,
+            &gs.dln,
+            last,
+            w(lnf_w),
+            &acts.lnf_mean,
+            &acts.lnf_rstd,
+            bt,
+            c,
+        )?;
+
+        for l in (0..nl).rev() {
+            let input = if l == 0 {
+                &acts.encoded
+            } else {
+                &acts.layers[l - 1].resid_out
+            };
+            let la = &acts.layers[l];
+            let lp = |k| layer_param(l, k);
+
+            // MLP branch: resid_out = resid2 + dropout(fcproj(gelu(fc(ln2(resid2))))).
+            let dbranch = branch_grad(
+                backend,
+                &gs.dresid,
+                &mut gs.dbranch,
+                p,
+                drop.map(|s| site_seed(s, l + 1, 1)),
+            )?;
+            let (dw, db) = pair_mut(grads, lp(FCPROJ_W), lp(FCPROJ_B));
+            backend.linear_backward(
+                Some(&mut gs.dfch_gelu),
+                dw,
+                Some(db),
+                dbranch,
+                &la.fch_gelu,
+                w(lp(FCPROJ_W)),
+                bt,
+                4 * c,
+                c,
+                dx_spec,
+                dw_spec,
+            )?;
+            backend.gelu_backward(&mut gs.dfch, &la.fch, &gs.dfch_gelu)?;
+            let (dw, db) = pair_mut(grads, lp(FC_W), lp(FC_B));
+            backend.linear_backward(
+                Some(&mut gs.dln),
+                dw,
+                Some(db),
+                &gs.dfch,
+                &la.ln2,
+                w(lp(FC_W)),
+                bt,
+                c,
+                4 * c,
+                dx_spec,
+                dw_spec,
+            )?;
+            let (dw, db) = pair_mut(grads, lp(LN2_W), lp(LN2_B));
+            backend.layernorm_backward(
+                &mut gs.dresid,
+                dw,
+                db,
+                &gs.dln,
+                &la.resid2,
+                w(lp(LN2_W)),
+                &la.ln2_mean,
+                &la.ln2_rstd,
+                bt,
+                c,
+            )?;
+
+            // Attention branch: resid2 = input + dropout(proj(attn(qkv(ln1(input))))).
+            let dbranch = branch_grad(
+                backend,
+                &gs.dresid,
+                &mut gs.dbranch,
+                p,
+                drop.map(|s| site_seed(s, l + 1, 0)),
+            )?;
+            let (dw, db) = pair_mut(grads, lp(PROJ_W), lp(PROJ_B));
+            backend.linear_backward(
+                Some(&mut gs.datty),
+                dw,
+                Some(db),
+                dbranch,
+                &la.atty,
+                w(lp(PROJ_W)),
+                bt,
+                c,
+                c,
+                dx_spec,
+                dw_spec,
+            )?;
+            backend.attention_backward(
+                &mut gs.dqkv,
+                &gs.datty,
+                &la.qkv,
+                &la.atty,
+                &la.lse,
+                b,
+                t,
+                c,
+                nh,
+            )?;
+            let (dw, db) = pair_mut(grads, lp(QKV_W), lp(QKV_B));
+            backend.linear_backward(
+                Some(&mut gs.dln),
+                dw,
+                Some(db),
+                &gs.dqkv,
+                &la.ln1,
+                w(lp(QKV_W)),
+                bt,
+                c,
+                3 * c,
+                dx_spec,
+                dw_spec,
+            )?;
+            let (dw, db) = pair_mut(grads, lp(LN1_W), lp(LN1_B));
+            backend.layernorm_backward(
+                &mut gs.dresid,
+                dw,
+                db,
+                &gs.dln,
+                input,
+                w(lp(LN1_W)),
+                &la.ln1_mean,
+                &la.ln1_rstd,
+                bt,
+                c,
+            )?;
+        }
+
+        let dencoded = branch_grad(
+            backend,
+            &gs.dresid,
+            &mut gs.dbranch,
+            p,
+            drop.map(|s| site_seed(s, 0, 0)),
+        )?;
+        let (dwte, dwpe) = pair_mut(grads, WTE, WPE);
+        backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c)?;
+        Ok(loss)
+    }
+}
+
+/// Gradient flowing into a residual branch: the residual gradient itself, or, with dropout, a
+/// copy with the branch's dropout mask applied.
+fn branch_grad<'a, B: Backend>(
+    backend: &B,
+    dresid: &'a B::Buf,
+    scratch: &'a mut B::Buf,
+    p: f32,
+    seed: Option<u64>,
+) -> Result<&'a B::Buf> {
+    match seed {
+        Some(seed) => {
+            backend.copy(scratch, dresid)?;
+            backend.dropout_backward(scratch, p, seed)?;
+            Ok(scratch)
+        }
+        None => Ok(dresid),
+    }
+}
+
+/// Two distinct elements of a slice, mutably.
+fn pair_mut<T>(xs: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+    assert!(i < j, "pair_mut wants i < j");
+    let (lo, hi) = xs.split_at_mut(j);
+    (&mut lo[i], &mut hi[0])
+}
+
+/// Seed of one dropout site (layer `layer`, site `k` within it) for a pass seeded `seed`.
+fn site_seed(seed: u64, layer: usize, k: usize) -> u64 {
+    let mut z = seed ^ ((layer as u64) << 32 | k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Mean of per-token losses, summed in f64 on the host.
+fn mean_loss<B: Backend>(backend: &B, losses: &B::Buf) -> Result<f32> {
+    let values = backend.download(losses)?;
+    let sum: f64 = values.iter().map(|&x| f64::from(x)).sum();
+    Ok((sum / values.len() as f64) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::config::RecipeName;
+
+    fn tiny() -> GptConfig {
+        GptConfig {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            block_size: 4,
+            vocab_size: 7,
+            padded_vocab_size: 8,
+        }
+    }
+
+    fn random_values(cfg: &GptConfig, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = Rng::new(seed);
+        Gpt::<CpuBackend<f64>>::param_specs(cfg)
+            .iter()
+            .map(|s| {
+                let mut v: Vec<f32> = (0..s.numel()).map(|_| rng.normal_f32() * 0.3).collect();
+                if s.name.ends_with("ln_1.weight")
+                    || s.name.ends_with("ln_2.weight")
+                    || s.name == "ln_f.weight"
+                {
+                    v.iter_mut().for_each(|x| *x += 1.0);
+                }
+                if s.name == "wte" {
+                    v[cfg.vocab_size * cfg.n_embd..].fill(0.0);
+                }
+                v
+            })
+            .collect()
+    }
+
+    /// Every parameter gradient of the whole model against central finite differences in f64.
+    fn check_model_gradients(dropout: f32) {
+        let be = CpuBackend::<f64>::new();
+        let cfg = tiny();
+        let values = random_values(&cfg, 11);
+        let inputs = [1u32, 5, 2, 6, 0, 3, 3, 4];
+        let targets = [5u32, 2, 6, 0, 3, 3, 4, 1];
+        let seed = 99;
+        let mut model = Gpt::from_values(
+            &be,
+            cfg.clone(),
+            Recipe::new(RecipeName::Fp32),
+            dropout,
+            &values,
+        )
+        .unwrap();
+        let mut acts = model.activations(&be, 2, 4, true).unwrap();
+        model.zero_grads(&be).unwrap();
+        model
+            .forward_backward(&be, &mut acts, &inputs, &targets, 1.0, seed)
+            .unwrap();
+        let analytic: Vec<Vec<f64>> = model
+            .grads()
+            .iter()
+            .map(|g| g.as_slice().to_vec())
+            .collect();
+
+        // The loss as a function of the parameters, in f64 throughout.
+        let loss_at = |values: &[Vec<f64>]| -> f64 {
+            let model = model_f64(&be, &cfg, dropout, values);
+            let mut acts = model.activations(&be, 2, 4, false).unwrap();
+            model.forward(&be, &mut acts, &inputs, Some(seed)).unwrap();
+            model.loss_f64(&be, &mut acts, &targets)
+        };
+        let base: Vec<Vec<f64>> = values
+            .iter()
+            .map(|v| v.iter().map(|&x| f64::from(x)).collect())
+            .collect();
+        let h = 1e-6;
+        let (mut num, mut den) = (0.0, 0.0);
+        for (i, tensor) in base.iter().enumerate() {
+            for j in 0..tensor.len() {
+                let mut plus = base.clone();
+                plus[i][j] += h;
+                let mut minus = base.clone();
+                minus[i][j] -= h;
+                let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * h);
+                let d = analytic[i][j] - numeric;
+                num += d * d;
+                den += numeric * numeric;
+            }
+        }
+        let rel = (num / den).sqrt();
+        assert!(
+            rel < 1e-6,
+            "model gradient rel err {rel} (dropout {dropout})"
+        );
+    }
+
+    /// A model on the f64 backend with exact f64 parameter values (no f32 upload rounding).
+    fn model_f64(
+        be: &CpuBackend<f64>,
+        cfg: &GptConfig,
+        dropout: f32,
+        values: &[Vec<f64>],
+    ) -> Gpt<CpuBackend<f64>> {
+        let specs = Gpt::<CpuBackend<f64>>::param_specs(cfg);
+        let zeros: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.0; s.numel()]).collect();
+        let mut model = Gpt::from_values(
+            be,
+            cfg.clone(),
+            Recipe::new(RecipeName::Fp32),
+            dropout,
+            &zeros,
+        )
+        .unwrap();
+        for (buf, v) in model.master.iter_mut().zip(values) {
+            *buf = be.buf_from(DType::F32, v);
+        }
+        model
+    }
+
+    impl Gpt<CpuBackend<f64>> {
+        fn loss_f64(
+            &self,
+            be: &CpuBackend<f64>,
+            acts: &mut Activations<CpuBackend<f64>>,
+            targets: &[u32],
+        ) -> f64 {
+            be.upload_tokens(&mut acts.targets, targets).unwrap();
+            let bt = acts.b * acts.t;
+            be.crossentropy_forward(
+                &mut acts.losses,
+                &acts.logits,
+                &acts.targets,
+                bt,
+                self.cfg.vocab_size,
+                self.cfg.padded_vocab_size,
+            )
+            .unwrap();
+            acts.losses.as_slice().iter().sum::<f64>() / bt as f64
+        }
+    }
+
+    #[test]
+    fn whole_model_gradients_match_finite_differences() {
+        check_model_gradients(0.0);
+    }
+
+    #[test]
+    fn whole_model_gradients_match_finite_differences_with_dropout() {
+        check_model_gradients(0.25);
+    }
+
+    #[test]
+    fn bf16_recipe_stays_close_to_fp32() {
+        let be = CpuBackend::<f32>::new();
+        let cfg = tiny();
+        let values = random_values(&cfg, 3);
+        let inputs = [1u32, 5, 2, 6, 0, 3, 3, 4];
+        let targets = [5u32, 2, 6, 0, 3, 3, 4, 1];
+        let loss = |recipe| {
+            let mut m =
+                Gpt::from_values(&be, cfg.clone(), Recipe::new(recipe), 0.0, &values).unwrap();
+            let mut a = m.activations(&be, 2, 4, true).unwrap();
+            m.forward_backward(&be, &mut a, &inputs, &targets, 1.0, 0)
+                .unwrap()
+        };
+        let (l32, l16) = (loss(RecipeName::Fp32), loss(RecipeName::Bf16));
+        assert!(l16 != l32, "bf16 must actually round");
+        assert!((l16 - l32).abs() / l32 < 1e-2, "fp32 {l32} vs bf16 {l16}");
+    }
+
+    #[test]
+    fn init_is_seeded_and_padded_rows_are_zero() {
+        let be = CpuBackend::<f32>::new();
+        let cfg = tiny();
+        let a = Gpt::new(
+            &be,
+            cfg.clone(),
+            Recipe::new(RecipeName::Fp32),
+            0.0,
+            0.02,
+            1,
+        )
+        .unwrap()
+        .download_params(&be)
+        .unwrap();
+        let b = Gpt::new(
+            &be,
+            cfg.clone(),
+            Recipe::new(RecipeName::Fp32),
+            0.0,
+            0.02,
+            1,
+        )
+        .unwrap()
+        .download_params(&be)
+        .unwrap();
+        let c = Gpt::new(
+            &be,
+            cfg.clone(),
+            Recipe::new(RecipeName::Fp32),
+            0.0,
+            0.02,
+            2,
+        )
+        .unwrap()
+        .download_params(&be)
+        .unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a[WTE][cfg.vocab_size * cfg.n_embd..]
+            .iter()
+            .all(|&x| x == 0.0));
+    }
+}

@@ -1,0 +1,192 @@
+//! The optimizer: AdamW with decoupled weight decay, the learning-rate schedule, and global-norm
+//! gradient clipping.
+
+use anyhow::{bail, Result};
+
+use crate::backend::{AdamW, Backend};
+use crate::config::{DecayKind as Decay, OptimConfig};
+use crate::model::ParamSpec;
+use crate::numerics::DType;
+
+/// Learning rate at 0-based `step`: linear warmup to `lr` over `warmup_steps`, then cosine or
+/// linear decay to `min_lr` over the following steps up to `decay_steps` (or `total_steps`),
+/// then `min_lr`.
+pub fn lr_at(cfg: &OptimConfig, step: u64, total_steps: u64) -> f32 {
+    let (lr, min_lr) = (cfg.lr as f64, cfg.min_lr as f64);
+    let warmup = cfg.warmup_steps as u64;
+    if step < warmup {
+        return (lr * (step + 1) as f64 / warmup as f64) as f32;
+    }
+    let end = if cfg.decay_steps > 0 {
+        cfg.decay_steps as u64
+    } else {
+        total_steps
+    };
+    if step >= end || end <= warmup {
+        return match cfg.decay {
+            Decay::Constant => lr as f32,
+            _ => min_lr as f32,
+        };
+    }
+    let progress = (step - warmup) as f64 / (end - warmup) as f64;
+    let rate = match cfg.decay {
+        Decay::Constant => lr,
+        Decay::Linear => min_lr + (lr - min_lr) * (1.0 - progress),
+        Decay::Cosine => {
+            min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    };
+    rate as f32
+}
+
+/// √(Σ‖g‖²) over all gradient tensors.
+pub fn global_grad_norm<B: Backend>(backend: &B, grads: &[B::Buf]) -> Result<f64> {
+    let mut sum = 0.0;
+    for g in grads {
+        sum += backend.sum_squares(g)?;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Factor that brings the gradient norm down to `max_norm` (1 when it is already below, or when
+/// clipping is off with `max_norm == 0`).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
+    if max_norm > 0.0 && norm > max_norm {
+        (max_norm / norm) as f32
+    } else {
+        1.0
+    }
+}
+
+/// AdamW state: first and second moments per parameter tensor, and the step count.
+pub struct AdamWState<B: Backend> {
+    /// First moments, one buffer per parameter, in spec order.
+    pub m: Vec<B::Buf>,
+    /// Second moments.
+    pub v: Vec<B::Buf>,
+    /// Number of updates taken so far.
+    pub step: u64,
+    decay: Vec<bool>,
+}
+
+impl<B: Backend> AdamWState<B> {
+    /// Zero moments for parameters `specs`, stored as `dtype`.
+    pub fn new(backend: &B, specs: &[ParamSpec], dtype: DType) -> Result<Self> {
+        let alloc = || {
+            specs
+                .iter()
+                .map(|s| backend.alloc(dtype, s.numel()))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(Self {
+            m: alloc()?,
+            v: alloc()?,
+            step: 0,
+            decay: specs.iter().map(|s| s.decay).collect(),
+        })
+    }
+
+    /// One update of every parameter; `compute` holds the low-precision copies to refresh (empty
+    /// when the recipe has none).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        backend: &B,
+        cfg: &OptimConfig,
+        master: &mut [B::Buf],
+        grads: &[B::Buf],
+        compute: &mut [B::Buf],
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
+        if master.len() != self.m.len() || grads.len() != self.m.len() {
+            bail!(
+                "internal error: optimizer holds {} tensors, model {}",
+                self.m.len(),
+                master.len()
+            );
+        }
+        self.step += 1;
+        let mut compute = compute.iter_mut();
+        for (i, param) in master.iter_mut().enumerate() {
+            let hp = AdamW {
+                lr,
+                beta1: cfg.beta1 as f32,
+                beta2: cfg.beta2 as f32,
+                eps: cfg.eps as f32,
+                weight_decay: if self.decay[i] {
+                    cfg.weight_decay as f32
+                } else {
+                    0.0
+                },
+                step: self.step,
+                grad_scale,
+            };
+            backend.adamw_step(
+                param,
+                &grads[i],
+                &mut self.m[i],
+                &mut self.v[i],
+                compute.next(),
+                &hp,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OptimConfig;
+
+    fn cfg(decay: Decay) -> OptimConfig {
+        OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 10,
+            decay,
+            decay_steps: 0,
+            ..OptimConfig::default()
+        }
+    }
+
+    #[test]
+    fn warmup_is_linear_and_reaches_lr() {
+        let c = cfg(Decay::Cosine);
+        assert!((lr_at(&c, 0, 110) - 1e-4).abs() < 1e-9);
+        assert!((lr_at(&c, 4, 110) - 5e-4).abs() < 1e-9);
+        assert!((lr_at(&c, 9, 110) - 1e-3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cosine_decays_to_floor() {
+        let c = cfg(Decay::Cosine);
+        assert!((lr_at(&c, 10, 110) - 1e-3).abs() < 1e-9);
+        // Halfway through the decay the cosine is at the midpoint.
+        assert!((lr_at(&c, 60, 110) - 5.5e-4).abs() < 1e-8);
+        assert!((lr_at(&c, 110, 110) - 1e-4).abs() < 1e-9);
+        assert!((lr_at(&c, 500, 110) - 1e-4).abs() < 1e-9);
+        let mut last = f32::MAX;
+        for s in 10..110 {
+            let lr = lr_at(&c, s, 110);
+            assert!(lr <= last);
+            last = lr;
+        }
+    }
+
+    #[test]
+    fn linear_and_constant_decay() {
+        let c = cfg(Decay::Linear);
+        assert!((lr_at(&c, 60, 110) - 5.5e-4).abs() < 1e-8);
+        let c = cfg(Decay::Constant);
+        assert!((lr_at(&c, 100, 110) - 1e-3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn clip_factor_only_shrinks() {
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        assert!((clip_factor(4.0, 1.0) - 0.25).abs() < 1e-7);
+        assert_eq!(clip_factor(100.0, 0.0), 1.0);
+    }
+}

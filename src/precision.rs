@@ -1,0 +1,99 @@
+//! Precision recipes: which storage format each tensor role gets, and how each GEMM runs.
+//!
+//! Layers never hard-code a dtype: they ask the [`Recipe`]. A recipe names the format of the
+//! master weights, of the compute copy the forward pass reads, of activations and their
+//! gradients, of parameter gradients and of optimizer moments, and for each of a linear layer's
+//! three GEMMs (forward, input gradient, weight gradient) the format its operands take. fp16 with
+//! loss scaling, FP8 and unit scaling are further recipes of the same shape.
+
+use crate::backend::GemmSpec;
+use crate::config::RecipeName;
+use crate::numerics::DType;
+
+/// The three GEMMs of a linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmRole {
+    /// `y = x · Wᵀ`.
+    Forward,
+    /// `dx = dy · W`.
+    InputGrad,
+    /// `dW += dyᵀ · x`.
+    WeightGrad,
+}
+
+/// The storage formats of one training run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recipe {
+    /// The recipe's name as configured.
+    pub name: RecipeName,
+    /// fp32 master weights, updated by the optimizer.
+    pub master: DType,
+    /// Format of the weight copy the forward and backward passes read.
+    pub compute_weights: DType,
+    /// Format of activations and of activation gradients.
+    pub activations: DType,
+    /// Format of parameter gradients (accumulated over micro-batches).
+    pub grads: DType,
+    /// Format of AdamW's first and second moments.
+    pub optimizer_state: DType,
+}
+
+impl Recipe {
+    /// The recipe a config names.
+    pub fn new(name: RecipeName) -> Self {
+        let low = match name {
+            RecipeName::Fp32 => DType::F32,
+            RecipeName::Bf16 => DType::BF16,
+        };
+        Self {
+            name,
+            master: DType::F32,
+            compute_weights: low,
+            activations: low,
+            grads: DType::F32,
+            optimizer_state: DType::F32,
+        }
+    }
+
+    /// True when the forward pass reads a separate low-precision copy of the weights.
+    pub fn has_compute_copy(&self) -> bool {
+        self.compute_weights != self.master
+    }
+
+    /// How the given GEMM of a linear layer runs.
+    pub fn gemm(&self, role: GemmRole) -> GemmSpec {
+        match role {
+            GemmRole::Forward | GemmRole::InputGrad | GemmRole::WeightGrad => GemmSpec {
+                inputs: self.activations,
+            },
+        }
+    }
+
+    /// The format matmul throughput is quoted in, for MFU.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_weights
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_keeps_fp32_master_and_optimizer_state() {
+        let r = Recipe::new(RecipeName::Bf16);
+        assert_eq!(r.master, DType::F32);
+        assert_eq!(r.optimizer_state, DType::F32);
+        assert_eq!(r.grads, DType::F32);
+        assert_eq!(r.activations, DType::BF16);
+        assert!(r.has_compute_copy());
+        assert_eq!(r.gemm(GemmRole::WeightGrad).inputs, DType::BF16);
+    }
+
+    #[test]
+    fn fp32_has_no_compute_copy() {
+        let r = Recipe::new(RecipeName::Fp32);
+        assert!(!r.has_compute_copy());
+        assert_eq!(r.gemm(GemmRole::Forward).inputs, DType::F32);
+    }
+}

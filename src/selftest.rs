@@ -1,0 +1,480 @@
+//! `halfling selftest`: every backend op against the f64 CPU reference on fresh random inputs.
+//!
+//! Each case builds random inputs, runs the op on the backend under test and on
+//! `CpuBackend<f64>`, and compares every output by ‖out − ref‖ / ‖ref‖ against a tolerance that
+//! fits the storage format (NaN never passes). Shapes include sizes that are not multiples of any
+//! tile. A short training run of a tiny model closes the table.
+
+use anyhow::Result;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AdamW, Backend, GemmSpec};
+use crate::config::RecipeName;
+use crate::data::Rng;
+use crate::model::{Gpt, GptConfig};
+use crate::numerics::DType;
+use crate::precision::Recipe;
+
+/// One line of the selftest table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// Op and output, e.g. `linear_backward dw`.
+    pub op: String,
+    /// Shape description.
+    pub shape: String,
+    /// Storage format of activations in the case.
+    pub dtype: DType,
+    /// ‖out − ref‖ / ‖ref‖.
+    pub rel_err: f64,
+    /// Largest acceptable `rel_err`.
+    pub tol: f64,
+}
+
+impl Row {
+    /// True when the error is within tolerance (and not NaN).
+    pub fn passed(&self) -> bool {
+        self.rel_err <= self.tol
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ in f64; NaN anywhere gives NaN (which never passes); 0 when both are zero.
+pub fn rel_err(out: &[f32], reference: &[f32]) -> f64 {
+    if out.len() != reference.len() {
+        return f64::NAN;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        let d = f64::from(o) - f64::from(r);
+        num += d * d;
+        den += f64::from(r) * f64::from(r);
+    }
+    if num == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::BF16 => 3e-2,
+        DType::F16 => 5e-3,
+        DType::F8E4M3 | DType::F8E5M2 => 2e-1,
+    }
+}
+
+/// Random inputs shared by the backend under test and the reference.
+struct Inputs {
+    rng: Rng,
+}
+
+impl Inputs {
+    fn normal(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.rng.normal_f32() * scale).collect()
+    }
+    fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| self.rng.below(vocab as u64) as u32)
+            .collect()
+    }
+}
+
+fn up<B: Backend>(be: &B, dtype: DType, values: &[f32]) -> Result<B::Buf> {
+    let mut buf = be.alloc(dtype, values.len())?;
+    be.upload(&mut buf, values)?;
+    Ok(buf)
+}
+
+fn toks<B: Backend>(be: &B, ids: &[u32]) -> Result<B::Tokens> {
+    let mut buf = be.alloc_tokens(ids.len())?;
+    be.upload_tokens(&mut buf, ids)?;
+    Ok(buf)
+}
+
+/// Outputs of one case, by name.
+type Outputs = Vec<(&'static str, Vec<f32>)>;
+
+fn case_linear<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    (n, ic, oc): (usize, usize, usize),
+) -> Result<Outputs> {
+    let spec = GemmSpec { inputs: dt };
+    let (inp, w, bias, dout) = (
+        up(be, dt, &x[0])?,
+        up(be, dt, &x[1])?,
+        up(be, dt, &x[2])?,
+        up(be, dt, &x[3])?,
+    );
+    let mut out = be.alloc(dt, n * oc)?;
+    be.linear_forward(&mut out, &inp, &w, Some(&bias), n, ic, oc, spec)?;
+    let mut dinp = be.alloc(dt, n * ic)?;
+    let mut dw = up(be, DType::F32, &x[4])?;
+    let mut db = be.alloc(DType::F32, oc)?;
+    be.linear_backward(
+        Some(&mut dinp),
+        &mut dw,
+        Some(&mut db),
+        &dout,
+        &inp,
+        &w,
+        n,
+        ic,
+        oc,
+        spec,
+        spec,
+    )?;
+    Ok(vec![
+        ("out", be.download(&out)?),
+        ("dinp", be.download(&dinp)?),
+        ("dw", be.download(&dw)?),
+        ("dbias", be.download(&db)?),
+    ])
+}
+
+fn case_layernorm<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    (n, c): (usize, usize),
+) -> Result<Outputs> {
+    let (inp, w, b, dout) = (
+        up(be, dt, &x[0])?,
+        up(be, DType::F32, &x[1])?,
+        up(be, DType::F32, &x[2])?,
+        up(be, dt, &x[3])?,
+    );
+    let mut out = be.alloc(dt, n * c)?;
+    let (mut mean, mut rstd) = (be.alloc(DType::F32, n)?, be.alloc(DType::F32, n)?);
+    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, n, c)?;
+    let mut dinp = up(be, dt, &x[4])?;
+    let (mut dw, mut db) = (be.alloc(DType::F32, c)?, be.alloc(DType::F32, c)?);
+    be.layernorm_backward(
+        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+    )?;
+    Ok(vec![
+        ("out", be.download(&out)?),
+        ("rstd", be.download(&rstd)?),
+        ("dinp", be.download(&dinp)?),
+        ("dw", be.download(&dw)?),
+        ("db", be.download(&db)?),
+    ])
+}
+
+fn case_gelu<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
+    let (inp, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?);
+    let n = x[0].len();
+    let (mut out, mut dinp) = (be.alloc(dt, n)?, be.alloc(dt, n)?);
+    be.gelu_forward(&mut out, &inp)?;
+    be.gelu_backward(&mut dinp, &inp, &dout)?;
+    let mut resid = be.alloc(dt, n)?;
+    be.residual_forward(&mut resid, &inp, &dout)?;
+    Ok(vec![
+        ("out", be.download(&out)?),
+        ("dinp", be.download(&dinp)?),
+        ("residual", be.download(&resid)?),
+    ])
+}
+
+fn case_attention<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    (b, t, c, nh): (usize, usize, usize, usize),
+) -> Result<Outputs> {
+    let (qkv, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?);
+    let mut out = be.alloc(dt, b * t * c)?;
+    let mut lse = be.alloc(DType::F32, b * nh * t)?;
+    be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh)?;
+    let mut dqkv = be.alloc(dt, b * t * 3 * c)?;
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh)?;
+    Ok(vec![
+        ("out", be.download(&out)?),
+        ("lse", be.download(&lse)?),
+        ("dqkv", be.download(&dqkv)?),
+    ])
+}
+
+fn case_embedding<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    ids: &[u32],
+    (b, t, c): (usize, usize, usize),
+) -> Result<Outputs> {
+    let (wte, wpe, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?, up(be, dt, &x[2])?);
+    let tokens = toks(be, ids)?;
+    let mut out = be.alloc(dt, b * t * c)?;
+    be.embedding_forward(&mut out, &tokens, &wte, &wpe, b, t, c)?;
+    let (mut dwte, mut dwpe) = (
+        be.alloc(DType::F32, x[0].len())?,
+        be.alloc(DType::F32, x[1].len())?,
+    );
+    be.embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c)?;
+    Ok(vec![
+        ("out", be.download(&out)?),
+        ("dwte", be.download(&dwte)?),
+        ("dwpe", be.download(&dwpe)?),
+    ])
+}
+
+fn case_classifier<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    ids: &[u32],
+    (n, v, vp): (usize, usize, usize),
+) -> Result<Outputs> {
+    let targets = toks(be, ids)?;
+    let mut logits = up(be, dt, &x[0])?;
+    let mut losses = be.alloc(DType::F32, n)?;
+    be.crossentropy_forward(&mut losses, &logits, &targets, n, v, vp)?;
+    let eval_losses = be.download(&losses)?;
+    be.crossentropy_forward_backward(&mut losses, &mut logits, &targets, n, v, vp, 1.0 / n as f32)?;
+    Ok(vec![
+        ("loss (eval)", eval_losses),
+        ("loss", be.download(&losses)?),
+        ("dlogits", be.download(&logits)?),
+    ])
+}
+
+fn case_adamw<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
+    let mut param = up(be, DType::F32, &x[0])?;
+    let grad = up(be, DType::F32, &x[1])?;
+    let mut m = up(be, DType::F32, &x[2])?;
+    let mut v = up(
+        be,
+        DType::F32,
+        &x[3].iter().map(|a| a * a).collect::<Vec<_>>(),
+    )?;
+    let mut copy = be.alloc(dt, x[0].len())?;
+    let hp = AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 3,
+        grad_scale: 0.5,
+    };
+    be.adamw_step(&mut param, &grad, &mut m, &mut v, Some(&mut copy), &hp)?;
+    let sq = be.sum_squares(&grad)? as f32;
+    Ok(vec![
+        ("param", be.download(&param)?),
+        ("m", be.download(&m)?),
+        ("v", be.download(&v)?),
+        ("copy", be.download(&copy)?),
+        ("sum_squares", vec![sq]),
+    ])
+}
+
+fn case_dropout<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
+    let mut a = up(be, dt, &x[0])?;
+    be.dropout_forward(&mut a, 0.3, 42)?;
+    let mut d = up(be, dt, &x[1])?;
+    be.dropout_backward(&mut d, 0.3, 42)?;
+    Ok(vec![
+        ("forward", be.download(&a)?),
+        ("backward", be.download(&d)?),
+    ])
+}
+
+/// Three optimizer steps of a tiny GPT; the losses and final weights.
+fn case_training<B: Backend>(be: &B, recipe: RecipeName, ids: &[u32]) -> Result<Outputs> {
+    let cfg = GptConfig {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 16,
+        block_size: 8,
+        vocab_size: 11,
+        padded_vocab_size: 16,
+    };
+    let mut model = Gpt::new(be, cfg, Recipe::new(recipe), 0.1, 0.02, 5)?;
+    let mut opt = crate::optim::AdamWState::new(be, model.specs(), DType::F32)?;
+    let mut acts = model.activations(be, 2, 8, true)?;
+    let optim_cfg = crate::config::OptimConfig::default();
+    let mut losses = Vec::new();
+    for step in 0..3u64 {
+        model.zero_grads(be)?;
+        let (inputs, targets) = ids.split_at(16);
+        losses.push(model.forward_backward(be, &mut acts, inputs, &targets[..16], 1.0, step)?);
+        let (master, grads, compute) = model.params_mut();
+        opt.update(be, &optim_cfg, master, grads, compute, 1e-2, 1.0)?;
+    }
+    let weights: Vec<f32> = model.download_params(be)?.concat();
+    Ok(vec![("losses", losses), ("weights", weights)])
+}
+
+/// Runs every case on `be` against the f64 CPU reference; one row per output.
+pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
+    let reference = CpuBackend::<f64>::new();
+    let mut inputs = Inputs {
+        rng: Rng::new(seed),
+    };
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, dt: DType, tol: f64, got: Outputs, want: Outputs| {
+        for ((name, g), (_, w)) in got.into_iter().zip(want) {
+            rows.push(Row {
+                op: format!("{op} {name}"),
+                shape: shape.clone(),
+                dtype: dt,
+                rel_err: rel_err(&g, &w),
+                tol,
+            });
+        }
+    };
+    for dt in [DType::F32, DType::BF16] {
+        let tol = tolerance(dt);
+        for (n, ic, oc) in [(8, 16, 24), (37, 53, 71), (64, 128, 384)] {
+            let x = vec![
+                inputs.normal(n * ic, 1.0),
+                inputs.normal(oc * ic, 0.1),
+                inputs.normal(oc, 0.1),
+                inputs.normal(n * oc, 1.0),
+                inputs.normal(oc * ic, 0.1),
+            ];
+            let shape = format!("n={n} in={ic} out={oc}");
+            push(
+                "linear",
+                shape,
+                dt,
+                tol,
+                case_linear(be, dt, &x, (n, ic, oc))?,
+                case_linear(&reference, dt, &x, (n, ic, oc))?,
+            );
+        }
+        for (n, c) in [(5, 7), (64, 128), (33, 768)] {
+            let x = vec![
+                inputs.normal(n * c, 2.0),
+                inputs.normal(c, 1.0),
+                inputs.normal(c, 1.0),
+                inputs.normal(n * c, 1.0),
+                inputs.normal(n * c, 1.0),
+            ];
+            push(
+                "layernorm",
+                format!("n={n} c={c}"),
+                dt,
+                tol,
+                case_layernorm(be, dt, &x, (n, c))?,
+                case_layernorm(&reference, dt, &x, (n, c))?,
+            );
+        }
+        for n in [7, 4099] {
+            let x = vec![inputs.normal(n, 2.0), inputs.normal(n, 1.0)];
+            push(
+                "gelu",
+                format!("n={n}"),
+                dt,
+                tol,
+                case_gelu(be, dt, &x)?,
+                case_gelu(&reference, dt, &x)?,
+            );
+        }
+        for (b, t, c, nh) in [(1, 5, 8, 2), (2, 37, 48, 3), (2, 64, 128, 4)] {
+            let x = vec![
+                inputs.normal(b * t * 3 * c, 1.0),
+                inputs.normal(b * t * c, 1.0),
+            ];
+            let s = (b, t, c, nh);
+            push(
+                "attention",
+                format!("b={b} t={t} c={c} nh={nh}"),
+                dt,
+                tol,
+                case_attention(be, dt, &x, s)?,
+                case_attention(&reference, dt, &x, s)?,
+            );
+        }
+        for (b, t, c, v) in [(2, 5, 8, 11), (3, 17, 40, 67)] {
+            let x = vec![
+                inputs.normal(v * c, 1.0),
+                inputs.normal(t * c, 1.0),
+                inputs.normal(b * t * c, 1.0),
+            ];
+            let ids = inputs.tokens(b * t, v);
+            push(
+                "embedding",
+                format!("b={b} t={t} c={c} v={v}"),
+                dt,
+                tol,
+                case_embedding(be, dt, &x, &ids, (b, t, c))?,
+                case_embedding(&reference, dt, &x, &ids, (b, t, c))?,
+            );
+        }
+        for (n, v, vp) in [(4, 7, 8), (50, 65, 128), (16, 1000, 1024)] {
+            let x = vec![inputs.normal(n * vp, 3.0)];
+            let ids = inputs.tokens(n, v);
+            push(
+                "classifier",
+                format!("n={n} v={v} vp={vp}"),
+                dt,
+                tol,
+                case_classifier(be, dt, &x, &ids, (n, v, vp))?,
+                case_classifier(&reference, dt, &x, &ids, (n, v, vp))?,
+            );
+        }
+        let x = vec![
+            inputs.normal(1000, 1.0),
+            inputs.normal(1000, 1.0),
+            inputs.normal(1000, 0.1),
+            inputs.normal(1000, 0.1),
+        ];
+        push(
+            "adamw",
+            "n=1000".into(),
+            dt,
+            tol,
+            case_adamw(be, dt, &x)?,
+            case_adamw(&reference, dt, &x)?,
+        );
+        let x = vec![inputs.normal(5000, 1.0), inputs.normal(5000, 1.0)];
+        push(
+            "dropout",
+            "n=5000 p=0.3".into(),
+            dt,
+            tol,
+            case_dropout(be, dt, &x)?,
+            case_dropout(&reference, dt, &x)?,
+        );
+    }
+    for (recipe, dt) in [
+        (RecipeName::Fp32, DType::F32),
+        (RecipeName::Bf16, DType::BF16),
+    ] {
+        let ids = inputs.tokens(32, 11);
+        // Three optimizer steps let rounding differences grow a little; a looser bound applies.
+        let tol = tolerance(dt) * 10.0;
+        push(
+            "train 3 steps",
+            format!("tiny gpt, {recipe}"),
+            dt,
+            tol,
+            case_training(be, recipe, &ids)?,
+            case_training(&reference, recipe, &ids)?,
+        );
+    }
+    Ok(rows)
+}
+
+/// The table as text, one row per line.
+pub fn format_table(rows: &[Row]) -> String {
+    let mut s = format!(
+        "{:<28} {:<26} {:<6} {:>10} {:>9}  result\n",
+        "op", "shape", "dtype", "rel err", "tol"
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{:<28} {:<26} {:<6} {:>10.2e} {:>9.1e}  {}\n",
+            r.op,
+            r.shape,
+            r.dtype.to_string(),
+            r.rel_err,
+            r.tol,
+            if r.passed() { "ok" } else { "FAIL" }
+        ));
+    }
+    s
+}

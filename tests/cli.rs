@@ -1,0 +1,402 @@
+//! End-to-end tests of the `halfling` binary: training, determinism, exact resume, sampling,
+//! evaluation, and the errors a user gets for their own mistakes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_halfling"))
+}
+
+/// A scratch directory with a small corpus and a tiny config.
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+const TINY_CONFIG: &str = r#"
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+dropout = 0.1
+
+[data]
+text = "corpus.txt"
+dir = "data/tiny"
+
+[train]
+batch_size = 4
+max_steps = 20
+eval_interval = 10
+eval_batches = 4
+log_interval = 1
+sample_tokens = 20
+
+[optim]
+lr = 3e-3
+warmup_steps = 5
+"#;
+
+impl Sandbox {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus =
+            fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/shakespeare.txt"))
+                .expect("corpus");
+        let cut: String = corpus.chars().take(60_000).collect();
+        fs::write(dir.path().join("corpus.txt"), cut).expect("write corpus");
+        fs::write(dir.path().join("tiny.toml"), TINY_CONFIG).expect("write config");
+        Self { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        bin()
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run halfling")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "halfling {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command that must fail; returns its stderr, checked to be a one-line error.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "halfling {args:?} should have failed"
+        );
+        assert!(
+            !err.contains("panicked"),
+            "halfling {args:?} panicked: {err}"
+        );
+        let last = err.lines().last().unwrap_or_default().to_string();
+        assert!(
+            last.starts_with("error: "),
+            "no clear error line for {args:?}: {err}"
+        );
+        last
+    }
+}
+
+fn losses(path: &Path) -> Vec<(u64, f64)> {
+    fs::read_to_string(path)
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json line");
+            (
+                v["step"].as_u64().expect("step"),
+                v["train_loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect()
+}
+
+fn summary(path: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(path).expect("summary.json")).expect("summary json")
+}
+
+#[test]
+fn trains_evaluates_samples_and_is_deterministic() {
+    let sb = Sandbox::new();
+    let out = sb.ok(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/a",
+        "--set",
+        "train.max_steps=60",
+        "--set",
+        "train.eval_interval=30",
+    ]);
+    assert!(out.contains("--- sample ---"), "no sample printed: {out}");
+    let s = summary(&sb.path("runs/a/summary.json"));
+    let val = s["final_val_loss"].as_f64().expect("final_val_loss");
+    // A uniform guess over ~60 characters costs ln(60) ≈ 4.1 nats; 60 steps must learn the
+    // character frequencies at least.
+    assert!(val < 3.4, "val loss {val} after 60 steps");
+    assert_eq!(s["final_step"].as_u64(), Some(60));
+    for f in [
+        "metrics.jsonl",
+        "loss.svg",
+        "halfling.toml",
+        "checkpoint/model.safetensors",
+        "checkpoint/config.json",
+        "checkpoint/optimizer.safetensors",
+        "checkpoint/trainer_state.json",
+        "checkpoint/tokenizer.json",
+    ] {
+        assert!(sb.path("runs/a").join(f).is_file(), "missing {f}");
+    }
+    // Same seed and config: bitwise-identical losses.
+    sb.ok(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/b",
+        "--quiet",
+        "--set",
+        "train.max_steps=60",
+        "--set",
+        "train.eval_interval=30",
+    ]);
+    assert_eq!(
+        losses(&sb.path("runs/a/metrics.jsonl")),
+        losses(&sb.path("runs/b/metrics.jsonl"))
+    );
+
+    let text = sb.ok(&[
+        "sample", "--run", "runs/a", "--prompt", "ROMEO:", "--tokens", "40", "--seed", "3",
+    ]);
+    assert!(
+        text.starts_with("ROMEO:") && text.chars().count() >= 46,
+        "sample: {text:?}"
+    );
+    let again = sb.ok(&[
+        "sample", "--run", "runs/a", "--prompt", "ROMEO:", "--tokens", "40", "--seed", "3",
+    ]);
+    assert_eq!(text, again, "sampling with a seed is reproducible");
+
+    let eval: Value = serde_json::from_str(sb.ok(&["eval", "--run", "runs/a", "--json"]).trim())
+        .expect("eval json");
+    let full = eval["val_loss"].as_f64().expect("val_loss");
+    assert!(
+        (full - val).abs() < 1e-6,
+        "eval {full} differs from the final full-split eval {val}"
+    );
+}
+
+#[test]
+fn resume_continues_bitwise_identically() {
+    let sb = Sandbox::new();
+    sb.ok(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/straight",
+        "--quiet",
+    ]);
+    sb.ok(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/split",
+        "--quiet",
+        "--stop-at",
+        "10",
+    ]);
+    let state: Value = serde_json::from_str(
+        &fs::read_to_string(sb.path("runs/split/checkpoint/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"].as_u64(), Some(10));
+    sb.ok(&["train", "--resume", "runs/split", "--quiet"]);
+    let straight = losses(&sb.path("runs/straight/metrics.jsonl"));
+    let split = losses(&sb.path("runs/split/metrics.jsonl"));
+    assert_eq!(straight.len(), 20);
+    assert_eq!(
+        straight, split,
+        "resumed run diverged from the straight run"
+    );
+    let a = fs::read(sb.path("runs/straight/checkpoint/model.safetensors")).unwrap();
+    let b = fs::read(sb.path("runs/split/checkpoint/model.safetensors")).unwrap();
+    assert!(a == b, "final weights differ after resume");
+}
+
+#[test]
+fn gradient_accumulation_matches_one_big_batch() {
+    let sb = Sandbox::new();
+    let common = [
+        "--quiet",
+        "--set",
+        "model.dropout=0.0",
+        "--set",
+        "train.max_steps=3",
+    ];
+    let mut big = vec![
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/big",
+        "--set",
+        "train.batch_size=8",
+    ];
+    big.extend(common);
+    let mut acc = vec![
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/acc",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.grad_accum=2",
+    ];
+    acc.extend(common);
+    sb.ok(&big);
+    sb.ok(&acc);
+    // The loader draws the same 8 windows either way, so losses agree to f32 rounding.
+    for ((s1, l1), (s2, l2)) in losses(&sb.path("runs/big/metrics.jsonl"))
+        .into_iter()
+        .zip(losses(&sb.path("runs/acc/metrics.jsonl")))
+    {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() < 1e-5, "step {s1}: {l1} vs {l2}");
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let sb = Sandbox::new();
+    let e = sb.fails(&["train", "--config", "nope.toml"]);
+    assert!(e.contains("nope.toml") && e.contains("not found"), "{e}");
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--set",
+        "model.n_layers=3",
+    ]);
+    assert!(e.contains("n_layers") && e.contains("n_layer"), "{e}");
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--set",
+        "precision.recipe=fp9",
+    ]);
+    assert!(e.contains("fp9") && e.contains("bf16"), "{e}");
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--set",
+        "data.text=missing.txt",
+    ]);
+    assert!(e.contains("missing.txt"), "{e}");
+    fs::write(sb.path("empty.txt"), "").unwrap();
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--set",
+        "data.text=empty.txt",
+        "--set",
+        "data.dir=data/e",
+    ]);
+    assert!(e.contains("empty"), "{e}");
+    fs::write(
+        sb.path("latin1.txt"),
+        b"caf\xe9 au lait, a long enough text to split into train and val",
+    )
+    .unwrap();
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--set",
+        "data.text=latin1.txt",
+        "--set",
+        "data.dir=data/l",
+    ]);
+    assert!(e.contains("UTF-8"), "{e}");
+    let e = sb.fails(&["train", "--config", "tiny.toml", "--device", "cuda"]);
+    assert!(e.contains("cuda"), "{e}");
+
+    // A run to break things with.
+    sb.ok(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/x",
+        "--quiet",
+        "--set",
+        "train.max_steps=2",
+    ]);
+
+    // Truncated shard: training refuses it and says how to fix it.
+    let shard = sb.path("data/tiny/val.bin");
+    let bytes = fs::read(&shard).unwrap();
+    fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--set",
+        "data.text=",
+        "--out",
+        "runs/y",
+    ]);
+    assert!(e.contains("val.bin") && e.contains("truncated"), "{e}");
+    fs::write(&shard, &bytes).unwrap();
+
+    // Resume with a config whose model does not match the checkpoint.
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--resume",
+        "runs/x",
+        "--set",
+        "model.n_embd=64",
+    ]);
+    assert!(e.contains("n_embd") || e.contains("model sizes"), "{e}");
+
+    // Truncated and corrupt checkpoints.
+    let model = sb.path("runs/x/checkpoint/model.safetensors");
+    let good = fs::read(&model).unwrap();
+    fs::write(&model, &good[..good.len() - 100]).unwrap();
+    let e = sb.fails(&["sample", "--run", "runs/x"]);
+    assert!(e.contains("model.safetensors"), "{e}");
+    fs::write(&model, b"not a checkpoint at all").unwrap();
+    let e = sb.fails(&["eval", "--run", "runs/x"]);
+    assert!(e.contains("model.safetensors"), "{e}");
+    fs::write(&model, &good).unwrap();
+
+    // A prompt with characters the tokenizer never saw.
+    let e = sb.fails(&["sample", "--run", "runs/x", "--prompt", "日本"]);
+    assert!(e.contains('日'), "{e}");
+
+    // Divergence is caught, not written as NaN.
+    let e = sb.fails(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/nan",
+        "--quiet",
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.warmup_steps=0",
+        "--set",
+        "optim.grad_clip=0",
+    ]);
+    assert!(e.contains("diverged"), "{e}");
+}
