@@ -95,13 +95,10 @@ pub fn bench<B: Backend>(
         }
         let norm = optim::global_grad_norm(backend, model.grads())?;
         let clip = optim::clip_factor(norm, cfg.optim.grad_clip);
-        let (master, grads, compute) = model.params_mut();
         optimizer.update(
             backend,
             &cfg.optim,
-            master,
-            grads,
-            compute,
+            model.params_mut(),
             cfg.optim.lr as f32,
             clip,
         )?;

@@ -5,14 +5,14 @@ use anyhow::{bail, Result};
 
 use crate::backend::{AdamW, Backend};
 use crate::config::{DecayKind as Decay, OptimConfig};
-use crate::model::ParamSpec;
+use crate::model::{ParamBufs, ParamSpec};
 use crate::numerics::DType;
 
 /// Learning rate at 0-based `step`: linear warmup to `lr` over `warmup_steps`, then cosine or
 /// linear decay to `min_lr` over the following steps up to `decay_steps` (or `total_steps`),
 /// then `min_lr`.
 pub fn lr_at(cfg: &OptimConfig, step: u64, total_steps: u64) -> f32 {
-    let (lr, min_lr) = (cfg.lr as f64, cfg.min_lr as f64);
+    let (lr, min_lr) = (cfg.lr, cfg.min_lr);
     let warmup = cfg.warmup_steps as u64;
     if step < warmup {
         return (lr * (step + 1) as f64 / warmup as f64) as f32;
@@ -86,19 +86,20 @@ impl<B: Backend> AdamWState<B> {
         })
     }
 
-    /// One update of every parameter; `compute` holds the low-precision copies to refresh (empty
-    /// when the recipe has none).
-    #[allow(clippy::too_many_arguments)]
+    /// One update of every parameter, refreshing the low-precision compute copies if any.
     pub fn update(
         &mut self,
         backend: &B,
         cfg: &OptimConfig,
-        master: &mut [B::Buf],
-        grads: &[B::Buf],
-        compute: &mut [B::Buf],
+        params: ParamBufs<'_, B>,
         lr: f32,
         grad_scale: f32,
     ) -> Result<()> {
+        let ParamBufs {
+            master,
+            grads,
+            compute,
+        } = params;
         if master.len() != self.m.len() || grads.len() != self.m.len() {
             bail!(
                 "internal error: optimizer holds {} tensors, model {}",

@@ -300,8 +300,7 @@ fn case_training<B: Backend>(be: &B, recipe: RecipeName, ids: &[u32]) -> Result<
         model.zero_grads(be)?;
         let (inputs, targets) = ids.split_at(16);
         losses.push(model.forward_backward(be, &mut acts, inputs, &targets[..16], 1.0, step)?);
-        let (master, grads, compute) = model.params_mut();
-        opt.update(be, &optim_cfg, master, grads, compute, 1e-2, 1.0)?;
+        opt.update(be, &optim_cfg, model.params_mut(), 1e-2, 1.0)?;
     }
     let weights: Vec<f32> = model.download_params(be)?.concat();
     Ok(vec![("losses", losses), ("weights", weights)])

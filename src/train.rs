@@ -162,7 +162,7 @@ fn per_row_losses<B: Backend>(
 
 /// Seed of the validation windows, fixed per run so evaluations compare.
 fn eval_seed(cfg: &Config) -> u64 {
-    cfg.train.seed ^ 0x5EED_0F_E7A1
+    cfg.train.seed ^ 0x005E_ED0F_E7A1
 }
 
 /// Seed of the dropout masks of one micro-batch.
@@ -302,8 +302,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         }
         last_train = loss;
         let clip = optim::clip_factor(norm, cfg.optim.grad_clip);
-        let (master, grads, compute) = model.params_mut();
-        optimizer.update(backend, &cfg.optim, master, grads, compute, lr, clip)?;
+        optimizer.update(backend, &cfg.optim, model.params_mut(), lr, clip)?;
         backend.synchronize()?;
         state.step += 1;
         state.tokens += tokens_per_step;

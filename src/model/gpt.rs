@@ -167,6 +167,16 @@ impl<B: Backend> Activations<B> {
     }
 }
 
+/// The parameter buffers the optimizer updates, borrowed together from a [`Gpt`].
+pub struct ParamBufs<'a, B: Backend> {
+    /// fp32 master weights, in spec order.
+    pub master: &'a mut [B::Buf],
+    /// Gradients, in spec order.
+    pub grads: &'a [B::Buf],
+    /// Low-precision compute copies (empty when the recipe has none).
+    pub compute: &'a mut [B::Buf],
+}
+
 /// A GPT-2 model on backend `B`.
 pub struct Gpt<B: Backend> {
     cfg: GptConfig,
@@ -326,8 +336,12 @@ impl<B: Backend> Gpt<B> {
         &self.grads
     }
     /// Master weights, gradients and compute copies together, for the optimizer.
-    pub fn params_mut(&mut self) -> (&mut [B::Buf], &[B::Buf], &mut [B::Buf]) {
-        (&mut self.master, &self.grads, &mut self.compute)
+    pub fn params_mut(&mut self) -> ParamBufs<'_, B> {
+        ParamBufs {
+            master: &mut self.master,
+            grads: &self.grads,
+            compute: &mut self.compute,
+        }
     }
 
     /// Downloads every parameter as f32, in spec order.
