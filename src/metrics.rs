@@ -16,6 +16,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::write_atomic;
+
 /// File name of the per-step log inside a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// File name of the end-of-run summary inside a run directory.
@@ -169,7 +171,7 @@ pub fn truncate_after(path: impl AsRef<Path>, step: u64) -> Result<usize> {
             ),
         }
     }
-    write_atomic(path, kept.as_bytes())?;
+    write_atomic(path.as_ref(), kept.as_bytes())?;
     Ok(dropped)
 }
 
@@ -252,29 +254,6 @@ impl Summary {
             )
         })
     }
-}
-
-/// Replaces `path` with `bytes` atomically: writes a temporary file beside it, syncs it, then
-/// renames it over `path`, so readers never see a half-written file.
-pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let path = path.as_ref();
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("cannot write {}: not a file path", path.display()))?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(".tmp{}", std::process::id()));
-    let temp_path = path.with_file_name(temp_name);
-    let result = (|| -> std::io::Result<()> {
-        let mut file = File::create(&temp_path)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp_path, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&temp_path);
-        anyhow!("cannot write {}: {e}", path.display())
-    })
 }
 
 /// One curve of a loss chart.

@@ -160,6 +160,34 @@ fn per_row_losses<B: Backend>(
     model.token_losses(backend, acts)
 }
 
+/// The first model size where a checkpoint and the config disagree, said in config keys.
+fn size_mismatch(checkpoint: &GptConfig, config: &GptConfig) -> Option<String> {
+    let pairs = [
+        ("model.n_layer", checkpoint.n_layer, config.n_layer),
+        ("model.n_head", checkpoint.n_head, config.n_head),
+        ("model.n_embd", checkpoint.n_embd, config.n_embd),
+        ("model.block_size", checkpoint.block_size, config.block_size),
+        (
+            "the vocabulary size",
+            checkpoint.vocab_size,
+            config.vocab_size,
+        ),
+        (
+            "model.vocab_pad_multiple (padded vocabulary)",
+            checkpoint.padded_vocab_size,
+            config.padded_vocab_size,
+        ),
+    ];
+    pairs.iter().find(|(_, c, w)| c != w).map(|(key, c, w)| {
+        let hint = if *key == "model.block_size" && w > c {
+            " (a context longer than the checkpoint's has no learned positions)"
+        } else {
+            ""
+        };
+        format!("{key} is {w} in the config but {c} in the checkpoint{hint}; use the checkpoint's own halfling.toml")
+    })
+}
+
 /// Seed of the validation windows, fixed per run so evaluations compare.
 fn eval_seed(cfg: &Config) -> u64 {
     cfg.train.seed ^ 0x005E_ED0F_E7A1
@@ -200,12 +228,10 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         opts.resume.as_ref().or(opts.init_from.as_ref())
     {
         let ck = runs::load_checkpoint(path)?;
-        if ck.gpt != gcfg {
+        if let Some(problem) = size_mismatch(&ck.gpt, &gcfg) {
             bail!(
-                "checkpoint {} has model sizes {:?} but the config asks for {:?}: use the run's own halfling.toml",
-                ck.dir.display(),
-                ck.gpt,
-                gcfg
+                "checkpoint {} does not fit the config: {problem}",
+                ck.dir.display()
             );
         }
         if ck.tokenizer.vocab_size() != data.tokenizer.vocab_size() {
@@ -257,7 +283,9 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
 
     let bar = progress_bar(opts.quiet, max_steps, state.step);
     if !opts.quiet {
-        bar.println(format!(
+        log_line(
+            &bar,
+            format!(
             "training {} params ({} layers, {} wide, context {t}) on {}, {} recipe, {} tokens/step",
             gcfg.num_params(),
             gcfg.n_layer,
@@ -265,7 +293,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
             backend.describe(),
             cfg.precision.recipe,
             tokens_per_step
-        ));
+        ),
+        );
     }
     let session_start = Instant::now();
     let session_start_step = state.step;
@@ -324,10 +353,13 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
             state.best_val_loss = Some(state.best_val_loss.map_or(v, |best: f64| best.min(v)));
             last_val = Some(v);
             if !opts.quiet {
-                bar.println(format!(
-                    "step {:>6}: train loss {loss:.4}, val loss {v:.4}",
-                    state.step
-                ));
+                log_line(
+                    &bar,
+                    format!(
+                        "step {:>6}: train loss {loss:.4}, val loss {v:.4}",
+                        state.step
+                    ),
+                );
             }
             Some(v)
         } else {
@@ -448,6 +480,16 @@ fn save<B: Backend>(
         optimizer,
         &parts,
     )
+}
+
+/// Prints a log line above the progress bar, or on stderr when there is no terminal to draw on
+/// (indicatif drops `println` for hidden bars, and logs in CI must still show progress).
+fn log_line(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 fn progress_bar(quiet: bool, total: u64, start: u64) -> ProgressBar {

@@ -1,41 +1,9 @@
-//! Element conversions the checkpoint files need: f32 to bf16 bits when saving, and bf16 / f16 /
-//! f64 bytes to f32 when loading. Written here so the checkpoint layer depends on nothing but the
-//! safetensors crate; all little-endian, as safetensors stores them.
+//! Element conversions the checkpoint files need: f32 to bf16 bytes when saving, and bf16 / f16 /
+//! f64 bytes to f32 when loading (the scalar conversions are `numerics`'), plus the transpose
+//! between our `[out, in]` and Hugging Face's Conv1D `[in, out]` layouts. All little-endian, as
+//! safetensors stores them.
 
-/// Rounds an f32 to the nearest bf16 (ties to even) and returns its bits.
-///
-/// Overflow rounds to infinity as IEEE rounding does; NaN stays NaN (quiet, sign kept).
-pub fn f32_to_bf16_bits(value: f32) -> u16 {
-    let bits = value.to_bits();
-    if value.is_nan() {
-        // Truncating could clear every mantissa bit and turn NaN into infinity: force the quiet bit.
-        return ((bits >> 16) as u16) | 0x0040;
-    }
-    // Adding 0x7FFF plus the lowest kept bit rounds half-way cases to the even neighbour.
-    let rounding_bias = 0x7FFF + ((bits >> 16) & 1);
-    (bits.wrapping_add(rounding_bias) >> 16) as u16
-}
-
-/// Widens bf16 bits to the f32 they denote (exact).
-pub fn bf16_bits_to_f32(bits: u16) -> f32 {
-    f32::from_bits(u32::from(bits) << 16)
-}
-
-/// Widens IEEE half-precision bits to the f32 they denote (exact, subnormals included).
-pub fn f16_bits_to_f32(bits: u16) -> f32 {
-    let sign = if bits & 0x8000 != 0 { -1.0f32 } else { 1.0f32 };
-    let exponent = u32::from((bits >> 10) & 0x1F);
-    let mantissa = u32::from(bits & 0x03FF);
-    match exponent {
-        // Zero and subnormals: mantissa * 2^-24, exact in f32.
-        0 => sign * (mantissa as f32) * (1.0 / 16_777_216.0),
-        0x1F if mantissa == 0 => sign * f32::INFINITY,
-        0x1F => f32::from_bits((u32::from(bits & 0x8000) << 16) | 0x7FC0_0000 | (mantissa << 13)),
-        _ => f32::from_bits(
-            (u32::from(bits & 0x8000) << 16) | ((exponent + 112) << 23) | (mantissa << 13),
-        ),
-    }
-}
+pub use crate::numerics::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits};
 
 /// Appends the little-endian bytes of `values` in the given file dtype to `out`.
 pub fn push_f32_as(values: &[f32], bf16: bool, out: &mut Vec<u8>) {
