@@ -171,7 +171,7 @@ pub fn truncate_after(path: impl AsRef<Path>, step: u64) -> Result<usize> {
             ),
         }
     }
-    write_atomic(path.as_ref(), kept.as_bytes())?;
+    write_atomic(path, kept.as_bytes())?;
     Ok(dropped)
 }
 
