@@ -254,7 +254,7 @@ impl Default for TrainConfig {
         Self {
             batch_size: 12,
             grad_accum: 1,
-            max_steps: 2000,
+            max_steps: 2500,
             seed: 1337,
             eval_interval: 250,
             eval_batches: 20,
@@ -297,7 +297,7 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         Self {
-            lr: 1e-3,
+            lr: 1.5e-3,
             min_lr: 1e-4,
             warmup_steps: 100,
             decay: DecayKind::Cosine,
