@@ -3,7 +3,7 @@
 //! between our `[out, in]` and Hugging Face's Conv1D `[in, out]` layouts. All little-endian, as
 //! safetensors stores them.
 
-pub use crate::numerics::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits};
+pub use crate::numerics::{bf16_bits_to_f32, f32_to_bf16_bits};
 
 /// Appends the little-endian bytes of `values` in the given file dtype to `out`.
 pub fn push_f32_as(values: &[f32], bf16: bool, out: &mut Vec<u8>) {
@@ -44,6 +44,7 @@ pub fn transpose(source: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::numerics::f16_bits_to_f32;
 
     #[test]
     fn bf16_rounds_to_nearest_even() {

@@ -2,8 +2,9 @@
 //! a damaged file (empty, truncated, not safetensors) instead of the parser's raw complaint.
 
 use super::atomic::write_atomic_with;
-use super::convert::{bf16_bits_to_f32, f16_bits_to_f32, push_f32_as, transpose};
+use super::convert::{push_f32_as, transpose};
 use super::NamedTensor;
+use crate::numerics::DType;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
@@ -180,19 +181,14 @@ fn check_framing(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Widens one stored tensor to f32, or says which dtype is not supported.
 fn to_f32(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let as_format = |format| {
+        crate::numerics::decode(format, bytes)
+            .with_context(|| format!("{}: tensor {name}", path.display()))
+    };
     let values = match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|chunk| bf16_bits_to_f32(u16::from_le_bytes([chunk[0], chunk[1]])))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|chunk| f16_bits_to_f32(u16::from_le_bytes([chunk[0], chunk[1]])))
-            .collect(),
+        Dtype::F32 => as_format(DType::F32)?,
+        Dtype::BF16 => as_format(DType::BF16)?,
+        Dtype::F16 => as_format(DType::F16)?,
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|chunk| {
