@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{cuda_available, CudaBackend};
 use crate::config::{Config, DeviceKind, TokenizerKind};
 use crate::data::{self, PrepareOptions};
 use crate::generate::{generate, SampleOptions};
@@ -179,23 +180,49 @@ pub fn run() -> Result<()> {
 }
 
 /// The CPU backend with the requested thread count.
-fn cpu(threads: usize) -> Result<CpuBackend<f32>> {
+fn cpu(threads: usize) -> CpuBackend<f32> {
     if threads > 0 {
         // Fails only if the pool was already built (tests); the existing pool is then used.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global();
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     }
-    Ok(CpuBackend::new())
+    CpuBackend::new()
 }
 
-/// Resolves the device: this build computes on the CPU; `cuda` is refused with a clear message.
-fn device(arg: &DeviceArg, cfg_device: DeviceKind, cfg_threads: usize) -> Result<CpuBackend<f32>> {
+/// The backend a command runs on.
+enum Device {
+    Cpu(CpuBackend<f32>),
+    Cuda(Box<CudaBackend>),
+}
+
+/// Runs `$body` with `$be` bound to the selected backend (the model code is generic over it).
+macro_rules! on_device {
+    ($device:expr, $be:ident => $body:expr) => {
+        match &$device {
+            Device::Cpu(cpu) => {
+                let $be = cpu;
+                $body
+            }
+            Device::Cuda(cuda) => {
+                let $be = &**cuda;
+                $body
+            }
+        }
+    };
+}
+
+/// Resolves the device: `auto` takes the GPU when one is usable, `cuda` insists on it.
+fn device(arg: &DeviceArg, cfg_device: DeviceKind, cfg_threads: usize) -> Result<Device> {
+    let threads = arg.threads.unwrap_or(cfg_threads);
     match arg.device.unwrap_or(cfg_device) {
-        DeviceKind::Cuda => bail!(
-            "--device cuda: this build of halfling has no CUDA backend yet; use --device cpu or --device auto"
-        ),
-        DeviceKind::Auto | DeviceKind::Cpu => cpu(arg.threads.unwrap_or(cfg_threads)),
+        DeviceKind::Cuda => Ok(Device::Cuda(Box::new(CudaBackend::new(0)?))),
+        DeviceKind::Auto if cuda_available() => match CudaBackend::new(0) {
+            Ok(be) => Ok(Device::Cuda(Box::new(be))),
+            Err(e) => {
+                eprintln!("warning: a GPU is present but unusable ({e:#}); running on the CPU");
+                Ok(Device::Cpu(cpu(threads)))
+            }
+        },
+        DeviceKind::Auto | DeviceKind::Cpu => Ok(Device::Cpu(cpu(threads))),
     }
 }
 
@@ -253,7 +280,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             PathBuf::from("runs").join(stem)
         }
     };
-    let backend = device(&a.device, cfg.device.device, cfg.device.threads)?;
+    let device = device(&a.device, cfg.device.device, cfg.device.threads)?;
     let opts = train::TrainOptions {
         out_dir,
         resume: a.resume,
@@ -261,20 +288,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         stop_at: a.stop_at,
         quiet: a.quiet,
     };
-    train::train(&backend, cfg, &opts)?;
+    on_device!(device, be => train::train(be, cfg, &opts))?;
     Ok(())
 }
 
 fn sample_cmd(a: SampleArgs) -> Result<()> {
     let ck = runs::load_checkpoint(&a.run)?;
-    let backend = device(&a.device, DeviceKind::Auto, 0)?;
-    let model = Gpt::from_values(
-        &backend,
-        ck.gpt,
-        Recipe::new(ck.config.precision.recipe),
-        0.0,
-        &ck.params,
-    )?;
+    let device = device(&a.device, DeviceKind::Auto, 0)?;
     let opts = SampleOptions {
         prompt: a.prompt,
         tokens: a.tokens,
@@ -282,13 +302,18 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         top_k: a.top_k,
         seed: a.seed,
     };
-    println!("{}", generate(&backend, &model, &ck.tokenizer, &opts)?);
+    let recipe = Recipe::new(ck.config.precision.recipe);
+    let text = on_device!(device, be => {
+        let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params)?;
+        generate(be, &model, &ck.tokenizer, &opts)?
+    });
+    println!("{text}");
     Ok(())
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     let ck = runs::load_checkpoint(&a.run)?;
-    let backend = device(&a.device, DeviceKind::Auto, 0)?;
+    let device = device(&a.device, DeviceKind::Auto, 0)?;
     let data = train::load_data(&ck.config, true)?;
     if data.tokenizer.vocab_size() != ck.gpt.vocab_size {
         bail!(
@@ -296,20 +321,13 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             ck.config.data.dir
         );
     }
-    let model = Gpt::from_values(
-        &backend,
-        ck.gpt.clone(),
-        Recipe::new(ck.config.precision.recipe),
-        0.0,
-        &ck.params,
-    )?;
-    let mut acts = model.activations(
-        &backend,
-        ck.config.train.batch_size,
-        ck.gpt.block_size,
-        false,
-    )?;
-    let val_loss = train::evaluate(&backend, &model, &mut acts, &data.val, 0, 0)?;
+    let recipe = Recipe::new(ck.config.precision.recipe);
+    let batch = ck.config.train.batch_size;
+    let val_loss = on_device!(device, be => {
+        let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params)?;
+        let mut acts = model.activations(be, batch, ck.gpt.block_size, false)?;
+        train::evaluate(be, &model, &mut acts, &data.val, 0, 0)?
+    });
     if a.json {
         let out = serde_json::json!({ "val_loss": val_loss, "val_tokens": data.val.len(), "checkpoint": ck.dir });
         println!("{out}");
@@ -325,24 +343,26 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
     let cfg = load_config(&a.config, &a.overrides)?;
-    let backend = device(&a.device, cfg.device.device, cfg.device.threads)?;
-    let result = bench::bench(&backend, &cfg, a.steps, a.warmup)?;
+    let device = device(&a.device, cfg.device.device, cfg.device.threads)?;
+    let result = on_device!(device, be => bench::bench(be, &cfg, a.steps, a.warmup))?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
 
 fn selftest_cmd(a: SelftestArgs) -> Result<()> {
-    let backend = device(&a.device, DeviceKind::Auto, 0)?;
+    let device = device(&a.device, DeviceKind::Auto, 0)?;
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
-    println!(
-        "selftest on {} against the f64 CPU reference (seed {seed})",
-        crate::backend::Backend::describe(&backend)
-    );
-    let rows = selftest::run(&backend, seed)?;
+    let rows = on_device!(device, be => {
+        println!(
+            "selftest on {} against the f64 CPU reference (seed {seed})",
+            crate::backend::Backend::describe(be)
+        );
+        selftest::run(be, seed)?
+    });
     print!("{}", selftest::format_table(&rows));
     let failed = rows.iter().filter(|r| !r.passed()).count();
     if failed > 0 {

@@ -15,11 +15,14 @@
 //!   of activations are overwritten unless the op says otherwise.
 //! - Ops are deterministic: the same inputs give the same bits.
 //!
+//! [`cuda::CudaBackend`] runs the same ops on an NVIDIA GPU.
+//!
 //! [`cpu::CpuBackend`] is the reference implementation, generic over its element type: in `f32`
 //! it trains, in `f64` it is the reference that gradient checks and `halfling selftest` compare
 //! against.
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 

@@ -1,0 +1,519 @@
+//! A thin layer of our own over cuBLASLt (`cudarc::cublaslt::{result, sys}`).
+//!
+//! Every GEMM of the CUDA backend goes through [`Lt::matmul`]. We do not use cudarc's safe
+//! `CudaBlasLT` wrapper because it creates descriptors, layouts and runs the algorithm heuristic on
+//! every call, and it cannot express what training needs:
+//!
+//! - **Cached plans.** A training step issues the same few dozen GEMM shapes over and over. The
+//!   matmul descriptor, the matrix layouts and the heuristic's chosen algorithm are built once per
+//!   shape/type/epilogue key and reused; a call then only sets the per-call pointers and launches.
+//! - **Mixed output types.** bf16 inputs with an f32 output (and `beta = 1`) let weight-gradient
+//!   GEMMs accumulate straight into fp32 gradient buffers.
+//! - **Exact fp32.** The compute type is `CUBLAS_COMPUTE_32F` (not the TF32 fast path), so f32 GEMMs
+//!   match the CPU reference, and bf16 GEMMs accumulate in f32.
+//! - **Room to grow.** A [`Plan`] owns its descriptor, so FP8 A/B/D scale pointers, amax-of-D and
+//!   the GELU/bias epilogues (forward and backward) become more key fields and per-call attributes.
+//!
+//! Pointers are raw `CUdeviceptr`s (`u64`); the caller owns the memory and keeps it alive until the
+//! work on the stream is done.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use cudarc::cublaslt::{result, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+/// Workspace handed to cuBLASLt: NVIDIA recommends 32 MiB on Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The alignment the heuristic assumes by default (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES`
+/// default to 256); every operand we pass is a whole `cuMemAlloc` allocation, which satisfies it.
+const REQUIRED_ALIGN: u64 = 256;
+
+/// `cublasOperation_t` values (cudarc's cublaslt bindings do not export the enum; it is a C int).
+const CUBLAS_OP_N: i32 = 0;
+const CUBLAS_OP_T: i32 = 1;
+
+/// Storage type of a GEMM operand or output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmType {
+    F32,
+    BF16,
+}
+
+impl GemmType {
+    fn cuda(self) -> sys::cudaDataType {
+        match self {
+            GemmType::F32 => sys::cudaDataType::CUDA_R_32F,
+            GemmType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            GemmType::F32 => "f32",
+            GemmType::BF16 => "bf16",
+        }
+    }
+}
+
+/// Everything that selects a plan. Pointers are not part of it: they are set per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    inputs: GemmType,
+    out_type: GemmType,
+    has_bias: bool,
+}
+
+impl std::fmt::Display for PlanKey {
+    /// e.g. `16384x2304x768 (bf16 -> bf16, trans_b, bias)`: m x n x k in row-major terms.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{}x{} ({} -> {}",
+            self.m,
+            self.n,
+            self.k,
+            self.inputs.name(),
+            self.out_type.name()
+        )?;
+        if self.trans_a {
+            f.write_str(", trans_a")?;
+        }
+        if self.trans_b {
+            f.write_str(", trans_b")?;
+        }
+        if self.has_bias {
+            f.write_str(", bias")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// A cached GEMM plan: descriptor, layouts (in cuBLASLt's column-major operand order, i.e. the
+/// row-major `b` is cuBLASLt's A and the row-major `a` is cuBLASLt's B) and the chosen algorithm.
+/// C and D share `d_layout`. Null handles (a plan only partly built) are skipped on drop.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    /// Layout of cuBLASLt's A = our `b`.
+    lt_a_layout: sys::cublasLtMatrixLayout_t,
+    /// Layout of cuBLASLt's B = our `a`.
+    lt_b_layout: sys::cublasLtMatrixLayout_t,
+    /// Layout of C and D = our `out`.
+    d_layout: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Plan {
+    fn empty() -> Self {
+        Plan {
+            desc: std::ptr::null_mut(),
+            lt_a_layout: std::ptr::null_mut(),
+            lt_b_layout: std::ptr::null_mut(),
+            d_layout: std::ptr::null_mut(),
+            // SAFETY: cublasLtMatmulAlgo_t is a plain C struct of integers (opaque data words);
+            // all-zero is a valid bit pattern, and it is overwritten by the heuristic before use.
+            algo: unsafe { std::mem::zeroed() },
+        }
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // Errors on teardown are ignored: there is nothing useful to do with them in drop.
+        // SAFETY: each handle was created by cuBLASLt, is owned by this plan only, and is
+        // destroyed exactly once here.
+        unsafe {
+            for layout in [self.lt_a_layout, self.lt_b_layout, self.d_layout] {
+                if !layout.is_null() {
+                    let _ = result::destroy_matrix_layout(layout);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = result::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+/// A cuBLASLt handle, its workspace, and the plan cache.
+///
+/// The workspace is shared by every call: calls must be ordered with respect to each other (issue
+/// them on one stream, or on streams ordered by events). Not `Sync`; `matmul` takes `&mut self`.
+pub struct Lt {
+    handle: sys::cublasLtHandle_t,
+    /// Heuristic preference (max workspace = the workspace size), shared by all plans.
+    pref: sys::cublasLtMatmulPreference_t,
+    /// Kept alive for `workspace_ptr`; freed (stream-ordered) when `Lt` drops.
+    _workspace: CudaSlice<u8>,
+    workspace_ptr: u64,
+    plans: HashMap<PlanKey, Plan>,
+}
+
+// SAFETY: the cuBLASLt handle, preference and descriptors are plain heap objects that may be used
+// from any thread as long as they are not used concurrently; `Lt` is only used through `&mut self`
+// (no `Sync`), so moving it between threads is sound.
+unsafe impl Send for Lt {}
+
+fn status(e: result::CublasError) -> String {
+    format!("{:?}", e.0)
+}
+
+impl Lt {
+    /// Creates the cuBLASLt handle and a 32 MiB workspace on `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            bail!(
+                "cuBLASLt library (libcublasLt) not found: install the CUDA toolkit's cuBLAS \
+                 or add its lib directory to LD_LIBRARY_PATH"
+            );
+        }
+        stream
+            .context()
+            .bind_to_thread()
+            .context("binding the CUDA context for cuBLASLt")?;
+        let workspace = stream
+            .alloc_zeros::<u8>(WORKSPACE_BYTES)
+            .with_context(|| format!("allocating the {WORKSPACE_BYTES}-byte cuBLASLt workspace"))?;
+        let workspace_ptr = {
+            let (ptr, _sync) = workspace.device_ptr(stream);
+            ptr
+        };
+        let handle =
+            result::create_handle().map_err(|e| anyhow!("cublasLtCreate failed: {}", status(e)))?;
+        let pref = match result::create_matmul_pref() {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: handle was just created and is not used elsewhere.
+                let _ = unsafe { result::destroy_handle(handle) };
+                bail!("cublasLtMatmulPreferenceCreate failed: {}", status(e));
+            }
+        };
+        // From here on, `lt`'s Drop releases the handle and preference on error.
+        let lt = Lt {
+            handle,
+            pref,
+            _workspace: workspace,
+            workspace_ptr,
+            plans: HashMap::new(),
+        };
+        let max_ws = WORKSPACE_BYTES as u64;
+        // SAFETY: pref is live; the attribute is a u64 read during the call.
+        unsafe {
+            result::set_matmul_pref_attribute(
+                lt.pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &max_ws as *const u64 as *const c_void,
+                size_of::<u64>(),
+            )
+        }
+        .map_err(|e| {
+            anyhow!(
+                "cuBLASLt: setting the max workspace preference failed: {}",
+                status(e)
+            )
+        })?;
+        Ok(lt)
+    }
+
+    /// Row-major GEMM on `stream`: out[m×n] = alpha·op(a)·op(b) + beta·out (+ bias[n] added to
+    /// every row when `bias` is Some).
+    /// op(a) is m×k (a stored k×m row-major when trans_a); op(b) is k×n (b stored n×k when
+    /// trans_b). `inputs` is the type of both a and b; `out_type` the type of out (and of bias if
+    /// given). beta == 0 does not read `out`.
+    ///
+    /// Supported (inputs, out_type): (F32, F32), (BF16, BF16), (BF16, F32). Accumulation is f32.
+    /// All pointers must be 256-byte aligned (whole allocations are).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &mut self,
+        stream: &CudaStream,
+        out: u64,
+        out_type: GemmType,
+        a: u64,
+        b: u64,
+        inputs: GemmType,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+        bias: Option<u64>,
+    ) -> Result<()> {
+        let key = PlanKey {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            inputs,
+            out_type,
+            has_bias: bias.is_some(),
+        };
+        match (inputs, out_type) {
+            (GemmType::F32, GemmType::F32)
+            | (GemmType::BF16, GemmType::BF16)
+            | (GemmType::BF16, GemmType::F32) => {}
+            _ => bail!(
+                "cuBLASLt matmul {key}: unsupported type combination (supported: f32 -> f32, \
+                 bf16 -> bf16, bf16 -> f32)"
+            ),
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            bail!("cuBLASLt matmul {key}: k = 0 is not supported");
+        }
+        for (name, ptr) in [
+            ("out", Some(out)),
+            ("a", Some(a)),
+            ("b", Some(b)),
+            ("bias", bias),
+        ] {
+            if let Some(p) = ptr {
+                if p == 0 || p % REQUIRED_ALIGN != 0 {
+                    bail!(
+                        "cuBLASLt matmul {key}: pointer `{name}` = {p:#x} is null or not \
+                         {REQUIRED_ALIGN}-byte aligned"
+                    );
+                }
+            }
+        }
+
+        stream
+            .context()
+            .bind_to_thread()
+            .with_context(|| format!("cuBLASLt matmul {key}: binding the CUDA context"))?;
+
+        if !self.plans.contains_key(&key) {
+            let plan = self.build_plan(&key)?;
+            self.plans.insert(key, plan);
+        }
+        let plan = self
+            .plans
+            .get(&key)
+            .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
+
+        if let Some(bias_ptr) = bias {
+            // SAFETY: desc is live; the attribute (a u64 device pointer) is copied during the call.
+            unsafe {
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias_ptr as *const u64 as *const c_void,
+                    size_of::<u64>(),
+                )
+            }
+            .map_err(|e| {
+                anyhow!(
+                    "cuBLASLt matmul {key}: setting the bias pointer failed: {}",
+                    status(e)
+                )
+            })?;
+        }
+
+        // Operands swapped: cuBLASLt's A is our b, cuBLASLt's B is our a (see `build_plan`).
+        // SAFETY: all descriptors are live; alpha/beta are host f32 (scale type f32, default host
+        // pointer mode) that outlive the call; device pointers are owned by the caller and valid
+        // for the shapes given; the workspace is ours and WORKSPACE_BYTES long.
+        unsafe {
+            result::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                b as *const c_void,
+                plan.lt_a_layout,
+                a as *const c_void,
+                plan.lt_b_layout,
+                out as *const c_void,
+                plan.d_layout,
+                out as *mut c_void,
+                plan.d_layout,
+                &plan.algo,
+                self.workspace_ptr as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLASLt matmul {key} failed: {}", status(e)))
+    }
+
+    /// Builds the descriptor, layouts and algorithm for `key`.
+    ///
+    /// Row-major → column-major mapping. A row-major r×c matrix X with leading dimension c is,
+    /// read column-major, the c×r matrix Xᵀ with ld = c. So the row-major product
+    /// `C[m×n] = op(A)[m×k] · op(B)[k×n]`
+    /// is, read column-major, Cᵀ[n×m] = op(B)ᵀ[n×k] · op(A)ᵀ[k×m]: cuBLASLt computes it with
+    /// operands swapped (our b first, our a second) and problem size (n, m, k):
+    /// - cuBLASLt A = our b. Not trans_b: b stored k×n (ld n) reads as bᵀ = op(B)ᵀ, n×k: OP_N,
+    ///   layout rows n, cols k, ld n. trans_b: b stored n×k (ld k) reads as bᵀ (k×n), and
+    ///   op(B)ᵀ = b = (bᵀ)ᵀ: OP_T, layout rows k, cols n, ld k.
+    /// - cuBLASLt B = our a. Not trans_a: a stored m×k reads as aᵀ = op(A)ᵀ, k×m: OP_N, layout
+    ///   rows k, cols m, ld k. trans_a: a stored k×m reads as aᵀ (m×k), op(A)ᵀ = a: OP_T,
+    ///   layout rows m, cols k, ld m.
+    /// - C = D = our out: stored m×n (ld n) reads as n×m, ld n.
+    ///
+    /// In short: each layout is the stored row-major shape reversed, ld = stored column count,
+    /// and the transposes carry over (cuBLASLt TRANSA = trans_b, TRANSB = trans_a).
+    /// The BIAS epilogue adds a vector of length rows(D) = n to every column of D, i.e. bias[n]
+    /// to every row of the row-major out.
+    fn build_plan(&self, key: &PlanKey) -> Result<Plan> {
+        let err = |what: &str, e: result::CublasError| {
+            anyhow!("cuBLASLt matmul {key}: {what} failed: {}", status(e))
+        };
+        let dim = |x: usize| -> Result<u64> {
+            u64::try_from(x).map_err(|_| anyhow!("cuBLASLt matmul {key}: dimension too large"))
+        };
+        let ld = |x: usize| -> Result<i64> {
+            i64::try_from(x)
+                .map_err(|_| anyhow!("cuBLASLt matmul {key}: leading dimension too large"))
+        };
+        let (m, n, k) = (key.m, key.n, key.k);
+
+        // Stored row-major shapes (rows, cols) of a, b, out.
+        let (a_rows, a_cols) = if key.trans_a { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if key.trans_b { (n, k) } else { (k, n) };
+
+        let mut plan = Plan::empty();
+        plan.desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| err("cublasLtMatmulDescCreate", e))?;
+
+        let trans_lt_a = if key.trans_b {
+            CUBLAS_OP_T
+        } else {
+            CUBLAS_OP_N
+        };
+        let trans_lt_b = if key.trans_a {
+            CUBLAS_OP_T
+        } else {
+            CUBLAS_OP_N
+        };
+        let epilogue = if key.has_bias {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        let bias_type = key.out_type.cuda();
+        type Attr = sys::cublasLtMatmulDescAttributes_t;
+        // SAFETY: desc is live; each attribute value is a local of the size passed, copied by
+        // cuBLASLt during the call.
+        unsafe {
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                Attr::CUBLASLT_MATMUL_DESC_TRANSA,
+                &trans_lt_a as *const i32 as *const c_void,
+                size_of::<i32>(),
+            )
+            .map_err(|e| err("setting TRANSA", e))?;
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                Attr::CUBLASLT_MATMUL_DESC_TRANSB,
+                &trans_lt_b as *const i32 as *const c_void,
+                size_of::<i32>(),
+            )
+            .map_err(|e| err("setting TRANSB", e))?;
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                Attr::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &epilogue as *const sys::cublasLtEpilogue_t as *const c_void,
+                size_of::<sys::cublasLtEpilogue_t>(),
+            )
+            .map_err(|e| err("setting the epilogue", e))?;
+            if key.has_bias {
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &bias_type as *const sys::cudaDataType as *const c_void,
+                    size_of::<sys::cudaDataType>(),
+                )
+                .map_err(|e| err("setting the bias data type", e))?;
+            }
+        }
+
+        // Column-major layouts: stored row-major (rows, cols) reversed, ld = stored cols.
+        plan.lt_a_layout = result::create_matrix_layout(
+            key.inputs.cuda(),
+            dim(b_cols)?,
+            dim(b_rows)?,
+            ld(b_cols)?,
+        )
+        .map_err(|e| err("creating the layout of b", e))?;
+        plan.lt_b_layout = result::create_matrix_layout(
+            key.inputs.cuda(),
+            dim(a_cols)?,
+            dim(a_rows)?,
+            ld(a_cols)?,
+        )
+        .map_err(|e| err("creating the layout of a", e))?;
+        plan.d_layout = result::create_matrix_layout(key.out_type.cuda(), dim(n)?, dim(m)?, ld(n)?)
+            .map_err(|e| err("creating the layout of out", e))?;
+
+        // Heuristic: take the first (best) algorithm that fits in the workspace.
+        // SAFETY: `heuristic` is zero-initialised plain C data, written by cuBLASLt; all handles
+        // are live.
+        let mut heuristic: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        let mut count: i32 = 0;
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                plan.desc,
+                plan.lt_a_layout,
+                plan.lt_b_layout,
+                plan.d_layout,
+                plan.d_layout,
+                self.pref,
+                1,
+                &mut heuristic,
+                &mut count,
+            )
+        }
+        .result()
+        .map_err(|e| err("cublasLtMatmulAlgoGetHeuristic", e))?;
+        if count < 1 {
+            bail!(
+                "cuBLASLt matmul {key}: no algorithm found by the heuristic \
+                 (workspace limit {WORKSPACE_BYTES} bytes)"
+            );
+        }
+        heuristic
+            .state
+            .result()
+            .map_err(|e| err("the heuristic's algorithm", e))?;
+        plan.algo = heuristic.algo;
+        Ok(plan)
+    }
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        // Plans first (their descriptors), then the preference and the handle. The workspace
+        // (a CudaSlice) is freed afterwards, stream-ordered, by its own Drop.
+        self.plans.clear();
+        // SAFETY: pref and handle were created in `new`, are owned by `self` only, and are
+        // destroyed exactly once here. Errors are ignored in drop.
+        unsafe {
+            if !self.pref.is_null() {
+                let _ = result::destroy_matmul_pref(self.pref);
+            }
+            if !self.handle.is_null() {
+                let _ = result::destroy_handle(self.handle);
+            }
+        }
+    }
+}

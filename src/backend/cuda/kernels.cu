@@ -1,0 +1,877 @@
+// halfling CUDA kernels: elementwise ops, AdamW, the grad-norm reduction, LayerNorm, embeddings
+// and the fused softmax cross-entropy. Compiled at run time by NVRTC for sm_90 (no fast math);
+// the names, parameters and launch geometries follow the kernel ABI that src/backend/cuda/mod.rs
+// launches against (attention lives in attention.cu).
+//
+// Conventions that hold for every kernel here:
+// - Each templated kernel exists as `<name>_f32` (T = float) and `<name>_bf16`
+//   (T = __nv_bfloat16). Arithmetic is always in float; results are rounded to T once, to nearest
+//   even. Parameter gradients, optimizer state, mean/rstd, losses and partials are float (double
+//   for the squared-norm partials).
+// - Deterministic: no atomics. Every output is produced by one fixed sequence of operations:
+//   fixed per-thread loops plus fixed xor-butterfly / shared-memory trees, whose shape depends only
+//   on the launch geometry and the sizes, never on timing.
+// - Any size works: every index is guarded. When every pointer involved is 16-byte aligned (and
+//   row widths are multiples of 8 elements where rows matter) the kernels move 8 elements per
+//   thread with 16-byte accesses; otherwise they fall back to per-element accesses. Both paths give
+//   the same bits for elementwise kernels; for row reductions the per-lane grouping differs (still
+//   deterministic for a given set of pointers and sizes).
+// - Block-reduction kernels need blockDim.x to be a multiple of 32 (at most 1024).
+
+#include <cuda_bf16.h>
+
+typedef unsigned long long u64;
+typedef __nv_bfloat16 bf16;
+
+// ---------------------------------------------------------------------------------------------
+// Conversions, packed accesses, reductions
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<u64>(p) & 15ull) == 0;
+}
+
+// Loads 8 consecutive elements as float; p must be 16-byte aligned.
+template <typename T> __device__ __forceinline__ void load8(const T* p, float* f);
+template <> __device__ __forceinline__ void load8<float>(const float* p, float* f) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+template <> __device__ __forceinline__ void load8<bf16>(const bf16* p, float* f) {
+    // A bf16 is the top half of a float, so widening is a shift; element 0 is the low half.
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = __uint_as_float(w[k] << 16);
+        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+
+// Stores 8 floats rounded to T; p must be 16-byte aligned.
+template <typename T> __device__ __forceinline__ void store8(T* p, const float* f);
+template <> __device__ __forceinline__ void store8<float>(float* p, const float* f) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float* f) {
+    unsigned w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k]));
+        const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k + 1]));
+        w[k] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Xor butterflies: a + b is commutative bit for bit, so every lane ends with the same value.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// Grid-stride map over n elements: out[i] = op(a[i], b[i], i) for NIN = 0, 1 or 2 inputs.
+// Packs of 8 when all pointers are 16-byte aligned, then the (< 8) tail per element; the
+// per-element arithmetic is the same in both paths, so the bits do not depend on alignment.
+template <int NIN, typename TO, typename TA, typename TB, typename Op>
+__device__ __forceinline__ void map_elements(TO* out, const TA* a, const TB* b, int n, Op op) {
+    const u64 un = n > 0 ? (u64)n : 0ull;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const bool vec = aligned16(out) && (NIN < 1 || aligned16(a)) && (NIN < 2 || aligned16(b));
+    u64 start = 0;
+    if (vec) {
+        const u64 packs = un / 8;
+        for (u64 p = tid; p < packs; p += stride) {
+            const u64 i0 = p * 8;
+            float fa[8] = {0, 0, 0, 0, 0, 0, 0, 0}, fb[8] = {0, 0, 0, 0, 0, 0, 0, 0}, fo[8];
+            if constexpr (NIN >= 1) load8(a + i0, fa);
+            if constexpr (NIN >= 2) load8(b + i0, fb);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) fo[k] = op(fa[k], fb[k], i0 + k);
+            store8(out + i0, fo);
+        }
+        start = packs * 8;
+    }
+    for (u64 i = start + tid; i < un; i += stride) {
+        const float va = NIN >= 1 ? to_float(a[i]) : 0.0f;
+        const float vb = NIN >= 2 ? to_float(b[i]) : 0.0f;
+        out[i] = from_float<TO>(op(va, vb, i));
+    }
+}
+
+// Instantiates one extern "C" wrapper per storage type: M(suffix, T).
+#define FOR_EACH_TYPE(M) M(f32, float) M(bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise (grid-stride; grid = min(ceil(n/256), 4224), block = 256; any geometry works)
+// ---------------------------------------------------------------------------------------------
+
+/// fill_T: x[i] = v (rounded to T).
+template <typename T> __device__ void fill_impl(T* x, float v, int n) {
+    map_elements<0>(x, x, x, n, [=](float, float, u64) { return v; });
+}
+#define DEF_FILL(S, T) \
+    extern "C" __global__ void fill_##S(T* x, float v, int n) { fill_impl<T>(x, v, n); }
+FOR_EACH_TYPE(DEF_FILL)
+
+/// copy_f32_to_bf16: dst = round_bf16(src).
+extern "C" __global__ void copy_f32_to_bf16(bf16* dst, const float* src, int n) {
+    map_elements<1>(dst, src, src, n, [](float x, float, u64) { return x; });
+}
+
+/// copy_bf16_to_f32: dst = float(src) (exact).
+extern "C" __global__ void copy_bf16_to_f32(float* dst, const bf16* src, int n) {
+    map_elements<1>(dst, src, src, n, [](float x, float, u64) { return x; });
+}
+
+/// copy_T: bit-exact copy (NaN payloads included), 16 bytes at a time when aligned.
+template <typename T> __device__ void copy_impl(T* dst, const T* src, int n) {
+    constexpr int K = 16 / sizeof(T);
+    const u64 un = n > 0 ? (u64)n : 0ull;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 start = 0;
+    if (aligned16(dst) && aligned16(src)) {
+        const u64 packs = un / K;
+        for (u64 p = tid; p < packs; p += stride)
+            reinterpret_cast<uint4*>(dst)[p] = reinterpret_cast<const uint4*>(src)[p];
+        start = packs * K;
+    }
+    for (u64 i = start + tid; i < un; i += stride) dst[i] = src[i];
+}
+#define DEF_COPY(S, T) \
+    extern "C" __global__ void copy_##S(T* dst, const T* src, int n) { copy_impl<T>(dst, src, n); }
+FOR_EACH_TYPE(DEF_COPY)
+
+/// residual_forward_T: out = a + b (out may alias a or b).
+template <typename T> __device__ void residual_impl(T* out, const T* a, const T* b, int n) {
+    map_elements<2>(out, a, b, n, [](float x, float y, u64) { return x + y; });
+}
+#define DEF_RESIDUAL(S, T)                                                                   \
+    extern "C" __global__ void residual_forward_##S(T* out, const T* a, const T* b, int n) { \
+        residual_impl<T>(out, a, b, n);                                                      \
+    }
+FOR_EACH_TYPE(DEF_RESIDUAL)
+
+/// scale_T: x *= s in place.
+template <typename T> __device__ void scale_impl(T* x, float s, int n) {
+    map_elements<1>(x, x, x, n, [=](float v, float, u64) { return v * s; });
+}
+#define DEF_SCALE(S, T) \
+    extern "C" __global__ void scale_##S(T* x, float s, int n) { scale_impl<T>(x, s, n); }
+FOR_EACH_TYPE(DEF_SCALE)
+
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+#define GELU_CUBIC 0.044715f
+
+// ½(1 + tanh u) as the logistic 1/(1 + e^(−2u)): one expf, and it saturates to 0 or 1 without NaN.
+__device__ __forceinline__ float sigmoid_2x(float u) { return 1.0f / (1.0f + expf(-(u + u))); }
+
+/// gelu_forward_T: tanh-approximation GELU, x·σ(2u) with u = √(2/π)(x + 0.044715x³).
+template <typename T> __device__ void gelu_forward_impl(T* out, const T* inp, int n) {
+    map_elements<1>(out, inp, inp, n, [](float x, float, u64) {
+        const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+        return x * sigmoid_2x(u);
+    });
+}
+#define DEF_GELU_FWD(S, T)                                                         \
+    extern "C" __global__ void gelu_forward_##S(T* out, const T* inp, int n) {     \
+        gelu_forward_impl<T>(out, inp, n);                                         \
+    }
+FOR_EACH_TYPE(DEF_GELU_FWD)
+
+/// gelu_backward_T: dinp = gelu'(inp)·dout (overwrites dinp; dinp may alias dout).
+template <typename T> __device__ void gelu_backward_impl(T* dinp, const T* inp, const T* dout, int n) {
+    map_elements<2>(dinp, inp, dout, n, [](float x, float g, u64) {
+        // With σ = ½(1 + tanh u): d(xσ)/dx = σ + x·2σ(1 − σ)·du/dx.
+        const float sig = sigmoid_2x(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
+        const float du_dx = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x);
+        const float local = sig + 2.0f * x * sig * (1.0f - sig) * du_dx;
+        return local * g;
+    });
+}
+#define DEF_GELU_BWD(S, T)                                                                     \
+    extern "C" __global__ void gelu_backward_##S(T* dinp, const T* inp, const T* dout, int n) { \
+        gelu_backward_impl<T>(dinp, inp, dout, n);                                             \
+    }
+FOR_EACH_TYPE(DEF_GELU_BWD)
+
+// splitmix64's finalizer; must match the CPU backend's mix64 bit for bit.
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// mask_uniform(seed, i) of the CPU backend, with key = mix64(seed ^ 0x5851F42D4C957F2D) hoisted.
+// (h >> 40) < 2^24, so the conversion and the scaling by 2^-24 are exact.
+__device__ __forceinline__ float mask_uniform_keyed(u64 key, u64 i) {
+    const u64 h = mix64(key + (i + 1ull) * 0x9E3779B97F4A7C15ull);
+    return (float)(h >> 40) * (1.0f / 16777216.0f);
+}
+
+/// dropout_T: in place, keep x[i]·1/(1−p) iff mask_uniform(seed, i) >= p, else +0 (fwd and bwd).
+template <typename T> __device__ void dropout_impl(T* x, float p, u64 seed, int n) {
+    if (p <= 0.0f) return;
+    if (p >= 1.0f) {
+        map_elements<0>(x, x, x, n, [](float, float, u64) { return 0.0f; });
+        return;
+    }
+    const float keep_scale = 1.0f / (1.0f - p);
+    const u64 key = mix64(seed ^ 0x5851F42D4C957F2Dull);
+    map_elements<1>(x, x, x, n, [=](float v, float, u64 i) {
+        return mask_uniform_keyed(key, i) >= p ? v * keep_scale : 0.0f;
+    });
+}
+#define DEF_DROPOUT(S, T)                                                                   \
+    extern "C" __global__ void dropout_##S(T* x, float p, unsigned long long seed, int n) { \
+        dropout_impl<T>(x, p, seed, n);                                                     \
+    }
+FOR_EACH_TYPE(DEF_DROPOUT)
+
+// One AdamW update of one element (decoupled weight decay, as torch.optim.AdamW).
+__device__ __forceinline__ float adamw_one(float p, float grad, float& m, float& v, float lr,
+                                           float beta1, float beta2, float one_minus_beta1,
+                                           float one_minus_beta2, float eps, float wd,
+                                           float inv_bc1, float inv_bc2, float grad_scale) {
+    const float g = grad * grad_scale;
+    m = beta1 * m + one_minus_beta1 * g;
+    v = beta2 * v + one_minus_beta2 * g * g;
+    const float m_hat = m * inv_bc1;
+    const float v_hat = v * inv_bc2;
+    return p - lr * (m_hat / (sqrtf(v_hat) + eps) + wd * p);
+}
+
+/// adamw_T: fp32 master step on param/m/v; also writes round_T(param) into copy unless NULL.
+template <typename T>
+__device__ void adamw_impl(float* param, const float* grad, float* m, float* v, T* copy, int n,
+                           float lr, float beta1, float beta2, float eps, float weight_decay,
+                           float inv_bc1, float inv_bc2, float grad_scale) {
+    const float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2;
+    const u64 un = n > 0 ? (u64)n : 0ull;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const bool vec = aligned16(param) && aligned16(grad) && aligned16(m) && aligned16(v) &&
+                     (copy == nullptr || aligned16(copy));
+    u64 start = 0;
+    if (vec) {
+        const u64 packs = un / 8;
+        for (u64 pk = tid; pk < packs; pk += stride) {
+            const u64 i0 = pk * 8;
+            float fp[8], fg[8], fm[8], fv[8];
+            load8(param + i0, fp);
+            load8(grad + i0, fg);
+            load8(m + i0, fm);
+            load8(v + i0, fv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                fp[k] = adamw_one(fp[k], fg[k], fm[k], fv[k], lr, beta1, beta2, omb1, omb2, eps,
+                                  weight_decay, inv_bc1, inv_bc2, grad_scale);
+            store8(param + i0, fp);
+            store8(m + i0, fm);
+            store8(v + i0, fv);
+            if (copy != nullptr) store8(copy + i0, fp);
+        }
+        start = packs * 8;
+    }
+    for (u64 i = start + tid; i < un; i += stride) {
+        float mi = m[i], vi = v[i];
+        const float p = adamw_one(param[i], grad[i], mi, vi, lr, beta1, beta2, omb1, omb2, eps,
+                                  weight_decay, inv_bc1, inv_bc2, grad_scale);
+        param[i] = p;
+        m[i] = mi;
+        v[i] = vi;
+        if (copy != nullptr) copy[i] = from_float<T>(p);
+    }
+}
+#define DEF_ADAMW(S, T)                                                                          \
+    extern "C" __global__ void adamw_##S(float* param, const float* grad, float* m, float* v,   \
+                                         T* copy, int n, float lr, float beta1, float beta2,     \
+                                         float eps, float weight_decay,                          \
+                                         float inv_bias_correction1, float inv_bias_correction2, \
+                                         float grad_scale) {                                     \
+        adamw_impl<T>(param, grad, m, v, copy, n, lr, beta1, beta2, eps, weight_decay,           \
+                      inv_bias_correction1, inv_bias_correction2, grad_scale);                   \
+    }
+FOR_EACH_TYPE(DEF_ADAMW)
+
+/// sum_squares_partial_T: partials[g] = Σ x[i]² in double over i = g·B + tid (step G·B), B = 256.
+template <typename T> __device__ void sum_squares_partial_impl(const T* x, int n, double* partials) {
+    __shared__ double warp_sums[32];
+    const u64 un = n > 0 ? (u64)n : 0ull;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    double acc = 0.0;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < un; i += stride) {
+        const double d = (double)to_float(x[i]);
+        acc += d * d;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    acc = warp_sum(acc);
+    if (lane == 0) warp_sums[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        double s = lane < nwarps ? warp_sums[lane] : 0.0;
+        s = warp_sum(s);
+        if (lane == 0) partials[blockIdx.x] = s;
+    }
+}
+#define DEF_SUMSQ(S, T)                                                                        \
+    extern "C" __global__ void sum_squares_partial_##S(const T* x, int n, double* partials) { \
+        sum_squares_partial_impl<T>(x, n, partials);                                           \
+    }
+FOR_EACH_TYPE(DEF_SUMSQ)
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm (forward and input gradient: one warp per row, grid = ceil(N/8), block = 256)
+// ---------------------------------------------------------------------------------------------
+
+#define LN_EPS 1e-5f
+
+/// layernorm_forward_T: out = (x−mean)·rstd·w + b per row, biased variance; saves mean and rstd.
+template <typename T>
+__device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, const T* inp,
+                                       const T* weight, const T* bias, int N, int C) {
+    const int lane = threadIdx.x & 31;
+    const int row = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+    if (row >= N || C <= 0) return;  // no block barriers below, so whole warps may leave
+    const T* x = inp + (u64)row * C;
+    T* o = out + (u64)row * C;
+    const bool vec = (C % 8 == 0) && aligned16(inp) && aligned16(out) && aligned16(weight) &&
+                     aligned16(bias);
+    // Two passes (mean, then squared deviations) re-reading the row from L1: exact-enough
+    // variance without the cancellation of E[x²] − E[x]².
+    float sum = 0.0f;
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float f[8];
+            load8(x + c, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) sum += f[k];
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) sum += to_float(x[c]);
+    }
+    const float mu = warp_sum(sum) / (float)C;
+    float sq = 0.0f;
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float f[8];
+            load8(x + c, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float d = f[k] - mu;
+                sq += d * d;
+            }
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) {
+            const float d = to_float(x[c]) - mu;
+            sq += d * d;
+        }
+    }
+    const float rs = 1.0f / sqrtf(warp_sum(sq) / (float)C + LN_EPS);
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float f[8], w[8], b[8];
+            load8(x + c, f);
+            load8(weight + c, w);
+            load8(bias + c, b);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) f[k] = (f[k] - mu) * rs * w[k] + b[k];
+            store8(o + c, f);
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) {
+            const float nrm = (to_float(x[c]) - mu) * rs;
+            o[c] = from_float<T>(nrm * to_float(weight[c]) + to_float(bias[c]));
+        }
+    }
+    if (lane == 0) {
+        if (mean != nullptr) mean[row] = mu;
+        if (rstd != nullptr) rstd[row] = rs;
+    }
+}
+#define DEF_LN_FWD(S, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+    layernorm_forward_##S(T* out, float* mean, float* rstd, const T* inp, const T* weight,      \
+                          const T* bias, int N, int C) {                                        \
+        layernorm_forward_impl<T>(out, mean, rstd, inp, weight, bias, N, C);                    \
+    }
+FOR_EACH_TYPE(DEF_LN_FWD)
+
+/// layernorm_backward_dinp_T: dinp += rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)).
+template <typename T>
+__device__ void layernorm_backward_dinp_impl(T* dinp, const T* dout, const T* inp, const T* weight,
+                                             const float* mean, const float* rstd, int N, int C) {
+    const int lane = threadIdx.x & 31;
+    const int row = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+    if (row >= N || C <= 0) return;
+    const u64 base = (u64)row * C;
+    const T* x = inp + base;
+    const T* g = dout + base;
+    T* d = dinp + base;
+    const float mu = mean[row], rs = rstd[row];
+    const bool vec = (C % 8 == 0) && aligned16(dinp) && aligned16(dout) && aligned16(inp) &&
+                     aligned16(weight);
+    float s_dn = 0.0f, s_dn_n = 0.0f;
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float fx[8], fg[8], fw[8];
+            load8(x + c, fx);
+            load8(g + c, fg);
+            load8(weight + c, fw);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float dn = fg[k] * fw[k];
+                s_dn += dn;
+                s_dn_n += dn * ((fx[k] - mu) * rs);
+            }
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) {
+            const float dn = to_float(g[c]) * to_float(weight[c]);
+            s_dn += dn;
+            s_dn_n += dn * ((to_float(x[c]) - mu) * rs);
+        }
+    }
+    const float m_dn = warp_sum(s_dn) / (float)C;
+    const float m_dn_n = warp_sum(s_dn_n) / (float)C;
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float fx[8], fg[8], fw[8], fd[8];
+            load8(x + c, fx);
+            load8(g + c, fg);
+            load8(weight + c, fw);
+            load8(d + c, fd);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float nrm = (fx[k] - mu) * rs;
+                fd[k] = fd[k] + rs * (fg[k] * fw[k] - m_dn - nrm * m_dn_n);
+            }
+            store8(d + c, fd);
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) {
+            const float nrm = (to_float(x[c]) - mu) * rs;
+            const float dn = to_float(g[c]) * to_float(weight[c]);
+            d[c] = from_float<T>(to_float(d[c]) + rs * (dn - m_dn - nrm * m_dn_n));
+        }
+    }
+}
+#define DEF_LN_BWD_DINP(S, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+    layernorm_backward_dinp_##S(T* dinp, const T* dout, const T* inp, const T* weight,           \
+                                const float* mean, const float* rstd, int N, int C) {            \
+        layernorm_backward_dinp_impl<T>(dinp, dout, inp, weight, mean, rstd, N, C);              \
+    }
+FOR_EACH_TYPE(DEF_LN_BWD_DINP)
+
+// Column sums over the rows [r0, r1) of a [*, C] matrix, for 4 columns per thread at once
+// (c0 + k·blockDim.x), rows strictly in order per column. Rows are fetched 4 at a time before
+// being added, so each thread keeps up to 16 loads in flight. WITH_NORM also sums dout·norm.
+template <typename T, bool WITH_NORM>
+__device__ __forceinline__ void column_sums4(const T* dout, const T* inp, const float* mean,
+                                             const float* rstd, int r0, int r1, int C, int c0,
+                                             float* sum_dn, float* sum_d) {
+    const int bd = blockDim.x;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) { sum_dn[k] = 0.0f; sum_d[k] = 0.0f; }
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        float gv[4][4], xv[4][4], mu[4], rs[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u64 base = (u64)(r + j) * C;
+            if (WITH_NORM) { mu[j] = mean[r + j]; rs[j] = rstd[r + j]; }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int c = c0 + k * bd;
+                gv[j][k] = c < C ? to_float(dout[base + c]) : 0.0f;
+                if (WITH_NORM) xv[j][k] = c < C ? to_float(inp[base + c]) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if (WITH_NORM) sum_dn[k] += gv[j][k] * ((xv[j][k] - mu[j]) * rs[j]);
+                sum_d[k] += gv[j][k];
+            }
+        }
+    }
+    for (; r < r1; ++r) {
+        const u64 base = (u64)r * C;
+        const float m_r = WITH_NORM ? mean[r] : 0.0f, rs_r = WITH_NORM ? rstd[r] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int c = c0 + k * bd;
+            if (c < C) {
+                const float gvv = to_float(dout[base + c]);
+                if (WITH_NORM) sum_dn[k] += gvv * ((to_float(inp[base + c]) - m_r) * rs_r);
+                sum_d[k] += gvv;
+            }
+        }
+    }
+}
+
+/// layernorm_backward_params_partial_T: block g writes Σ over its rows of dout·norm and dout.
+template <typename T>
+__device__ void layernorm_backward_params_partial_impl(float* partials, const T* dout,
+                                                       const T* inp, const float* mean,
+                                                       const float* rstd, int N, int C,
+                                                       int rows_per_block) {
+    if (rows_per_block <= 0 || C <= 0) return;
+    const long long r0l = (long long)blockIdx.x * rows_per_block;
+    const int r0 = (int)(r0l < N ? r0l : N);
+    const int r1 = (int)(r0l + rows_per_block < N ? r0l + rows_per_block : N);
+    float* pw = partials + (u64)(2ull * blockIdx.x) * C;
+    float* pb = pw + C;
+    for (int c0 = threadIdx.x; c0 < C; c0 += 4 * blockDim.x) {
+        float s_dn[4], s_d[4];
+        column_sums4<T, true>(dout, inp, mean, rstd, r0, r1, C, c0, s_dn, s_d);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int c = c0 + k * (int)blockDim.x;
+            if (c < C) { pw[c] = s_dn[k]; pb[c] = s_d[k]; }
+        }
+    }
+}
+#define DEF_LN_BWD_PARTIAL(S, T)                                                                  \
+    extern "C" __global__ void layernorm_backward_params_partial_##S(                            \
+        float* partials, const T* dout, const T* inp, const float* mean, const float* rstd,      \
+        int N, int C, int rows_per_block) {                                                       \
+        layernorm_backward_params_partial_impl<T>(partials, dout, inp, mean, rstd, N, C,          \
+                                                  rows_per_block);                                \
+    }
+FOR_EACH_TYPE(DEF_LN_BWD_PARTIAL)
+
+/// layernorm_backward_params_reduce: dweight[c] += Σ_g dw partials, dbias[c] += Σ_g db partials.
+extern "C" __global__ void layernorm_backward_params_reduce(float* dweight, float* dbias,
+                                                            const float* partials, int G, int C) {
+    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (c >= C) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int g = 0; g < G; ++g) {
+        sw += partials[(u64)(2 * g) * C + c];
+        sb += partials[(u64)(2 * g + 1) * C + c];
+    }
+    dweight[c] += sw;
+    dbias[c] += sb;
+}
+
+/// bias_backward_partial_T: partials[g, oc] = Σ of dout[:, oc] over block g's rows, in order.
+template <typename T>
+__device__ void bias_backward_partial_impl(float* partials, const T* dout, int N, int OC,
+                                           int rows_per_block) {
+    if (rows_per_block <= 0 || OC <= 0) return;
+    const long long r0l = (long long)blockIdx.x * rows_per_block;
+    const int r0 = (int)(r0l < N ? r0l : N);
+    const int r1 = (int)(r0l + rows_per_block < N ? r0l + rows_per_block : N);
+    float* p = partials + (u64)blockIdx.x * OC;
+    for (int c0 = threadIdx.x; c0 < OC; c0 += 4 * blockDim.x) {
+        float unused[4], s_d[4];
+        column_sums4<T, false>(dout, dout, nullptr, nullptr, r0, r1, OC, c0, unused, s_d);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int c = c0 + k * (int)blockDim.x;
+            if (c < OC) p[c] = s_d[k];
+        }
+    }
+}
+#define DEF_BIAS_PARTIAL(S, T)                                                                   \
+    extern "C" __global__ void bias_backward_partial_##S(float* partials, const T* dout, int N, \
+                                                         int OC, int rows_per_block) {          \
+        bias_backward_partial_impl<T>(partials, dout, N, OC, rows_per_block);                    \
+    }
+FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
+
+/// bias_backward_reduce: dbias[oc] += Σ_g partials[g, oc], in g order.
+extern "C" __global__ void bias_backward_reduce(float* dbias, const float* partials, int G, int OC) {
+    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (c >= OC) return;
+    float s = 0.0f;
+    for (int g = 0; g < G; ++g) s += partials[(u64)g * OC + c];
+    dbias[c] += s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings
+// ---------------------------------------------------------------------------------------------
+
+// a / b and a % b, in 32 bits when a < 2^32 (`small`).
+__device__ __forceinline__ u64 div_u64(u64 a, unsigned b, bool small) {
+    return small ? (u64)((unsigned)a / b) : a / b;
+}
+__device__ __forceinline__ u64 mod_u64(u64 a, unsigned b, bool small) {
+    return small ? (u64)((unsigned)a % b) : a % b;
+}
+
+/// embedding_forward_T: out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:] (grid-stride over B·T_·C).
+template <typename T>
+__device__ void embedding_forward_impl(T* out, const unsigned* tokens, const T* wte, const T* wpe,
+                                       int B, int T_, int C) {
+    if (B <= 0 || T_ <= 0 || C <= 0) return;
+    const u64 total = (u64)B * T_ * C;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const bool vec = (C % 8 == 0) && aligned16(out) && aligned16(wte) && aligned16(wpe);
+    const bool small = total <= 0xffffffffull;  // 32-bit division is several times cheaper
+    u64 start = 0;
+    if (vec) {
+        // C % 8 == 0, so a pack never straddles two rows.
+        const u64 packs = total / 8;
+        for (u64 p = tid; p < packs; p += stride) {
+            const u64 i0 = p * 8;
+            const u64 row = div_u64(i0, (unsigned)C, small), c = i0 - row * (unsigned)C;
+            const u64 t = mod_u64(row, (unsigned)T_, small);
+            float a[8], b[8];
+            load8(wte + (u64)tokens[row] * C + c, a);
+            load8(wpe + t * C + c, b);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) a[k] += b[k];
+            store8(out + i0, a);
+        }
+        start = packs * 8;
+    }
+    for (u64 i = start + tid; i < total; i += stride) {
+        const u64 row = div_u64(i, (unsigned)C, small), c = i - row * (unsigned)C;
+        const u64 t = mod_u64(row, (unsigned)T_, small);
+        out[i] = from_float<T>(to_float(wte[(u64)tokens[row] * C + c]) + to_float(wpe[t * C + c]));
+    }
+}
+#define DEF_EMB_FWD(S, T)                                                                      \
+    extern "C" __global__ void embedding_forward_##S(T* out, const unsigned int* tokens,      \
+                                                     const T* wte, const T* wpe, int B, int T_, \
+                                                     int C) {                                  \
+        embedding_forward_impl<T>(out, tokens, wte, wpe, B, T_, C);                            \
+    }
+FOR_EACH_TYPE(DEF_EMB_FWD)
+
+/// embedding_backward_wpe_T: dwpe[t,c] += Σ_b dout[b,t,c], b in order (grid-stride over T_·C).
+template <typename T>
+__device__ void embedding_backward_wpe_impl(float* dwpe, const T* dout, int B, int T_, int C) {
+    if (B <= 0 || T_ <= 0 || C <= 0) return;
+    const u64 tc = (u64)T_ * C;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    // Every dout[b] slice starts 16-byte aligned only if T_·C is a multiple of 8.
+    const bool vec = (tc % 8 == 0) && aligned16(dwpe) && aligned16(dout);
+    u64 start = 0;
+    if (vec) {
+        const u64 packs = tc / 8;
+        for (u64 p = tid; p < packs; p += stride) {
+            const u64 i0 = p * 8;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int b = 0; b < B; ++b) {
+                float f[8];
+                load8(dout + (u64)b * tc + i0, f);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) acc[k] += f[k];
+            }
+            float d[8];
+            load8(dwpe + i0, d);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) d[k] += acc[k];
+            store8(dwpe + i0, d);
+        }
+        start = packs * 8;
+    }
+    for (u64 i = start + tid; i < tc; i += stride) {
+        float acc = 0.0f;
+        for (int b = 0; b < B; ++b) acc += to_float(dout[(u64)b * tc + i]);
+        dwpe[i] += acc;
+    }
+}
+#define DEF_EMB_BWD_WPE(S, T)                                                                 \
+    extern "C" __global__ void embedding_backward_wpe_##S(float* dwpe, const T* dout, int B, \
+                                                          int T_, int C) {                   \
+        embedding_backward_wpe_impl<T>(dwpe, dout, B, T_, C);                                 \
+    }
+FOR_EACH_TYPE(DEF_EMB_BWD_WPE)
+
+/// embedding_backward_wte_T: block k adds Σ dout[pos,:] over bucket k's positions (in order) into
+/// dwte[bucket_tokens[k],:]; buckets hold distinct tokens, so blocks never share a row.
+template <typename T>
+__device__ void embedding_backward_wte_impl(float* dwte, const T* dout,
+                                            const unsigned* bucket_tokens, const int* bucket_starts,
+                                            const int* positions, int num_buckets, int C) {
+    const int k = blockIdx.x;
+    if (k >= num_buckets || C <= 0) return;
+    const u64 tok = bucket_tokens[k];
+    const int s0 = bucket_starts[k], s1 = bucket_starts[k + 1];
+    const int bd = blockDim.x;
+    for (int c0 = threadIdx.x; c0 < C; c0 += 4 * bd) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j = s0; j < s1; ++j) {
+            const u64 base = (u64)positions[j] * C;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int c = c0 + q * bd;
+                if (c < C) acc[q] += to_float(dout[base + c]);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int c = c0 + q * bd;
+            if (c < C) dwte[tok * C + c] += acc[q];
+        }
+    }
+}
+#define DEF_EMB_BWD_WTE(S, T)                                                                   \
+    extern "C" __global__ void embedding_backward_wte_##S(                                     \
+        float* dwte, const T* dout, const unsigned int* bucket_tokens, const int* bucket_starts, \
+        const int* positions, int num_buckets, int C) {                                         \
+        embedding_backward_wte_impl<T>(dwte, dout, bucket_tokens, bucket_starts, positions,     \
+                                       num_buckets, C);                                         \
+    }
+FOR_EACH_TYPE(DEF_EMB_BWD_WTE)
+
+// ---------------------------------------------------------------------------------------------
+// Classifier: fused softmax cross-entropy (grid = N rows, block = 512)
+// ---------------------------------------------------------------------------------------------
+
+// Online softmax state (running max m, Σ exp(x − m) = s) absorbing one logit: one expf either
+// way. A −inf logit adds nothing (and must not make exp(−inf − (−inf)) = NaN); NaN propagates.
+__device__ __forceinline__ void online_add(float& m, float& s, float x) {
+    if (x > m) {
+        s = s * expf(m - x) + 1.0f;
+        m = x;
+    } else {
+        s += (x == neg_inf()) ? 0.0f : expf(x - m);
+    }
+}
+
+// Merges two online states. A side with s == 0 contributes exactly 0 (its m may be −inf).
+// Symmetric in its two arguments bit for bit, so butterfly lanes agree.
+__device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2) {
+    const float mn = fmaxf(m, m2);
+    const float a = (s == 0.0f) ? 0.0f : s * expf(m - mn);
+    const float b = (s2 == 0.0f) ? 0.0f : s2 * expf(m2 - mn);
+    m = mn;
+    s = a + b;
+}
+
+// log Σ_{j<V} exp(row[j]), by a fixed-shape tree: lanes, then warps. Ends with a barrier.
+template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec) {
+    __shared__ float sm_m[32], sm_s[32];
+    __shared__ float sm_lse;
+    float m = neg_inf(), s = 0.0f;
+    if (vec) {
+        for (int c = threadIdx.x * 8; c < V; c += blockDim.x * 8) {
+            float f[8];
+            load8(x + c, f);  // may read padding columns of the last pack; they are ignored
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (c + k < V) online_add(m, s, f[k]);
+        }
+    } else {
+        for (int c = threadIdx.x; c < V; c += blockDim.x) online_add(m, s, to_float(x[c]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        online_merge(m, s, m2, s2);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    if (lane == 0) { sm_m[warp] = m; sm_s[warp] = s; }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < nwarps ? sm_m[lane] : neg_inf();
+        s = lane < nwarps ? sm_s[lane] : 0.0f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            online_merge(m, s, m2, s2);
+        }
+        if (lane == 0) sm_lse = m + logf(s);
+    }
+    __syncthreads();
+    return sm_lse;
+}
+
+/// crossentropy_forward_backward_T: losses[i] = lse − logit[target]; logits become
+/// (softmax − onehot)·dloss on the V real columns and 0 on the padding (never read).
+template <typename T>
+__device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
+                                                   const unsigned* targets, int N, int V, int Vp,
+                                                   float dloss) {
+    const int row = blockIdx.x;
+    if (row >= N) return;  // uniform across the block, so the barriers below stay matched
+    T* x = logits + (u64)row * Vp;
+    const unsigned target = targets[row];
+    const bool valid = V > 0 && target < (unsigned)V;
+    // Read the target logit before the barriers inside row_logsumexp: afterwards it is overwritten.
+    const float x_target = (threadIdx.x == 0 && valid) ? to_float(x[target]) : 0.0f;
+    const bool vec = (Vp % 8 == 0) && aligned16(logits);
+    const float lse = row_logsumexp(x, V, vec);
+    if (threadIdx.x == 0) losses[row] = valid ? lse - x_target : quiet_nan();
+    if (vec) {
+        for (int c = threadIdx.x * 8; c < Vp; c += blockDim.x * 8) {
+            float f[8];
+            if (c < V) load8(x + c, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const int j = c + k;
+                f[k] = j < V ? (expf(f[k] - lse) - ((unsigned)j == target ? 1.0f : 0.0f)) * dloss
+                             : 0.0f;
+            }
+            store8(x + c, f);
+        }
+    } else {
+        for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
+            const float g = j < V ? (expf(to_float(x[j]) - lse) -
+                                     ((unsigned)j == target ? 1.0f : 0.0f)) * dloss
+                                  : 0.0f;
+            x[j] = from_float<T>(g);
+        }
+    }
+}
+#define DEF_CE_FWD_BWD(S, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(512) crossentropy_forward_backward_##S(         \
+        float* losses, T* logits, const unsigned int* targets, int N, int V, int Vp,            \
+        float dloss) {                                                                           \
+        crossentropy_forward_backward_impl<T>(losses, logits, targets, N, V, Vp, dloss);         \
+    }
+FOR_EACH_TYPE(DEF_CE_FWD_BWD)
+
+/// crossentropy_forward_T: losses[i] = logsumexp(logits[i, :V]) − logits[i, target]; no writes.
+template <typename T>
+__device__ void crossentropy_forward_impl(float* losses, const T* logits, const unsigned* targets,
+                                          int N, int V, int Vp) {
+    const int row = blockIdx.x;
+    if (row >= N) return;
+    const T* x = logits + (u64)row * Vp;
+    const unsigned target = targets[row];
+    const bool valid = V > 0 && target < (unsigned)V;
+    const bool vec = (Vp % 8 == 0) && aligned16(logits);
+    const float lse = row_logsumexp(x, V, vec);
+    if (threadIdx.x == 0) losses[row] = valid ? lse - to_float(x[target]) : quiet_nan();
+}
+#define DEF_CE_FWD(S, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(512) crossentropy_forward_##S(                 \
+        float* losses, const T* logits, const unsigned int* targets, int N, int V, int Vp) {   \
+        crossentropy_forward_impl<T>(losses, logits, targets, N, V, Vp);                        \
+    }
+FOR_EACH_TYPE(DEF_CE_FWD)

@@ -1,0 +1,907 @@
+//! The CUDA backend: [`Backend`] on an NVIDIA GPU.
+//!
+//! - Libraries are loaded at run time (cudarc with dynamic loading), so the same binary runs on
+//!   machines without CUDA; [`CudaBackend::new`] checks for the driver, NVRTC and cuBLASLt before
+//!   cudarc could panic, and says what is missing.
+//! - Matrix products go through our cuBLASLt layer ([`cublaslt`]) with cached plans.
+//! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
+//!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
+//!   driver version.
+//! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in an
+//!   `_f32` and a `_bf16` flavour, picked by the activations' dtype. Parameter gradients, optimizer
+//!   state, LayerNorm statistics, log-sum-exps and losses are always f32.
+//! - Everything runs on one stream. No kernel uses floating-point atomics, so results are
+//!   bitwise reproducible run to run.
+
+mod cublaslt;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{AdamW, Backend, GemmSpec};
+use crate::numerics::{self, DType};
+use cublaslt::{GemmType, Lt};
+
+const KERNELS_CU: &str = include_str!("kernels.cu");
+const ATTENTION_CU: &str = include_str!("attention.cu");
+
+/// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
+const H100_BF16_PEAK: f64 = 989.4e12;
+const H100_F32_PEAK: f64 = 66.9e12;
+
+/// Threads per block of the elementwise kernels (see the kernel ABI in kernels.cu).
+const BLOCK: u32 = 256;
+
+/// A device buffer: raw bytes holding `len` elements of `dtype`.
+pub struct CudaBuf {
+    dtype: DType,
+    len: usize,
+    mem: CudaSlice<u8>,
+    live: Rc<Cell<u64>>,
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        self.live.set(self.live.get() - self.mem.len() as u64);
+    }
+}
+
+/// Token ids on the device, plus what the embedding backward needs: the positions of each
+/// distinct token, bucketed on the host when the ids are uploaded (this makes the scatter-add
+/// of the token-embedding gradient deterministic without atomics).
+pub struct CudaTokens {
+    ids: CudaSlice<u32>,
+    host: Vec<u32>,
+    bucket_tokens: CudaSlice<u32>,
+    bucket_starts: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    num_buckets: usize,
+}
+
+/// The CUDA backend on one GPU.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Vec<Arc<CudaModule>>,
+    functions: RefCell<HashMap<String, CudaFunction>>,
+    lt: RefCell<Lt>,
+    scratch: RefCell<Option<CudaSlice<u8>>>,
+    live: Rc<Cell<u64>>,
+    peak: Cell<u64>,
+    name: String,
+}
+
+/// A kernel argument: device pointers, ints, floats and 64-bit seeds.
+#[derive(Clone, Copy)]
+enum Arg {
+    Ptr(u64),
+    Int(i32),
+    Float(f32),
+    U64(u64),
+}
+
+
+/// Whether a usable CUDA driver and GPU are present (for `--device auto`).
+pub fn cuda_available() -> bool {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
+}
+
+fn gemm_type(dtype: DType) -> Result<GemmType> {
+    match dtype {
+        DType::F32 => Ok(GemmType::F32),
+        DType::BF16 => Ok(GemmType::BF16),
+        other => bail!("the CUDA backend has no {other} matrix products yet (recipes fp32 and bf16 run on CUDA)"),
+    }
+}
+
+/// Kernel-name suffix for buffers of `dtype`.
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => bail!("the CUDA backend has no kernels for {other} activations yet (recipes fp32 and bf16 run on CUDA)"),
+    }
+}
+
+fn int(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| anyhow!("tensor dimension {n} is too large for the CUDA kernels (max 2^31 - 1)"))
+}
+
+fn grid_for(n: usize) -> u32 {
+    (n.div_ceil(BLOCK as usize)).clamp(1, 132 * 32) as u32
+}
+
+/// The directory holding the CUDA headers NVRTC needs (`cuda_bf16.h`).
+fn cuda_include_dir() -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::env::var("CUDA_INC") {
+        candidates.push(dir.into());
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(root) = std::env::var(var) {
+            candidates.push(PathBuf::from(root).join("include"));
+        }
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    candidates
+        .into_iter()
+        .find(|d| d.join("cuda_bf16.h").is_file())
+        .ok_or_else(|| anyhow!("cannot find the CUDA headers (cuda_bf16.h) that NVRTC needs: set CUDA_HOME to your CUDA installation (or CUDA_INC to its include directory)"))
+}
+
+/// Compiles `source` to PTX for `arch`, or reads it from the on-disk cache.
+fn compile_cached(name: &str, source: &str, arch: &'static str, include: &std::path::Path, driver_version: i32) -> Result<String> {
+    let options = [format!("--gpu-architecture={arch}"), "-std=c++17".to_string(), format!("--include-path={}", include.display())];
+    let key = ptx_cache_key(&[source, &options.join(" "), &driver_version.to_string()]);
+    let cache_dir = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("halfling").join("ptx"));
+    let cache_file = cache_dir.as_ref().map(|d| d.join(format!("{name}-{key:016x}.ptx")));
+    if let Some(path) = &cache_file {
+        if let Ok(ptx) = std::fs::read_to_string(path) {
+            return Ok(ptx);
+        }
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        include_paths: vec![include.display().to_string()],
+        options: vec!["-std=c++17".to_string()],
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("NVRTC could not compile {name}.cu: {e:?}"))?;
+    let text = ptx.to_src();
+    if let (Some(dir), Some(path)) = (&cache_dir, &cache_file) {
+        // The cache is an optimisation: failing to write it is not an error.
+        if std::fs::create_dir_all(dir).is_ok() {
+            let _ = crate::checkpoint::write_atomic(path, text.as_bytes());
+        }
+    }
+    Ok(text)
+}
+
+/// FNV-1a over several strings (the PTX cache key).
+fn ptx_cache_key(parts: &[&str]) -> u64 {
+    let mut joined = Vec::new();
+    for p in parts {
+        joined.extend_from_slice(p.as_bytes());
+        joined.push(0);
+    }
+    crate::data::fnv1a64(&joined)
+}
+
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (9, 0) => "sm_90",
+        (8, 9) => "sm_89",
+        (8, 6) => "sm_86",
+        (8, 0) => "sm_80",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        _ => "sm_80",
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads) the kernels and creates the cuBLASLt handle.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: these only try to dlopen the libraries; cudarc panics on first use otherwise.
+        unsafe {
+            if !cudarc::driver::sys::is_culib_present() {
+                bail!("--device cuda: no NVIDIA driver found (libcuda.so.1 could not be loaded); install the driver or use --device cpu");
+            }
+            if !cudarc::nvrtc::sys::is_culib_present() {
+                bail!("--device cuda: NVRTC (libnvrtc.so) could not be loaded; install the CUDA toolkit or add its lib directory to LD_LIBRARY_PATH (see README)");
+            }
+            if !cudarc::cublaslt::sys::is_culib_present() {
+                bail!("--device cuda: cuBLASLt (libcublasLt.so) could not be loaded; install the CUDA toolkit or add its lib directory to LD_LIBRARY_PATH (see README)");
+            }
+        }
+        let count = CudaContext::device_count().map_err(|e| anyhow!("--device cuda: the CUDA driver failed to start ({e:?})"))?;
+        if count <= 0 {
+            bail!("--device cuda: no CUDA GPU found; use --device cpu");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open GPU {ordinal}: {e:?}"))?;
+        // One stream, ordered work: cudarc's per-buffer event tracking is not needed.
+        // SAFETY: all work is issued on `stream`, so no cross-stream synchronisation is lost.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("cannot query the GPU: {e:?}"))?;
+        if major < 8 {
+            bail!("GPU {ordinal} has compute capability {major}.{minor}; halfling's CUDA backend needs 8.0 or newer (bf16)");
+        }
+        let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
+        let include = cuda_include_dir()?;
+        let mut driver_version = 0i32;
+        // SAFETY: the driver library is loaded (checked above); the out-pointer is valid.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+        let arch = arch_name(major, minor);
+        let mut modules = Vec::new();
+        for (file, src) in [("kernels", KERNELS_CU), ("attention", ATTENTION_CU)] {
+            let ptx = compile_cached(file, src, arch, &include, driver_version)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| anyhow!("cannot load the compiled {file}.cu on the GPU: {e:?}"))?;
+            modules.push(module);
+        }
+        let lt = Lt::new(&stream)?;
+        Ok(Self {
+            ctx,
+            stream,
+            modules,
+            functions: RefCell::new(HashMap::new()),
+            lt: RefCell::new(lt),
+            scratch: RefCell::new(None),
+            live: Rc::new(Cell::new(0)),
+            peak: Cell::new(0),
+            name: format!("cuda:{ordinal} ({name})"),
+        })
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.borrow().get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .modules
+            .iter()
+            .find_map(|m| m.load_function(name).ok())
+            .ok_or_else(|| anyhow!("internal error: kernel {name} is missing from the compiled CUDA sources"))?;
+        self.functions.borrow_mut().insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+        let f = self.function(name)?;
+        if shared > 48 * 1024 {
+            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
+                .map_err(|e| anyhow!("kernel {name}: cannot raise shared memory to {shared} bytes: {e:?}"))?;
+        }
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) | Arg::U64(p) => b.arg(p),
+                Arg::Int(i) => b.arg(i),
+                Arg::Float(x) => b.arg(x),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared };
+        // SAFETY: argument lists follow the kernel ABI documented in the .cu files, and every
+        // pointer is a live allocation of at least the size the kernel indexes.
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("CUDA kernel {name} failed to launch: {e:?}"))?;
+        Ok(())
+    }
+
+    fn ptr(&self, buf: &CudaBuf) -> u64 {
+        let (p, _sync) = buf.mem.device_ptr(&self.stream);
+        p
+    }
+
+    fn ptr_mut(&self, buf: &mut CudaBuf) -> u64 {
+        let (p, _sync) = buf.mem.device_ptr_mut(&self.stream);
+        p
+    }
+
+    /// A scratch area of at least `bytes`, grown (never shrunk) on demand.
+    fn scratch_ptr(&self, bytes: usize) -> Result<u64> {
+        let mut scratch = self.scratch.borrow_mut();
+        if scratch.as_ref().map_or(true, |s| s.len() < bytes) {
+            let mem = self.stream.alloc_zeros::<u8>(bytes.max(1 << 20)).map_err(|e| oom(e, bytes, self.live.get()))?;
+            *scratch = Some(mem);
+        }
+        let s = scratch.as_ref().ok_or_else(|| anyhow!("internal error: no scratch"))?;
+        let (p, _sync) = s.device_ptr(&self.stream);
+        Ok(p)
+    }
+
+    fn expect(&self, what: &str, buf: &CudaBuf, dtype: DType, len: usize) -> Result<()> {
+        if buf.dtype != dtype || buf.len != len {
+            bail!("internal error: {what} is {} x {}, the op expects {dtype} x {len}", buf.dtype, buf.len);
+        }
+        Ok(())
+    }
+
+    fn elementwise(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        self.launch(name, (grid_for(n), 1, 1), BLOCK, 0, args)
+    }
+
+    /// Column sums of `dout[n, oc]` added into `dbias` (f32), deterministically in two passes.
+    fn bias_backward(&self, dbias: &mut CudaBuf, dout: &CudaBuf, n: usize, oc: usize) -> Result<()> {
+        self.expect("bias gradient", dbias, DType::F32, oc)?;
+        let rows_per_block = 32usize;
+        let g = n.div_ceil(rows_per_block).max(1);
+        let partials = self.scratch_ptr(g * oc * 4)?;
+        let sfx = suffix(dout.dtype)?;
+        self.launch(&format!("bias_backward_partial_{sfx}"), (g as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(partials), Arg::Ptr(self.ptr(dout)), Arg::Int(int(n)?), Arg::Int(int(oc)?), Arg::Int(int(rows_per_block)?)])?;
+        let db = self.ptr_mut(dbias);
+        self.launch("bias_backward_reduce", (oc.div_ceil(256) as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(db), Arg::Ptr(partials), Arg::Int(int(g)?), Arg::Int(int(oc)?)])
+    }
+}
+
+fn oom(e: cudarc::driver::DriverError, bytes: usize, live: u64) -> anyhow::Error {
+    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        anyhow!(
+            "out of GPU memory allocating {} MiB ({} MiB already in use by halfling): lower train.batch_size (and raise train.grad_accum to keep the batch) or use a smaller model",
+            bytes >> 20,
+            live >> 20
+        )
+    } else {
+        anyhow!("GPU allocation of {bytes} bytes failed: {e:?}")
+    }
+}
+
+/// Buckets of equal token ids: (distinct tokens, CSR starts, positions), ids ascending.
+fn token_buckets(ids: &[u32]) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+    order.sort_by_key(|&p| (ids[p as usize], p));
+    let mut tokens = Vec::new();
+    let mut starts = Vec::new();
+    for (k, &p) in order.iter().enumerate() {
+        let tok = ids[p as usize];
+        if tokens.last() != Some(&tok) {
+            tokens.push(tok);
+            starts.push(k as i32);
+        }
+    }
+    starts.push(order.len() as i32);
+    (tokens, starts, order)
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Tokens = CudaTokens;
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn kind(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
+        let bytes = len * dtype.size_bytes();
+        let mem = self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| oom(e, bytes, self.live.get()))?;
+        self.live.set(self.live.get() + mem.len() as u64);
+        self.peak.set(self.peak.get().max(self.live.get()));
+        Ok(CudaBuf { dtype, len, mem, live: self.live.clone() })
+    }
+
+    fn alloc_tokens(&self, len: usize) -> Result<CudaTokens> {
+        let z = |n: usize| self.stream.alloc_zeros::<i32>(n.max(1)).map_err(|e| oom(e, n * 4, self.live.get()));
+        Ok(CudaTokens {
+            ids: self.stream.alloc_zeros::<u32>(len.max(1)).map_err(|e| oom(e, len * 4, self.live.get()))?,
+            host: vec![0; len],
+            bucket_tokens: self.stream.alloc_zeros::<u32>(len.max(1)).map_err(|e| oom(e, len * 4, self.live.get()))?,
+            bucket_starts: z(len + 1)?,
+            positions: z(len)?,
+            num_buckets: 0,
+        })
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn dtype(&self, buf: &CudaBuf) -> DType {
+        buf.dtype
+    }
+
+    fn upload(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
+        if src.len() != dst.len {
+            bail!("internal error: upload of {} values into a buffer of {}", src.len(), dst.len);
+        }
+        let bytes = numerics::encode(dst.dtype, src);
+        self.stream.memcpy_htod(&bytes, &mut dst.mem.slice_mut(..bytes.len())).map_err(|e| anyhow!("upload to the GPU failed: {e:?}"))?;
+        Ok(())
+    }
+
+    fn upload_tokens(&self, dst: &mut CudaTokens, src: &[u32]) -> Result<()> {
+        if src.len() != dst.host.len() {
+            bail!("internal error: token upload of {} ids into {}", src.len(), dst.host.len());
+        }
+        dst.host.copy_from_slice(src);
+        let err = |e| anyhow!("token upload to the GPU failed: {e:?}");
+        self.stream.memcpy_htod(src, &mut dst.ids.slice_mut(..src.len().max(1).min(dst.ids.len()))).map_err(err)?;
+        let (tokens, starts, positions) = token_buckets(src);
+        dst.num_buckets = tokens.len();
+        if !tokens.is_empty() {
+            self.stream.memcpy_htod(&tokens, &mut dst.bucket_tokens.slice_mut(..tokens.len())).map_err(err)?;
+            self.stream.memcpy_htod(&starts, &mut dst.bucket_starts.slice_mut(..starts.len())).map_err(err)?;
+            self.stream.memcpy_htod(&positions, &mut dst.positions.slice_mut(..positions.len())).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn download_range(&self, src: &CudaBuf, offset: usize, len: usize) -> Result<Vec<f32>> {
+        if offset + len > src.len {
+            bail!("internal error: download of {offset}+{len} from {}", src.len);
+        }
+        let size = src.dtype.size_bytes();
+        let mut bytes = vec![0u8; len * size];
+        self.stream
+            .memcpy_dtoh(&src.mem.slice(offset * size..(offset + len) * size), &mut bytes)
+            .map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
+        numerics::decode(src.dtype, &bytes)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow!("a CUDA kernel failed: {e:?}"))
+    }
+
+    fn peak_mem_bytes(&self) -> u64 {
+        self.peak.get()
+    }
+
+    fn peak_flops(&self, dtype: DType) -> f64 {
+        let _ = &self.ctx;
+        match dtype {
+            DType::F32 => H100_F32_PEAK,
+            _ => H100_BF16_PEAK,
+        }
+    }
+
+    fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
+        let n = buf.len;
+        let name = format!("fill_{}", suffix(buf.dtype)?);
+        let p = self.ptr_mut(buf);
+        self.elementwise(&name, n, &[Arg::Ptr(p), Arg::Float(value), Arg::Int(int(n)?)])
+    }
+
+    fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        if dst.len != src.len {
+            bail!("internal error: copy of {} elements into {}", src.len, dst.len);
+        }
+        let n = dst.len;
+        let name = match (src.dtype, dst.dtype) {
+            (DType::F32, DType::BF16) => "copy_f32_to_bf16".to_string(),
+            (DType::BF16, DType::F32) => "copy_bf16_to_f32".to_string(),
+            (a, b) if a == b => format!("copy_{}", suffix(a)?),
+            (a, b) => bail!("the CUDA backend cannot convert {a} to {b} yet"),
+        };
+        let s = self.ptr(src);
+        let d = self.ptr_mut(dst);
+        self.elementwise(&name, n, &[Arg::Ptr(d), Arg::Ptr(s), Arg::Int(int(n)?)])
+    }
+
+    fn residual_forward(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
+        let n = out.len;
+        self.expect("residual a", a, out.dtype, n)?;
+        self.expect("residual b", b, out.dtype, n)?;
+        let name = format!("residual_forward_{}", suffix(out.dtype)?);
+        let (pa, pb) = (self.ptr(a), self.ptr(b));
+        let po = self.ptr_mut(out);
+        self.elementwise(&name, n, &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::Int(int(n)?)])
+    }
+
+    fn scale(&self, buf: &mut CudaBuf, factor: f32) -> Result<()> {
+        let n = buf.len;
+        let name = format!("scale_{}", suffix(buf.dtype)?);
+        let p = self.ptr_mut(buf);
+        self.elementwise(&name, n, &[Arg::Ptr(p), Arg::Float(factor), Arg::Int(int(n)?)])
+    }
+
+    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
+        let n = out.len;
+        self.expect("gelu input", inp, out.dtype, n)?;
+        let name = format!("gelu_forward_{}", suffix(out.dtype)?);
+        let pi = self.ptr(inp);
+        let po = self.ptr_mut(out);
+        self.elementwise(&name, n, &[Arg::Ptr(po), Arg::Ptr(pi), Arg::Int(int(n)?)])
+    }
+
+    fn gelu_backward(&self, dinp: &mut CudaBuf, inp: &CudaBuf, dout: &CudaBuf) -> Result<()> {
+        let n = dinp.len;
+        self.expect("gelu input", inp, dinp.dtype, n)?;
+        self.expect("gelu dout", dout, dinp.dtype, n)?;
+        let name = format!("gelu_backward_{}", suffix(dinp.dtype)?);
+        let (pi, pg) = (self.ptr(inp), self.ptr(dout));
+        let pd = self.ptr_mut(dinp);
+        self.elementwise(&name, n, &[Arg::Ptr(pd), Arg::Ptr(pi), Arg::Ptr(pg), Arg::Int(int(n)?)])
+    }
+
+    fn dropout_forward(&self, x: &mut CudaBuf, p: f32, seed: u64) -> Result<()> {
+        let n = x.len;
+        let name = format!("dropout_{}", suffix(x.dtype)?);
+        let px = self.ptr_mut(x);
+        self.elementwise(&name, n, &[Arg::Ptr(px), Arg::Float(p), Arg::U64(seed), Arg::Int(int(n)?)])
+    }
+
+    fn dropout_backward(&self, dx: &mut CudaBuf, p: f32, seed: u64) -> Result<()> {
+        // The mask is regenerated from the seed: the same kernel serves both directions.
+        self.dropout_forward(dx, p, seed)
+    }
+
+    fn linear_forward(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: GemmSpec,
+    ) -> Result<()> {
+        let t = out.dtype;
+        self.expect("linear input", inp, gemm.inputs, n * ic)?;
+        self.expect("linear weight", w, gemm.inputs, oc * ic)?;
+        self.expect("linear output", out, t, n * oc)?;
+        if let Some(b) = bias {
+            self.expect("linear bias", b, t, oc)?;
+        }
+        let bias_ptr = bias.map(|b| self.ptr(b));
+        let (pi, pw) = (self.ptr(inp), self.ptr(w));
+        let po = self.ptr_mut(out);
+        self.lt.borrow_mut().matmul(&self.stream, po, gemm_type(t)?, pi, pw, gemm_type(gemm.inputs)?, n, oc, ic, false, true, 1.0, 0.0, bias_ptr)
+    }
+
+    fn linear_backward(
+        &self,
+        dinp: Option<&mut CudaBuf>,
+        dw: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        dinp_gemm: GemmSpec,
+        dw_gemm: GemmSpec,
+    ) -> Result<()> {
+        self.expect("linear dout", dout, dinp_gemm.inputs, n * oc)?;
+        self.expect("linear weight", w, dinp_gemm.inputs, oc * ic)?;
+        self.expect("linear input", inp, dw_gemm.inputs, n * ic)?;
+        let (pd, pw, pi) = (self.ptr(dout), self.ptr(w), self.ptr(inp));
+        if let Some(dinp) = dinp {
+            let t = dinp.dtype;
+            self.expect("linear input grad", dinp, t, n * ic)?;
+            let px = self.ptr_mut(dinp);
+            self.lt.borrow_mut().matmul(&self.stream, px, gemm_type(t)?, pd, pw, gemm_type(dinp_gemm.inputs)?, n, ic, oc, false, false, 1.0, 0.0, None)?;
+        }
+        if dw.len != oc * ic {
+            bail!("internal error: weight grad has {} elements, expected {}", dw.len, oc * ic);
+        }
+        let out_type = gemm_type(dw.dtype)?;
+        let pdw = self.ptr_mut(dw);
+        self.lt.borrow_mut().matmul(&self.stream, pdw, out_type, pd, pi, gemm_type(dw_gemm.inputs)?, oc, ic, n, true, false, 1.0, 1.0, None)?;
+        if let Some(db) = dbias {
+            self.bias_backward(db, dout, n, oc)?;
+        }
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let t = out.dtype;
+        self.expect("layernorm input", inp, t, n * c)?;
+        self.expect("layernorm weight", weight, t, c)?;
+        self.expect("layernorm bias", bias, t, c)?;
+        self.expect("layernorm mean", mean, DType::F32, n)?;
+        self.expect("layernorm rstd", rstd, DType::F32, n)?;
+        let (pi, pw, pb) = (self.ptr(inp), self.ptr(weight), self.ptr(bias));
+        let (pm, pr) = (self.ptr_mut(mean), self.ptr_mut(rstd));
+        let po = self.ptr_mut(out);
+        let name = format!("layernorm_forward_{}", suffix(t)?);
+        self.launch(&name, (n.div_ceil(8) as u32, 1, 1), 256, 0, &[Arg::Ptr(po), Arg::Ptr(pm), Arg::Ptr(pr), Arg::Ptr(pi), Arg::Ptr(pw), Arg::Ptr(pb), Arg::Int(int(n)?), Arg::Int(int(c)?)])
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dweight: &mut CudaBuf,
+        dbias: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let t = dinp.dtype;
+        self.expect("layernorm dout", dout, t, n * c)?;
+        self.expect("layernorm input", inp, t, n * c)?;
+        self.expect("layernorm weight", weight, t, c)?;
+        self.expect("layernorm weight grad", dweight, DType::F32, c)?;
+        self.expect("layernorm bias grad", dbias, DType::F32, c)?;
+        let sfx = suffix(t)?;
+        let (pg, pi, pw, pm, pr) = (self.ptr(dout), self.ptr(inp), self.ptr(weight), self.ptr(mean), self.ptr(rstd));
+        let pd = self.ptr_mut(dinp);
+        self.launch(&format!("layernorm_backward_dinp_{sfx}"), (n.div_ceil(8) as u32, 1, 1), 256, 0, &[Arg::Ptr(pd), Arg::Ptr(pg), Arg::Ptr(pi), Arg::Ptr(pw), Arg::Ptr(pm), Arg::Ptr(pr), Arg::Int(int(n)?), Arg::Int(int(c)?)])?;
+        let rows_per_block = 32usize;
+        let g = n.div_ceil(rows_per_block).max(1);
+        let partials = self.scratch_ptr(g * 2 * c * 4)?;
+        self.launch(&format!("layernorm_backward_params_partial_{sfx}"), (g as u32, 1, 1), 256, 0, &[Arg::Ptr(partials), Arg::Ptr(pg), Arg::Ptr(pi), Arg::Ptr(pm), Arg::Ptr(pr), Arg::Int(int(n)?), Arg::Int(int(c)?), Arg::Int(int(rows_per_block)?)])?;
+        let (pdw, pdb) = (self.ptr_mut(dweight), self.ptr_mut(dbias));
+        self.launch("layernorm_backward_params_reduce", (c.div_ceil(256) as u32, 1, 1), 256, 0, &[Arg::Ptr(pdw), Arg::Ptr(pdb), Arg::Ptr(partials), Arg::Int(int(g)?), Arg::Int(int(c)?)])
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        qkv: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let dt = out.dtype;
+        self.expect("attention qkv", qkv, dt, b * t * 3 * c)?;
+        self.expect("attention output", out, dt, b * t * c)?;
+        self.expect("attention lse", lse, DType::F32, b * nh * t)?;
+        let pq = self.ptr(qkv);
+        let pl = self.ptr_mut(lse);
+        let po = self.ptr_mut(out);
+        attention::forward(self, dt, po, pl, pq, b, t, c, nh)
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let dt = dqkv.dtype;
+        self.expect("attention qkv grad", dqkv, dt, b * t * 3 * c)?;
+        self.expect("attention dout", dout, dt, b * t * c)?;
+        let (pg, pq, po, pl) = (self.ptr(dout), self.ptr(qkv), self.ptr(out), self.ptr(lse));
+        let pd = self.ptr_mut(dqkv);
+        attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh)
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        tokens: &CudaTokens,
+        wte: &CudaBuf,
+        wpe: &CudaBuf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let dt = out.dtype;
+        self.expect("embedding output", out, dt, b * t * c)?;
+        let vocab = wte.len / c;
+        if let Some(&bad) = tokens.host.iter().find(|&&tok| tok as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let (pt, pw, pp) = (self.ptr_tokens(tokens), self.ptr(wte), self.ptr(wpe));
+        let po = self.ptr_mut(out);
+        let name = format!("embedding_forward_{}", suffix(dt)?);
+        self.elementwise(&name, b * t * c, &[Arg::Ptr(po), Arg::Ptr(pt), Arg::Ptr(pw), Arg::Ptr(pp), Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?)])
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut CudaBuf,
+        dwpe: &mut CudaBuf,
+        dout: &CudaBuf,
+        tokens: &CudaTokens,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let sfx = suffix(dout.dtype)?;
+        self.expect("embedding dout", dout, dout.dtype, b * t * c)?;
+        let pg = self.ptr(dout);
+        let pdp = self.ptr_mut(dwpe);
+        self.elementwise(&format!("embedding_backward_wpe_{sfx}"), t * c, &[Arg::Ptr(pdp), Arg::Ptr(pg), Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?)])?;
+        if tokens.num_buckets == 0 {
+            return Ok(());
+        }
+        let (bt, bs, bp) = {
+            let (a, _s1) = tokens.bucket_tokens.device_ptr(&self.stream);
+            let (s, _s2) = tokens.bucket_starts.device_ptr(&self.stream);
+            let (p, _s3) = tokens.positions.device_ptr(&self.stream);
+            (a, s, p)
+        };
+        let pdt = self.ptr_mut(dwte);
+        self.launch(&format!("embedding_backward_wte_{sfx}"), (tokens.num_buckets as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(pdt), Arg::Ptr(pg), Arg::Ptr(bt), Arg::Ptr(bs), Arg::Ptr(bp), Arg::Int(int(tokens.num_buckets)?), Arg::Int(int(c)?)])
+    }
+
+    fn crossentropy_forward_backward(
+        &self,
+        losses: &mut CudaBuf,
+        logits: &mut CudaBuf,
+        targets: &CudaTokens,
+        n: usize,
+        v: usize,
+        vp: usize,
+        dloss: f32,
+    ) -> Result<()> {
+        self.expect("classifier losses", losses, DType::F32, n)?;
+        self.expect("classifier logits", logits, logits.dtype, n * vp)?;
+        let name = format!("crossentropy_forward_backward_{}", suffix(logits.dtype)?);
+        let pt = self.ptr_tokens(targets);
+        let pl = self.ptr_mut(losses);
+        let pg = self.ptr_mut(logits);
+        self.launch(&name, (n as u32, 1, 1), 512, 0, &[Arg::Ptr(pl), Arg::Ptr(pg), Arg::Ptr(pt), Arg::Int(int(n)?), Arg::Int(int(v)?), Arg::Int(int(vp)?), Arg::Float(dloss)])
+    }
+
+    fn crossentropy_forward(
+        &self,
+        losses: &mut CudaBuf,
+        logits: &CudaBuf,
+        targets: &CudaTokens,
+        n: usize,
+        v: usize,
+        vp: usize,
+    ) -> Result<()> {
+        self.expect("classifier losses", losses, DType::F32, n)?;
+        self.expect("classifier logits", logits, logits.dtype, n * vp)?;
+        let name = format!("crossentropy_forward_{}", suffix(logits.dtype)?);
+        let (pg, pt) = (self.ptr(logits), self.ptr_tokens(targets));
+        let pl = self.ptr_mut(losses);
+        self.launch(&name, (n as u32, 1, 1), 512, 0, &[Arg::Ptr(pl), Arg::Ptr(pg), Arg::Ptr(pt), Arg::Int(int(n)?), Arg::Int(int(v)?), Arg::Int(int(vp)?)])
+    }
+
+    fn adamw_step(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        compute_copy: Option<&mut CudaBuf>,
+        hp: &AdamW,
+    ) -> Result<()> {
+        let n = param.len;
+        self.expect("adamw param", param, DType::F32, n)?;
+        self.expect("adamw grad", grad, DType::F32, n)?;
+        self.expect("adamw m", m, DType::F32, n)?;
+        self.expect("adamw v", v, DType::F32, n)?;
+        let exponent = hp.step.min(i32::MAX as u64) as i32;
+        let inv_bc1 = (1.0 / (1.0 - f64::from(hp.beta1).powi(exponent))) as f32;
+        let inv_bc2 = (1.0 / (1.0 - f64::from(hp.beta2).powi(exponent))) as f32;
+        let (copy_ptr, sfx) = match compute_copy {
+            Some(copy) => {
+                self.expect("adamw compute copy", copy, copy.dtype, n)?;
+                let s = suffix(copy.dtype)?;
+                (self.ptr_mut(copy), s)
+            }
+            None => (0, "f32"),
+        };
+        let pg = self.ptr(grad);
+        let (pm, pv) = (self.ptr_mut(m), self.ptr_mut(v));
+        let pp = self.ptr_mut(param);
+        self.elementwise(
+            &format!("adamw_{sfx}"),
+            n,
+            &[
+                Arg::Ptr(pp),
+                Arg::Ptr(pg),
+                Arg::Ptr(pm),
+                Arg::Ptr(pv),
+                Arg::Ptr(copy_ptr),
+                Arg::Int(int(n)?),
+                Arg::Float(hp.lr),
+                Arg::Float(hp.beta1),
+                Arg::Float(hp.beta2),
+                Arg::Float(hp.eps),
+                Arg::Float(hp.weight_decay),
+                Arg::Float(inv_bc1),
+                Arg::Float(inv_bc2),
+                Arg::Float(hp.grad_scale),
+            ],
+        )
+    }
+
+    fn sum_squares(&self, buf: &CudaBuf) -> Result<f64> {
+        let n = buf.len;
+        let g = n.div_ceil(BLOCK as usize).clamp(1, 1024);
+        let partials = self.scratch_ptr(g * 8)?;
+        let name = format!("sum_squares_partial_{}", suffix(buf.dtype)?);
+        self.launch(&name, (g as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(self.ptr(buf)), Arg::Int(int(n)?), Arg::Ptr(partials)])?;
+        let scratch = self.scratch.borrow();
+        let s = scratch.as_ref().ok_or_else(|| anyhow!("internal error: no scratch"))?;
+        let mut host = vec![0u8; g * 8];
+        self.stream.memcpy_dtoh(&s.slice(..g * 8), &mut host).map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
+        Ok(host.chunks_exact(8).map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])).sum())
+    }
+}
+
+impl CudaBackend {
+    fn ptr_tokens(&self, tokens: &CudaTokens) -> u64 {
+        let (p, _sync) = tokens.ids.device_ptr(&self.stream);
+        p
+    }
+}
+
+mod attention {
+    //! Launch geometry of the attention kernels, exactly as the comment block atop attention.cu
+    //! specifies it.
+    use super::*;
+
+    /// Kernel variant (the largest head size it handles) for head size `hs`.
+    fn variant(c: usize, nh: usize) -> Result<(usize, usize)> {
+        let hs = if nh > 0 && c % nh == 0 { c / nh } else { 0 };
+        if hs == 0 || hs % 8 != 0 || hs > 128 {
+            bail!(
+                "the CUDA attention kernels need a head size (model.n_embd / model.n_head) that is a multiple of 8 up to 128; {c} / {nh} does not fit"
+            );
+        }
+        Ok((hs, if hs <= 64 { 64 } else { 128 }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward(be: &CudaBackend, dt: DType, out: u64, lse: u64, qkv: u64, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+        let (_, hs_max) = variant(c, nh)?;
+        let sfx = suffix(dt)?;
+        let tile = if dt == DType::BF16 { 64 } else { 32 };
+        let grid = ((b * nh) as u32, t.div_ceil(tile) as u32, 1);
+        let args = [Arg::Ptr(out), Arg::Ptr(lse), Arg::Ptr(qkv), Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?), Arg::Int(int(nh)?)];
+        be.launch(&format!("attention_forward_hs{hs_max}_{sfx}"), grid, 128, 0, &args)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(be: &CudaBackend, dt: DType, dqkv: u64, dout: u64, qkv: u64, out: u64, lse: u64, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+        let (_, hs_max) = variant(c, nh)?;
+        let sfx = suffix(dt)?;
+        let bh = b * nh;
+        let d = be.scratch_ptr(bh * t * 4)?;
+        let ints = [Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?), Arg::Int(int(nh)?)];
+        let pre = [Arg::Ptr(d), Arg::Ptr(dout), Arg::Ptr(out)];
+        let pre_args: Vec<Arg> = pre.into_iter().chain(ints.iter().copied()).collect();
+        be.launch(&format!("attention_backward_preprocess_{sfx}"), ((bh * t).div_ceil(8) as u32, 1, 1), 256, 0, &pre_args)?;
+        let (tile, block) = match (dt, hs_max) {
+            (DType::BF16, 64) => (64, 128),
+            (DType::BF16, _) => (32, 64),
+            _ => (32, 128),
+        };
+        let main = [Arg::Ptr(dqkv), Arg::Ptr(dout), Arg::Ptr(qkv), Arg::Ptr(lse), Arg::Ptr(d)];
+        let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
+        be.launch(&format!("attention_backward_hs{hs_max}_{sfx}"), (bh as u32, t.div_ceil(tile) as u32, 2), block, 0, &args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_buckets_group_positions_in_order() {
+        let (tokens, starts, positions) = token_buckets(&[5, 2, 5, 7, 2, 5]);
+        assert_eq!(tokens, vec![2, 5, 7]);
+        assert_eq!(starts, vec![0, 2, 5, 6]);
+        assert_eq!(positions, vec![1, 4, 0, 2, 5, 3]);
+    }
+
+    #[test]
+    fn backend_opens_where_cuda_is_and_errors_cleanly_where_it_is_not() {
+        // On CI (no GPU) this checks the error path; on a GPU machine the success path.
+        match (cuda_available(), CudaBackend::new(0)) {
+            (true, Ok(be)) => assert_eq!(be.kind(), "cuda"),
+            (true, Err(e)) => panic!("CUDA is present but the backend failed: {e:#}"),
+            (false, Ok(_)) => panic!("backend opened without a usable GPU"),
+            (false, Err(e)) => assert!(e.to_string().contains("--device cuda"), "{e:#}"),
+        }
+    }
+}
