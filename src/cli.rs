@@ -183,7 +183,9 @@ pub fn run() -> Result<()> {
 fn cpu(threads: usize) -> CpuBackend<f32> {
     if threads > 0 {
         // Fails only if the pool was already built (tests); the existing pool is then used.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
     }
     CpuBackend::new()
 }

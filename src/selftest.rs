@@ -142,8 +142,8 @@ fn case_layernorm<B: Backend>(
 ) -> Result<Outputs> {
     let (inp, w, b, dout) = (
         up(be, dt, &x[0])?,
-        up(be, DType::F32, &x[1])?,
-        up(be, DType::F32, &x[2])?,
+        up(be, dt, &x[1])?,
+        up(be, dt, &x[2])?,
         up(be, dt, &x[3])?,
     );
     let mut out = be.alloc(dt, n * c)?;
@@ -372,7 +372,14 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 case_gelu(&reference, dt, &x)?,
             );
         }
-        for (b, t, c, nh) in [(1, 5, 8, 2), (2, 37, 48, 3), (2, 64, 128, 4)] {
+        // Head sizes 8, 16, 32, 64 and 96 (the CUDA kernels take multiples of 8 up to 128).
+        for (b, t, c, nh) in [
+            (1, 5, 16, 2),
+            (2, 37, 48, 3),
+            (2, 64, 128, 4),
+            (1, 130, 128, 2),
+            (1, 70, 192, 2),
+        ] {
             let x = vec![
                 inputs.normal(b * t * 3 * c, 1.0),
                 inputs.normal(b * t * c, 1.0),

@@ -18,35 +18,39 @@
 //   Pointers: only element-size alignment is assumed (16-byte vector paths are used when the
 //   base pointer happens to be 16-byte aligned, scalar fallbacks otherwise).
 //
-// EXTERN NAMES AND EXACT LAUNCH GEOMETRY (dynamic shared memory is 0 for every kernel: all
-// shared memory is static and <= 48 KB, no cudaFuncSetAttribute needed). Let BH = B*NH.
+// EXTERN NAMES AND EXACT LAUNCH GEOMETRY. Let BH = B*NH. All launches on one stream.
 //
 //   Forward (one launch):
 //     attention_forward_hs64_bf16 (bf16* out, float* lse, const bf16* qkv, int B, int T_, int C, int NH)
-//     attention_forward_hs128_bf16(same)
-//         grid = (BH, ceil(T_/64), 1), block = 128, dyn smem = 0   [tensor cores, mma.sync bf16]
+//         grid = (BH, ceil(T_/128), 1), block = 256, dyn smem = 0     [tensor cores, mma.sync]
+//     attention_forward_hs128_bf16(same signature)
+//         grid = (BH, ceil(T_/64), 1),  block = 128, dyn smem = 0
 //     attention_forward_hs64_f32  (float* out, float* lse, const float* qkv, int B, int T_, int C, int NH)
-//     attention_forward_hs128_f32 (same)
-//         grid = (BH, ceil(T_/32), 1), block = 128, dyn smem = 0   [CUDA cores, fp32]
+//     attention_forward_hs128_f32 (same signature)
+//         grid = (BH, ceil(T_/32), 1),  block = 128, dyn smem = 0     [CUDA cores, fp32]
 //
-//   Backward (two launches, in this order, same stream):
+//   Backward (two launches, in this order):
 //     1) attention_backward_preprocess_bf16(float* D, const bf16* dout, const bf16* out,
 //                                           int B, int T_, int C, int NH)
 //        attention_backward_preprocess_f32 (float* D, const float* dout, const float* out, same ints)
 //         grid = (ceil(BH*T_/8), 1, 1), block = 256, dyn smem = 0
 //     2) attention_backward_hs64_bf16 (bf16* dqkv, const bf16* dout, const bf16* qkv,
 //                                      const float* lse, const float* D, int B, int T_, int C, int NH)
-//         grid = (BH, ceil(T_/64), 2), block = 128, dyn smem = 0
+//         grid = (BH, ceil(T_/64), 2), block = 128, dyn smem = 56320 bytes
 //        attention_backward_hs128_bf16(same signature)
-//         grid = (BH, ceil(T_/32), 2), block = 64,  dyn smem = 0
+//         grid = (BH, ceil(T_/32), 2), block = 64,  dyn smem = 52736 bytes
+//          -> both bf16 backward kernels use > 48 KB of DYNAMIC shared memory: once per kernel
+//             (after loading the module) the host must call cuFuncSetAttribute(f,
+//             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 56320 resp. 52736) and pass that
+//             same byte count as sharedMemBytes at launch.
 //        attention_backward_hs64_f32  (float* dqkv, const float* dout, const float* qkv,
 //                                      const float* lse, const float* D, int B, int T_, int C, int NH)
-//        attention_backward_hs128_f32 (same)
+//        attention_backward_hs128_f32 (same signature)
 //         grid = (BH, ceil(T_/32), 2), block = 128, dyn smem = 0
 //        (blockIdx.z == 0 blocks compute dK,dV over key blocks; blockIdx.z == 1 blocks compute dQ
-//         over query blocks; together they write every element of dqkv for d < hs.)
-//     Scratch: D, B*NH*T_ floats (written by 1, read by 2). `out` of the forward is only read by 1.
-//   grid.y (= ceil(T_/tile)) must be <= 65535 (T_ <= 2,097,120): always true for our T_.
+//         over query blocks; together they overwrite every element of dqkv.)
+//     Scratch: D, B*NH*T_ floats (written by 1, read by 2). `out` is read only by 1.
+//   grid.y (= ceil(T_/tile)) must be <= 65535: always true for T_ <= 2,097,120.
 //
 // NUMERICS: float accumulation everywhere; softmax in the log2 domain (x = score*scale*log2 e,
 // exp2f/log2f, full-precision library calls, not the fast intrinsics); lse stored in natural log.
@@ -513,30 +517,57 @@ __device__ __forceinline__ const __nv_bfloat16* att_bt_ptr(const __nv_bfloat16* 
     return s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * HSP + n0 + (lane >> 4) * 8;
 }
 
-// Rows row0 .. row0+nrows-1 of a [T_, stride] bf16 matrix (pointer at the head's column 0) into
-// sm[nrows][HSP] columns [0, hs16); zero for rows >= T_ or columns >= hs.
-template <int HSP>
-__device__ __forceinline__ void att_load_tile_bf16(__nv_bfloat16* sm, const __nv_bfloat16* g, int stride,
-                                                   int row0, int nrows, int T_, int hs, int hs16, bool vec) {
-    const int nch = hs16 >> 3;
-    for (int idx = threadIdx.x; idx < nrows * nch; idx += blockDim.x) {
-        const int r = idx / nch;
-        const int c = (idx - r * nch) << 3;
-        const int t = row0 + r;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (t < T_ && c < hs) {
-            const __nv_bfloat16* src = g + (long long)t * stride + c;
-            if (vec) {
-                v = *reinterpret_cast<const uint4*>(src);
-            } else {
-                const unsigned short* s16 = reinterpret_cast<const unsigned short*>(src);
-                v.x = (att_u32)s16[0] | ((att_u32)s16[1] << 16);
-                v.y = (att_u32)s16[2] | ((att_u32)s16[3] << 16);
-                v.z = (att_u32)s16[4] | ((att_u32)s16[5] << 16);
-                v.w = (att_u32)s16[6] | ((att_u32)s16[7] << 16);
+// cp.async (16-byte, L2 only) with zero-fill when !pred (src-size 0: nothing is read).
+__device__ __forceinline__ void att_cp16(void* sdst, const void* gsrc, bool pred) {
+    const int sz = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(att_smem_addr(sdst)), "l"(gsrc),
+                 "r"(sz)
+                 : "memory");
+}
+__device__ __forceinline__ void att_cp4(void* sdst, const void* gsrc, bool pred) {
+    const int sz = pred ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(att_smem_addr(sdst)), "l"(gsrc),
+                 "r"(sz)
+                 : "memory");
+}
+__device__ __forceinline__ void att_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void att_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Rows row0 .. row0+NROWS-1 of a [T_, stride] bf16 matrix (g = the head's column 0 of row 0) into
+// sm[NROWS][HS+8], columns [0, hs16): zero for rows >= T_ or columns >= hs. Asynchronous (cp.async,
+// caller commits/waits) when the tensor base is 16-byte aligned (vec), synchronous otherwise.
+template <int HS, int NROWS, int NTH>
+__device__ __forceinline__ void att_tile_async(__nv_bfloat16* sm, const __nv_bfloat16* g, int stride,
+                                               int row0, int T_, int hs, int hs16, bool vec) {
+    constexpr int HSP = HS + 8, CH = HS / 8, TOTAL = NROWS * CH, ITERS = (TOTAL + NTH - 1) / NTH;
+#pragma unroll 1
+    for (int it = 0; it < ITERS; it++) {
+        const int idx = (int)threadIdx.x + it * NTH;
+        if ((TOTAL % NTH == 0) || idx < TOTAL) {
+            const int r = idx / CH, c = (idx % CH) * 8;
+            if (c < hs16) {
+                const int t = row0 + r;
+                const bool ok = (t < T_) && (c < hs);
+                __nv_bfloat16* dst = sm + r * HSP + c;
+                const __nv_bfloat16* src = ok ? g + (long long)t * stride + c : g;
+                if (vec) {
+                    att_cp16(dst, src, ok);
+                } else {
+                    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                    if (ok) {
+                        const unsigned short* s16 = reinterpret_cast<const unsigned short*>(src);
+                        v.x = (att_u32)s16[0] | ((att_u32)s16[1] << 16);
+                        v.y = (att_u32)s16[2] | ((att_u32)s16[3] << 16);
+                        v.z = (att_u32)s16[4] | ((att_u32)s16[5] << 16);
+                        v.w = (att_u32)s16[6] | ((att_u32)s16[7] << 16);
+                    }
+                    *reinterpret_cast<uint4*>(dst) = v;
+                }
             }
         }
-        *reinterpret_cast<uint4*>(sm + r * HSP + c) = v;
     }
 }
 
@@ -568,21 +599,30 @@ __device__ __forceinline__ void att_store_frag_bf16(__nv_bfloat16* dst, long lon
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward, bf16. Block: 4 warps, 64 queries (16 per warp); key tiles of BK (64 for HS 64, 32 for
-// HS 128). smem: Qs[64][HSP], Ks[BK][HSP], Vs[BK][HSP] = 27,648 B (HS 64) / 34,816 B (HS 128).
+// Forward, bf16. Block: NW warps, BQ = 16*NW queries (16 per warp); key tiles of BK, double
+// buffered with cp.async (Q is staged through stage 1, then held in registers as A fragments).
+//   HS 64 : NW = 8, BQ = 128, BK = 64, static smem 2*2*64*72*2 = 36,864 B
+//   HS 128: NW = 4, BQ = 64, BK = 32, static smem 2*2*32*136*2 = 34,816 B
 // ---------------------------------------------------------------------------------------------
+template <int HS>
+struct AttFwdCfg {
+    static constexpr int NW = (HS <= 64) ? 8 : 4;
+    static constexpr int BQ = 16 * NW;
+    static constexpr int BK = (HS <= 64) ? 64 : 32;
+    static constexpr int HSP = HS + 8;
+    static constexpr int STAGE = 2 * BK * HSP;  // K tile then V tile (elements)
+};
+
 template <int HS>
 __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv,
                                              int B, int T_, int C, int NH) {
-    constexpr int HSP = HS + 8;
-    constexpr int BQ = 64;
-    constexpr int BK = (HS <= 64) ? 64 : 32;
+    typedef AttFwdCfg<HS> Cf;
+    constexpr int HSP = Cf::HSP, BQ = Cf::BQ, BK = Cf::BK, NTH = 32 * Cf::NW, STAGE = Cf::STAGE;
     constexpr int KT = HS / 16;  // k-steps over the head dim
     constexpr int NT = BK / 8;   // n-tiles of S
     constexpr int DT = HS / 8;   // n-tiles of O
-    __shared__ __align__(16) __nv_bfloat16 Qs[BQ * HSP];
-    __shared__ __align__(16) __nv_bfloat16 Ks[BK * HSP];
-    __shared__ __align__(16) __nv_bfloat16 Vs[BK * HSP];
+    static_assert(BQ * HSP <= STAGE, "Q staging must fit in one stage");
+    __shared__ __align__(16) __nv_bfloat16 kv[2 * STAGE];
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
@@ -595,26 +635,43 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
     const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const bool vec = (((size_t)qkv) & 15) == 0;
     const float cs = (1.0f / sqrtf((float)hs)) * ATT_LOG2E;
+    const int kend = min(q0 + BQ, T_);
+    const int ntiles = (kend + BK - 1) / BK;
 
-    att_load_tile_bf16<HSP>(Qs, base, C3, q0, BQ, T_, hs, hs16, vec);
+    att_tile_async<HS, BQ, NTH>(kv + STAGE, base, C3, q0, T_, hs, hs16, vec);
+    att_cp_commit();
+    att_tile_async<HS, BK, NTH>(kv, base + C, C3, 0, T_, hs, hs16, vec);
+    att_tile_async<HS, BK, NTH>(kv + BK * HSP, base + 2 * C, C3, 0, T_, hs, hs16, vec);
+    att_cp_commit();
+    att_cp_wait<1>();
     __syncthreads();
     att_u32 qa[KT][4];
 #pragma unroll
     for (int kt = 0; kt < KT; kt++) {
-        if (kt * 16 < hs16) att_ldsm_x4(qa[kt], att_a_ptr<HSP>(Qs, warp * 16, kt * 16, lane));
+        if (kt * 16 < hs16) att_ldsm_x4(qa[kt], att_a_ptr<HSP>(kv + STAGE, warp * 16, kt * 16, lane));
         else { qa[kt][0] = 0u; qa[kt][1] = 0u; qa[kt][2] = 0u; qa[kt][3] = 0u; }
     }
+    __syncthreads();  // stage 1 (Q) is reused for key tile 1
+
     float o[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; dt++) { o[dt][0] = 0.f; o[dt][1] = 0.f; o[dt][2] = 0.f; o[dt][3] = 0.f; }
     float m0 = ATT_NEG_INF, m1 = ATT_NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    const int kend = min(q0 + BQ, T_);
-    for (int k0 = 0; k0 < kend; k0 += BK) {
+    for (int i = 0; i < ntiles; i++) {
+        const int k0 = i * BK;
+        if (i + 1 < ntiles) {
+            __nv_bfloat16* nx = kv + ((i + 1) & 1) * STAGE;
+            att_tile_async<HS, BK, NTH>(nx, base + C, C3, k0 + BK, T_, hs, hs16, vec);
+            att_tile_async<HS, BK, NTH>(nx + BK * HSP, base + 2 * C, C3, k0 + BK, T_, hs, hs16, vec);
+            att_cp_commit();
+            att_cp_wait<1>();
+        } else {
+            att_cp_wait<0>();
+        }
         __syncthreads();
-        att_load_tile_bf16<HSP>(Ks, base + C, C3, k0, BK, T_, hs, hs16, vec);
-        att_load_tile_bf16<HSP>(Vs, base + 2 * C, C3, k0, BK, T_, hs, hs16, vec);
-        __syncthreads();
+        const __nv_bfloat16* Ks = kv + (i & 1) * STAGE;
+        const __nv_bfloat16* Vs = Ks + BK * HSP;
         if (k0 <= wq0 + 15) {  // warp-uniform: otherwise every key of the tile is in this warp's future
             float s[NT][4];
 #pragma unroll
@@ -652,7 +709,7 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
             const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            const float mr0 = (mn0 == ATT_NEG_INF) ? 0.f : mn0;
+            const float mr0 = (mn0 == ATT_NEG_INF) ? 0.f : mn0;  // fully masked row: no NaN
             const float mr1 = (mn1 == ATT_NEG_INF) ? 0.f : mn1;
             const float cr0 = exp2f(m0 - mr0), cr1 = exp2f(m1 - mr1);
             m0 = mn0; m1 = mn1;
@@ -688,6 +745,7 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
                 }
             }
         }
+        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -703,8 +761,9 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, bf16. NW warps (4 for HS 64, 2 for HS 128), BR = 16*NW rows per block, column
-// tiles of BC = BR. smem: 4 tiles [BR][HSP] bf16 + 2*BC floats = 37,376 B (HS 64) / 35,072 B (HS 128).
+// Backward, bf16. NW warps (4 for HS 64, 2 for HS 128), BR = 16*NW rows per block, column tiles
+// of BC = BR, double buffered with cp.async. DYNAMIC shared memory (host must raise the limit):
+//   6 tiles [BR][HS+8] bf16 + 4*BC floats = 56,320 B (HS 64) / 52,736 B (HS 128).
 // ---------------------------------------------------------------------------------------------
 template <int HS>
 struct AttBwdCfg {
@@ -712,23 +771,25 @@ struct AttBwdCfg {
     static constexpr int BR = 16 * NW;
     static constexpr int BC = BR;
     static constexpr int HSP = HS + 8;
+    static constexpr int NTH = 32 * NW;
+    static constexpr int TILE = BR * HSP;  // elements
+    static constexpr int SMEM_BYTES = 6 * TILE * 2 + 4 * BC * 4;
 };
 
+extern __shared__ __align__(16) unsigned char att_dyn_smem[];
+
 // dK, dV for keys k0 .. k0+BR-1 (warp w: keys k0+16w ..), loop over query tiles t >= k0.
+// smem: tile0 K, tile1 V, stage s: tile 2+2s Q, tile 3+2s dO; floats: stage s: L[BC], D[BC].
 template <int HS>
-__device__ __forceinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbuf, __nv_bfloat16* dqkv,
+__device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbuf, __nv_bfloat16* dqkv,
                                                   const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
                                                   const float* lse, const float* D, int B, int T_, int C,
                                                   int NH) {
     typedef AttBwdCfg<HS> Cf;
-    constexpr int HSP = Cf::HSP, BR = Cf::BR, BC = Cf::BC;
+    constexpr int HSP = Cf::HSP, BR = Cf::BR, BC = Cf::BC, NTH = Cf::NTH, TILE = Cf::TILE;
     constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
-    __nv_bfloat16* Ks = buf;
-    __nv_bfloat16* Vs = buf + BR * HSP;
-    __nv_bfloat16* Qs = buf + 2 * BR * HSP;
-    __nv_bfloat16* dOs = buf + 3 * BR * HSP;
-    float* Ls = fbuf;
-    float* Ds = fbuf + BC;
+    const __nv_bfloat16* Ks = buf;
+    const __nv_bfloat16* Vs = buf + TILE;
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
@@ -738,12 +799,32 @@ __device__ __forceinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbu
     const int C3 = 3 * C;
     const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const __nv_bfloat16* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
+    const float* lbase = lse + (long long)bh * T_;
+    const float* Dbase = D + (long long)bh * T_;
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
     const float cs = scale * ATT_LOG2E;
+    const int qstart = (k0 / BC) * BC;
+    const int ntiles = (T_ - qstart + BC - 1) / BC;  // >= 1 (k0 < T_)
 
-    att_load_tile_bf16<HSP>(Ks, base + C, C3, k0, BR, T_, hs, hs16, vec);
-    att_load_tile_bf16<HSP>(Vs, base + 2 * C, C3, k0, BR, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(buf, base + C, C3, k0, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(buf + TILE, base + 2 * C, C3, k0, T_, hs, hs16, vec);
+    att_cp_commit();
+    // issue query tile i into stage (i & 1)
+#define ATT_DKDV_ISSUE(i_)                                                                         \
+    {                                                                                              \
+        const int st_ = (i_) & 1, qq_ = qstart + (i_) * BC;                                        \
+        att_tile_async<HS, BC, NTH>(buf + (2 + 2 * st_) * TILE, base, C3, qq_, T_, hs, hs16, vec); \
+        att_tile_async<HS, BC, NTH>(buf + (3 + 2 * st_) * TILE, dbase, C, qq_, T_, hs, hs16, vec); \
+        if ((int)threadIdx.x < BC) {                                                               \
+            const int tq_ = qq_ + (int)threadIdx.x;                                                \
+            const bool ok_ = tq_ < T_;                                                             \
+            att_cp4(fbuf + st_ * 2 * BC + threadIdx.x, ok_ ? lbase + tq_ : lbase, ok_);            \
+            att_cp4(fbuf + st_ * 2 * BC + BC + threadIdx.x, ok_ ? Dbase + tq_ : Dbase, ok_);       \
+        }                                                                                          \
+        att_cp_commit();                                                                           \
+    }
+    ATT_DKDV_ISSUE(0);
 
     float dk[DT][4], dv[DT][4];
 #pragma unroll
@@ -752,16 +833,19 @@ __device__ __forceinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbu
         for (int e = 0; e < 4; e++) { dk[dt][e] = 0.f; dv[dt][e] = 0.f; }
     }
 
-    for (int q0 = (k0 / BC) * BC; q0 < T_; q0 += BC) {
-        __syncthreads();
-        att_load_tile_bf16<HSP>(Qs, base, C3, q0, BC, T_, hs, hs16, vec);
-        att_load_tile_bf16<HSP>(dOs, dbase, C, q0, BC, T_, hs, hs16, vec);
-        if (threadIdx.x < BC) {
-            const int tq = q0 + threadIdx.x;
-            Ls[threadIdx.x] = tq < T_ ? lse[(long long)bh * T_ + tq] * ATT_LOG2E : 0.f;
-            Ds[threadIdx.x] = tq < T_ ? D[(long long)bh * T_ + tq] : 0.f;
+    for (int i = 0; i < ntiles; i++) {
+        const int q0 = qstart + i * BC;
+        if (i + 1 < ntiles) {
+            ATT_DKDV_ISSUE(i + 1);
+            att_cp_wait<1>();
+        } else {
+            att_cp_wait<0>();
         }
         __syncthreads();
+        const __nv_bfloat16* Qs = buf + (2 + 2 * (i & 1)) * TILE;
+        const __nv_bfloat16* dOs = buf + (3 + 2 * (i & 1)) * TILE;
+        const float* Ls = fbuf + (i & 1) * 2 * BC;
+        const float* Ds = Ls + BC;
         if (q0 + BC - 1 >= ws0) {  // warp-uniform: some query of the tile sees some key of the warp
             float st[NTC][4], dpt[NTC][4];
 #pragma unroll
@@ -794,7 +878,7 @@ __device__ __forceinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbu
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int ti = nt * 8 + 2 * t4 + (e & 1);
-                    float p = exp2f(st[nt][e] * cs - Ls[ti]);
+                    float p = exp2f(st[nt][e] * cs - Ls[ti] * ATT_LOG2E);
                     if (need_mask) {
                         const int tq = q0 + ti;
                         const int sk = ws0 + g + (e >> 1) * 8;
@@ -830,7 +914,9 @@ __device__ __forceinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbu
                 }
             }
         }
+        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
+#undef ATT_DKDV_ISSUE
     const bool ovec = (((size_t)dqkv) & 3) == 0;
     __nv_bfloat16* dbh = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
     att_store_frag_bf16<HS>(dbh + C, C3, ws0 + g, T_, hs, dk, scale, scale, ovec, t4);
@@ -838,18 +924,17 @@ __device__ __forceinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbu
 }
 
 // dQ for queries q0 .. q0+BR-1 (warp w: queries q0+16w ..), loop over key tiles s <= t.
+// smem: tile0 Q, tile1 dO, stage s: tile 2+2s K, tile 3+2s V.
 template <int HS>
-__device__ __forceinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat16* dqkv,
+__device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat16* dqkv,
                                                 const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
                                                 const float* lse, const float* D, int B, int T_, int C,
                                                 int NH) {
     typedef AttBwdCfg<HS> Cf;
-    constexpr int HSP = Cf::HSP, BR = Cf::BR, BC = Cf::BC;
+    constexpr int HSP = Cf::HSP, BR = Cf::BR, BC = Cf::BC, NTH = Cf::NTH, TILE = Cf::TILE;
     constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
-    __nv_bfloat16* Qs = buf;
-    __nv_bfloat16* dOs = buf + BR * HSP;
-    __nv_bfloat16* Ks = buf + 2 * BR * HSP;
-    __nv_bfloat16* Vs = buf + 3 * BR * HSP;
+    const __nv_bfloat16* Qs = buf;
+    const __nv_bfloat16* dOs = buf + TILE;
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
@@ -864,9 +949,15 @@ __device__ __forceinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat1
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
     const float cs = scale * ATT_LOG2E;
+    const int kend = min(q0 + BR, T_);
+    const int ntiles = (kend + BC - 1) / BC;
 
-    att_load_tile_bf16<HSP>(Qs, base, C3, q0, BR, T_, hs, hs16, vec);
-    att_load_tile_bf16<HSP>(dOs, dbase, C, q0, BR, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(buf, base, C3, q0, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(buf + TILE, dbase, C, q0, T_, hs, hs16, vec);
+    att_cp_commit();
+    att_tile_async<HS, BC, NTH>(buf + 2 * TILE, base + C, C3, 0, T_, hs, hs16, vec);
+    att_tile_async<HS, BC, NTH>(buf + 3 * TILE, base + 2 * C, C3, 0, T_, hs, hs16, vec);
+    att_cp_commit();
     const float L0 = r0 < T_ ? lse[(long long)bh * T_ + r0] * ATT_LOG2E : 0.f;
     const float L1 = r1 < T_ ? lse[(long long)bh * T_ + r1] * ATT_LOG2E : 0.f;
     const float D0 = r0 < T_ ? D[(long long)bh * T_ + r0] : 0.f;
@@ -876,12 +967,20 @@ __device__ __forceinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat1
 #pragma unroll
     for (int dt = 0; dt < DT; dt++) { dq[dt][0] = 0.f; dq[dt][1] = 0.f; dq[dt][2] = 0.f; dq[dt][3] = 0.f; }
 
-    const int kend = min(q0 + BR, T_);
-    for (int k0 = 0; k0 < kend; k0 += BC) {
+    for (int i = 0; i < ntiles; i++) {
+        const int k0 = i * BC;
+        if (i + 1 < ntiles) {
+            const int st_ = (i + 1) & 1;
+            att_tile_async<HS, BC, NTH>(buf + (2 + 2 * st_) * TILE, base + C, C3, k0 + BC, T_, hs, hs16, vec);
+            att_tile_async<HS, BC, NTH>(buf + (3 + 2 * st_) * TILE, base + 2 * C, C3, k0 + BC, T_, hs, hs16, vec);
+            att_cp_commit();
+            att_cp_wait<1>();
+        } else {
+            att_cp_wait<0>();
+        }
         __syncthreads();
-        att_load_tile_bf16<HSP>(Ks, base + C, C3, k0, BC, T_, hs, hs16, vec);
-        att_load_tile_bf16<HSP>(Vs, base + 2 * C, C3, k0, BC, T_, hs, hs16, vec);
-        __syncthreads();
+        const __nv_bfloat16* Ks = buf + (2 + 2 * (i & 1)) * TILE;
+        const __nv_bfloat16* Vs = buf + (3 + 2 * (i & 1)) * TILE;
         if (k0 <= wq0 + 15) {  // warp-uniform
             float s[NTC][4], dps[NTC][4];
 #pragma unroll
@@ -941,6 +1040,7 @@ __device__ __forceinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat1
                 }
             }
         }
+        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
     const bool ovec = (((size_t)dqkv) & 3) == 0;
     att_store_frag_bf16<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, r0, T_, hs, dq,
@@ -952,15 +1052,15 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, const __nv_bfl
                                              const __nv_bfloat16* qkv, const float* lse, const float* D,
                                              int B, int T_, int C, int NH) {
     typedef AttBwdCfg<HS> Cf;
-    __shared__ __align__(16) __nv_bfloat16 buf[4 * Cf::BR * Cf::HSP];
-    __shared__ __align__(16) float fbuf[2 * Cf::BC];
+    __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
+    float* fbuf = reinterpret_cast<float*>(att_dyn_smem + 6 * Cf::TILE * 2);
     if (blockIdx.z == 0)
         att_bwd_dkdv_bf16<HS>(buf, fbuf, dqkv, dout, qkv, lse, D, B, T_, C, NH);
     else
         att_bwd_dq_bf16<HS>(buf, dqkv, dout, qkv, lse, D, B, T_, C, NH);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(256)
 attention_forward_hs64_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T_,
                             int C, int NH) {
     att_fwd_bf16<64>(out, lse, qkv, B, T_, C, NH);

@@ -22,7 +22,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
+};
 
 use super::{AdamW, Backend, GemmSpec};
 use crate::numerics::{self, DType};
@@ -75,6 +78,8 @@ pub struct CudaBackend {
     live: Rc<Cell<u64>>,
     peak: Cell<u64>,
     name: String,
+    /// `HALFLING_CUDA_SYNC=1`: wait after every kernel, so a fault names the kernel that caused it.
+    sync_each_launch: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -85,7 +90,6 @@ enum Arg {
     Float(f32),
     U64(u64),
 }
-
 
 /// Whether a usable CUDA driver and GPU are present (for `--device auto`).
 pub fn cuda_available() -> bool {
@@ -114,7 +118,9 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 }
 
 fn int(n: usize) -> Result<i32> {
-    i32::try_from(n).map_err(|_| anyhow!("tensor dimension {n} is too large for the CUDA kernels (max 2^31 - 1)"))
+    i32::try_from(n).map_err(|_| {
+        anyhow!("tensor dimension {n} is too large for the CUDA kernels (max 2^31 - 1)")
+    })
 }
 
 fn grid_for(n: usize) -> u32 {
@@ -140,14 +146,26 @@ fn cuda_include_dir() -> Result<PathBuf> {
 }
 
 /// Compiles `source` to PTX for `arch`, or reads it from the on-disk cache.
-fn compile_cached(name: &str, source: &str, arch: &'static str, include: &std::path::Path, driver_version: i32) -> Result<String> {
-    let options = [format!("--gpu-architecture={arch}"), "-std=c++17".to_string(), format!("--include-path={}", include.display())];
+fn compile_cached(
+    name: &str,
+    source: &str,
+    arch: &'static str,
+    include: &std::path::Path,
+    driver_version: i32,
+) -> Result<String> {
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        format!("--include-path={}", include.display()),
+    ];
     let key = ptx_cache_key(&[source, &options.join(" "), &driver_version.to_string()]);
     let cache_dir = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .map(|d| d.join("halfling").join("ptx"));
-    let cache_file = cache_dir.as_ref().map(|d| d.join(format!("{name}-{key:016x}.ptx")));
+    let cache_file = cache_dir
+        .as_ref()
+        .map(|d| d.join(format!("{name}-{key:016x}.ptx")));
     if let Some(path) = &cache_file {
         if let Ok(ptx) = std::fs::read_to_string(path) {
             return Ok(ptx);
@@ -160,7 +178,8 @@ fn compile_cached(name: &str, source: &str, arch: &'static str, include: &std::p
         name: Some(format!("{name}.cu")),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| anyhow!("NVRTC could not compile {name}.cu: {e:?}"))?;
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        .map_err(|e| anyhow!("NVRTC could not compile {name}.cu: {e:?}"))?;
     let text = ptx.to_src();
     if let (Some(dir), Some(path)) = (&cache_dir, &cache_file) {
         // The cache is an optimisation: failing to write it is not an error.
@@ -208,16 +227,20 @@ impl CudaBackend {
                 bail!("--device cuda: cuBLASLt (libcublasLt.so) could not be loaded; install the CUDA toolkit or add its lib directory to LD_LIBRARY_PATH (see README)");
             }
         }
-        let count = CudaContext::device_count().map_err(|e| anyhow!("--device cuda: the CUDA driver failed to start ({e:?})"))?;
+        let count = CudaContext::device_count()
+            .map_err(|e| anyhow!("--device cuda: the CUDA driver failed to start ({e:?})"))?;
         if count <= 0 {
             bail!("--device cuda: no CUDA GPU found; use --device cpu");
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open GPU {ordinal}: {e:?}"))?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open GPU {ordinal}: {e:?}"))?;
         // One stream, ordered work: cudarc's per-buffer event tracking is not needed.
         // SAFETY: all work is issued on `stream`, so no cross-stream synchronisation is lost.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("cannot query the GPU: {e:?}"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| anyhow!("cannot query the GPU: {e:?}"))?;
         if major < 8 {
             bail!("GPU {ordinal} has compute capability {major}.{minor}; halfling's CUDA backend needs 8.0 or newer (bf16)");
         }
@@ -246,6 +269,7 @@ impl CudaBackend {
             live: Rc::new(Cell::new(0)),
             peak: Cell::new(0),
             name: format!("cuda:{ordinal} ({name})"),
+            sync_each_launch: std::env::var("HALFLING_CUDA_SYNC").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -257,12 +281,23 @@ impl CudaBackend {
             .modules
             .iter()
             .find_map(|m| m.load_function(name).ok())
-            .ok_or_else(|| anyhow!("internal error: kernel {name} is missing from the compiled CUDA sources"))?;
-        self.functions.borrow_mut().insert(name.to_string(), f.clone());
+            .ok_or_else(|| {
+                anyhow!("internal error: kernel {name} is missing from the compiled CUDA sources")
+            })?;
+        self.functions
+            .borrow_mut()
+            .insert(name.to_string(), f.clone());
         Ok(f)
     }
 
-    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+    fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = self.function(name)?;
         if shared > 48 * 1024 {
             f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
@@ -276,10 +311,62 @@ impl CudaBackend {
                 Arg::Float(x) => b.arg(x),
             };
         }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared };
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: shared,
+        };
         // SAFETY: argument lists follow the kernel ABI documented in the .cu files, and every
         // pointer is a live allocation of at least the size the kernel indexes.
-        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("CUDA kernel {name} failed to launch: {e:?}"))?;
+        unsafe { b.launch(cfg) }
+            .map_err(|e| anyhow!("CUDA kernel {name} failed to launch: {e:?}"))?;
+        if self.sync_each_launch {
+            self.stream
+                .synchronize()
+                .map_err(|e| anyhow!("CUDA kernel {name} {grid:?}x{block} failed: {e:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// A cuBLASLt product on our stream (arguments as [`Lt::matmul`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        out: u64,
+        out_type: GemmType,
+        a: u64,
+        b: u64,
+        inputs: GemmType,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+        bias: Option<u64>,
+    ) -> Result<()> {
+        self.lt.borrow_mut().matmul(
+            &self.stream,
+            out,
+            out_type,
+            a,
+            b,
+            inputs,
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            alpha,
+            beta,
+            bias,
+        )?;
+        if self.sync_each_launch {
+            self.stream
+                .synchronize()
+                .map_err(|e| anyhow!("cuBLASLt matmul {m}x{n}x{k} failed: {e:?}"))?;
+        }
         Ok(())
     }
 
@@ -297,17 +384,26 @@ impl CudaBackend {
     fn scratch_ptr(&self, bytes: usize) -> Result<u64> {
         let mut scratch = self.scratch.borrow_mut();
         if scratch.as_ref().map_or(true, |s| s.len() < bytes) {
-            let mem = self.stream.alloc_zeros::<u8>(bytes.max(1 << 20)).map_err(|e| oom(e, bytes, self.live.get()))?;
+            let mem = self
+                .stream
+                .alloc_zeros::<u8>(bytes.max(1 << 20))
+                .map_err(|e| oom(e, bytes, self.live.get()))?;
             *scratch = Some(mem);
         }
-        let s = scratch.as_ref().ok_or_else(|| anyhow!("internal error: no scratch"))?;
+        let s = scratch
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal error: no scratch"))?;
         let (p, _sync) = s.device_ptr(&self.stream);
         Ok(p)
     }
 
     fn expect(&self, what: &str, buf: &CudaBuf, dtype: DType, len: usize) -> Result<()> {
         if buf.dtype != dtype || buf.len != len {
-            bail!("internal error: {what} is {} x {}, the op expects {dtype} x {len}", buf.dtype, buf.len);
+            bail!(
+                "internal error: {what} is {} x {}, the op expects {dtype} x {len}",
+                buf.dtype,
+                buf.len
+            );
         }
         Ok(())
     }
@@ -317,15 +413,44 @@ impl CudaBackend {
     }
 
     /// Column sums of `dout[n, oc]` added into `dbias` (f32), deterministically in two passes.
-    fn bias_backward(&self, dbias: &mut CudaBuf, dout: &CudaBuf, n: usize, oc: usize) -> Result<()> {
+    fn bias_backward(
+        &self,
+        dbias: &mut CudaBuf,
+        dout: &CudaBuf,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
         let rows_per_block = 32usize;
         let g = n.div_ceil(rows_per_block).max(1);
         let partials = self.scratch_ptr(g * oc * 4)?;
         let sfx = suffix(dout.dtype)?;
-        self.launch(&format!("bias_backward_partial_{sfx}"), (g as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(partials), Arg::Ptr(self.ptr(dout)), Arg::Int(int(n)?), Arg::Int(int(oc)?), Arg::Int(int(rows_per_block)?)])?;
+        self.launch(
+            &format!("bias_backward_partial_{sfx}"),
+            (g as u32, 1, 1),
+            BLOCK,
+            0,
+            &[
+                Arg::Ptr(partials),
+                Arg::Ptr(self.ptr(dout)),
+                Arg::Int(int(n)?),
+                Arg::Int(int(oc)?),
+                Arg::Int(int(rows_per_block)?),
+            ],
+        )?;
         let db = self.ptr_mut(dbias);
-        self.launch("bias_backward_reduce", (oc.div_ceil(256) as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(db), Arg::Ptr(partials), Arg::Int(int(g)?), Arg::Int(int(oc)?)])
+        self.launch(
+            "bias_backward_reduce",
+            (oc.div_ceil(256) as u32, 1, 1),
+            BLOCK,
+            0,
+            &[
+                Arg::Ptr(db),
+                Arg::Ptr(partials),
+                Arg::Int(int(g)?),
+                Arg::Int(int(oc)?),
+            ],
+        )
     }
 }
 
@@ -372,18 +497,36 @@ impl Backend for CudaBackend {
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
         let bytes = len * dtype.size_bytes();
-        let mem = self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| oom(e, bytes, self.live.get()))?;
+        let mem = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| oom(e, bytes, self.live.get()))?;
         self.live.set(self.live.get() + mem.len() as u64);
         self.peak.set(self.peak.get().max(self.live.get()));
-        Ok(CudaBuf { dtype, len, mem, live: self.live.clone() })
+        Ok(CudaBuf {
+            dtype,
+            len,
+            mem,
+            live: self.live.clone(),
+        })
     }
 
     fn alloc_tokens(&self, len: usize) -> Result<CudaTokens> {
-        let z = |n: usize| self.stream.alloc_zeros::<i32>(n.max(1)).map_err(|e| oom(e, n * 4, self.live.get()));
+        let z = |n: usize| {
+            self.stream
+                .alloc_zeros::<i32>(n.max(1))
+                .map_err(|e| oom(e, n * 4, self.live.get()))
+        };
         Ok(CudaTokens {
-            ids: self.stream.alloc_zeros::<u32>(len.max(1)).map_err(|e| oom(e, len * 4, self.live.get()))?,
+            ids: self
+                .stream
+                .alloc_zeros::<u32>(len.max(1))
+                .map_err(|e| oom(e, len * 4, self.live.get()))?,
             host: vec![0; len],
-            bucket_tokens: self.stream.alloc_zeros::<u32>(len.max(1)).map_err(|e| oom(e, len * 4, self.live.get()))?,
+            bucket_tokens: self
+                .stream
+                .alloc_zeros::<u32>(len.max(1))
+                .map_err(|e| oom(e, len * 4, self.live.get()))?,
             bucket_starts: z(len + 1)?,
             positions: z(len)?,
             num_buckets: 0,
@@ -400,44 +543,73 @@ impl Backend for CudaBackend {
 
     fn upload(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
         if src.len() != dst.len {
-            bail!("internal error: upload of {} values into a buffer of {}", src.len(), dst.len);
+            bail!(
+                "internal error: upload of {} values into a buffer of {}",
+                src.len(),
+                dst.len
+            );
         }
         let bytes = numerics::encode(dst.dtype, src);
-        self.stream.memcpy_htod(&bytes, &mut dst.mem.slice_mut(..bytes.len())).map_err(|e| anyhow!("upload to the GPU failed: {e:?}"))?;
+        self.stream
+            .memcpy_htod(&bytes, &mut dst.mem.slice_mut(..bytes.len()))
+            .map_err(|e| anyhow!("upload to the GPU failed: {e:?}"))?;
         Ok(())
     }
 
     fn upload_tokens(&self, dst: &mut CudaTokens, src: &[u32]) -> Result<()> {
         if src.len() != dst.host.len() {
-            bail!("internal error: token upload of {} ids into {}", src.len(), dst.host.len());
+            bail!(
+                "internal error: token upload of {} ids into {}",
+                src.len(),
+                dst.host.len()
+            );
         }
         dst.host.copy_from_slice(src);
         let err = |e| anyhow!("token upload to the GPU failed: {e:?}");
-        self.stream.memcpy_htod(src, &mut dst.ids.slice_mut(..src.len().max(1).min(dst.ids.len()))).map_err(err)?;
+        self.stream
+            .memcpy_htod(
+                src,
+                &mut dst.ids.slice_mut(..src.len().max(1).min(dst.ids.len())),
+            )
+            .map_err(err)?;
         let (tokens, starts, positions) = token_buckets(src);
         dst.num_buckets = tokens.len();
         if !tokens.is_empty() {
-            self.stream.memcpy_htod(&tokens, &mut dst.bucket_tokens.slice_mut(..tokens.len())).map_err(err)?;
-            self.stream.memcpy_htod(&starts, &mut dst.bucket_starts.slice_mut(..starts.len())).map_err(err)?;
-            self.stream.memcpy_htod(&positions, &mut dst.positions.slice_mut(..positions.len())).map_err(err)?;
+            self.stream
+                .memcpy_htod(&tokens, &mut dst.bucket_tokens.slice_mut(..tokens.len()))
+                .map_err(err)?;
+            self.stream
+                .memcpy_htod(&starts, &mut dst.bucket_starts.slice_mut(..starts.len()))
+                .map_err(err)?;
+            self.stream
+                .memcpy_htod(&positions, &mut dst.positions.slice_mut(..positions.len()))
+                .map_err(err)?;
         }
         Ok(())
     }
 
     fn download_range(&self, src: &CudaBuf, offset: usize, len: usize) -> Result<Vec<f32>> {
         if offset + len > src.len {
-            bail!("internal error: download of {offset}+{len} from {}", src.len);
+            bail!(
+                "internal error: download of {offset}+{len} from {}",
+                src.len
+            );
         }
         let size = src.dtype.size_bytes();
         let mut bytes = vec![0u8; len * size];
         self.stream
-            .memcpy_dtoh(&src.mem.slice(offset * size..(offset + len) * size), &mut bytes)
+            .memcpy_dtoh(
+                &src.mem.slice(offset * size..(offset + len) * size),
+                &mut bytes,
+            )
             .map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
         numerics::decode(src.dtype, &bytes)
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| anyhow!("a CUDA kernel failed: {e:?}"))
+        self.stream
+            .synchronize()
+            .map_err(|e| anyhow!("a CUDA kernel failed: {e:?}"))
     }
 
     fn peak_mem_bytes(&self) -> u64 {
@@ -456,12 +628,20 @@ impl Backend for CudaBackend {
         let n = buf.len;
         let name = format!("fill_{}", suffix(buf.dtype)?);
         let p = self.ptr_mut(buf);
-        self.elementwise(&name, n, &[Arg::Ptr(p), Arg::Float(value), Arg::Int(int(n)?)])
+        self.elementwise(
+            &name,
+            n,
+            &[Arg::Ptr(p), Arg::Float(value), Arg::Int(int(n)?)],
+        )
     }
 
     fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
         if dst.len != src.len {
-            bail!("internal error: copy of {} elements into {}", src.len, dst.len);
+            bail!(
+                "internal error: copy of {} elements into {}",
+                src.len,
+                dst.len
+            );
         }
         let n = dst.len;
         let name = match (src.dtype, dst.dtype) {
@@ -482,14 +662,22 @@ impl Backend for CudaBackend {
         let name = format!("residual_forward_{}", suffix(out.dtype)?);
         let (pa, pb) = (self.ptr(a), self.ptr(b));
         let po = self.ptr_mut(out);
-        self.elementwise(&name, n, &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::Int(int(n)?)])
+        self.elementwise(
+            &name,
+            n,
+            &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::Int(int(n)?)],
+        )
     }
 
     fn scale(&self, buf: &mut CudaBuf, factor: f32) -> Result<()> {
         let n = buf.len;
         let name = format!("scale_{}", suffix(buf.dtype)?);
         let p = self.ptr_mut(buf);
-        self.elementwise(&name, n, &[Arg::Ptr(p), Arg::Float(factor), Arg::Int(int(n)?)])
+        self.elementwise(
+            &name,
+            n,
+            &[Arg::Ptr(p), Arg::Float(factor), Arg::Int(int(n)?)],
+        )
     }
 
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
@@ -508,14 +696,27 @@ impl Backend for CudaBackend {
         let name = format!("gelu_backward_{}", suffix(dinp.dtype)?);
         let (pi, pg) = (self.ptr(inp), self.ptr(dout));
         let pd = self.ptr_mut(dinp);
-        self.elementwise(&name, n, &[Arg::Ptr(pd), Arg::Ptr(pi), Arg::Ptr(pg), Arg::Int(int(n)?)])
+        self.elementwise(
+            &name,
+            n,
+            &[Arg::Ptr(pd), Arg::Ptr(pi), Arg::Ptr(pg), Arg::Int(int(n)?)],
+        )
     }
 
     fn dropout_forward(&self, x: &mut CudaBuf, p: f32, seed: u64) -> Result<()> {
         let n = x.len;
         let name = format!("dropout_{}", suffix(x.dtype)?);
         let px = self.ptr_mut(x);
-        self.elementwise(&name, n, &[Arg::Ptr(px), Arg::Float(p), Arg::U64(seed), Arg::Int(int(n)?)])
+        self.elementwise(
+            &name,
+            n,
+            &[
+                Arg::Ptr(px),
+                Arg::Float(p),
+                Arg::U64(seed),
+                Arg::Int(int(n)?),
+            ],
+        )
     }
 
     fn dropout_backward(&self, dx: &mut CudaBuf, p: f32, seed: u64) -> Result<()> {
@@ -544,7 +745,21 @@ impl Backend for CudaBackend {
         let bias_ptr = bias.map(|b| self.ptr(b));
         let (pi, pw) = (self.ptr(inp), self.ptr(w));
         let po = self.ptr_mut(out);
-        self.lt.borrow_mut().matmul(&self.stream, po, gemm_type(t)?, pi, pw, gemm_type(gemm.inputs)?, n, oc, ic, false, true, 1.0, 0.0, bias_ptr)
+        self.gemm(
+            po,
+            gemm_type(t)?,
+            pi,
+            pw,
+            gemm_type(gemm.inputs)?,
+            n,
+            oc,
+            ic,
+            false,
+            true,
+            1.0,
+            0.0,
+            bias_ptr,
+        )
     }
 
     fn linear_backward(
@@ -569,14 +784,46 @@ impl Backend for CudaBackend {
             let t = dinp.dtype;
             self.expect("linear input grad", dinp, t, n * ic)?;
             let px = self.ptr_mut(dinp);
-            self.lt.borrow_mut().matmul(&self.stream, px, gemm_type(t)?, pd, pw, gemm_type(dinp_gemm.inputs)?, n, ic, oc, false, false, 1.0, 0.0, None)?;
+            self.gemm(
+                px,
+                gemm_type(t)?,
+                pd,
+                pw,
+                gemm_type(dinp_gemm.inputs)?,
+                n,
+                ic,
+                oc,
+                false,
+                false,
+                1.0,
+                0.0,
+                None,
+            )?;
         }
         if dw.len != oc * ic {
-            bail!("internal error: weight grad has {} elements, expected {}", dw.len, oc * ic);
+            bail!(
+                "internal error: weight grad has {} elements, expected {}",
+                dw.len,
+                oc * ic
+            );
         }
         let out_type = gemm_type(dw.dtype)?;
         let pdw = self.ptr_mut(dw);
-        self.lt.borrow_mut().matmul(&self.stream, pdw, out_type, pd, pi, gemm_type(dw_gemm.inputs)?, oc, ic, n, true, false, 1.0, 1.0, None)?;
+        self.gemm(
+            pdw,
+            out_type,
+            pd,
+            pi,
+            gemm_type(dw_gemm.inputs)?,
+            oc,
+            ic,
+            n,
+            true,
+            false,
+            1.0,
+            1.0,
+            None,
+        )?;
         if let Some(db) = dbias {
             self.bias_backward(db, dout, n, oc)?;
         }
@@ -604,7 +851,22 @@ impl Backend for CudaBackend {
         let (pm, pr) = (self.ptr_mut(mean), self.ptr_mut(rstd));
         let po = self.ptr_mut(out);
         let name = format!("layernorm_forward_{}", suffix(t)?);
-        self.launch(&name, (n.div_ceil(8) as u32, 1, 1), 256, 0, &[Arg::Ptr(po), Arg::Ptr(pm), Arg::Ptr(pr), Arg::Ptr(pi), Arg::Ptr(pw), Arg::Ptr(pb), Arg::Int(int(n)?), Arg::Int(int(c)?)])
+        self.launch(
+            &name,
+            (n.div_ceil(8) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pm),
+                Arg::Ptr(pr),
+                Arg::Ptr(pi),
+                Arg::Ptr(pw),
+                Arg::Ptr(pb),
+                Arg::Int(int(n)?),
+                Arg::Int(int(c)?),
+            ],
+        )
     }
 
     fn layernorm_backward(
@@ -627,15 +889,63 @@ impl Backend for CudaBackend {
         self.expect("layernorm weight grad", dweight, DType::F32, c)?;
         self.expect("layernorm bias grad", dbias, DType::F32, c)?;
         let sfx = suffix(t)?;
-        let (pg, pi, pw, pm, pr) = (self.ptr(dout), self.ptr(inp), self.ptr(weight), self.ptr(mean), self.ptr(rstd));
+        let (pg, pi, pw, pm, pr) = (
+            self.ptr(dout),
+            self.ptr(inp),
+            self.ptr(weight),
+            self.ptr(mean),
+            self.ptr(rstd),
+        );
         let pd = self.ptr_mut(dinp);
-        self.launch(&format!("layernorm_backward_dinp_{sfx}"), (n.div_ceil(8) as u32, 1, 1), 256, 0, &[Arg::Ptr(pd), Arg::Ptr(pg), Arg::Ptr(pi), Arg::Ptr(pw), Arg::Ptr(pm), Arg::Ptr(pr), Arg::Int(int(n)?), Arg::Int(int(c)?)])?;
+        self.launch(
+            &format!("layernorm_backward_dinp_{sfx}"),
+            (n.div_ceil(8) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(pd),
+                Arg::Ptr(pg),
+                Arg::Ptr(pi),
+                Arg::Ptr(pw),
+                Arg::Ptr(pm),
+                Arg::Ptr(pr),
+                Arg::Int(int(n)?),
+                Arg::Int(int(c)?),
+            ],
+        )?;
         let rows_per_block = 32usize;
         let g = n.div_ceil(rows_per_block).max(1);
         let partials = self.scratch_ptr(g * 2 * c * 4)?;
-        self.launch(&format!("layernorm_backward_params_partial_{sfx}"), (g as u32, 1, 1), 256, 0, &[Arg::Ptr(partials), Arg::Ptr(pg), Arg::Ptr(pi), Arg::Ptr(pm), Arg::Ptr(pr), Arg::Int(int(n)?), Arg::Int(int(c)?), Arg::Int(int(rows_per_block)?)])?;
+        self.launch(
+            &format!("layernorm_backward_params_partial_{sfx}"),
+            (g as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(partials),
+                Arg::Ptr(pg),
+                Arg::Ptr(pi),
+                Arg::Ptr(pm),
+                Arg::Ptr(pr),
+                Arg::Int(int(n)?),
+                Arg::Int(int(c)?),
+                Arg::Int(int(rows_per_block)?),
+            ],
+        )?;
         let (pdw, pdb) = (self.ptr_mut(dweight), self.ptr_mut(dbias));
-        self.launch("layernorm_backward_params_reduce", (c.div_ceil(256) as u32, 1, 1), 256, 0, &[Arg::Ptr(pdw), Arg::Ptr(pdb), Arg::Ptr(partials), Arg::Int(int(g)?), Arg::Int(int(c)?)])
+        self.launch(
+            "layernorm_backward_params_reduce",
+            (c.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(pdw),
+                Arg::Ptr(pdb),
+                Arg::Ptr(partials),
+                Arg::Int(int(g)?),
+                Arg::Int(int(c)?),
+            ],
+        )
     }
 
     fn attention_forward(
@@ -697,7 +1007,19 @@ impl Backend for CudaBackend {
         let (pt, pw, pp) = (self.ptr_tokens(tokens), self.ptr(wte), self.ptr(wpe));
         let po = self.ptr_mut(out);
         let name = format!("embedding_forward_{}", suffix(dt)?);
-        self.elementwise(&name, b * t * c, &[Arg::Ptr(po), Arg::Ptr(pt), Arg::Ptr(pw), Arg::Ptr(pp), Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?)])
+        self.elementwise(
+            &name,
+            b * t * c,
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pt),
+                Arg::Ptr(pw),
+                Arg::Ptr(pp),
+                Arg::Int(int(b)?),
+                Arg::Int(int(t)?),
+                Arg::Int(int(c)?),
+            ],
+        )
     }
 
     fn embedding_backward(
@@ -714,7 +1036,17 @@ impl Backend for CudaBackend {
         self.expect("embedding dout", dout, dout.dtype, b * t * c)?;
         let pg = self.ptr(dout);
         let pdp = self.ptr_mut(dwpe);
-        self.elementwise(&format!("embedding_backward_wpe_{sfx}"), t * c, &[Arg::Ptr(pdp), Arg::Ptr(pg), Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?)])?;
+        self.elementwise(
+            &format!("embedding_backward_wpe_{sfx}"),
+            t * c,
+            &[
+                Arg::Ptr(pdp),
+                Arg::Ptr(pg),
+                Arg::Int(int(b)?),
+                Arg::Int(int(t)?),
+                Arg::Int(int(c)?),
+            ],
+        )?;
         if tokens.num_buckets == 0 {
             return Ok(());
         }
@@ -725,7 +1057,21 @@ impl Backend for CudaBackend {
             (a, s, p)
         };
         let pdt = self.ptr_mut(dwte);
-        self.launch(&format!("embedding_backward_wte_{sfx}"), (tokens.num_buckets as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(pdt), Arg::Ptr(pg), Arg::Ptr(bt), Arg::Ptr(bs), Arg::Ptr(bp), Arg::Int(int(tokens.num_buckets)?), Arg::Int(int(c)?)])
+        self.launch(
+            &format!("embedding_backward_wte_{sfx}"),
+            (tokens.num_buckets as u32, 1, 1),
+            BLOCK,
+            0,
+            &[
+                Arg::Ptr(pdt),
+                Arg::Ptr(pg),
+                Arg::Ptr(bt),
+                Arg::Ptr(bs),
+                Arg::Ptr(bp),
+                Arg::Int(int(tokens.num_buckets)?),
+                Arg::Int(int(c)?),
+            ],
+        )
     }
 
     fn crossentropy_forward_backward(
@@ -744,7 +1090,21 @@ impl Backend for CudaBackend {
         let pt = self.ptr_tokens(targets);
         let pl = self.ptr_mut(losses);
         let pg = self.ptr_mut(logits);
-        self.launch(&name, (n as u32, 1, 1), 512, 0, &[Arg::Ptr(pl), Arg::Ptr(pg), Arg::Ptr(pt), Arg::Int(int(n)?), Arg::Int(int(v)?), Arg::Int(int(vp)?), Arg::Float(dloss)])
+        self.launch(
+            &name,
+            (n as u32, 1, 1),
+            512,
+            0,
+            &[
+                Arg::Ptr(pl),
+                Arg::Ptr(pg),
+                Arg::Ptr(pt),
+                Arg::Int(int(n)?),
+                Arg::Int(int(v)?),
+                Arg::Int(int(vp)?),
+                Arg::Float(dloss),
+            ],
+        )
     }
 
     fn crossentropy_forward(
@@ -761,7 +1121,20 @@ impl Backend for CudaBackend {
         let name = format!("crossentropy_forward_{}", suffix(logits.dtype)?);
         let (pg, pt) = (self.ptr(logits), self.ptr_tokens(targets));
         let pl = self.ptr_mut(losses);
-        self.launch(&name, (n as u32, 1, 1), 512, 0, &[Arg::Ptr(pl), Arg::Ptr(pg), Arg::Ptr(pt), Arg::Int(int(n)?), Arg::Int(int(v)?), Arg::Int(int(vp)?)])
+        self.launch(
+            &name,
+            (n as u32, 1, 1),
+            512,
+            0,
+            &[
+                Arg::Ptr(pl),
+                Arg::Ptr(pg),
+                Arg::Ptr(pt),
+                Arg::Int(int(n)?),
+                Arg::Int(int(v)?),
+                Arg::Int(int(vp)?),
+            ],
+        )
     }
 
     fn adamw_step(
@@ -819,12 +1192,29 @@ impl Backend for CudaBackend {
         let g = n.div_ceil(BLOCK as usize).clamp(1, 1024);
         let partials = self.scratch_ptr(g * 8)?;
         let name = format!("sum_squares_partial_{}", suffix(buf.dtype)?);
-        self.launch(&name, (g as u32, 1, 1), BLOCK, 0, &[Arg::Ptr(self.ptr(buf)), Arg::Int(int(n)?), Arg::Ptr(partials)])?;
+        self.launch(
+            &name,
+            (g as u32, 1, 1),
+            BLOCK,
+            0,
+            &[
+                Arg::Ptr(self.ptr(buf)),
+                Arg::Int(int(n)?),
+                Arg::Ptr(partials),
+            ],
+        )?;
         let scratch = self.scratch.borrow();
-        let s = scratch.as_ref().ok_or_else(|| anyhow!("internal error: no scratch"))?;
+        let s = scratch
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal error: no scratch"))?;
         let mut host = vec![0u8; g * 8];
-        self.stream.memcpy_dtoh(&s.slice(..g * 8), &mut host).map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
-        Ok(host.chunks_exact(8).map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])).sum())
+        self.stream
+            .memcpy_dtoh(&s.slice(..g * 8), &mut host)
+            .map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
+        Ok(host
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .sum())
     }
 }
 
@@ -852,33 +1242,96 @@ mod attention {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn forward(be: &CudaBackend, dt: DType, out: u64, lse: u64, qkv: u64, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+    pub(super) fn forward(
+        be: &CudaBackend,
+        dt: DType,
+        out: u64,
+        lse: u64,
+        qkv: u64,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
-        let tile = if dt == DType::BF16 { 64 } else { 32 };
+        let (tile, block) = match (dt, hs_max) {
+            (DType::BF16, 64) => (128, 256),
+            (DType::BF16, _) => (64, 128),
+            _ => (32, 128),
+        };
         let grid = ((b * nh) as u32, t.div_ceil(tile) as u32, 1);
-        let args = [Arg::Ptr(out), Arg::Ptr(lse), Arg::Ptr(qkv), Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?), Arg::Int(int(nh)?)];
-        be.launch(&format!("attention_forward_hs{hs_max}_{sfx}"), grid, 128, 0, &args)
+        let args = [
+            Arg::Ptr(out),
+            Arg::Ptr(lse),
+            Arg::Ptr(qkv),
+            Arg::Int(int(b)?),
+            Arg::Int(int(t)?),
+            Arg::Int(int(c)?),
+            Arg::Int(int(nh)?),
+        ];
+        be.launch(
+            &format!("attention_forward_hs{hs_max}_{sfx}"),
+            grid,
+            block,
+            0,
+            &args,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward(be: &CudaBackend, dt: DType, dqkv: u64, dout: u64, qkv: u64, out: u64, lse: u64, b: usize, t: usize, c: usize, nh: usize) -> Result<()> {
+    pub(super) fn backward(
+        be: &CudaBackend,
+        dt: DType,
+        dqkv: u64,
+        dout: u64,
+        qkv: u64,
+        out: u64,
+        lse: u64,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let bh = b * nh;
         let d = be.scratch_ptr(bh * t * 4)?;
-        let ints = [Arg::Int(int(b)?), Arg::Int(int(t)?), Arg::Int(int(c)?), Arg::Int(int(nh)?)];
+        let ints = [
+            Arg::Int(int(b)?),
+            Arg::Int(int(t)?),
+            Arg::Int(int(c)?),
+            Arg::Int(int(nh)?),
+        ];
         let pre = [Arg::Ptr(d), Arg::Ptr(dout), Arg::Ptr(out)];
         let pre_args: Vec<Arg> = pre.into_iter().chain(ints.iter().copied()).collect();
-        be.launch(&format!("attention_backward_preprocess_{sfx}"), ((bh * t).div_ceil(8) as u32, 1, 1), 256, 0, &pre_args)?;
-        let (tile, block) = match (dt, hs_max) {
-            (DType::BF16, 64) => (64, 128),
-            (DType::BF16, _) => (32, 64),
-            _ => (32, 128),
+        be.launch(
+            &format!("attention_backward_preprocess_{sfx}"),
+            ((bh * t).div_ceil(8) as u32, 1, 1),
+            256,
+            0,
+            &pre_args,
+        )?;
+        let (tile, block, shared) = match (dt, hs_max) {
+            (DType::BF16, 64) => (64, 128, 56_320),
+            (DType::BF16, _) => (32, 64, 52_736),
+            _ => (32, 128, 0),
         };
-        let main = [Arg::Ptr(dqkv), Arg::Ptr(dout), Arg::Ptr(qkv), Arg::Ptr(lse), Arg::Ptr(d)];
+        let main = [
+            Arg::Ptr(dqkv),
+            Arg::Ptr(dout),
+            Arg::Ptr(qkv),
+            Arg::Ptr(lse),
+            Arg::Ptr(d),
+        ];
         let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
-        be.launch(&format!("attention_backward_hs{hs_max}_{sfx}"), (bh as u32, t.div_ceil(tile) as u32, 2), block, 0, &args)
+        be.launch(
+            &format!("attention_backward_hs{hs_max}_{sfx}"),
+            (bh as u32, t.div_ceil(tile) as u32, 2),
+            block,
+            shared,
+            &args,
+        )
     }
 }
 
