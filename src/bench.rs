@@ -70,7 +70,8 @@ pub fn bench<B: Backend>(
         cfg.model.dropout as f32,
         cfg.model.init_std as f32,
         cfg.train.seed,
-    )?;
+    )?
+    .with_recompute_gelu(cfg.train.recompute_gelu);
     let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?;
     let mut acts = model.activations(backend, b, t, true)?;
     let mut rng = Rng::new(cfg.train.seed);

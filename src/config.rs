@@ -239,7 +239,7 @@ pub struct TrainConfig {
     pub log_interval: usize,
     /// Save a checkpoint every this many steps (0 = only at the end).
     pub checkpoint_interval: usize,
-    /// Tokens to sample at each evaluation and at the end (0 = no samples).
+    /// Tokens to sample at the end of training (0 = no sample).
     pub sample_tokens: usize,
     /// Prompt the samples start from.
     pub sample_prompt: String,
@@ -247,6 +247,8 @@ pub struct TrainConfig {
     pub sample_temperature: f64,
     /// Sample only from the k most likely tokens (0 = off).
     pub sample_top_k: usize,
+    /// Recompute the MLP's GELU in the backward pass instead of keeping it (saves memory).
+    pub recompute_gelu: bool,
 }
 
 impl Default for TrainConfig {
@@ -264,6 +266,7 @@ impl Default for TrainConfig {
             sample_prompt: "\n".to_string(),
             sample_temperature: 1.0,
             sample_top_k: 0,
+            recompute_gelu: false,
         }
     }
 }
@@ -413,6 +416,7 @@ impl Section for TrainConfig {
         "sample_prompt",
         "sample_temperature",
         "sample_top_k",
+        "recompute_gelu",
     ];
 }
 

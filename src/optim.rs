@@ -41,11 +41,7 @@ pub fn lr_at(cfg: &OptimConfig, step: u64, total_steps: u64) -> f32 {
 
 /// √(Σ‖g‖²) over all gradient tensors.
 pub fn global_grad_norm<B: Backend>(backend: &B, grads: &[B::Buf]) -> Result<f64> {
-    let mut sum = 0.0;
-    for g in grads {
-        sum += backend.sum_squares(g)?;
-    }
-    Ok(sum.sqrt())
+    Ok(backend.global_sum_squares(grads)?.sqrt())
 }
 
 /// Factor that brings the gradient norm down to `max_norm` (1 when it is already below, or when

@@ -241,7 +241,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 cfg.data.dir
             );
         }
-        let model = Gpt::from_values(backend, gcfg.clone(), recipe.clone(), dropout, &ck.params)?;
+        let model = Gpt::from_values(backend, gcfg.clone(), recipe.clone(), dropout, &ck.params)?
+            .with_recompute_gelu(cfg.train.recompute_gelu);
         let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?;
         if opts.resume.is_some() {
             state = runs::load_training_state(backend, &ck.dir, model.specs(), &mut optimizer)?;
@@ -256,7 +257,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
             dropout,
             cfg.model.init_std as f32,
             cfg.train.seed,
-        )?;
+        )?
+        .with_recompute_gelu(cfg.train.recompute_gelu);
         let optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?;
         (model, optimizer)
     };

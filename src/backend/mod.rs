@@ -277,6 +277,16 @@ pub trait Backend {
         hp: &AdamW,
     ) -> Result<()>;
 
-    /// Σ x² over the buffer, in f64 (for the global gradient norm).
+    /// Σ x² over the buffer, in f64.
     fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;
+
+    /// Σ x² over all `bufs`, in f64 (the square of the global gradient norm). Backends override
+    /// it to read the result back once instead of once per buffer.
+    fn global_sum_squares(&self, bufs: &[Self::Buf]) -> Result<f64> {
+        let mut total = 0.0;
+        for buf in bufs {
+            total += self.sum_squares(buf)?;
+        }
+        Ok(total)
+    }
 }

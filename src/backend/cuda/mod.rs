@@ -1188,28 +1188,36 @@ impl Backend for CudaBackend {
     }
 
     fn sum_squares(&self, buf: &CudaBuf) -> Result<f64> {
-        let n = buf.len;
-        let g = n.div_ceil(BLOCK as usize).clamp(1, 1024);
-        let partials = self.scratch_ptr(g * 8)?;
-        let name = format!("sum_squares_partial_{}", suffix(buf.dtype)?);
-        self.launch(
-            &name,
-            (g as u32, 1, 1),
-            BLOCK,
-            0,
-            &[
+        self.global_sum_squares(std::slice::from_ref(buf))
+    }
+
+    fn global_sum_squares(&self, bufs: &[CudaBuf]) -> Result<f64> {
+        // Each buffer's partial sums go to its own slots of one scratch array, which is read
+        // back once: one synchronisation per optimizer step instead of one per tensor.
+        let blocks: Vec<usize> = bufs
+            .iter()
+            .map(|b| b.len.div_ceil(BLOCK as usize).clamp(1, 1024))
+            .collect();
+        let slots: usize = blocks.iter().sum();
+        let partials = self.scratch_ptr(slots * 8)?;
+        let mut offset = 0usize;
+        for (buf, &g) in bufs.iter().zip(&blocks) {
+            let name = format!("sum_squares_partial_{}", suffix(buf.dtype)?);
+            let args = [
                 Arg::Ptr(self.ptr(buf)),
-                Arg::Int(int(n)?),
-                Arg::Ptr(partials),
-            ],
-        )?;
+                Arg::Int(int(buf.len)?),
+                Arg::Ptr(partials + (offset * 8) as u64),
+            ];
+            self.launch(&name, (g as u32, 1, 1), BLOCK, 0, &args)?;
+            offset += g;
+        }
         let scratch = self.scratch.borrow();
         let s = scratch
             .as_ref()
             .ok_or_else(|| anyhow!("internal error: no scratch"))?;
-        let mut host = vec![0u8; g * 8];
+        let mut host = vec![0u8; slots * 8];
         self.stream
-            .memcpy_dtoh(&s.slice(..g * 8), &mut host)
+            .memcpy_dtoh(&s.slice(..slots * 8), &mut host)
             .map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
         Ok(host
             .chunks_exact(8)
