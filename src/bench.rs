@@ -80,6 +80,8 @@ pub fn bench<B: Backend>(
     for step in 0..warmup + steps {
         if step == warmup {
             backend.synchronize()?;
+            // Discard what the warm-up steps profiled.
+            backend.profile_report()?;
             start = Instant::now();
         }
         model.zero_grads(backend)?;
@@ -106,6 +108,9 @@ pub fn bench<B: Backend>(
     }
     backend.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
+    if let Some(report) = backend.profile_report()? {
+        eprintln!("device time by kernel over {steps} steps:\n{report}");
+    }
     let tokens = (steps * b * t * accum) as f64;
     let tokens_per_s = tokens / secs;
     let flops = gcfg.flops_per_token(t) * tokens_per_s;

@@ -93,6 +93,11 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()>;
     /// Highest number of bytes held in buffers at once so far.
     fn peak_mem_bytes(&self) -> u64;
+    /// Per-kernel device time since the last call, as a table, when the backend was asked to
+    /// profile (`HALFLING_CUDA_PROFILE=1` for CUDA); `None` otherwise.
+    fn profile_report(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// Dense matrix-multiply peak of this device in FLOP/s for `dtype` inputs, used for MFU.
     fn peak_flops(&self, dtype: DType) -> f64;
 

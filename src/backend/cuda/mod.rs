@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     LaunchConfig, PushKernelArg,
 };
 
@@ -80,6 +80,8 @@ pub struct CudaBackend {
     name: String,
     /// `HALFLING_CUDA_SYNC=1`: wait after every kernel, so a fault names the kernel that caused it.
     sync_each_launch: bool,
+    /// `HALFLING_CUDA_PROFILE=1`: events around every kernel and GEMM, summed by name.
+    profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -270,6 +272,7 @@ impl CudaBackend {
             peak: Cell::new(0),
             name: format!("cuda:{ordinal} ({name})"),
             sync_each_launch: std::env::var("HALFLING_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            profile: std::env::var("HALFLING_CUDA_PROFILE").is_ok_and(|v| v == "1").then(|| RefCell::new(Vec::new())),
         })
     }
 
@@ -316,10 +319,12 @@ impl CudaBackend {
             block_dim: (block, 1, 1),
             shared_mem_bytes: shared,
         };
+        let start = self.profile_event()?;
         // SAFETY: argument lists follow the kernel ABI documented in the .cu files, and every
         // pointer is a live allocation of at least the size the kernel indexes.
         unsafe { b.launch(cfg) }
             .map_err(|e| anyhow!("CUDA kernel {name} failed to launch: {e:?}"))?;
+        self.profile_record(name, start)?;
         if self.sync_each_launch {
             self.stream
                 .synchronize()
@@ -346,6 +351,7 @@ impl CudaBackend {
         beta: f32,
         bias: Option<u64>,
     ) -> Result<()> {
+        let start = self.profile_event()?;
         self.lt.borrow_mut().matmul(
             &self.stream,
             out,
@@ -362,10 +368,35 @@ impl CudaBackend {
             beta,
             bias,
         )?;
+        if start.is_some() {
+            let bias_tag = if bias.is_some() { " +bias" } else { "" };
+            let label = format!("gemm {m}x{n}x{k} {inputs:?}->{out_type:?}{bias_tag}");
+            self.profile_record(&label, start)?;
+        }
         if self.sync_each_launch {
             self.stream
                 .synchronize()
                 .map_err(|e| anyhow!("cuBLASLt matmul {m}x{n}x{k} failed: {e:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// A timing event recorded now, when profiling.
+    fn profile_event(&self) -> Result<Option<CudaEvent>> {
+        match &self.profile {
+            Some(_) => Ok(Some(
+                self.stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| anyhow!("cannot record a CUDA event: {e:?}"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn profile_record(&self, name: &str, start: Option<CudaEvent>) -> Result<()> {
+        if let (Some(log), Some(start)) = (&self.profile, start) {
+            let end = self.profile_event()?.ok_or_else(|| anyhow!("internal error: profiling event"))?;
+            log.borrow_mut().push((name.to_string(), start, end));
         }
         Ok(())
     }
@@ -421,7 +452,7 @@ impl CudaBackend {
         oc: usize,
     ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
-        let rows_per_block = 32usize;
+        let rows_per_block = 128usize;
         let g = n.div_ceil(rows_per_block).max(1);
         let partials = self.scratch_ptr(g * oc * 4)?;
         let sfx = suffix(dout.dtype)?;
@@ -614,6 +645,27 @@ impl Backend for CudaBackend {
 
     fn peak_mem_bytes(&self) -> u64 {
         self.peak.get()
+    }
+
+    fn profile_report(&self) -> Result<Option<String>> {
+        let Some(log) = &self.profile else { return Ok(None) };
+        self.synchronize()?;
+        let mut totals: HashMap<String, (usize, f64)> = HashMap::new();
+        for (name, start, end) in log.borrow_mut().drain(..) {
+            let ms = f64::from(start.elapsed_ms(&end).map_err(|e| anyhow!("CUDA event timing failed: {e:?}"))?);
+            let entry = totals.entry(name).or_insert((0, 0.0));
+            entry.0 += 1;
+            entry.1 += ms;
+        }
+        let all: f64 = totals.values().map(|t| t.1).sum();
+        let mut rows: Vec<_> = totals.into_iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let mut out = format!("{:<58} {:>7} {:>10} {:>6}\n", "kernel", "calls", "total ms", "%");
+        for (name, (calls, ms)) in rows {
+            out.push_str(&format!("{name:<58} {calls:>7} {ms:>10.3} {:>5.1}%\n", 100.0 * ms / all.max(1e-12)));
+        }
+        out.push_str(&format!("{:<58} {:>7} {all:>10.3}\n", "all", ""));
+        Ok(Some(out))
     }
 
     fn peak_flops(&self, dtype: DType) -> f64 {
@@ -913,7 +965,7 @@ impl Backend for CudaBackend {
                 Arg::Int(int(c)?),
             ],
         )?;
-        let rows_per_block = 32usize;
+        let rows_per_block = 128usize;
         let g = n.div_ceil(rows_per_block).max(1);
         let partials = self.scratch_ptr(g * 2 * c * 4)?;
         self.launch(
