@@ -851,6 +851,7 @@ mod tests {
     const SHAKESPEARE: &str = include_str!("../configs/shakespeare_char.toml");
     const GPT2_124M: &str = include_str!("../configs/gpt2_124m.toml");
     const BENCH_0P9B: &str = include_str!("../configs/bench_0p9b.toml");
+    const SHAKESPEARE_GPU: &str = include_str!("../configs/shakespeare_char_gpu.toml");
 
     fn error_of(text: &str) -> String {
         match Config::from_toml_str(text) {
@@ -876,6 +877,8 @@ mod tests {
         );
         assert_eq!(gpt2.model.padded_vocab(gpt2.model.vocab_size), 50304);
         assert_eq!(gpt2.precision.recipe, RecipeName::Bf16);
+        let gpu = Config::from_toml_str(SHAKESPEARE_GPU).unwrap();
+        assert_eq!((gpu.model.n_layer, gpu.model.n_embd, gpu.train.batch_size), (6, 384, 64));
         let big = Config::from_toml_str(BENCH_0P9B).unwrap();
         assert_eq!((big.model.n_layer, big.model.n_embd), (16, 2048));
         assert_eq!(big.train.batch_size, 8);

@@ -452,7 +452,7 @@ impl CudaBackend {
         oc: usize,
     ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
-        let rows_per_block = 128usize;
+        let rows_per_block = 32usize;
         let g = n.div_ceil(rows_per_block).max(1);
         let partials = self.scratch_ptr(g * oc * 4)?;
         let sfx = suffix(dout.dtype)?;
@@ -965,7 +965,7 @@ impl Backend for CudaBackend {
                 Arg::Int(int(c)?),
             ],
         )?;
-        let rows_per_block = 128usize;
+        let rows_per_block = 32usize;
         let g = n.div_ceil(rows_per_block).max(1);
         let partials = self.scratch_ptr(g * 2 * c * 4)?;
         self.launch(
