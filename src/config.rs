@@ -878,7 +878,10 @@ mod tests {
         assert_eq!(gpt2.model.padded_vocab(gpt2.model.vocab_size), 50304);
         assert_eq!(gpt2.precision.recipe, RecipeName::Bf16);
         let gpu = Config::from_toml_str(SHAKESPEARE_GPU).unwrap();
-        assert_eq!((gpu.model.n_layer, gpu.model.n_embd, gpu.train.batch_size), (6, 384, 64));
+        assert_eq!(
+            (gpu.model.n_layer, gpu.model.n_embd, gpu.train.batch_size),
+            (6, 384, 64)
+        );
         let big = Config::from_toml_str(BENCH_0P9B).unwrap();
         assert_eq!((big.model.n_layer, big.model.n_embd), (16, 2048));
         assert_eq!(big.train.batch_size, 8);

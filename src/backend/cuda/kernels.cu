@@ -565,18 +565,39 @@ __device__ void layernorm_backward_params_partial_impl(float* partials, const T*
     }
 FOR_EACH_TYPE(DEF_LN_BWD_PARTIAL)
 
+// The two reduce kernels below sum G partial rows per column. One thread per column left the
+// GPU nearly idle (a few blocks, long dependent load chains), so each block takes 32 columns
+// and 8 row groups: thread (x, y) sums rows g ≡ y (mod 8) in order, then the 8 group sums are
+// added in a fixed order. Launch: grid = ceil(C / 32), block = 256 (32 × 8). Deterministic.
+#define REDUCE_COLS 32
+#define REDUCE_GROUPS 8
+
 /// layernorm_backward_params_reduce: dweight[c] += Σ_g dw partials, dbias[c] += Σ_g db partials.
 extern "C" __global__ void layernorm_backward_params_reduce(float* dweight, float* dbias,
                                                             const float* partials, int G, int C) {
-    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (c >= C) return;
+    __shared__ float sw_s[REDUCE_GROUPS][REDUCE_COLS];
+    __shared__ float sb_s[REDUCE_GROUPS][REDUCE_COLS];
+    const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
+    const int c = (int)blockIdx.x * REDUCE_COLS + x;
     float sw = 0.0f, sb = 0.0f;
-    for (int g = 0; g < G; ++g) {
-        sw += partials[(u64)(2 * g) * C + c];
-        sb += partials[(u64)(2 * g + 1) * C + c];
+    if (c < C) {
+        for (int g = y; g < G; g += REDUCE_GROUPS) {
+            sw += partials[(u64)(2 * g) * C + c];
+            sb += partials[(u64)(2 * g + 1) * C + c];
+        }
     }
-    dweight[c] += sw;
-    dbias[c] += sb;
+    sw_s[y][x] = sw;
+    sb_s[y][x] = sb;
+    __syncthreads();
+    if (y == 0 && c < C) {
+        float tw = 0.0f, tb = 0.0f;
+        for (int j = 0; j < REDUCE_GROUPS; ++j) {
+            tw += sw_s[j][x];
+            tb += sb_s[j][x];
+        }
+        dweight[c] += tw;
+        dbias[c] += tb;
+    }
 }
 
 /// bias_backward_partial_T: partials[g, oc] = Σ of dout[:, oc] over block g's rows, in order.
@@ -605,13 +626,22 @@ __device__ void bias_backward_partial_impl(float* partials, const T* dout, int N
     }
 FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
 
-/// bias_backward_reduce: dbias[oc] += Σ_g partials[g, oc], in g order.
+/// bias_backward_reduce: dbias[oc] += Σ_g partials[g, oc] (row groups as above).
 extern "C" __global__ void bias_backward_reduce(float* dbias, const float* partials, int G, int OC) {
-    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (c >= OC) return;
+    __shared__ float s_s[REDUCE_GROUPS][REDUCE_COLS];
+    const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
+    const int c = (int)blockIdx.x * REDUCE_COLS + x;
     float s = 0.0f;
-    for (int g = 0; g < G; ++g) s += partials[(u64)g * OC + c];
-    dbias[c] += s;
+    if (c < OC) {
+        for (int g = y; g < G; g += REDUCE_GROUPS) s += partials[(u64)g * OC + c];
+    }
+    s_s[y][x] = s;
+    __syncthreads();
+    if (y == 0 && c < OC) {
+        float t = 0.0f;
+        for (int j = 0; j < REDUCE_GROUPS; ++j) t += s_s[j][x];
+        dbias[c] += t;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use super::{AdamW, Backend, GemmSpec};
@@ -272,7 +272,9 @@ impl CudaBackend {
             peak: Cell::new(0),
             name: format!("cuda:{ordinal} ({name})"),
             sync_each_launch: std::env::var("HALFLING_CUDA_SYNC").is_ok_and(|v| v == "1"),
-            profile: std::env::var("HALFLING_CUDA_PROFILE").is_ok_and(|v| v == "1").then(|| RefCell::new(Vec::new())),
+            profile: std::env::var("HALFLING_CUDA_PROFILE")
+                .is_ok_and(|v| v == "1")
+                .then(|| RefCell::new(Vec::new())),
         })
     }
 
@@ -395,7 +397,9 @@ impl CudaBackend {
 
     fn profile_record(&self, name: &str, start: Option<CudaEvent>) -> Result<()> {
         if let (Some(log), Some(start)) = (&self.profile, start) {
-            let end = self.profile_event()?.ok_or_else(|| anyhow!("internal error: profiling event"))?;
+            let end = self
+                .profile_event()?
+                .ok_or_else(|| anyhow!("internal error: profiling event"))?;
             log.borrow_mut().push((name.to_string(), start, end));
         }
         Ok(())
@@ -472,7 +476,7 @@ impl CudaBackend {
         let db = self.ptr_mut(dbias);
         self.launch(
             "bias_backward_reduce",
-            (oc.div_ceil(256) as u32, 1, 1),
+            (oc.div_ceil(32) as u32, 1, 1),
             BLOCK,
             0,
             &[
@@ -648,11 +652,17 @@ impl Backend for CudaBackend {
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
-        let Some(log) = &self.profile else { return Ok(None) };
+        let Some(log) = &self.profile else {
+            return Ok(None);
+        };
         self.synchronize()?;
         let mut totals: HashMap<String, (usize, f64)> = HashMap::new();
         for (name, start, end) in log.borrow_mut().drain(..) {
-            let ms = f64::from(start.elapsed_ms(&end).map_err(|e| anyhow!("CUDA event timing failed: {e:?}"))?);
+            let ms = f64::from(
+                start
+                    .elapsed_ms(&end)
+                    .map_err(|e| anyhow!("CUDA event timing failed: {e:?}"))?,
+            );
             let entry = totals.entry(name).or_insert((0, 0.0));
             entry.0 += 1;
             entry.1 += ms;
@@ -660,9 +670,15 @@ impl Backend for CudaBackend {
         let all: f64 = totals.values().map(|t| t.1).sum();
         let mut rows: Vec<_> = totals.into_iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        let mut out = format!("{:<58} {:>7} {:>10} {:>6}\n", "kernel", "calls", "total ms", "%");
+        let mut out = format!(
+            "{:<58} {:>7} {:>10} {:>6}\n",
+            "kernel", "calls", "total ms", "%"
+        );
         for (name, (calls, ms)) in rows {
-            out.push_str(&format!("{name:<58} {calls:>7} {ms:>10.3} {:>5.1}%\n", 100.0 * ms / all.max(1e-12)));
+            out.push_str(&format!(
+                "{name:<58} {calls:>7} {ms:>10.3} {:>5.1}%\n",
+                100.0 * ms / all.max(1e-12)
+            ));
         }
         out.push_str(&format!("{:<58} {:>7} {all:>10.3}\n", "all", ""));
         Ok(Some(out))
@@ -677,6 +693,14 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
+        if value.to_bits() == 0 {
+            // +0.0 is all-zero bytes in every format: the driver's memset (zeroing gradients at
+            // every step) is cheaper than a kernel.
+            return self
+                .stream
+                .memset_zeros(&mut buf.mem)
+                .map_err(|e| anyhow!("zeroing a GPU buffer failed: {e:?}"));
+        }
         let n = buf.len;
         let name = format!("fill_{}", suffix(buf.dtype)?);
         let p = self.ptr_mut(buf);
@@ -987,7 +1011,7 @@ impl Backend for CudaBackend {
         let (pdw, pdb) = (self.ptr_mut(dweight), self.ptr_mut(dbias));
         self.launch(
             "layernorm_backward_params_reduce",
-            (c.div_ceil(256) as u32, 1, 1),
+            (c.div_ceil(32) as u32, 1, 1),
             256,
             0,
             &[
