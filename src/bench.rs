@@ -58,6 +58,7 @@ pub fn bench<B: Backend>(
     };
     let gcfg = train::gpt_config(cfg, vocab)?;
     let recipe = Recipe::new(cfg.precision.recipe);
+    recipe.check_backend(backend)?;
     let (b, t, accum) = (
         cfg.train.batch_size,
         cfg.model.block_size,
@@ -76,6 +77,7 @@ pub fn bench<B: Backend>(
     let mut acts = model.activations(backend, b, t, true)?;
     let mut rng = Rng::new(cfg.train.seed);
     let mut batch = || -> Vec<u32> { (0..b * t).map(|_| rng.below(vocab as u64) as u32).collect() };
+    let mut scaler = train::loss_scaler(cfg, &recipe);
     let mut start = Instant::now();
     for step in 0..warmup + steps {
         if step == warmup {
@@ -85,6 +87,7 @@ pub fn bench<B: Backend>(
             start = Instant::now();
         }
         model.zero_grads(backend)?;
+        let loss_weight = scaler.as_ref().map_or(1.0, |s| s.scale) as f32 / accum as f32;
         for micro in 0..accum {
             let (inputs, targets) = (batch(), batch());
             model.forward_backward(
@@ -92,18 +95,17 @@ pub fn bench<B: Backend>(
                 &mut acts,
                 &inputs,
                 &targets,
-                1.0 / accum as f32,
+                loss_weight,
                 (step * accum + micro) as u64,
             )?;
         }
-        let norm = optim::global_grad_norm(backend, model.grads())?;
-        let clip = optim::clip_factor(norm, cfg.optim.grad_clip);
-        optimizer.update(
+        optim::apply_step(
             backend,
+            &mut model,
+            &mut optimizer,
             &cfg.optim,
-            model.params_mut(),
             cfg.optim.lr as f32,
-            clip,
+            scaler.as_mut(),
         )?;
     }
     backend.synchronize()?;

@@ -306,6 +306,7 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
     };
     let recipe = Recipe::new(ck.config.precision.recipe);
     let text = on_device!(device, be => {
+        recipe.check_backend(be)?;
         let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params)?;
         generate(be, &model, &ck.tokenizer, &opts)?
     });
@@ -326,6 +327,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     let recipe = Recipe::new(ck.config.precision.recipe);
     let batch = ck.config.train.batch_size;
     let val_loss = on_device!(device, be => {
+        recipe.check_backend(be)?;
         let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params)?;
         let mut acts = model.activations(be, batch, ck.gpt.block_size, false)?;
         train::evaluate(be, &model, &mut acts, &data.val, 0, 0)?

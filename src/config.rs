@@ -112,6 +112,8 @@ string_enum! {
         Fp32 => "fp32",
         /// bf16 compute copies and activations, fp32 master weights and optimizer state.
         Bf16 => "bf16",
+        /// fp16 compute copies and activations, fp32 master weights, dynamic loss scaling.
+        Fp16 => "fp16",
     }
 }
 
@@ -331,12 +333,24 @@ impl OptimConfig {
 pub struct PrecisionConfig {
     /// The recipe.
     pub recipe: RecipeName,
+    /// fp16: loss scale at the start of training.
+    pub loss_scale_init: f64,
+    /// fp16: grow the scale after this many steps in a row without overflow.
+    pub loss_scale_growth_interval: usize,
+    /// fp16: factor the scale grows by.
+    pub loss_scale_growth: f64,
+    /// fp16: factor the scale shrinks by after an overflow (the step is skipped).
+    pub loss_scale_backoff: f64,
 }
 
 impl Default for PrecisionConfig {
     fn default() -> Self {
         Self {
             recipe: RecipeName::Fp32,
+            loss_scale_init: 65536.0,
+            loss_scale_growth_interval: 2000,
+            loss_scale_growth: 2.0,
+            loss_scale_backoff: 0.5,
         }
     }
 }
@@ -436,7 +450,13 @@ impl Section for OptimConfig {
 }
 
 impl Section for PrecisionConfig {
-    const KEYS: &'static [&'static str] = &["recipe"];
+    const KEYS: &'static [&'static str] = &[
+        "recipe",
+        "loss_scale_init",
+        "loss_scale_growth_interval",
+        "loss_scale_growth",
+        "loss_scale_backoff",
+    ];
 }
 
 impl Section for DeviceConfig {
@@ -667,6 +687,32 @@ impl Config {
         check(
             o.grad_clip.is_finite() && o.grad_clip >= 0.0,
             format!("optim.grad_clip = {} must be >= 0 (0 = off)", o.grad_clip),
+        );
+        let p = &self.precision;
+        check(
+            p.loss_scale_init.is_finite() && p.loss_scale_init > 0.0,
+            format!(
+                "precision.loss_scale_init = {} must be a positive number",
+                p.loss_scale_init
+            ),
+        );
+        check(
+            p.loss_scale_growth_interval > 0,
+            "precision.loss_scale_growth_interval must be at least 1".into(),
+        );
+        check(
+            p.loss_scale_growth.is_finite() && p.loss_scale_growth >= 1.0,
+            format!(
+                "precision.loss_scale_growth = {} must be >= 1",
+                p.loss_scale_growth
+            ),
+        );
+        check(
+            p.loss_scale_backoff > 0.0 && p.loss_scale_backoff < 1.0,
+            format!(
+                "precision.loss_scale_backoff = {} must be in (0, 1)",
+                p.loss_scale_backoff
+            ),
         );
 
         if problems.is_empty() {
@@ -979,7 +1025,7 @@ mod tests {
         assert!(message.contains("expected a number"), "{message}");
         let message = error_of("[precision]\nrecipe = 16\n");
         assert!(
-            message.contains("expected a string (one of: fp32, bf16), found an integer"),
+            message.contains("expected a string (one of: fp32, bf16, fp16), found an integer"),
             "{message}"
         );
         let message = error_of("[train]\nmax_steps = -5\n");

@@ -5,8 +5,9 @@ use anyhow::{bail, Result};
 
 use crate::backend::{AdamW, Backend};
 use crate::config::{DecayKind as Decay, OptimConfig};
-use crate::model::{ParamBufs, ParamSpec};
+use crate::model::{Gpt, ParamBufs, ParamSpec};
 use crate::numerics::DType;
+use crate::numerics::LossScaler;
 
 /// Learning rate at 0-based `step`: linear warmup to `lr` over `warmup_steps`, then cosine or
 /// linear decay to `min_lr` over the following steps up to `decay_steps` (or `total_steps`),
@@ -52,6 +53,41 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
     } else {
         1.0
     }
+}
+
+/// What [`apply_step`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// Global norm of the (unscaled) gradients; inf or NaN when they overflowed.
+    pub grad_norm: f64,
+    /// False when the step was skipped because the gradients were not finite.
+    pub applied: bool,
+}
+
+/// The optimizer step after a backward pass: measures the gradient norm, undoes the loss scale,
+/// clips, and updates the weights, or, with a loss scaler, skips the step when the gradients
+/// overflowed (the scaler then backs off). Without a scaler non-finite gradients are returned
+/// unapplied and the caller decides (training stops with an error).
+pub fn apply_step<B: Backend>(
+    backend: &B,
+    model: &mut Gpt<B>,
+    optimizer: &mut AdamWState<B>,
+    cfg: &OptimConfig,
+    lr: f32,
+    scaler: Option<&mut LossScaler>,
+) -> Result<StepOutcome> {
+    let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let grad_norm = global_grad_norm(backend, model.grads())? / scale;
+    let finite = grad_norm.is_finite();
+    let applied = match scaler {
+        Some(scaler) => scaler.update(finite),
+        None => finite,
+    };
+    if applied {
+        let factor = clip_factor(grad_norm, cfg.grad_clip) as f64 / scale;
+        optimizer.update(backend, cfg, model.params_mut(), lr, factor as f32)?;
+    }
+    Ok(StepOutcome { grad_norm, applied })
 }
 
 /// AdamW state: first and second moments per parameter tensor, and the step count.

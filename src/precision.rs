@@ -36,6 +36,8 @@ pub struct Recipe {
     pub grads: DType,
     /// Format of AdamW's first and second moments.
     pub optimizer_state: DType,
+    /// Whether the loss is scaled dynamically (fp16's narrow exponent range needs it).
+    pub loss_scaling: bool,
 }
 
 impl Recipe {
@@ -44,6 +46,7 @@ impl Recipe {
         let low = match name {
             RecipeName::Fp32 => DType::F32,
             RecipeName::Bf16 => DType::BF16,
+            RecipeName::Fp16 => DType::F16,
         };
         Self {
             name,
@@ -52,6 +55,7 @@ impl Recipe {
             activations: low,
             grads: DType::F32,
             optimizer_state: DType::F32,
+            loss_scaling: name == RecipeName::Fp16,
         }
     }
 
@@ -67,6 +71,20 @@ impl Recipe {
                 inputs: self.activations,
             },
         }
+    }
+
+    /// An error when `backend` cannot run this recipe's formats.
+    pub fn check_backend<B: crate::backend::Backend>(&self, backend: &B) -> anyhow::Result<()> {
+        for dtype in [self.compute_weights, self.activations, self.grads] {
+            if !backend.supports(dtype) {
+                anyhow::bail!(
+                    "precision.recipe = {} needs {dtype} tensors, which the {} backend does not support yet; use --device cpu or another recipe",
+                    self.name,
+                    backend.kind()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The format matmul throughput is quoted in, for MFU.
@@ -88,6 +106,17 @@ mod tests {
         assert_eq!(r.activations, DType::BF16);
         assert!(r.has_compute_copy());
         assert_eq!(r.gemm(GemmRole::WeightGrad).inputs, DType::BF16);
+    }
+
+    #[test]
+    fn fp16_scales_the_loss_and_keeps_fp32_master() {
+        let r = Recipe::new(RecipeName::Fp16);
+        assert!(r.loss_scaling);
+        assert_eq!(
+            (r.master, r.activations, r.grads),
+            (DType::F32, DType::F16, DType::F32)
+        );
+        assert!(!Recipe::new(RecipeName::Bf16).loss_scaling);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::checkpoint::{self, GptShape, ModelSaveOptions, NamedTensor};
 use crate::config::Config;
 use crate::data::{LoaderState, Tokenizer};
 use crate::model::{Gpt, GptConfig, ParamSpec};
+use crate::numerics::LossScaler;
 use crate::optim::AdamWState;
 
 /// Name of the checkpoint directory inside a run directory.
@@ -48,6 +49,9 @@ pub struct TrainerState {
     pub loader: LoaderState,
     /// Best validation loss seen so far.
     pub best_val_loss: Option<f64>,
+    /// The fp16 loss scaler's state (None for recipes without loss scaling).
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
     /// Wall seconds spent training so far, over all sessions of the run.
     pub elapsed_s: f64,
     /// halfling version that wrote the checkpoint.

@@ -13,6 +13,7 @@ use crate::data::{self, BatchLoader, EvalBatches, PrepareOptions, Shard, Tokeniz
 use crate::generate::{generate, SampleOptions};
 use crate::metrics::{self, MetricsWriter, StepMetrics, Summary};
 use crate::model::{Activations, Gpt, GptConfig};
+use crate::numerics::LossScaler;
 use crate::optim::{self, AdamWState};
 use crate::precision::Recipe;
 use crate::runs::{self, CheckpointParts, TrainerState};
@@ -188,6 +189,29 @@ fn size_mismatch(checkpoint: &GptConfig, config: &GptConfig) -> Option<String> {
     })
 }
 
+/// The loss scaler's fields for `metrics.jsonl` (fp16 runs).
+fn scaler_metrics(scaler: Option<&LossScaler>) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    if let Some(s) = scaler {
+        extra.insert("loss_scale".into(), s.scale.into());
+        extra.insert("skipped_steps".into(), s.skipped_steps.into());
+    }
+    extra
+}
+
+/// A loss scaler for the recipes that need one.
+pub fn loss_scaler(cfg: &Config, recipe: &Recipe) -> Option<LossScaler> {
+    let p = &cfg.precision;
+    recipe.loss_scaling.then(|| {
+        LossScaler::new(
+            p.loss_scale_init,
+            p.loss_scale_growth,
+            p.loss_scale_backoff,
+            p.loss_scale_growth_interval as u64,
+        )
+    })
+}
+
 /// Seed of the validation windows, fixed per run so evaluations compare.
 fn eval_seed(cfg: &Config) -> u64 {
     cfg.train.seed ^ 0x005E_ED0F_E7A1
@@ -204,6 +228,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
     let data = load_data(&cfg, opts.quiet)?;
     let gcfg = gpt_config(&cfg, data.tokenizer.vocab_size())?;
     let recipe = Recipe::new(cfg.precision.recipe);
+    recipe.check_backend(backend)?;
     let (b, t, accum) = (
         cfg.train.batch_size,
         cfg.model.block_size,
@@ -221,6 +246,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         tokens: 0,
         loader: loader.state(),
         best_val_loss: None,
+        loss_scaler: loss_scaler(&cfg, &recipe),
         elapsed_s: 0.0,
         halfling_version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -310,6 +336,9 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         let step_start = Instant::now();
         let lr = optim::lr_at(&cfg.optim, step, max_steps);
         model.zero_grads(backend)?;
+        // With fp16 the loss (so every gradient) is multiplied by the loss scale; apply_step
+        // divides it out again.
+        let loss_weight = state.loss_scaler.as_ref().map_or(1.0, |s| s.scale) as f32 / accum as f32;
         let mut loss = 0.0f64;
         for micro in 0..accum {
             loader.next_batch(&mut inputs, &mut targets);
@@ -318,22 +347,31 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 &mut acts,
                 &inputs,
                 &targets,
-                1.0 / accum as f32,
+                loss_weight,
                 dropout_seed(&cfg, step, micro),
             )?;
             loss += f64::from(l) / accum as f64;
         }
-        let norm = optim::global_grad_norm(backend, model.grads())?;
-        if !loss.is_finite() || !norm.is_finite() {
+        let outcome = optim::apply_step(
+            backend,
+            &mut model,
+            &mut optimizer,
+            &cfg.optim,
+            lr,
+            state.loss_scaler.as_mut(),
+        )?;
+        let norm = outcome.grad_norm;
+        let scaler_gave_up = state.loss_scaler.as_ref().is_some_and(|s| s.exhausted());
+        if !outcome.applied && (state.loss_scaler.is_none() || scaler_gave_up) {
             bail!(
                 "training diverged at step {}: loss = {loss}, gradient norm = {norm}; lower optim.lr (now {}) or raise optim.warmup_steps; the last checkpoint is intact",
                 step + 1,
                 cfg.optim.lr
             );
         }
-        last_train = loss;
-        let clip = optim::clip_factor(norm, cfg.optim.grad_clip);
-        optimizer.update(backend, &cfg.optim, model.params_mut(), lr, clip)?;
+        if loss.is_finite() {
+            last_train = loss;
+        }
         backend.synchronize()?;
         state.step += 1;
         state.tokens += tokens_per_step;
@@ -382,7 +420,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 tokens_per_s,
                 ms_per_step: step_s * 1e3,
                 val_loss,
-                extra: Default::default(),
+                extra: scaler_metrics(state.loss_scaler.as_ref()),
             })?;
         }
         bar.set_position(state.step);

@@ -187,24 +187,21 @@ fn trains_evaluates_samples_and_is_deterministic() {
     );
 }
 
-#[test]
-fn resume_continues_bitwise_identically() {
+fn check_resume(extra: &[&str]) {
     let sb = Sandbox::new();
-    sb.ok(&[
-        "train",
-        "--config",
-        "tiny.toml",
-        "--out",
-        "runs/straight",
-        "--quiet",
-    ]);
-    sb.ok(&[
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--quiet");
+        all.extend(extra);
+        sb.ok(&all);
+    };
+    run(&["train", "--config", "tiny.toml", "--out", "runs/straight"]);
+    run(&[
         "train",
         "--config",
         "tiny.toml",
         "--out",
         "runs/split",
-        "--quiet",
         "--stop-at",
         "10",
     ]);
@@ -219,11 +216,27 @@ fn resume_continues_bitwise_identically() {
     assert_eq!(straight.len(), 20);
     assert_eq!(
         straight, split,
-        "resumed run diverged from the straight run"
+        "resumed run diverged from the straight run ({extra:?})"
     );
     let a = fs::read(sb.path("runs/straight/checkpoint/model.safetensors")).unwrap();
     let b = fs::read(sb.path("runs/split/checkpoint/model.safetensors")).unwrap();
-    assert!(a == b, "final weights differ after resume");
+    assert!(a == b, "final weights differ after resume ({extra:?})");
+}
+
+#[test]
+fn resume_continues_bitwise_identically() {
+    check_resume(&[]);
+}
+
+#[test]
+fn resume_keeps_the_fp16_loss_scaler_state() {
+    // The scale grows every 3 clean steps, so the resumed run must restore it exactly.
+    check_resume(&[
+        "--set",
+        "precision.recipe=fp16",
+        "--set",
+        "precision.loss_scale_growth_interval=3",
+    ]);
 }
 
 #[test]
@@ -399,4 +412,72 @@ fn bad_input_gives_clear_errors() {
         "optim.grad_clip=0",
     ]);
     assert!(e.contains("diverged"), "{e}");
+}
+
+fn metrics(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+#[test]
+fn fp16_recipe_tracks_fp32_and_skips_overflowing_steps() {
+    let sb = Sandbox::new();
+    let common = [
+        "--quiet",
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "model.dropout=0.0",
+    ];
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--config", "tiny.toml", "--out", out];
+        args.extend(common);
+        args.extend(extra);
+        sb.ok(&args);
+        summary(&sb.path(out).join("summary.json"))["final_val_loss"]
+            .as_f64()
+            .expect("val loss")
+    };
+    let fp32 = run("runs/fp32", &[]);
+    let fp16 = run("runs/fp16", &["--set", "precision.recipe=fp16"]);
+    assert!(
+        (fp16 - fp32).abs() / fp32 < 0.02,
+        "fp16 val loss {fp16} vs fp32 {fp32}"
+    );
+    let m = metrics(&sb.path("runs/fp16/metrics.jsonl"));
+    assert_eq!(m[0]["loss_scale"].as_f64(), Some(65536.0));
+
+    // A scale of 1e12 overflows fp16 gradients: those steps are skipped and the scale halves
+    // each time until the gradients fit; training then proceeds with finite losses.
+    run(
+        "runs/overflow",
+        &[
+            "--set",
+            "precision.recipe=fp16",
+            "--set",
+            "precision.loss_scale_init=1e12",
+        ],
+    );
+    let m = metrics(&sb.path("runs/overflow/metrics.jsonl"));
+    let skipped = m.last().expect("lines")["skipped_steps"]
+        .as_u64()
+        .expect("skipped_steps");
+    assert!(skipped >= 5, "only {skipped} steps skipped at scale 1e12");
+    let first = m[0]["loss_scale"].as_f64().expect("loss_scale");
+    let last = m.last().expect("lines")["loss_scale"]
+        .as_f64()
+        .expect("loss_scale");
+    assert_eq!(first, 5e11, "the first step overflows and halves the scale");
+    // No growth within 40 steps (growth interval 2000): each skip halved the scale exactly.
+    assert_eq!(
+        last,
+        1e12 * 0.5f64.powi(skipped as i32),
+        "scale {last} after {skipped} skips"
+    );
+    assert!(m
+        .iter()
+        .all(|l| l["train_loss"].as_f64().is_some_and(f64::is_finite)));
 }

@@ -93,6 +93,12 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()>;
     /// Highest number of bytes held in buffers at once so far.
     fn peak_mem_bytes(&self) -> u64;
+    /// Whether the backend can store and compute with `dtype` buffers.
+    fn supports(&self, dtype: DType) -> bool {
+        let _ = dtype;
+        true
+    }
+
     /// Per-kernel device time since the last call, as a table, when the backend was asked to
     /// profile (`HALFLING_CUDA_PROFILE=1` for CUDA); `None` otherwise.
     fn profile_report(&self) -> Result<Option<String>> {

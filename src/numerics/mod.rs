@@ -11,11 +11,14 @@
 //!   low-precision training), [`encode`]/[`decode`] to little-endian bytes, [`amax`] and the
 //!   scaled FP8 cast [`cast_scaled`].
 //! - Per-tensor FP8 scaling state: [`AmaxHistory`] and [`scale_from_amax`].
+//! - Dynamic loss scaling for fp16: [`LossScaler`].
 
 mod convert;
 mod dtype;
+mod loss_scale;
 mod scaling;
 
 pub use convert::*;
 pub use dtype::*;
+pub use loss_scale::LossScaler;
 pub use scaling::*;

@@ -651,6 +651,10 @@ impl Backend for CudaBackend {
         self.peak.get()
     }
 
+    fn supports(&self, dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::BF16)
+    }
+
     fn profile_report(&self) -> Result<Option<String>> {
         let Some(log) = &self.profile else {
             return Ok(None);
