@@ -1091,7 +1091,10 @@ mod tests {
         for (recipe, tol) in [(RecipeName::Bf16, 1e-2), (RecipeName::Fp16, 2e-3)] {
             let low = loss(recipe);
             assert!(low != l32, "{recipe} must actually round");
-            assert!((low - l32).abs() / l32 < tol, "fp32 {l32} vs {recipe} {low}");
+            assert!(
+                (low - l32).abs() / l32 < tol,
+                "fp32 {l32} vs {recipe} {low}"
+            );
         }
     }
 
