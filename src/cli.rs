@@ -42,6 +42,8 @@ enum Command {
     Bench(BenchArgs),
     /// Check every backend op against the f64 CPU reference on random inputs.
     Selftest(SelftestArgs),
+    /// Numerics of a run trained with precision.monitor_interval > 0: a table and numerics.svg.
+    Report(ReportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -158,6 +160,13 @@ struct BenchArgs {
 }
 
 #[derive(Args, Debug)]
+struct ReportArgs {
+    /// Run directory.
+    #[arg(long)]
+    run: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct SelftestArgs {
     /// Seed of the random inputs (default: fresh each run).
     #[arg(long)]
@@ -176,6 +185,7 @@ pub fn run() -> Result<()> {
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
         Command::Selftest(a) => selftest_cmd(a),
+        Command::Report(a) => report_cmd(a),
     }
 }
 
@@ -373,5 +383,14 @@ fn selftest_cmd(a: SelftestArgs) -> Result<()> {
         bail!("{failed} of {} checks failed", rows.len());
     }
     println!("all {} checks passed", rows.len());
+    Ok(())
+}
+
+fn report_cmd(a: ReportArgs) -> Result<()> {
+    let records = crate::monitor::read_records(&a.run.join(crate::monitor::NUMERICS_FILE))?;
+    print!("{}", crate::monitor::report_table(&records));
+    let plot = a.run.join("numerics.svg");
+    crate::monitor::plot_layers(&records, &plot)?;
+    println!("plot: {}", plot.display());
     Ok(())
 }

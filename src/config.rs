@@ -341,6 +341,8 @@ pub struct PrecisionConfig {
     pub loss_scale_growth: f64,
     /// fp16: factor the scale shrinks by after an overflow (the step is skipped).
     pub loss_scale_backoff: f64,
+    /// Record tensor statistics to numerics.jsonl every this many steps (0 = off).
+    pub monitor_interval: usize,
 }
 
 impl Default for PrecisionConfig {
@@ -351,6 +353,7 @@ impl Default for PrecisionConfig {
             loss_scale_growth_interval: 2000,
             loss_scale_growth: 2.0,
             loss_scale_backoff: 0.5,
+            monitor_interval: 0,
         }
     }
 }
@@ -456,6 +459,7 @@ impl Section for PrecisionConfig {
         "loss_scale_growth_interval",
         "loss_scale_growth",
         "loss_scale_backoff",
+        "monitor_interval",
     ];
 }
 

@@ -4,7 +4,7 @@
 //! [`backend`] (the op set behind one trait, CPU reference implementation) ·
 //! [`numerics`] (storage formats) · [`precision`] (recipes) · [`model`] (GPT-2 forward and
 //! backward) · [`optim`] (AdamW, schedule, clipping) · [`data`] (tokenizers, shards, loaders) ·
-//! [`checkpoint`] (safetensors in Hugging Face layout) · [`train`], [`generate`], [`bench`],
+//! [`checkpoint`] (safetensors in Hugging Face layout) · [`monitor`] (numerics statistics) · [`train`], [`generate`], [`bench`],
 //! [`selftest`] (what the commands do) · [`cli`] (the command line).
 
 pub mod backend;
@@ -16,6 +16,7 @@ pub mod data;
 pub mod generate;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod numerics;
 pub mod optim;
 pub mod precision;

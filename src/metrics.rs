@@ -257,16 +257,16 @@ impl Summary {
 }
 
 /// One curve of a loss chart.
-struct Curve {
-    label: String,
-    points: Vec<(f64, f64)>,
-    color: RGBColor,
-    stroke_width: u32,
-    markers: bool,
+pub(crate) struct Curve {
+    pub(crate) label: String,
+    pub(crate) points: Vec<(f64, f64)>,
+    pub(crate) color: RGBColor,
+    pub(crate) stroke_width: u32,
+    pub(crate) markers: bool,
 }
 
 /// Colors for successive runs in [`plot_runs`]; they repeat after the last.
-const RUN_COLORS: [RGBColor; 8] = [
+pub(crate) const RUN_COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -296,7 +296,7 @@ pub fn plot_losses(metrics: &[StepMetrics], path_svg: impl AsRef<Path>) -> Resul
             markers: true,
         },
     ];
-    draw_chart("Loss", curves, path_svg.as_ref())
+    draw_chart("Loss", "step", "loss", curves, path_svg.as_ref())
 }
 
 /// Draws several runs' curves into one SVG for comparison: per run, a thin train-loss line and
@@ -320,7 +320,7 @@ pub fn plot_runs(runs: &[(String, Vec<StepMetrics>)], path_svg: impl AsRef<Path>
             markers: true,
         });
     }
-    draw_chart("Loss by run", curves, path_svg.as_ref())
+    draw_chart("Loss by run", "step", "loss", curves, path_svg.as_ref())
 }
 
 /// (step, train loss) for every record with a finite train loss.
@@ -342,7 +342,13 @@ fn val_points(metrics: &[StepMetrics]) -> Vec<(f64, f64)> {
 }
 
 /// Renders the curves (empty ones are left out of chart and legend) to an SVG file.
-fn draw_chart(title: &str, curves: Vec<Curve>, path: &Path) -> Result<()> {
+pub(crate) fn draw_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    curves: Vec<Curve>,
+    path: &Path,
+) -> Result<()> {
     let curves: Vec<Curve> = curves
         .into_iter()
         .filter(|c| !c.points.is_empty())
@@ -383,8 +389,8 @@ fn draw_chart(title: &str, curves: Vec<Curve>, path: &Path) -> Result<()> {
             .map_err(|e| plot_error(&e))?;
         chart
             .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
+            .x_desc(x_label)
+            .y_desc(y_label)
             .axis_desc_style(("sans-serif", 18))
             .label_style(("sans-serif", 14))
             .x_label_formatter(&|step| format!("{step:.0}"))

@@ -295,10 +295,13 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
     std::fs::write(run_dir.join(runs::CONFIG_TOML), cfg.to_toml_string()?)
         .with_context(|| format!("cannot write {}", run_dir.join(runs::CONFIG_TOML).display()))?;
     let metrics_path = run_dir.join(metrics::METRICS_FILE);
+    let numerics_path = run_dir.join(crate::monitor::NUMERICS_FILE);
     if state.step == 0 {
         let _ = std::fs::remove_file(&metrics_path);
+        let _ = std::fs::remove_file(&numerics_path);
     } else {
         metrics::truncate_after(&metrics_path, state.step)?;
+        metrics::truncate_after(&numerics_path, state.step)?;
     }
     let mut writer = MetricsWriter::open(&run_dir)?;
 
@@ -329,6 +332,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
     let prior_elapsed_s = state.elapsed_s;
     // Time spent in training steps only (evaluation and checkpoints excluded), for tokens/s.
     let mut train_s = 0.0f64;
+    // Time spent by the numerics monitor (inside train_s), reported in summary.json.
+    let mut monitor_s = 0.0f64;
     let mut last_val = None;
     let mut last_train = f64::NAN;
     while state.step < stop {
@@ -351,6 +356,12 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 dropout_seed(&cfg, step, micro),
             )?;
             loss += f64::from(l) / accum as f64;
+        }
+        let monitor = cfg.precision.monitor_interval as u64;
+        if monitor > 0 && (step + 1) % monitor == 0 {
+            let t0 = Instant::now();
+            crate::monitor::record(backend, &model, &acts, step + 1, &run_dir)?;
+            monitor_s += t0.elapsed().as_secs_f64();
         }
         let outcome = optim::apply_step(
             backend,
@@ -483,7 +494,13 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         device: backend.describe(),
         precision: cfg.precision.recipe.to_string(),
         params: gcfg.num_params() as u64,
-        extra: Default::default(),
+        extra: if cfg.precision.monitor_interval > 0 {
+            let mut m = serde_json::Map::new();
+            m.insert("monitor_s".into(), monitor_s.into());
+            m
+        } else {
+            Default::default()
+        },
     };
     summary.write(run_dir.join(metrics::SUMMARY_FILE))?;
     if !opts.quiet {

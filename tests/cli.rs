@@ -481,3 +481,51 @@ fn fp16_recipe_tracks_fp32_and_skips_overflowing_steps() {
         .iter()
         .all(|l| l["train_loss"].as_f64().is_some_and(f64::is_finite)));
 }
+
+#[test]
+fn numerics_monitor_records_every_tensor_and_reports() {
+    let sb = Sandbox::new();
+    let e = sb.fails(&["report", "--run", "runs/none"]);
+    assert!(
+        e.contains("numerics.jsonl") && e.contains("monitor_interval"),
+        "{e}"
+    );
+    sb.ok(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/m",
+        "--quiet",
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "precision.recipe=fp16",
+        "--set",
+        "precision.monitor_interval=10",
+    ]);
+    let lines: Vec<Value> = fs::read_to_string(sb.path("runs/m/numerics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // 2 layers: per step, 2 × 28 parameters (weight + grad) and 2 + 2 × 7 activations.
+    let per_step = 2 * (2 + 2 * 12 + 2) + 2 + 2 * 7;
+    assert_eq!(lines.len(), 2 * per_step);
+    let act = lines
+        .iter()
+        .find(|l| l["name"] == "h.1.mlp.fc")
+        .expect("mlp activation");
+    assert_eq!(act["dtype"], "f16");
+    assert!(act["rms"].as_f64().unwrap() > 0.0);
+    let out = sb.ok(&["report", "--run", "runs/m"]);
+    assert!(
+        out.contains("numerics at step 20") && out.contains("h.0.attn.qkv"),
+        "{out}"
+    );
+    let svg = fs::read_to_string(sb.path("runs/m/numerics.svg")).unwrap();
+    assert!(
+        svg.contains("layer") && svg.contains("activation"),
+        "numerics.svg lacks its labels"
+    );
+}

@@ -170,6 +170,18 @@ impl<B: Backend> Activations<B> {
     }
 }
 
+/// A tensor handed to the numerics monitor by [`Gpt::probe_tensors`].
+pub struct ProbedTensor<'a, B: Backend> {
+    /// Parameter name, or `h.{layer}.{activation}`.
+    pub name: String,
+    /// `weight`, `grad` or `activation`.
+    pub role: &'static str,
+    /// Transformer block, if inside one.
+    pub layer: Option<usize>,
+    /// The buffer.
+    pub buf: &'a B::Buf,
+}
+
 /// The parameter buffers the optimizer updates, borrowed together from a [`Gpt`].
 pub struct ParamBufs<'a, B: Backend> {
     /// fp32 master weights, in spec order.
@@ -611,6 +623,70 @@ impl<B: Backend> Gpt<B> {
             self.cfg.padded_vocab_size,
         )?;
         mean_loss(backend, &acts.losses)
+    }
+
+    /// Every tensor the numerics monitor looks at after a forward and backward pass: each
+    /// parameter's compute copy (`weight`) and gradient (`grad`), and each layer's saved
+    /// activations (`activation`), with its name and layer (`None` outside the blocks).
+    pub fn probe_tensors<'a>(&'a self, acts: &'a Activations<B>) -> Vec<ProbedTensor<'a, B>> {
+        let mut out = Vec::new();
+        let layer_of = |name: &str| {
+            name.strip_prefix("h.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse().ok())
+        };
+        for (i, spec) in self.specs.iter().enumerate() {
+            let weights = if self.compute.is_empty() {
+                &self.master[i]
+            } else {
+                &self.compute[i]
+            };
+            let layer = layer_of(&spec.name);
+            out.push(ProbedTensor {
+                name: spec.name.clone(),
+                role: "weight",
+                layer,
+                buf: weights,
+            });
+            out.push(ProbedTensor {
+                name: spec.name.clone(),
+                role: "grad",
+                layer,
+                buf: &self.grads[i],
+            });
+        }
+        out.push(ProbedTensor {
+            name: "embeddings".into(),
+            role: "activation",
+            layer: None,
+            buf: &acts.encoded,
+        });
+        for (l, la) in acts.layers.iter().enumerate() {
+            let named: [(&str, &B::Buf); 7] = [
+                ("ln_1", &la.ln1),
+                ("attn.qkv", &la.qkv),
+                ("attn.out", &la.atty),
+                ("resid_mid", &la.resid2),
+                ("ln_2", &la.ln2),
+                ("mlp.fc", &la.fch),
+                ("resid_out", &la.resid_out),
+            ];
+            for (name, buf) in named {
+                out.push(ProbedTensor {
+                    name: format!("h.{l}.{name}"),
+                    role: "activation",
+                    layer: Some(l),
+                    buf,
+                });
+            }
+        }
+        out.push(ProbedTensor {
+            name: "ln_f".into(),
+            role: "activation",
+            layer: None,
+            buf: &acts.lnf,
+        });
+        out
     }
 
     /// Per-token losses of the last [`Gpt::loss`] or [`Gpt::forward_backward`].

@@ -6,4 +6,4 @@
 
 mod gpt;
 
-pub use gpt::{Activations, Gpt, GptConfig, ParamBufs, ParamSpec};
+pub use gpt::{Activations, Gpt, GptConfig, ParamBufs, ParamSpec, ProbedTensor};
