@@ -50,48 +50,6 @@ pub struct TensorRecord {
     pub nan: f64,
 }
 
-/// (amax, rms, zero, subnormal, saturated, nan) of `values` stored in `dtype`.
-pub fn tensor_stats(values: &[f32], dtype: DType) -> (f64, f64, f64, f64, f64, f64) {
-    let (min_normal, max) = (dtype.min_normal(), dtype.max_finite());
-    let (mut amax, mut sq) = (0.0f32, 0.0f64);
-    let (mut zero, mut sub, mut sat, mut nan, mut finite) =
-        (0usize, 0usize, 0usize, 0usize, 0usize);
-    for &x in values {
-        if x.is_nan() {
-            nan += 1;
-            continue;
-        }
-        let a = x.abs();
-        if a >= max {
-            sat += 1;
-        }
-        if a.is_finite() {
-            finite += 1;
-            amax = amax.max(a);
-            sq += f64::from(a) * f64::from(a);
-        }
-        if a == 0.0 {
-            zero += 1;
-        } else if a < min_normal {
-            sub += 1;
-        }
-    }
-    let n = values.len().max(1) as f64;
-    let rms = if finite > 0 {
-        (sq / finite as f64).sqrt()
-    } else {
-        0.0
-    };
-    (
-        f64::from(amax),
-        rms,
-        zero as f64 / n,
-        sub as f64 / n,
-        sat as f64 / n,
-        nan as f64 / n,
-    )
-}
-
 /// Reads back every probed tensor of `model` and appends its statistics to
 /// `run_dir/numerics.jsonl`; returns the records.
 pub fn record<B: Backend>(
@@ -101,25 +59,26 @@ pub fn record<B: Backend>(
     step: u64,
     run_dir: &Path,
 ) -> Result<Vec<TensorRecord>> {
-    let mut records = Vec::new();
-    for t in model.probe_tensors(acts) {
-        let dtype = backend.dtype(t.buf);
-        let values = backend.download(t.buf)?;
-        let (amax, rms, zero, subnormal, saturated, nan) = tensor_stats(&values, dtype);
-        records.push(TensorRecord {
+    let probed = model.probe_tensors(acts);
+    let bufs: Vec<&B::Buf> = probed.iter().map(|t| t.buf).collect();
+    let stats = backend.tensor_stats(&bufs)?;
+    let records: Vec<TensorRecord> = probed
+        .iter()
+        .zip(stats)
+        .map(|(t, s)| TensorRecord {
             step,
-            name: t.name,
+            name: t.name.clone(),
             role: t.role.to_string(),
             layer: t.layer,
-            dtype,
-            amax,
-            rms,
-            zero,
-            subnormal,
-            saturated,
-            nan,
-        });
-    }
+            dtype: backend.dtype(t.buf),
+            amax: s.amax,
+            rms: s.rms(),
+            zero: s.fraction(s.zero),
+            subnormal: s.fraction(s.subnormal),
+            saturated: s.fraction(s.saturated),
+            nan: s.fraction(s.nan),
+        })
+        .collect();
     let path = run_dir.join(NUMERICS_FILE);
     let mut file = OpenOptions::new()
         .create(true)
@@ -222,6 +181,7 @@ pub fn plot_layers(records: &[TensorRecord], path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::numerics::TensorStats;
 
     #[test]
     fn stats_count_zero_subnormal_saturated_and_nan() {
@@ -236,14 +196,13 @@ mod tests {
             3.0e38,
             -0.5,
         ];
-        let (amax, _rms, zero, sub, sat, nan) = tensor_stats(&values, DType::BF16);
-        assert_eq!(amax, 3.0e38f32 as f64);
-        assert_eq!((zero, sub, nan), (1.0 / 8.0, 1.0 / 8.0, 1.0 / 8.0));
+        let s = TensorStats::of(&values, DType::BF16);
+        assert_eq!(s.amax, 3.0e38f32 as f64);
+        assert_eq!((s.zero, s.subnormal, s.nan, s.finite), (1, 1, 1, 6));
         // 3e38 is below bf16's largest finite value (3.39e38): only the infinity saturates.
-        assert_eq!(sat, 1.0 / 8.0);
-        let (_, _, _, _, sat8, _) = tensor_stats(&[448.0, 500.0, 1.0, -448.0], DType::F8E4M3);
-        assert_eq!(sat8, 0.75);
-        let (_, rms, ..) = tensor_stats(&[3.0, 4.0], DType::F32);
-        assert!((rms - 12.5f64.sqrt()).abs() < 1e-12);
+        assert_eq!(s.fraction(s.saturated), 1.0 / 8.0);
+        let s8 = TensorStats::of(&[448.0, 500.0, 1.0, -448.0], DType::F8E4M3);
+        assert_eq!(s8.fraction(s8.saturated), 0.75);
+        assert!((TensorStats::of(&[3.0, 4.0], DType::F32).rms() - 12.5f64.sqrt()).abs() < 1e-12);
     }
 }

@@ -288,6 +288,27 @@ fn case_dropout<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs
     ])
 }
 
+/// The numerics monitor's statistics of a tensor with zeros, subnormals and large values.
+fn case_tensor_stats<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
+    let a = up(be, dt, &x[0])?;
+    let b = up(be, DType::F32, &x[1])?;
+    let stats = be.tensor_stats(&[&a, &b])?;
+    let flat = |s: &crate::numerics::TensorStats| {
+        vec![
+            s.amax as f32,
+            s.rms() as f32,
+            s.zero as f32,
+            s.subnormal as f32,
+            s.saturated as f32,
+            s.nan as f32,
+        ]
+    };
+    Ok(vec![
+        ("stats", flat(&stats[0])),
+        ("stats f32", flat(&stats[1])),
+    ])
+}
+
 /// Three optimizer steps of a tiny GPT; the losses and final weights.
 fn case_training<B: Backend>(be: &B, recipe: RecipeName, ids: &[u32]) -> Result<Outputs> {
     let cfg = GptConfig {
@@ -442,6 +463,24 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             tol,
             case_adamw(be, dt, &x)?,
             case_adamw(&reference, dt, &x)?,
+        );
+        let mut special = inputs.normal(70_001, 1.0);
+        for (i, v) in special.iter_mut().enumerate() {
+            match i % 97 {
+                0 => *v = 0.0,
+                1 => *v *= 1e-39,
+                2 => *v *= 1e37,
+                _ => {}
+            }
+        }
+        let x = vec![special, inputs.normal(333, 2.0)];
+        push(
+            "tensor_stats",
+            "n=70001 (0, tiny, huge), n=333".into(),
+            dt,
+            tol,
+            case_tensor_stats(be, dt, &x)?,
+            case_tensor_stats(&reference, dt, &x)?,
         );
         let x = vec![inputs.normal(5000, 1.0), inputs.normal(5000, 1.0)];
         push(

@@ -26,7 +26,7 @@ pub mod cuda;
 
 use anyhow::Result;
 
-use crate::numerics::DType;
+use crate::numerics::{DType, TensorStats};
 
 /// How one GEMM of a linear layer runs; the precision recipe decides (see `precision`).
 ///
@@ -93,6 +93,14 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()>;
     /// Highest number of bytes held in buffers at once so far.
     fn peak_mem_bytes(&self) -> u64;
+    /// Statistics of each buffer's values in its storage format (the numerics monitor). Backends
+    /// override it to reduce on the device and read back a few numbers instead of every value.
+    fn tensor_stats(&self, bufs: &[&Self::Buf]) -> Result<Vec<TensorStats>> {
+        bufs.iter()
+            .map(|b| Ok(TensorStats::of(&self.download(b)?, self.dtype(b))))
+            .collect()
+    }
+
     /// Whether the backend can store and compute with `dtype` buffers.
     fn supports(&self, dtype: DType) -> bool {
         let _ = dtype;

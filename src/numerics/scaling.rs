@@ -177,3 +177,71 @@ mod tests {
         assert_eq!(one.max(), 2.0);
     }
 }
+
+/// What the values of one tensor look like in its storage format (the numerics monitor's raw
+/// counts; fractions are counts over `len`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TensorStats {
+    /// Number of values.
+    pub len: u64,
+    /// max |x| over finite values.
+    pub amax: f64,
+    /// Σ x² over finite values.
+    pub sum_sq: f64,
+    /// Finite values.
+    pub finite: u64,
+    /// Values exactly zero.
+    pub zero: u64,
+    /// Nonzero values below the format's smallest normal.
+    pub subnormal: u64,
+    /// Values at or beyond the format's largest finite value (infinities included).
+    pub saturated: u64,
+    /// NaN values.
+    pub nan: u64,
+}
+
+impl TensorStats {
+    /// The statistics of `values` stored as `dtype`.
+    pub fn of(values: &[f32], dtype: DType) -> Self {
+        let (min_normal, max) = (dtype.min_normal(), dtype.max_finite());
+        let mut s = TensorStats {
+            len: values.len() as u64,
+            ..Default::default()
+        };
+        for &x in values {
+            if x.is_nan() {
+                s.nan += 1;
+                continue;
+            }
+            let a = x.abs();
+            if a >= max {
+                s.saturated += 1;
+            }
+            if a.is_finite() {
+                s.finite += 1;
+                s.amax = s.amax.max(f64::from(a));
+                s.sum_sq += f64::from(a) * f64::from(a);
+            }
+            if a == 0.0 {
+                s.zero += 1;
+            } else if a < min_normal {
+                s.subnormal += 1;
+            }
+        }
+        s
+    }
+
+    /// √(mean x²) over finite values.
+    pub fn rms(&self) -> f64 {
+        if self.finite > 0 {
+            (self.sum_sq / self.finite as f64).sqrt()
+        } else {
+            0.0
+        }
+    }
+
+    /// `count / len` (0 for an empty tensor).
+    pub fn fraction(&self, count: u64) -> f64 {
+        count as f64 / self.len.max(1) as f64
+    }
+}
