@@ -114,6 +114,8 @@ string_enum! {
         Bf16 => "bf16",
         /// fp16 compute copies and activations, fp32 master weights, dynamic loss scaling.
         Fp16 => "fp16",
+        /// bf16 as above, with the transformer blocks' GEMMs in FP8 (e4m3 forward, e5m2 grads).
+        Fp8 => "fp8",
     }
 }
 
@@ -1029,7 +1031,7 @@ mod tests {
         assert!(message.contains("expected a number"), "{message}");
         let message = error_of("[precision]\nrecipe = 16\n");
         assert!(
-            message.contains("expected a string (one of: fp32, bf16, fp16), found an integer"),
+            message.contains("expected a string (one of: fp32, bf16, fp16, fp8), found an integer"),
             "{message}"
         );
         let message = error_of("[train]\nmax_steps = -5\n");

@@ -47,6 +47,8 @@ impl Recipe {
             RecipeName::Fp32 => DType::F32,
             RecipeName::Bf16 => DType::BF16,
             RecipeName::Fp16 => DType::F16,
+            // FP8 lives inside the GEMMs; tensors between them stay bf16.
+            RecipeName::Fp8 => DType::BF16,
         };
         Self {
             name,
@@ -64,18 +66,34 @@ impl Recipe {
         self.compute_weights != self.master
     }
 
-    /// How the given GEMM of a linear layer runs.
+    /// How the given GEMM of a transformer block's linear layers runs. With FP8: e4m3 for
+    /// weights and activations, e5m2 (more range, less precision) for the incoming gradient.
     pub fn gemm(&self, role: GemmRole) -> GemmSpec {
-        match role {
-            GemmRole::Forward | GemmRole::InputGrad | GemmRole::WeightGrad => GemmSpec {
-                inputs: self.activations,
-            },
+        if self.name != RecipeName::Fp8 {
+            return GemmSpec::both(self.activations);
         }
+        let (e4m3, e5m2) = (DType::F8E4M3, DType::F8E5M2);
+        match role {
+            GemmRole::Forward => GemmSpec { a: e4m3, b: e4m3 },
+            GemmRole::InputGrad | GemmRole::WeightGrad => GemmSpec { a: e5m2, b: e4m3 },
+        }
+    }
+
+    /// How the LM head's GEMMs run: in the activations' format even under FP8, whose error on
+    /// the logits costs more than the head's share of the FLOPs saves.
+    pub fn head_gemm(&self, _role: GemmRole) -> GemmSpec {
+        GemmSpec::both(self.activations)
     }
 
     /// An error when `backend` cannot run this recipe's formats.
     pub fn check_backend<B: crate::backend::Backend>(&self, backend: &B) -> anyhow::Result<()> {
-        for dtype in [self.compute_weights, self.activations, self.grads] {
+        let gemms =
+            [GemmRole::Forward, GemmRole::InputGrad, GemmRole::WeightGrad].map(|r| self.gemm(r));
+        let gemm_formats = gemms.iter().flat_map(|g| [g.a, g.b]);
+        for dtype in [self.compute_weights, self.activations, self.grads]
+            .into_iter()
+            .chain(gemm_formats)
+        {
             if !backend.supports(dtype) {
                 anyhow::bail!(
                     "precision.recipe = {} needs {dtype} tensors, which the {} backend does not support yet; use --device cpu or another recipe",
@@ -105,7 +123,7 @@ mod tests {
         assert_eq!(r.grads, DType::F32);
         assert_eq!(r.activations, DType::BF16);
         assert!(r.has_compute_copy());
-        assert_eq!(r.gemm(GemmRole::WeightGrad).inputs, DType::BF16);
+        assert_eq!(r.gemm(GemmRole::WeightGrad), GemmSpec::both(DType::BF16));
     }
 
     #[test]
@@ -120,9 +138,31 @@ mod tests {
     }
 
     #[test]
+    fn fp8_runs_block_gemms_in_e4m3_forward_and_e5m2_gradients() {
+        let r = Recipe::new(RecipeName::Fp8);
+        assert_eq!(
+            r.gemm(GemmRole::Forward),
+            GemmSpec {
+                a: DType::F8E4M3,
+                b: DType::F8E4M3
+            }
+        );
+        assert_eq!(r.gemm(GemmRole::InputGrad).a, DType::F8E5M2);
+        assert_eq!(
+            r.gemm(GemmRole::WeightGrad),
+            GemmSpec {
+                a: DType::F8E5M2,
+                b: DType::F8E4M3
+            }
+        );
+        assert_eq!(r.head_gemm(GemmRole::Forward), GemmSpec::both(DType::BF16));
+        assert_eq!(r.activations, DType::BF16);
+    }
+
+    #[test]
     fn fp32_has_no_compute_copy() {
         let r = Recipe::new(RecipeName::Fp32);
         assert!(!r.has_compute_copy());
-        assert_eq!(r.gemm(GemmRole::Forward).inputs, DType::F32);
+        assert_eq!(r.gemm(GemmRole::Forward), GemmSpec::both(DType::F32));
     }
 }

@@ -101,7 +101,7 @@ fn case_linear<B: Backend>(
     x: &[Vec<f32>],
     (n, ic, oc): (usize, usize, usize),
 ) -> Result<Outputs> {
-    let spec = GemmSpec { inputs: dt };
+    let spec = GemmSpec::both(dt);
     let (inp, w, bias, dout) = (
         up(be, dt, &x[0])?,
         up(be, dt, &x[1])?,

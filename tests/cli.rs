@@ -423,7 +423,7 @@ fn metrics(path: &Path) -> Vec<Value> {
 }
 
 #[test]
-fn fp16_recipe_tracks_fp32_and_skips_overflowing_steps() {
+fn fp16_and_fp8_recipes_track_fp32_and_fp16_skips_overflowing_steps() {
     let sb = Sandbox::new();
     let common = [
         "--quiet",
@@ -449,6 +449,11 @@ fn fp16_recipe_tracks_fp32_and_skips_overflowing_steps() {
     );
     let m = metrics(&sb.path("runs/fp16/metrics.jsonl"));
     assert_eq!(m[0]["loss_scale"].as_f64(), Some(65536.0));
+    let fp8 = run("runs/fp8", &["--set", "precision.recipe=fp8"]);
+    assert!(
+        (fp8 - fp32).abs() / fp32 < 0.05,
+        "fp8 val loss {fp8} vs fp32 {fp32}"
+    );
 
     // A scale of 1e12 overflows fp16 gradients: those steps are skipped and the scale halves
     // each time until the gradients fit; training then proceeds with finite losses.

@@ -30,12 +30,24 @@ use crate::numerics::{DType, TensorStats};
 
 /// How one GEMM of a linear layer runs; the precision recipe decides (see `precision`).
 ///
-/// `inputs` is the format both operands are rounded to before multiplying (they usually already
-/// are); accumulation is always f32 or wider; the output is rounded into its buffer's dtype.
+/// `a` and `b` are the formats the two operands (in the order the op's doc writes the product)
+/// are cast to before multiplying; usually their storage format, so no cast happens. FP8 operands
+/// are scaled per tensor first (current scaling: the scale that maps the operand's amax near the
+/// format's largest value), and the product is unscaled. Accumulation is always f32 or wider; the
+/// output is rounded into its buffer's dtype.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmSpec {
-    /// Storage format of both operands as the GEMM consumes them.
-    pub inputs: DType,
+    /// Format of the first operand as the GEMM consumes it.
+    pub a: DType,
+    /// Format of the second operand.
+    pub b: DType,
+}
+
+impl GemmSpec {
+    /// Both operands in `dtype`.
+    pub fn both(dtype: DType) -> Self {
+        Self { a: dtype, b: dtype }
+    }
 }
 
 /// Hyper-parameters of one AdamW update of one tensor.
@@ -136,7 +148,7 @@ pub trait Backend {
 
     // ---- layers ----------------------------------------------------------------------------
 
-    /// `out[n, oc] = inp[n, ic] · w[oc, ic]ᵀ + bias[oc]`.
+    /// `out[n, oc] = inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` (`gemm.a` is inp's format, `gemm.b` w's).
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -151,7 +163,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Backward of [`Backend::linear_forward`]: `dinp = dout · w` (overwritten; skipped when
-    /// `None`) run as `dinp_gemm`, `dw += doutᵀ · inp` run as `dw_gemm`, `dbias += Σ_rows dout`.
+    /// `None`) run as `dinp_gemm` (a = dout, b = w), `dw += doutᵀ · inp` run as `dw_gemm`
+    /// (a = dout, b = inp), `dbias += Σ_rows dout`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,

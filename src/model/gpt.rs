@@ -605,7 +605,8 @@ impl<B: Backend> Gpt<B> {
             bt,
             c,
         )?;
-        backend.linear_forward(&mut acts.logits, &acts.lnf, w(WTE), None, bt, c, vp, fwd)?;
+        let head = self.recipe.head_gemm(GemmRole::Forward);
+        backend.linear_forward(&mut acts.logits, &acts.lnf, w(WTE), None, bt, c, vp, head)?;
         Ok(())
     }
 
@@ -763,8 +764,8 @@ impl<B: Backend> Gpt<B> {
             bt,
             c,
             vp,
-            dx_spec,
-            dw_spec,
+            self.recipe.head_gemm(GemmRole::InputGrad),
+            self.recipe.head_gemm(GemmRole::WeightGrad),
         )?;
         backend.fill(&mut gs.dresid, 0.0)?;
         let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
@@ -1164,7 +1165,11 @@ mod tests {
                 .unwrap()
         };
         let l32 = loss(RecipeName::Fp32);
-        for (recipe, tol) in [(RecipeName::Bf16, 1e-2), (RecipeName::Fp16, 2e-3)] {
+        for (recipe, tol) in [
+            (RecipeName::Bf16, 1e-2),
+            (RecipeName::Fp16, 2e-3),
+            (RecipeName::Fp8, 3e-2),
+        ] {
             let low = loss(recipe);
             assert!(low != l32, "{recipe} must actually round");
             assert!(

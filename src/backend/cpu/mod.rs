@@ -142,15 +142,28 @@ impl<T: CpuElem> CpuBackend<T> {
     }
 }
 
-/// An operand as a GEMM consumes it: rounded to `spec.inputs` when its buffer is stored wider.
-fn gemm_operand<T: CpuElem>(buf: &CpuBuf<T>, spec: GemmSpec) -> Cow<'_, [T]> {
-    if spec.inputs == buf.dtype || spec.inputs == DType::F32 {
-        Cow::Borrowed(&buf.data)
-    } else {
-        let mut rounded = buf.data.clone();
-        T::round_through(spec.inputs, &mut rounded);
-        Cow::Owned(rounded)
+/// An operand as a GEMM consumes it in `format`: as stored when that is its format (or f32),
+/// else rounded through `format`; FP8 with a per-tensor current scale `s` (from the operand's
+/// amax), i.e. the value `round(x·s)/s` that a scaled FP8 GEMM multiplies with. `s` is a power of
+/// two, so the division is exact.
+fn gemm_operand<T: CpuElem>(buf: &CpuBuf<T>, format: DType) -> Cow<'_, [T]> {
+    if format == buf.dtype || format == DType::F32 {
+        return Cow::Borrowed(&buf.data);
     }
+    let mut values = buf.data.clone();
+    if format.is_float8() {
+        let amax = values
+            .iter()
+            .fold(0.0f32, |m, x| m.max(x.narrow_to_f32().abs()));
+        let scale = numerics::scale_from_amax(amax, format, 0);
+        let (s, inv) = (T::widen_from(scale), T::widen_from(1.0 / scale));
+        values.iter_mut().for_each(|x| *x = *x * s);
+        T::round_through(format, &mut values);
+        values.iter_mut().for_each(|x| *x = *x * inv);
+    } else {
+        T::round_through(format, &mut values);
+    }
+    Cow::Owned(values)
 }
 
 fn check_len<T>(what: &str, buf: &CpuBuf<T>, want: usize) -> Result<()> {
@@ -343,8 +356,8 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         if let Some(b) = bias {
             check_len("linear bias", b, oc)?;
         }
-        let inp = gemm_operand(inp, gemm);
-        let w = gemm_operand(w, gemm);
+        let inp = gemm_operand(inp, gemm.a);
+        let w = gemm_operand(w, gemm.b);
         kernels::linear_forward(
             &mut out.data,
             &inp,
@@ -378,7 +391,10 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         check_len("linear weight grad", dw, oc * ic)?;
         if let Some(dinp) = dinp {
             check_len("linear input grad", dinp, n * ic)?;
-            let (dout_op, w_op) = (gemm_operand(dout, dinp_gemm), gemm_operand(w, dinp_gemm));
+            let (dout_op, w_op) = (
+                gemm_operand(dout, dinp_gemm.a),
+                gemm_operand(w, dinp_gemm.b),
+            );
             kernels::matmul(
                 &mut dinp.data,
                 &dout_op,
@@ -393,7 +409,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             );
             Self::round(dinp);
         }
-        let (dout_op, inp_op) = (gemm_operand(dout, dw_gemm), gemm_operand(inp, dw_gemm));
+        let (dout_op, inp_op) = (gemm_operand(dout, dw_gemm.a), gemm_operand(inp, dw_gemm.b));
         kernels::matmul(
             &mut dw.data,
             &dout_op,
@@ -654,5 +670,29 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
 
     fn sum_squares(&self, buf: &CpuBuf<T>) -> Result<f64> {
         Ok(kernels::sum_squares(&buf.data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_operands_are_scaled_rounded_and_unscaled() {
+        let be = CpuBackend::<f32>::new();
+        let buf = be.buf_from(DType::BF16, &[0.001, -3.0, 1.1, 1e-6, 0.0, 2.2]);
+        // amax 3 → scale 2^floor(log2(448/3)) = 128 for e4m3, 2^floor(log2(57344/3)) = 16384 for e5m2.
+        for (format, scale) in [(DType::F8E4M3, 128.0f32), (DType::F8E5M2, 16384.0)] {
+            let op = gemm_operand(&buf, format);
+            for (&got, &x) in op.iter().zip(buf.as_slice()) {
+                assert_eq!(
+                    got,
+                    numerics::round_to(format, x * scale) / scale,
+                    "{format} {x}"
+                );
+            }
+        }
+        // An operand already in the GEMM's format is used as stored.
+        assert!(matches!(gemm_operand(&buf, DType::BF16), Cow::Borrowed(_)));
     }
 }
