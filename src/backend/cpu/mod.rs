@@ -157,9 +157,9 @@ fn gemm_operand<T: CpuElem>(buf: &CpuBuf<T>, format: DType) -> Cow<'_, [T]> {
             .fold(0.0f32, |m, x| m.max(x.narrow_to_f32().abs()));
         let scale = numerics::scale_from_amax(amax, format, 0);
         let (s, inv) = (T::widen_from(scale), T::widen_from(1.0 / scale));
-        values.iter_mut().for_each(|x| *x = *x * s);
+        values.iter_mut().for_each(|x| *x *= s);
         T::round_through(format, &mut values);
-        values.iter_mut().for_each(|x| *x = *x * inv);
+        values.iter_mut().for_each(|x| *x *= inv);
     } else {
         T::round_through(format, &mut values);
     }
