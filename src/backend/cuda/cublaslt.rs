@@ -60,6 +60,42 @@ impl GemmType {
     }
 }
 
+/// One row-major GEMM: `out[m×n] = alpha·op(a)·op(b) + beta·out` (+ `bias[n]` added to every
+/// row when given). op(a) is m×k (a stored k×m row-major when `trans_a`); op(b) is k×n (b stored
+/// n×k when `trans_b`). `inputs` is the type of both a and b; `out_type` the type of out (and of
+/// the bias). beta == 0 does not read `out`. Supported (inputs, out_type): (F32, F32),
+/// (BF16, BF16), (BF16, F32); accumulation is f32. Pointers are raw device addresses, 256-byte
+/// aligned (whole allocations are).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    /// Output matrix.
+    pub out: u64,
+    /// Type of `out` and `bias`.
+    pub out_type: GemmType,
+    /// First operand.
+    pub a: u64,
+    /// Second operand.
+    pub b: u64,
+    /// Type of both operands.
+    pub inputs: GemmType,
+    /// Rows of out.
+    pub m: usize,
+    /// Columns of out.
+    pub n: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// `a` is stored transposed (k×m).
+    pub trans_a: bool,
+    /// `b` is stored transposed (n×k).
+    pub trans_b: bool,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of the old `out` (0: overwrite, 1: accumulate).
+    pub beta: f32,
+    /// Bias added to every row.
+    pub bias: Option<u64>,
+}
+
 /// Everything that selects a plan. Pointers are not part of it: they are set per call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
@@ -225,32 +261,23 @@ impl Lt {
         Ok(lt)
     }
 
-    /// Row-major GEMM on `stream`: out[m×n] = alpha·op(a)·op(b) + beta·out (+ bias[n] added to
-    /// every row when `bias` is Some).
-    /// op(a) is m×k (a stored k×m row-major when trans_a); op(b) is k×n (b stored n×k when
-    /// trans_b). `inputs` is the type of both a and b; `out_type` the type of out (and of bias if
-    /// given). beta == 0 does not read `out`.
-    ///
-    /// Supported (inputs, out_type): (F32, F32), (BF16, BF16), (BF16, F32). Accumulation is f32.
-    /// All pointers must be 256-byte aligned (whole allocations are).
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul(
-        &mut self,
-        stream: &CudaStream,
-        out: u64,
-        out_type: GemmType,
-        a: u64,
-        b: u64,
-        inputs: GemmType,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
-        alpha: f32,
-        beta: f32,
-        bias: Option<u64>,
-    ) -> Result<()> {
+    /// Runs `g` on `stream` (see [`Gemm`] for the product and the supported types).
+    pub fn matmul(&mut self, stream: &CudaStream, g: &Gemm) -> Result<()> {
+        let Gemm {
+            out,
+            out_type,
+            a,
+            b,
+            inputs,
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            alpha,
+            beta,
+            bias,
+        } = *g;
         let key = PlanKey {
             m,
             n,

@@ -29,7 +29,7 @@ use cudarc::driver::{
 
 use super::{AdamW, Backend, GemmSpec};
 use crate::numerics::{self, DType};
-use cublaslt::{GemmType, Lt};
+use cublaslt::{Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
@@ -343,41 +343,19 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A cuBLASLt product on our stream (arguments as [`Lt::matmul`]).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        out: u64,
-        out_type: GemmType,
-        a: u64,
-        b: u64,
-        inputs: GemmType,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
-        alpha: f32,
-        beta: f32,
-        bias: Option<u64>,
-    ) -> Result<()> {
-        let start = self.profile_event()?;
-        self.lt.borrow_mut().matmul(
-            &self.stream,
-            out,
-            out_type,
-            a,
-            b,
-            inputs,
+    /// A cuBLASLt product on our stream.
+    fn gemm(&self, g: Gemm) -> Result<()> {
+        let Gemm {
             m,
             n,
             k,
-            trans_a,
-            trans_b,
-            alpha,
-            beta,
+            inputs,
+            out_type,
             bias,
-        )?;
+            ..
+        } = g;
+        let start = self.profile_event()?;
+        self.lt.borrow_mut().matmul(&self.stream, &g)?;
         if start.is_some() {
             let bias_tag = if bias.is_some() { " +bias" } else { "" };
             let label = format!("gemm {m}x{n}x{k} {inputs:?}->{out_type:?}{bias_tag}");
@@ -834,21 +812,21 @@ impl Backend for CudaBackend {
         let bias_ptr = bias.map(|b| self.ptr(b));
         let (pi, pw) = (self.ptr(inp), self.ptr(w));
         let po = self.ptr_mut(out);
-        self.gemm(
-            po,
-            gemm_type(t)?,
-            pi,
-            pw,
-            gemm_type(inputs)?,
-            n,
-            oc,
-            ic,
-            false,
-            true,
-            1.0,
-            0.0,
-            bias_ptr,
-        )
+        self.gemm(Gemm {
+            out: po,
+            out_type: gemm_type(t)?,
+            a: pi,
+            b: pw,
+            inputs: gemm_type(inputs)?,
+            m: n,
+            n: oc,
+            k: ic,
+            trans_a: false,
+            trans_b: true,
+            alpha: 1.0,
+            beta: 0.0,
+            bias: bias_ptr,
+        })
     }
 
     fn linear_backward(
@@ -874,21 +852,21 @@ impl Backend for CudaBackend {
             let t = dinp.dtype;
             self.expect("linear input grad", dinp, t, n * ic)?;
             let px = self.ptr_mut(dinp);
-            self.gemm(
-                px,
-                gemm_type(t)?,
-                pd,
-                pw,
-                gemm_type(dinp_format)?,
-                n,
-                ic,
-                oc,
-                false,
-                false,
-                1.0,
-                0.0,
-                None,
-            )?;
+            self.gemm(Gemm {
+                out: px,
+                out_type: gemm_type(t)?,
+                a: pd,
+                b: pw,
+                inputs: gemm_type(dinp_format)?,
+                m: n,
+                n: ic,
+                k: oc,
+                trans_a: false,
+                trans_b: false,
+                alpha: 1.0,
+                beta: 0.0,
+                bias: None,
+            })?;
         }
         if dw.len != oc * ic {
             bail!(
@@ -899,21 +877,22 @@ impl Backend for CudaBackend {
         }
         let out_type = gemm_type(dw.dtype)?;
         let pdw = self.ptr_mut(dw);
-        self.gemm(
-            pdw,
+        // Accumulates (beta = 1) into the fp32 gradient across micro-batches.
+        self.gemm(Gemm {
+            out: pdw,
             out_type,
-            pd,
-            pi,
-            gemm_type(dw_format)?,
-            oc,
-            ic,
-            n,
-            true,
-            false,
-            1.0,
-            1.0,
-            None,
-        )?;
+            a: pd,
+            b: pi,
+            inputs: gemm_type(dw_format)?,
+            m: oc,
+            n: ic,
+            k: n,
+            trans_a: true,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 1.0,
+            bias: None,
+        })?;
         if let Some(db) = dbias {
             self.bias_backward(db, dout, n, oc)?;
         }
