@@ -132,7 +132,7 @@ pub fn evaluate<B: Backend>(
         while let Some(valid) = it.next_batch(&mut inputs, &mut targets) {
             // Partial last batch: the unused rows repeat valid data and are not counted.
             model.forward(backend, acts, &inputs, None)?;
-            let losses = per_row_losses(backend, model, acts, &targets)?;
+            let losses = model.token_losses(backend, acts, &targets)?;
             total += losses[..valid * t]
                 .iter()
                 .map(|&x| f64::from(x))
@@ -149,16 +149,6 @@ pub fn evaluate<B: Backend>(
         }
     }
     Ok(total / count.max(1) as f64)
-}
-
-fn per_row_losses<B: Backend>(
-    backend: &B,
-    model: &Gpt<B>,
-    acts: &mut Activations<B>,
-    targets: &[u32],
-) -> Result<Vec<f32>> {
-    model.loss(backend, acts, targets)?;
-    model.token_losses(backend, acts)
 }
 
 /// The first model size where a checkpoint and the config disagree, said in config keys.

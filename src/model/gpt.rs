@@ -612,6 +612,16 @@ impl<B: Backend> Gpt<B> {
 
     /// Mean cross-entropy of the last forward's logits against `targets` (logits kept).
     pub fn loss(&self, backend: &B, acts: &mut Activations<B>, targets: &[u32]) -> Result<f32> {
+        Ok(mean(&self.token_losses(backend, acts, targets)?))
+    }
+
+    /// Per-token cross-entropy of the last forward's logits against `targets` (logits kept).
+    pub fn token_losses(
+        &self,
+        backend: &B,
+        acts: &mut Activations<B>,
+        targets: &[u32],
+    ) -> Result<Vec<f32>> {
         let bt = acts.b * acts.t;
         self.check_tokens(targets, "targets")?;
         backend.upload_tokens(&mut acts.targets, targets)?;
@@ -623,7 +633,7 @@ impl<B: Backend> Gpt<B> {
             self.cfg.vocab_size,
             self.cfg.padded_vocab_size,
         )?;
-        mean_loss(backend, &acts.losses)
+        backend.download(&acts.losses)
     }
 
     /// Every tensor the numerics monitor looks at after a forward and backward pass: each
@@ -690,11 +700,6 @@ impl<B: Backend> Gpt<B> {
         out
     }
 
-    /// Per-token losses of the last [`Gpt::loss`] or [`Gpt::forward_backward`].
-    pub fn token_losses(&self, backend: &B, acts: &Activations<B>) -> Result<Vec<f32>> {
-        backend.download(&acts.losses)
-    }
-
     /// Logits of row `row` (a position in the flattened batch) of the last forward pass.
     pub fn logits_row(&self, backend: &B, acts: &Activations<B>, row: usize) -> Result<Vec<f32>> {
         let vp = self.cfg.padded_vocab_size;
@@ -734,7 +739,7 @@ impl<B: Backend> Gpt<B> {
             vp,
             dloss,
         )?;
-        let loss = mean_loss(backend, &acts.losses)?;
+        let loss = mean(&backend.download(&acts.losses)?);
 
         let Some(gs) = acts.grads.as_mut() else {
             bail!("internal error: backward on activations allocated without gradients");
@@ -965,10 +970,9 @@ fn site_seed(seed: u64, layer: usize, k: usize) -> u64 {
 }
 
 /// Mean of per-token losses, summed in f64 on the host.
-fn mean_loss<B: Backend>(backend: &B, losses: &B::Buf) -> Result<f32> {
-    let values = backend.download(losses)?;
-    let sum: f64 = values.iter().map(|&x| f64::from(x)).sum();
-    Ok((sum / values.len() as f64) as f32)
+fn mean(losses: &[f32]) -> f32 {
+    let sum: f64 = losses.iter().map(|&x| f64::from(x)).sum();
+    (sum / losses.len() as f64) as f32
 }
 
 #[cfg(test)]
