@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::backend::{AdamW, Backend};
+use crate::backend::{AdamW, AdamWTensor, Backend};
 use crate::config::{DecayKind as Decay, OptimConfig};
 use crate::model::{Gpt, ParamBufs, ParamSpec};
 use crate::numerics::DType;
@@ -140,31 +140,31 @@ impl<B: Backend> AdamWState<B> {
             );
         }
         self.step += 1;
+        let hp = AdamW {
+            lr,
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            eps: cfg.eps as f32,
+            weight_decay: cfg.weight_decay as f32,
+            step: self.step,
+            grad_scale,
+        };
         let mut compute = compute.iter_mut();
-        for (i, param) in master.iter_mut().enumerate() {
-            let hp = AdamW {
-                lr,
-                beta1: cfg.beta1 as f32,
-                beta2: cfg.beta2 as f32,
-                eps: cfg.eps as f32,
-                weight_decay: if self.decay[i] {
-                    cfg.weight_decay as f32
-                } else {
-                    0.0
-                },
-                step: self.step,
-                grad_scale,
-            };
-            backend.adamw_step(
+        let mut tensors: Vec<AdamWTensor<'_, B::Buf>> = master
+            .iter_mut()
+            .zip(grads)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .zip(&self.decay)
+            .map(|(((param, grad), (m, v)), &decay)| AdamWTensor {
                 param,
-                &grads[i],
-                &mut self.m[i],
-                &mut self.v[i],
-                compute.next(),
-                &hp,
-            )?;
-        }
-        Ok(())
+                grad,
+                m,
+                v,
+                compute_copy: compute.next(),
+                decay,
+            })
+            .collect();
+        backend.adamw_update(&mut tensors, &hp)
     }
 }
 

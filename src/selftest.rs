@@ -8,7 +8,7 @@
 use anyhow::Result;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamW, Backend, GemmSpec};
+use crate::backend::{AdamW, AdamWTensor, Backend, GemmSpec};
 use crate::config::RecipeName;
 use crate::data::Rng;
 use crate::model::{Gpt, GptConfig};
@@ -112,7 +112,7 @@ fn case_linear<B: Backend>(
     be.linear_forward(&mut out, &inp, &w, Some(&bias), n, ic, oc, spec)?;
     let mut dinp = be.alloc(dt, n * ic)?;
     let mut dw = up(be, DType::F32, &x[4])?;
-    let mut db = be.alloc(DType::F32, oc)?;
+    let mut db = up(be, DType::F32, &x[2])?;
     be.linear_backward(
         Some(&mut dinp),
         &mut dw,
@@ -129,6 +129,53 @@ fn case_linear<B: Backend>(
     Ok(vec![
         ("out", be.download(&out)?),
         ("dinp", be.download(&dinp)?),
+        ("dw", be.download(&dw)?),
+        ("dbias", be.download(&db)?),
+    ])
+}
+
+/// The MLP's fused pair: up-projection + GELU forward, down-projection backward through the
+/// GELU (`c` → `h` → `c`).
+fn case_mlp<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    (n, c, h): (usize, usize, usize),
+) -> Result<Outputs> {
+    let spec = GemmSpec::both(dt);
+    let (inp, w_up, b_up, w_down, dout) = (
+        up(be, dt, &x[0])?,
+        up(be, dt, &x[1])?,
+        up(be, dt, &x[2])?,
+        up(be, dt, &x[3])?,
+        up(be, dt, &x[4])?,
+    );
+    let mut out = be.alloc(dt, n * h)?;
+    let mut pre = be.alloc(dt, n * h)?;
+    be.linear_gelu_forward(&mut out, &mut pre, &inp, &w_up, Some(&b_up), n, c, h, spec)?;
+    let mut dpre = be.alloc(dt, n * h)?;
+    let mut scratch = be.alloc(dt, n * h)?;
+    let mut dw = up(be, DType::F32, &x[5])?;
+    let mut db = up(be, DType::F32, &x[6])?;
+    be.linear_gelu_backward(
+        &mut dpre,
+        &mut scratch,
+        &mut dw,
+        Some(&mut db),
+        &dout,
+        &out,
+        &pre,
+        &w_down,
+        n,
+        h,
+        c,
+        spec,
+        spec,
+    )?;
+    Ok(vec![
+        ("gelu out", be.download(&out)?),
+        ("pre-activation", be.download(&pre)?),
+        ("dpre", be.download(&dpre)?),
         ("dw", be.download(&dw)?),
         ("dbias", be.download(&db)?),
     ])
@@ -240,16 +287,31 @@ fn case_classifier<B: Backend>(
     ])
 }
 
+/// Sizes of the tensors `case_adamw` splits its inputs into: odd lengths, one spanning several
+/// GPU blocks, one without a compute copy, one without weight decay.
+const ADAMW_SPLIT: [usize; 3] = [17, 20_000, 21_003];
+
 fn case_adamw<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
-    let mut param = up(be, DType::F32, &x[0])?;
-    let grad = up(be, DType::F32, &x[1])?;
-    let mut m = up(be, DType::F32, &x[2])?;
-    let mut v = up(
-        be,
-        DType::F32,
-        &x[3].iter().map(|a| a * a).collect::<Vec<_>>(),
-    )?;
-    let mut copy = be.alloc(dt, x[0].len())?;
+    let squares = x[3].iter().map(|a| a * a).collect::<Vec<_>>();
+    let pieces = |values: &[f32], dtype: DType| -> Result<Vec<B::Buf>> {
+        let mut start = 0;
+        ADAMW_SPLIT
+            .iter()
+            .map(|&len| {
+                let buf = up(be, dtype, &values[start..start + len]);
+                start += len;
+                buf
+            })
+            .collect()
+    };
+    let mut params = pieces(&x[0], DType::F32)?;
+    let grads = pieces(&x[1], DType::F32)?;
+    let mut ms = pieces(&x[2], DType::F32)?;
+    let mut vs = pieces(&squares, DType::F32)?;
+    let mut copies = ADAMW_SPLIT
+        .iter()
+        .map(|&len| be.alloc(dt, len))
+        .collect::<Result<Vec<_>>>()?;
     let hp = AdamW {
         lr: 1e-2,
         beta1: 0.9,
@@ -259,19 +321,41 @@ fn case_adamw<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> 
         step: 3,
         grad_scale: 0.5,
     };
-    be.adamw_step(&mut param, &grad, &mut m, &mut v, Some(&mut copy), &hp)?;
-    let sq = be.sum_squares(&grad)? as f32;
+    let mut tensors: Vec<AdamWTensor<'_, B::Buf>> = params
+        .iter_mut()
+        .zip(&grads)
+        .zip(ms.iter_mut().zip(vs.iter_mut()))
+        .zip(copies.iter_mut())
+        .enumerate()
+        .map(|(i, (((param, grad), (m, v)), copy))| AdamWTensor {
+            param,
+            grad,
+            m,
+            v,
+            compute_copy: (i != 0).then_some(copy),
+            decay: i != 1,
+        })
+        .collect();
+    be.adamw_update(&mut tensors, &hp)?;
+    let concat = |bufs: &[B::Buf]| -> Result<Vec<f32>> {
+        let mut all = Vec::new();
+        for b in bufs {
+            all.extend(be.download(b)?);
+        }
+        Ok(all)
+    };
+    let sq = be.sum_squares(&grads[1])? as f32;
     let several = [
         up(be, DType::F32, &x[0])?,
         up(be, dt, &x[1])?,
-        up(be, DType::F32, &x[2])?,
+        up(be, DType::F32, &x[2][..333])?,
     ];
     let global = be.global_sum_squares(&several)? as f32;
     Ok(vec![
-        ("param", be.download(&param)?),
-        ("m", be.download(&m)?),
-        ("v", be.download(&v)?),
-        ("copy", be.download(&copy)?),
+        ("param", concat(&params)?),
+        ("m", concat(&ms)?),
+        ("v", concat(&vs)?),
+        ("copy", concat(&copies[1..])?),
         ("sum_squares", vec![sq]),
         ("global_sum_squares", vec![global]),
     ])
@@ -372,6 +456,27 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 case_linear(&reference, dt, &x, (n, ic, oc))?,
             );
         }
+        // h = 4c like the model; h = 60 is not a multiple of 8 (no fused GELU epilogue).
+        for (n, c, h) in [(8, 16, 64), (37, 15, 60), (64, 128, 512)] {
+            let x = vec![
+                inputs.normal(n * c, 1.0),
+                inputs.normal(h * c, 0.3),
+                inputs.normal(h, 0.3),
+                inputs.normal(c * h, 0.1),
+                inputs.normal(n * c, 1.0),
+                inputs.normal(c * h, 0.1),
+                inputs.normal(c, 0.1),
+            ];
+            let s = (n, c, h);
+            push(
+                "mlp (linear+gelu)",
+                format!("n={n} c={c} h={h}"),
+                dt,
+                tol,
+                case_mlp(be, dt, &x, s)?,
+                case_mlp(&reference, dt, &x, s)?,
+            );
+        }
         for (n, c) in [(5, 7), (64, 128), (33, 768)] {
             let x = vec![
                 inputs.normal(n * c, 2.0),
@@ -450,15 +555,16 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 case_classifier(&reference, dt, &x, &ids, (n, v, vp))?,
             );
         }
+        let n: usize = ADAMW_SPLIT.iter().sum();
         let x = vec![
-            inputs.normal(1000, 1.0),
-            inputs.normal(1000, 1.0),
-            inputs.normal(1000, 0.1),
-            inputs.normal(1000, 0.1),
+            inputs.normal(n, 1.0),
+            inputs.normal(n, 1.0),
+            inputs.normal(n, 0.1),
+            inputs.normal(n, 0.1),
         ];
         push(
             "adamw",
-            "n=1000".into(),
+            format!("{} tensors, n={n}", ADAMW_SPLIT.len()),
             dt,
             tol,
             case_adamw(be, dt, &x)?,

@@ -50,7 +50,7 @@ impl GemmSpec {
     }
 }
 
-/// Hyper-parameters of one AdamW update of one tensor.
+/// Hyper-parameters of one AdamW update.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
     /// Learning rate for this step (already scheduled).
@@ -61,12 +61,29 @@ pub struct AdamW {
     pub beta2: f32,
     /// Denominator epsilon.
     pub eps: f32,
-    /// Decoupled weight decay for this tensor (0 for biases and norms).
+    /// Decoupled weight decay of the tensors that decay.
     pub weight_decay: f32,
     /// 1-based step number, for bias correction.
     pub step: u64,
     /// Multiplier applied to the gradient first (clipping and averaging).
     pub grad_scale: f32,
+}
+
+/// One tensor of an AdamW step: the f32 master weights, their gradient, the two moments, and
+/// optionally the low-precision copy the forward pass reads (rounded from the updated weights).
+pub struct AdamWTensor<'a, Buf> {
+    /// f32 master weights, updated in place.
+    pub param: &'a mut Buf,
+    /// Their gradient (scaled by [`AdamW::grad_scale`] first).
+    pub grad: &'a Buf,
+    /// First moment.
+    pub m: &'a mut Buf,
+    /// Second moment.
+    pub v: &'a mut Buf,
+    /// Compute copy to refresh from the updated weights.
+    pub compute_copy: Option<&'a mut Buf>,
+    /// Whether decoupled weight decay applies (not to biases and norms).
+    pub decay: bool,
 }
 
 /// A compute device: buffers plus the op set of a GPT training step.
@@ -180,6 +197,63 @@ pub trait Backend {
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
     ) -> Result<()>;
+
+    /// The MLP's up-projection and its GELU: `pre = inp · wᵀ + bias` and `out = gelu(pre)`
+    /// (both kept: the backward needs `pre`). Backends fuse the GELU into the GEMM's epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_gelu_forward(
+        &self,
+        out: &mut Self::Buf,
+        pre: &mut Self::Buf,
+        inp: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: GemmSpec,
+    ) -> Result<()> {
+        self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm)?;
+        self.gelu_forward(out, pre)
+    }
+
+    /// Backward of `out = linear(gelu(pre))` (the MLP's down-projection): [`Backend::linear_backward`]
+    /// with `inp = gelu_out = gelu(pre)`, except that the input gradient is carried through the
+    /// GELU: `dpre = (dout · w) ⊙ gelu'(pre)` (overwritten). `dgelu_out` is scratch of `dpre`'s
+    /// size for `dout · w`, used only by backends that do not fuse the GELU derivative into the
+    /// GEMM.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_gelu_backward(
+        &self,
+        dpre: &mut Self::Buf,
+        dgelu_out: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        gelu_out: &Self::Buf,
+        pre: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        dinp_gemm: GemmSpec,
+        dw_gemm: GemmSpec,
+    ) -> Result<()> {
+        self.linear_backward(
+            Some(dgelu_out),
+            dw,
+            dbias,
+            dout,
+            gelu_out,
+            w,
+            n,
+            ic,
+            oc,
+            dinp_gemm,
+            dw_gemm,
+        )?;
+        self.gelu_backward(dpre, pre, dgelu_out)
+    }
 
     /// LayerNorm over rows of `c`; saves per-row `mean` and `rstd` (f32) for the backward.
     #[allow(clippy::too_many_arguments)]
@@ -296,18 +370,9 @@ pub trait Backend {
 
     // ---- optimizer -------------------------------------------------------------------------
 
-    /// One AdamW step on an f32 master tensor; when `compute_copy` is given, the updated
-    /// weights are also rounded into it (the low-precision copy the forward pass reads).
-    #[allow(clippy::too_many_arguments)]
-    fn adamw_step(
-        &self,
-        param: &mut Self::Buf,
-        grad: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
-        compute_copy: Option<&mut Self::Buf>,
-        hp: &AdamW,
-    ) -> Result<()>;
+    /// One AdamW step over every tensor in `tensors` (GPUs do it in one launch). A tensor with
+    /// `decay` gets `hp.weight_decay`, the others none.
+    fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, Self::Buf>], hp: &AdamW) -> Result<()>;
 
     /// Σ x² over the buffer, in f64.
     fn sum_squares(&self, buf: &Self::Buf) -> Result<f64>;

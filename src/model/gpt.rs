@@ -560,7 +560,15 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
             )?;
-            backend.linear_forward(
+            let gelu_out = match la.fch_gelu.as_mut() {
+                Some(saved) => saved,
+                None => acts
+                    .gelu_shared
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("internal error: no GELU buffer"))?,
+            };
+            backend.linear_gelu_forward(
+                gelu_out,
                 &mut la.fch,
                 &la.ln2,
                 lp(FC_W),
@@ -570,14 +578,6 @@ impl<B: Backend> Gpt<B> {
                 4 * c,
                 fwd,
             )?;
-            let gelu_out = match la.fch_gelu.as_mut() {
-                Some(saved) => saved,
-                None => acts
-                    .gelu_shared
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("internal error: no GELU buffer"))?,
-            };
-            backend.gelu_forward(gelu_out, &la.fch)?;
             backend.linear_forward(
                 &mut acts.branch,
                 gelu_out,
@@ -818,12 +818,14 @@ impl<B: Backend> Gpt<B> {
                 }
             };
             let (dw, db) = pair_mut(grads, lp(FCPROJ_W), lp(FCPROJ_B));
-            backend.linear_backward(
-                Some(&mut gs.dfch_gelu),
+            backend.linear_gelu_backward(
+                &mut gs.dfch,
+                &mut gs.dfch_gelu,
                 dw,
                 Some(db),
                 dbranch,
                 gelu_out,
+                &la.fch,
                 w(lp(FCPROJ_W)),
                 bt,
                 4 * c,
@@ -831,7 +833,6 @@ impl<B: Backend> Gpt<B> {
                 dx_spec,
                 dw_spec,
             )?;
-            backend.gelu_backward(&mut gs.dfch, &la.fch, &gs.dfch_gelu)?;
             let (dw, db) = pair_mut(grads, lp(FC_W), lp(FC_B));
             backend.linear_backward(
                 Some(&mut gs.dln),

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use super::{AdamW, Backend, GemmSpec};
+use super::{AdamW, AdamWTensor, Backend, GemmSpec};
 use crate::numerics::{self, DType};
 use kernels::Real;
 
@@ -630,40 +630,38 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn adamw_step(
-        &self,
-        param: &mut CpuBuf<T>,
-        grad: &CpuBuf<T>,
-        m: &mut CpuBuf<T>,
-        v: &mut CpuBuf<T>,
-        compute_copy: Option<&mut CpuBuf<T>>,
-        hp: &AdamW,
-    ) -> Result<()> {
-        let len = param.data.len();
-        check_len("adamw grad", grad, len)?;
-        check_len("adamw m", m, len)?;
-        check_len("adamw v", v, len)?;
-        let hyper = kernels::AdamWHyper {
-            lr: f64::from(hp.lr),
-            beta1: f64::from(hp.beta1),
-            beta2: f64::from(hp.beta2),
-            eps: f64::from(hp.eps),
-            weight_decay: f64::from(hp.weight_decay),
-        };
-        kernels::adamw_step(
-            &mut param.data,
-            &grad.data,
-            &mut m.data,
-            &mut v.data,
-            &hyper,
-            hp.step,
-            f64::from(hp.grad_scale),
-        );
-        Self::round(param);
-        Self::round(m);
-        Self::round(v);
-        if let Some(copy) = compute_copy {
-            self.copy(copy, param)?;
+    fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, CpuBuf<T>>], hp: &AdamW) -> Result<()> {
+        for t in tensors {
+            let len = t.param.data.len();
+            check_len("adamw grad", t.grad, len)?;
+            check_len("adamw m", t.m, len)?;
+            check_len("adamw v", t.v, len)?;
+            let hyper = kernels::AdamWHyper {
+                lr: f64::from(hp.lr),
+                beta1: f64::from(hp.beta1),
+                beta2: f64::from(hp.beta2),
+                eps: f64::from(hp.eps),
+                weight_decay: if t.decay {
+                    f64::from(hp.weight_decay)
+                } else {
+                    0.0
+                },
+            };
+            kernels::adamw_step(
+                &mut t.param.data,
+                &t.grad.data,
+                &mut t.m.data,
+                &mut t.v.data,
+                &hyper,
+                hp.step,
+                f64::from(hp.grad_scale),
+            );
+            Self::round(t.param);
+            Self::round(t.m);
+            Self::round(t.v);
+            if let Some(copy) = t.compute_copy.as_deref_mut() {
+                self.copy(copy, t.param)?;
+            }
         }
         Ok(())
     }

@@ -11,13 +11,16 @@
 //!   GEMMs accumulate straight into fp32 gradient buffers.
 //! - **Exact fp32.** The compute type is `CUBLAS_COMPUTE_32F` (not the TF32 fast path), so f32 GEMMs
 //!   match the CPU reference, and bf16 GEMMs accumulate in f32.
-//! - **Room to grow.** A [`Plan`] owns its descriptor, so FP8 A/B/D scale pointers, amax-of-D and
-//!   the GELU/bias epilogues (forward and backward) become more key fields and per-call attributes.
+//! - **Fused epilogues.** Bias, GELU with its input saved (forward) and the GELU derivative
+//!   (backward) ([`Epilogue`]) are part of the plan key; their pointers are
+//!   per-call attributes. [`Lt::supports`] says whether cuBLASLt has an algorithm for one, so
+//!   callers can fall back to separate kernels. FP8 scale pointers and amax-of-D will fit the
+//!   same way.
 //!
 //! Pointers are raw `CUdeviceptr`s (`u64`); the caller owns the memory and keeps it alive until the
 //! work on the stream is done.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::mem::size_of;
 use std::sync::Arc;
@@ -60,10 +63,10 @@ impl GemmType {
     }
 }
 
-/// One row-major GEMM: `out[m×n] = alpha·op(a)·op(b) + beta·out` (+ `bias[n]` added to every
-/// row when given). op(a) is m×k (a stored k×m row-major when `trans_a`); op(b) is k×n (b stored
-/// n×k when `trans_b`). `inputs` is the type of both a and b; `out_type` the type of out (and of
-/// the bias). beta == 0 does not read `out`. Supported (inputs, out_type): (F32, F32),
+/// One row-major GEMM: `out[m×n] = epilogue(alpha·op(a)·op(b) + beta·out)`. op(a) is m×k (a
+/// stored k×m row-major when `trans_a`); op(b) is k×n (b stored n×k when `trans_b`). `inputs` is
+/// the type of both a and b; `out_type` the type of out (and of every epilogue vector and
+/// matrix). beta == 0 does not read `out`. Supported (inputs, out_type): (F32, F32),
 /// (BF16, BF16), (BF16, F32); accumulation is f32. Pointers are raw device addresses, 256-byte
 /// aligned (whole allocations are).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,8 +95,92 @@ pub struct Gemm {
     pub alpha: f32,
     /// Scale of the old `out` (0: overwrite, 1: accumulate).
     pub beta: f32,
-    /// Bias added to every row.
-    pub bias: Option<u64>,
+    /// What happens to the product before it is stored.
+    pub epilogue: Epilogue,
+}
+
+/// A fused epilogue of a [`Gemm`] (cuBLASLt's `CUBLASLT_EPILOGUE_*`), in row-major terms. Each
+/// saves a pass over a matrix that a separate kernel would read and write again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Epilogue {
+    /// Store the product as is.
+    None,
+    /// Add `bias[n]` to every row (`BIAS`).
+    Bias { bias: u64 },
+    /// `pre = product (+ bias[n])` is stored in `pre` (m×n, like out) and `out = gelu(pre)`
+    /// with the tanh approximation (`GELU_AUX` / `GELU_AUX_BIAS`): the MLP's up-projection.
+    GeluAux { bias: Option<u64>, pre: u64 },
+    /// `out = product ⊙ gelu'(pre)`, `pre` as saved by [`Epilogue::GeluAux`] (`DGELU`): the
+    /// input gradient of the MLP's down-projection, carried through the GELU.
+    DGelu { pre: u64 },
+}
+
+/// The pointer-free part of an [`Epilogue`], which selects a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum EpilogueKind {
+    None,
+    Bias,
+    GeluAux,
+    GeluAuxBias,
+    DGelu,
+}
+
+impl Epilogue {
+    fn kind(&self) -> EpilogueKind {
+        match self {
+            Epilogue::None => EpilogueKind::None,
+            Epilogue::Bias { .. } => EpilogueKind::Bias,
+            Epilogue::GeluAux { bias: None, .. } => EpilogueKind::GeluAux,
+            Epilogue::GeluAux { bias: Some(_), .. } => EpilogueKind::GeluAuxBias,
+            Epilogue::DGelu { .. } => EpilogueKind::DGelu,
+        }
+    }
+
+    /// The vector set as `CUBLASLT_MATMUL_DESC_BIAS_POINTER` (the bias) and the matrix set as `CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER`.
+    fn pointers(&self) -> (Option<u64>, Option<u64>) {
+        match *self {
+            Epilogue::None => (None, None),
+            Epilogue::Bias { bias } => (Some(bias), None),
+            Epilogue::GeluAux { bias, pre } => (bias, Some(pre)),
+            Epilogue::DGelu { pre } => (None, Some(pre)),
+        }
+    }
+}
+
+impl EpilogueKind {
+    fn cuda(self) -> sys::cublasLtEpilogue_t {
+        use sys::cublasLtEpilogue_t as E;
+        match self {
+            EpilogueKind::None => E::CUBLASLT_EPILOGUE_DEFAULT,
+            EpilogueKind::Bias => E::CUBLASLT_EPILOGUE_BIAS,
+            EpilogueKind::GeluAux => E::CUBLASLT_EPILOGUE_GELU_AUX,
+            EpilogueKind::GeluAuxBias => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            EpilogueKind::DGelu => E::CUBLASLT_EPILOGUE_DGELU,
+        }
+    }
+
+    fn name(self) -> Option<&'static str> {
+        match self {
+            EpilogueKind::None => None,
+            EpilogueKind::Bias => Some("bias"),
+            EpilogueKind::GeluAux => Some("gelu"),
+            EpilogueKind::GeluAuxBias => Some("bias+gelu"),
+            EpilogueKind::DGelu => Some("dgelu"),
+        }
+    }
+
+    /// Whether the plan has an auxiliary matrix (the GELU input).
+    fn has_aux(self) -> bool {
+        matches!(
+            self,
+            EpilogueKind::GeluAux | EpilogueKind::GeluAuxBias | EpilogueKind::DGelu
+        )
+    }
+
+    /// Whether the plan has a bias vector.
+    fn has_vector(self) -> bool {
+        matches!(self, EpilogueKind::Bias | EpilogueKind::GeluAuxBias)
+    }
 }
 
 /// Everything that selects a plan. Pointers are not part of it: they are set per call.
@@ -106,7 +193,7 @@ struct PlanKey {
     trans_b: bool,
     inputs: GemmType,
     out_type: GemmType,
-    has_bias: bool,
+    epilogue: EpilogueKind,
 }
 
 impl std::fmt::Display for PlanKey {
@@ -127,8 +214,8 @@ impl std::fmt::Display for PlanKey {
         if self.trans_b {
             f.write_str(", trans_b")?;
         }
-        if self.has_bias {
-            f.write_str(", bias")?;
+        if let Some(name) = self.epilogue.name() {
+            write!(f, ", {name}")?;
         }
         f.write_str(")")
     }
@@ -192,6 +279,8 @@ pub struct Lt {
     _workspace: CudaSlice<u8>,
     workspace_ptr: u64,
     plans: HashMap<PlanKey, Plan>,
+    /// Keys the heuristic found no algorithm for (see [`Lt::supports`]).
+    refused: HashSet<PlanKey>,
 }
 
 // SAFETY: the cuBLASLt handle, preference and descriptors are plain heap objects that may be used
@@ -241,6 +330,7 @@ impl Lt {
             _workspace: workspace,
             workspace_ptr,
             plans: HashMap::new(),
+            refused: HashSet::new(),
         };
         let max_ws = WORKSPACE_BYTES as u64;
         // SAFETY: pref is live; the attribute is a u64 read during the call.
@@ -276,7 +366,7 @@ impl Lt {
             trans_b,
             alpha,
             beta,
-            bias,
+            epilogue,
         } = *g;
         let key = PlanKey {
             m,
@@ -286,7 +376,7 @@ impl Lt {
             trans_b,
             inputs,
             out_type,
-            has_bias: bias.is_some(),
+            epilogue: epilogue.kind(),
         };
         match (inputs, out_type) {
             (GemmType::F32, GemmType::F32)
@@ -303,11 +393,13 @@ impl Lt {
         if k == 0 {
             bail!("cuBLASLt matmul {key}: k = 0 is not supported");
         }
+        let (vector, aux) = epilogue.pointers();
         for (name, ptr) in [
             ("out", Some(out)),
             ("a", Some(a)),
             ("b", Some(b)),
-            ("bias", bias),
+            ("epilogue vector", vector),
+            ("epilogue matrix", aux),
         ] {
             if let Some(p) = ptr {
                 if p == 0 || p % REQUIRED_ALIGN != 0 {
@@ -332,25 +424,32 @@ impl Lt {
             .plans
             .get(&key)
             .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
-
-        if let Some(bias_ptr) = bias {
+        type Attr = sys::cublasLtMatmulDescAttributes_t;
+        for (attr, ptr, what) in [
+            (Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, vector, "vector"),
+            (
+                Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                aux,
+                "matrix",
+            ),
+        ] {
+            let Some(ptr) = ptr else { continue };
             // SAFETY: desc is live; the attribute (a u64 device pointer) is copied during the call.
             unsafe {
                 result::set_matmul_desc_attribute(
                     plan.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &bias_ptr as *const u64 as *const c_void,
+                    attr,
+                    &ptr as *const u64 as *const c_void,
                     size_of::<u64>(),
                 )
             }
             .map_err(|e| {
                 anyhow!(
-                    "cuBLASLt matmul {key}: setting the bias pointer failed: {}",
+                    "cuBLASLt matmul {key}: setting the epilogue {what} pointer failed: {}",
                     status(e)
                 )
             })?;
         }
-
         // Operands swapped: cuBLASLt's A is our b, cuBLASLt's B is our a (see `build_plan`).
         // SAFETY: all descriptors are live; alpha/beta are host f32 (scale type f32, default host
         // pointer mode) that outlive the call; device pointers are owned by the caller and valid
@@ -378,6 +477,38 @@ impl Lt {
         .map_err(|e| anyhow!("cuBLASLt matmul {key} failed: {}", status(e)))
     }
 
+    /// Whether cuBLASLt has an algorithm for `g`'s shape, types and epilogue (the plan is built
+    /// and cached on the way; a refusal is remembered too). Fused epilogues are not available
+    /// for every shape, so callers ask before choosing them over separate kernels.
+    pub fn supports(&mut self, g: &Gemm) -> bool {
+        let key = PlanKey {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            inputs: g.inputs,
+            out_type: g.out_type,
+            epilogue: g.epilogue.kind(),
+        };
+        if self.plans.contains_key(&key) {
+            return true;
+        }
+        if self.refused.contains(&key) {
+            return false;
+        }
+        match self.build_plan(&key) {
+            Ok(plan) => {
+                self.plans.insert(key, plan);
+                true
+            }
+            Err(_) => {
+                self.refused.insert(key);
+                false
+            }
+        }
+    }
+
     /// Builds the descriptor, layouts and algorithm for `key`.
     ///
     /// Row-major → column-major mapping. A row-major r×c matrix X with leading dimension c is,
@@ -396,6 +527,7 @@ impl Lt {
     /// In short: each layout is the stored row-major shape reversed, ld = stored column count,
     /// and the transposes carry over (cuBLASLt TRANSA = trans_b, TRANSB = trans_a).
     /// The BIAS epilogue adds a vector of length rows(D) = n to every column of D, i.e. bias[n]
+    /// to every row of the row-major out; the GELU auxiliary matrix has D's layout (ld n).
     /// to every row of the row-major out.
     fn build_plan(&self, key: &PlanKey) -> Result<Plan> {
         let err = |what: &str, e: result::CublasError| {
@@ -431,11 +563,7 @@ impl Lt {
         } else {
             CUBLAS_OP_N
         };
-        let epilogue = if key.has_bias {
-            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
-        } else {
-            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
-        };
+        let epilogue = key.epilogue.cuda();
         let bias_type = key.out_type.cuda();
         type Attr = sys::cublasLtMatmulDescAttributes_t;
         // SAFETY: desc is live; each attribute value is a local of the size passed, copied by
@@ -462,7 +590,7 @@ impl Lt {
                 size_of::<sys::cublasLtEpilogue_t>(),
             )
             .map_err(|e| err("setting the epilogue", e))?;
-            if key.has_bias {
+            if key.epilogue.has_vector() {
                 result::set_matmul_desc_attribute(
                     plan.desc,
                     Attr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
@@ -470,6 +598,16 @@ impl Lt {
                     size_of::<sys::cudaDataType>(),
                 )
                 .map_err(|e| err("setting the bias data type", e))?;
+            }
+            if key.epilogue.has_aux() {
+                let aux_ld = ld(n)?;
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                    &aux_ld as *const i64 as *const c_void,
+                    size_of::<i64>(),
+                )
+                .map_err(|e| err("setting the epilogue matrix's leading dimension", e))?;
             }
         }
 

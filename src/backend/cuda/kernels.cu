@@ -262,66 +262,119 @@ __device__ __forceinline__ float adamw_one(float p, float grad, float& m, float&
     return p - lr * (m_hat / (sqrtf(v_hat) + eps) + wd * p);
 }
 
-/// adamw_T: fp32 master step on param/m/v; also writes round_T(param) into copy unless NULL.
+// ---------------------------------------------------------------------------------------------
+// Multi-tensor kernels: one launch over a table of tensors (all parameters of the model), instead
+// of one launch per tensor. Block b works on elements [(b − first_block)·MT_CHUNK, +MT_CHUNK) of
+// the tensor with the largest first_block ≤ b; the host lays out the table (mod.rs). Block = 256.
+// ---------------------------------------------------------------------------------------------
+
+#define MT_CHUNK 16384
+
+/// The table row of the tensor block `blockIdx.x` works on (binary search on first_block).
+template <typename D> __device__ __forceinline__ D mt_row(const D* table, int count) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (table[mid].first_block <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    return table[lo];
+}
+
+/// One tensor of adamw_multi_T: 56 bytes, laid out by `adamw_update` in mod.rs.
+struct AdamWRow {
+    float* param;
+    const float* grad;
+    float* m;
+    float* v;
+    void* copy;  // T*, or NULL when the tensor has no compute copy
+    u64 n;
+    float weight_decay;
+    unsigned int first_block;
+};
+
+/// adamw_multi_T: fp32 master step on param/m/v of every tensor in the table; also writes
+/// round_T(param) into each non-NULL copy.
 template <typename T>
-__device__ void adamw_impl(float* param, const float* grad, float* m, float* v, T* copy, int n,
-                           float lr, float beta1, float beta2, float eps, float weight_decay,
-                           float inv_bc1, float inv_bc2, float grad_scale) {
-    const float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2;
-    const u64 un = n > 0 ? (u64)n : 0ull;
-    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    const bool vec = aligned16(param) && aligned16(grad) && aligned16(m) && aligned16(v) &&
-                     (copy == nullptr || aligned16(copy));
-    u64 start = 0;
+__device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, float beta1,
+                                 float beta2, float eps, float inv_bc1, float inv_bc2,
+                                 float grad_scale) {
+    const AdamWRow r = mt_row(table, count);
+    const float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2, wd = r.weight_decay;
+    T* copy = (T*)r.copy;
+    const u64 begin = (u64)(blockIdx.x - r.first_block) * MT_CHUNK;
+    const u64 end = min(begin + (u64)MT_CHUNK, r.n);
+    const bool vec = aligned16(r.param) && aligned16(r.grad) && aligned16(r.m) &&
+                     aligned16(r.v) && (copy == nullptr || aligned16(copy));
+    u64 start = begin;
     if (vec) {
-        const u64 packs = un / 8;
-        for (u64 pk = tid; pk < packs; pk += stride) {
-            const u64 i0 = pk * 8;
+        const u64 packs = (end - begin) / 8;
+        for (u64 pk = threadIdx.x; pk < packs; pk += blockDim.x) {
+            const u64 i0 = begin + pk * 8;
             float fp[8], fg[8], fm[8], fv[8];
-            load8(param + i0, fp);
-            load8(grad + i0, fg);
-            load8(m + i0, fm);
-            load8(v + i0, fv);
+            load8(r.param + i0, fp);
+            load8(r.grad + i0, fg);
+            load8(r.m + i0, fm);
+            load8(r.v + i0, fv);
 #pragma unroll
             for (int k = 0; k < 8; ++k)
                 fp[k] = adamw_one(fp[k], fg[k], fm[k], fv[k], lr, beta1, beta2, omb1, omb2, eps,
-                                  weight_decay, inv_bc1, inv_bc2, grad_scale);
-            store8(param + i0, fp);
-            store8(m + i0, fm);
-            store8(v + i0, fv);
+                                  wd, inv_bc1, inv_bc2, grad_scale);
+            store8(r.param + i0, fp);
+            store8(r.m + i0, fm);
+            store8(r.v + i0, fv);
             if (copy != nullptr) store8(copy + i0, fp);
         }
-        start = packs * 8;
+        start = begin + packs * 8;
     }
-    for (u64 i = start + tid; i < un; i += stride) {
-        float mi = m[i], vi = v[i];
-        const float p = adamw_one(param[i], grad[i], mi, vi, lr, beta1, beta2, omb1, omb2, eps,
-                                  weight_decay, inv_bc1, inv_bc2, grad_scale);
-        param[i] = p;
-        m[i] = mi;
-        v[i] = vi;
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float mi = r.m[i], vi = r.v[i];
+        const float p = adamw_one(r.param[i], r.grad[i], mi, vi, lr, beta1, beta2, omb1, omb2,
+                                  eps, wd, inv_bc1, inv_bc2, grad_scale);
+        r.param[i] = p;
+        r.m[i] = mi;
+        r.v[i] = vi;
         if (copy != nullptr) copy[i] = from_float<T>(p);
     }
 }
-#define DEF_ADAMW(S, T)                                                                          \
-    extern "C" __global__ void adamw_##S(float* param, const float* grad, float* m, float* v,   \
-                                         T* copy, int n, float lr, float beta1, float beta2,     \
-                                         float eps, float weight_decay,                          \
-                                         float inv_bias_correction1, float inv_bias_correction2, \
-                                         float grad_scale) {                                     \
-        adamw_impl<T>(param, grad, m, v, copy, n, lr, beta1, beta2, eps, weight_decay,           \
-                      inv_bias_correction1, inv_bias_correction2, grad_scale);                   \
+#define DEF_ADAMW(S, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        adamw_multi_##S(const AdamWRow* table, int count, float lr, float beta1, float beta2,   \
+                        float eps, float inv_bias_correction1, float inv_bias_correction2,      \
+                        float grad_scale) {                                                     \
+        adamw_multi_impl<T>(table, count, lr, beta1, beta2, eps, inv_bias_correction1,          \
+                            inv_bias_correction2, grad_scale);                                  \
     }
 FOR_EACH_TYPE(DEF_ADAMW)
 
-/// sum_squares_partial_T: partials[g] = Σ x[i]² in double over i = g·B + tid (step G·B), B = 256.
-template <typename T> __device__ void sum_squares_partial_impl(const T* x, int n, double* partials) {
+/// One tensor of sum_squares_multi_T: 24 bytes, laid out by `global_sum_squares` in mod.rs.
+struct SumSquaresRow {
+    const void* x;  // T*
+    u64 n;
+    unsigned int first_block;
+    unsigned int unused;
+};
+
+/// sum_squares_multi_T: partials[b] = Σ x² in double over block b's chunk of its tensor.
+template <typename T>
+__device__ void sum_squares_multi_impl(const SumSquaresRow* table, int count, double* partials) {
     __shared__ double warp_sums[32];
-    const u64 un = n > 0 ? (u64)n : 0ull;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const SumSquaresRow r = mt_row(table, count);
+    const T* x = (const T*)r.x;
+    const u64 begin = (u64)(blockIdx.x - r.first_block) * MT_CHUNK;
+    const u64 end = min(begin + (u64)MT_CHUNK, r.n);
     double acc = 0.0;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < un; i += stride) {
+    u64 start = begin;
+    if (aligned16(x)) {
+        const u64 packs = (end - begin) / 8;
+        for (u64 pk = threadIdx.x; pk < packs; pk += blockDim.x) {
+            float f[8];
+            load8(x + begin + pk * 8, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc += (double)f[k] * (double)f[k];
+        }
+        start = begin + packs * 8;
+    }
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         const double d = (double)to_float(x[i]);
         acc += d * d;
     }
@@ -335,9 +388,10 @@ template <typename T> __device__ void sum_squares_partial_impl(const T* x, int n
         if (lane == 0) partials[blockIdx.x] = s;
     }
 }
-#define DEF_SUMSQ(S, T)                                                                        \
-    extern "C" __global__ void sum_squares_partial_##S(const T* x, int n, double* partials) { \
-        sum_squares_partial_impl<T>(x, n, partials);                                           \
+#define DEF_SUMSQ(S, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        sum_squares_multi_##S(const SumSquaresRow* table, int count, double* partials) {        \
+        sum_squares_multi_impl<T>(table, count, partials);                                       \
     }
 FOR_EACH_TYPE(DEF_SUMSQ)
 

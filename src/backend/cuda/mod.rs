@@ -27,9 +27,9 @@ use cudarc::driver::{
     DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
-use super::{AdamW, Backend, GemmSpec};
+use super::{AdamW, AdamWTensor, Backend, GemmSpec};
 use crate::numerics::{self, DType};
-use cublaslt::{Gemm, GemmType, Lt};
+use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
@@ -75,11 +75,16 @@ pub struct CudaBackend {
     functions: RefCell<HashMap<String, CudaFunction>>,
     lt: RefCell<Lt>,
     scratch: RefCell<Option<CudaSlice<u8>>>,
+    /// Multi-tensor kernels' tables by kernel name: contents and device copy (see `table_ptr`).
+    tables: RefCell<HashMap<String, (Vec<u8>, CudaSlice<u8>)>>,
     live: Rc<Cell<u64>>,
     peak: Cell<u64>,
     name: String,
     /// `HALFLING_CUDA_SYNC=1`: wait after every kernel, so a fault names the kernel that caused it.
     sync_each_launch: bool,
+    /// Whether GEMMs may fuse the GELU and its derivative into cuBLASLt epilogues;
+    /// `HALFLING_CUDA_FUSED_EPILOGUES=0` runs the separate kernels instead.
+    fused_epilogues: bool,
     /// `HALFLING_CUDA_PROFILE=1`: events around every kernel and GEMM, summed by name.
     profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
@@ -276,10 +281,13 @@ impl CudaBackend {
             functions: RefCell::new(HashMap::new()),
             lt: RefCell::new(lt),
             scratch: RefCell::new(None),
+            tables: RefCell::new(HashMap::new()),
             live: Rc::new(Cell::new(0)),
             peak: Cell::new(0),
             name: format!("cuda:{ordinal} ({name})"),
             sync_each_launch: std::env::var("HALFLING_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            fused_epilogues: std::env::var("HALFLING_CUDA_FUSED_EPILOGUES")
+                .map_or(true, |v| v != "0"),
             profile: std::env::var("HALFLING_CUDA_PROFILE")
                 .is_ok_and(|v| v == "1")
                 .then(|| RefCell::new(Vec::new())),
@@ -351,14 +359,19 @@ impl CudaBackend {
             k,
             inputs,
             out_type,
-            bias,
+            epilogue,
             ..
         } = g;
         let start = self.profile_event()?;
         self.lt.borrow_mut().matmul(&self.stream, &g)?;
         if start.is_some() {
-            let bias_tag = if bias.is_some() { " +bias" } else { "" };
-            let label = format!("gemm {m}x{n}x{k} {inputs:?}->{out_type:?}{bias_tag}");
+            let tag = match epilogue {
+                Epilogue::None => "",
+                Epilogue::Bias { .. } => " +bias",
+                Epilogue::GeluAux { .. } => " +gelu",
+                Epilogue::DGelu { .. } => " +dgelu",
+            };
+            let label = format!("gemm {m}x{n}x{k} {inputs:?}->{out_type:?}{tag}");
             self.profile_record(&label, start)?;
         }
         if self.sync_each_launch {
@@ -367,6 +380,18 @@ impl CudaBackend {
                 .map_err(|e| anyhow!("cuBLASLt matmul {m}x{n}x{k} failed: {e:?}"))?;
         }
         Ok(())
+    }
+
+    /// Whether `g`'s fused epilogue can run (cuBLASLt has an algorithm for it and the matrices
+    /// fit its rules); otherwise the caller runs the separate kernels instead.
+    /// `HALFLING_CUDA_FUSED_EPILOGUES=0` turns fusion off, to compare the two paths.
+    fn fusable(&self, g: &Gemm) -> bool {
+        // The GELU input matrix's leading dimension (n) must be a multiple of 8.
+        let aux_ok = match g.epilogue {
+            Epilogue::GeluAux { .. } | Epilogue::DGelu { .. } => g.n % 8 == 0,
+            _ => true,
+        };
+        self.fused_epilogues && aux_ok && self.lt.borrow_mut().supports(g)
     }
 
     /// A timing event recorded now, when profiling.
@@ -399,6 +424,36 @@ impl CudaBackend {
     fn ptr_mut(&self, buf: &mut CudaBuf) -> u64 {
         let (p, _sync) = buf.mem.device_ptr_mut(&self.stream);
         p
+    }
+
+    /// The device address of a multi-tensor kernel's table with contents `bytes`, uploaded only
+    /// when they differ from the last table of that kernel: a model's tensors never move, so a
+    /// training run uploads each table once. The upload is ordered on the stream after earlier
+    /// launches that read the old contents.
+    fn table_ptr(&self, kernel: &str, bytes: &[u8]) -> Result<u64> {
+        let mut tables = self.tables.borrow_mut();
+        if let Some((cached, mem)) = tables.get(kernel) {
+            if cached.as_slice() == bytes {
+                let (p, _sync) = mem.device_ptr(&self.stream);
+                return Ok(p);
+            }
+        }
+        let mut mem = match tables.remove(kernel) {
+            Some((_, mem)) if mem.len() >= bytes.len() => mem,
+            _ => self
+                .stream
+                .alloc_zeros::<u8>(bytes.len().max(1))
+                .map_err(|e| oom(e, bytes.len(), self.live.get()))?,
+        };
+        self.stream
+            .memcpy_htod(bytes, &mut mem.slice_mut(..bytes.len()))
+            .map_err(|e| anyhow!("upload to the GPU failed: {e:?}"))?;
+        let p = {
+            let (p, _sync) = mem.device_ptr(&self.stream);
+            p
+        };
+        tables.insert(kernel.to_string(), (bytes.to_vec(), mem));
+        Ok(p)
     }
 
     /// A scratch area of at least `bytes`, grown (never shrunk) on demand.
@@ -809,7 +864,10 @@ impl Backend for CudaBackend {
         if let Some(b) = bias {
             self.expect("linear bias", b, t, oc)?;
         }
-        let bias_ptr = bias.map(|b| self.ptr(b));
+        let epilogue = match bias {
+            Some(b) => Epilogue::Bias { bias: self.ptr(b) },
+            None => Epilogue::None,
+        };
         let (pi, pw) = (self.ptr(inp), self.ptr(w));
         let po = self.ptr_mut(out);
         self.gemm(Gemm {
@@ -825,8 +883,113 @@ impl Backend for CudaBackend {
             trans_b: true,
             alpha: 1.0,
             beta: 0.0,
-            bias: bias_ptr,
+            epilogue,
         })
+    }
+
+    fn linear_gelu_forward(
+        &self,
+        out: &mut CudaBuf,
+        pre: &mut CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: GemmSpec,
+    ) -> Result<()> {
+        let t = out.dtype;
+        let inputs = gemm_format(gemm)?;
+        self.expect("linear input", inp, inputs, n * ic)?;
+        self.expect("linear weight", w, inputs, oc * ic)?;
+        self.expect("linear+GELU output", out, t, n * oc)?;
+        self.expect("linear+GELU pre-activation", pre, t, n * oc)?;
+        if let Some(b) = bias {
+            self.expect("linear bias", b, t, oc)?;
+        }
+        let g = Gemm {
+            out: self.ptr_mut(out),
+            out_type: gemm_type(t)?,
+            a: self.ptr(inp),
+            b: self.ptr(w),
+            inputs: gemm_type(inputs)?,
+            m: n,
+            n: oc,
+            k: ic,
+            trans_a: false,
+            trans_b: true,
+            alpha: 1.0,
+            beta: 0.0,
+            epilogue: Epilogue::GeluAux {
+                bias: bias.map(|b| self.ptr(b)),
+                pre: self.ptr_mut(pre),
+            },
+        };
+        if self.fusable(&g) {
+            return self.gemm(g);
+        }
+        self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm)?;
+        self.gelu_forward(out, pre)
+    }
+
+    fn linear_gelu_backward(
+        &self,
+        dpre: &mut CudaBuf,
+        dgelu_out: &mut CudaBuf,
+        dw: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        gelu_out: &CudaBuf,
+        pre: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        dinp_gemm: GemmSpec,
+        dw_gemm: GemmSpec,
+    ) -> Result<()> {
+        let dinp_format = gemm_format(dinp_gemm)?;
+        self.expect("linear dout", dout, dinp_format, n * oc)?;
+        self.expect("linear weight", w, dinp_format, oc * ic)?;
+        let t = dpre.dtype;
+        self.expect("GELU input grad", dpre, t, n * ic)?;
+        self.expect("GELU input", pre, t, n * ic)?;
+        let g = Gemm {
+            out: self.ptr_mut(dpre),
+            out_type: gemm_type(t)?,
+            a: self.ptr(dout),
+            b: self.ptr(w),
+            inputs: gemm_type(dinp_format)?,
+            m: n,
+            n: ic,
+            k: oc,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+            epilogue: Epilogue::DGelu { pre: self.ptr(pre) },
+        };
+        if !self.fusable(&g) {
+            self.linear_backward(
+                Some(dgelu_out),
+                dw,
+                dbias,
+                dout,
+                gelu_out,
+                w,
+                n,
+                ic,
+                oc,
+                dinp_gemm,
+                dw_gemm,
+            )?;
+            return self.gelu_backward(dpre, pre, dgelu_out);
+        }
+        self.gemm(g)?;
+        self.linear_backward(
+            None, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm,
+        )
     }
 
     fn linear_backward(
@@ -865,7 +1028,7 @@ impl Backend for CudaBackend {
                 trans_b: false,
                 alpha: 1.0,
                 beta: 0.0,
-                bias: None,
+                epilogue: Epilogue::None,
             })?;
         }
         if dw.len != oc * ic {
@@ -878,7 +1041,7 @@ impl Backend for CudaBackend {
         let out_type = gemm_type(dw.dtype)?;
         let pdw = self.ptr_mut(dw);
         // Accumulates (beta = 1) into the fp32 gradient across micro-batches.
-        self.gemm(Gemm {
+        let g = Gemm {
             out: pdw,
             out_type,
             a: pd,
@@ -891,8 +1054,9 @@ impl Backend for CudaBackend {
             trans_b: false,
             alpha: 1.0,
             beta: 1.0,
-            bias: None,
-        })?;
+            epilogue: Epilogue::None,
+        };
+        self.gemm(g)?;
         if let Some(db) = dbias {
             self.bias_backward(db, dout, n, oc)?;
         }
@@ -1206,54 +1370,76 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn adamw_step(
-        &self,
-        param: &mut CudaBuf,
-        grad: &CudaBuf,
-        m: &mut CudaBuf,
-        v: &mut CudaBuf,
-        compute_copy: Option<&mut CudaBuf>,
-        hp: &AdamW,
-    ) -> Result<()> {
-        let n = param.len;
-        self.expect("adamw param", param, DType::F32, n)?;
-        self.expect("adamw grad", grad, DType::F32, n)?;
-        self.expect("adamw m", m, DType::F32, n)?;
-        self.expect("adamw v", v, DType::F32, n)?;
+    fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, CudaBuf>], hp: &AdamW) -> Result<()> {
         let exponent = hp.step.min(i32::MAX as u64) as i32;
         let inv_bc1 = (1.0 / (1.0 - f64::from(hp.beta1).powi(exponent))) as f32;
         let inv_bc2 = (1.0 / (1.0 - f64::from(hp.beta2).powi(exponent))) as f32;
-        let (copy_ptr, sfx) = match compute_copy {
-            Some(copy) => {
-                self.expect("adamw compute copy", copy, copy.dtype, n)?;
-                let s = suffix(copy.dtype)?;
-                (self.ptr_mut(copy), s)
+        // One launch per compute-copy format (all tensors share one in a model).
+        let copy_dtype = |t: &AdamWTensor<'_, CudaBuf>| t.compute_copy.as_ref().map(|c| c.dtype);
+        let mut formats: Vec<Option<DType>> = tensors.iter().map(copy_dtype).collect();
+        formats.sort_by_key(|f| f.map(|d| d.to_string()));
+        formats.dedup();
+        for format in formats {
+            let mut table = Vec::new();
+            let mut blocks = 0usize;
+            for t in tensors.iter_mut().filter(|t| copy_dtype(t) == format) {
+                let n = t.param.len;
+                self.expect("adamw param", t.param, DType::F32, n)?;
+                self.expect("adamw grad", t.grad, DType::F32, n)?;
+                self.expect("adamw m", t.m, DType::F32, n)?;
+                self.expect("adamw v", t.v, DType::F32, n)?;
+                let copy = match t.compute_copy.as_deref_mut() {
+                    Some(c) => {
+                        self.expect("adamw compute copy", c, c.dtype, n)?;
+                        self.ptr_mut(c)
+                    }
+                    None => 0,
+                };
+                let weight_decay = if t.decay { hp.weight_decay } else { 0.0 };
+                // struct AdamWRow in kernels.cu: five pointers, n, weight_decay, first_block.
+                for ptr in [
+                    self.ptr_mut(t.param),
+                    self.ptr(t.grad),
+                    self.ptr_mut(t.m),
+                    self.ptr_mut(t.v),
+                    copy,
+                ] {
+                    table.extend_from_slice(&ptr.to_le_bytes());
+                }
+                table.extend_from_slice(&(n as u64).to_le_bytes());
+                table.extend_from_slice(&weight_decay.to_le_bytes());
+                table.extend_from_slice(&block_index(blocks)?.to_le_bytes());
+                blocks += n.div_ceil(MT_CHUNK);
             }
-            None => (0, "f32"),
-        };
-        let pg = self.ptr(grad);
-        let (pm, pv) = (self.ptr_mut(m), self.ptr_mut(v));
-        let pp = self.ptr_mut(param);
-        self.elementwise(
-            &format!("adamw_{sfx}"),
-            n,
-            &[
-                Arg::Ptr(pp),
-                Arg::Ptr(pg),
-                Arg::Ptr(pm),
-                Arg::Ptr(pv),
-                Arg::Ptr(copy_ptr),
-                Arg::Int(int(n)?),
-                Arg::Float(hp.lr),
-                Arg::Float(hp.beta1),
-                Arg::Float(hp.beta2),
-                Arg::Float(hp.eps),
-                Arg::Float(hp.weight_decay),
-                Arg::Float(inv_bc1),
-                Arg::Float(inv_bc2),
-                Arg::Float(hp.grad_scale),
-            ],
-        )
+            if blocks == 0 {
+                continue;
+            }
+            let sfx = match format {
+                Some(dtype) => suffix(dtype)?,
+                None => "f32",
+            };
+            let name = format!("adamw_multi_{sfx}");
+            let rows = table.len() / 56;
+            let table = self.table_ptr(&name, &table)?;
+            self.launch(
+                &name,
+                (block_index(blocks)?, 1, 1),
+                BLOCK,
+                0,
+                &[
+                    Arg::Ptr(table),
+                    Arg::Int(int(rows)?),
+                    Arg::Float(hp.lr),
+                    Arg::Float(hp.beta1),
+                    Arg::Float(hp.beta2),
+                    Arg::Float(hp.eps),
+                    Arg::Float(inv_bc1),
+                    Arg::Float(inv_bc2),
+                    Arg::Float(hp.grad_scale),
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     fn sum_squares(&self, buf: &CudaBuf) -> Result<f64> {
@@ -1261,24 +1447,50 @@ impl Backend for CudaBackend {
     }
 
     fn global_sum_squares(&self, bufs: &[CudaBuf]) -> Result<f64> {
-        // Each buffer's partial sums go to its own slots of one scratch array, which is read
-        // back once: one synchronisation per optimizer step instead of one per tensor.
-        let blocks: Vec<usize> = bufs
-            .iter()
-            .map(|b| b.len.div_ceil(BLOCK as usize).clamp(1, 1024))
-            .collect();
-        let slots: usize = blocks.iter().sum();
+        // One launch per storage format over a table of the buffers; each block writes one
+        // partial sum to scratch, which is read back once and summed in a fixed order: one
+        // synchronisation per optimizer step, deterministic.
+        let mut formats: Vec<DType> = bufs.iter().map(|b| b.dtype).collect();
+        formats.sort_by_key(|d| d.to_string());
+        formats.dedup();
+        let mut tables = Vec::new();
+        let mut slots = 0usize;
+        for &dtype in &formats {
+            let mut table = Vec::new();
+            let mut blocks = 0usize;
+            for buf in bufs.iter().filter(|b| b.dtype == dtype) {
+                // struct SumSquaresRow in kernels.cu: pointer, n, first_block, unused.
+                table.extend_from_slice(&self.ptr(buf).to_le_bytes());
+                table.extend_from_slice(&(buf.len as u64).to_le_bytes());
+                table.extend_from_slice(&block_index(blocks)?.to_le_bytes());
+                table.extend_from_slice(&0u32.to_le_bytes());
+                blocks += buf.len.div_ceil(MT_CHUNK);
+            }
+            tables.push((dtype, table, slots, blocks));
+            slots += blocks;
+        }
+        if slots == 0 {
+            return Ok(0.0);
+        }
         let partials = self.scratch_ptr(slots * 8)?;
-        let mut offset = 0usize;
-        for (buf, &g) in bufs.iter().zip(&blocks) {
-            let name = format!("sum_squares_partial_{}", suffix(buf.dtype)?);
-            let args = [
-                Arg::Ptr(self.ptr(buf)),
-                Arg::Int(int(buf.len)?),
-                Arg::Ptr(partials + (offset * 8) as u64),
-            ];
-            self.launch(&name, (g as u32, 1, 1), BLOCK, 0, &args)?;
-            offset += g;
+        for (dtype, table, first_slot, blocks) in tables {
+            if blocks == 0 {
+                continue;
+            }
+            let name = format!("sum_squares_multi_{}", suffix(dtype)?);
+            let rows = table.len() / 24;
+            let table = self.table_ptr(&name, &table)?;
+            self.launch(
+                &name,
+                (block_index(blocks)?, 1, 1),
+                BLOCK,
+                0,
+                &[
+                    Arg::Ptr(table),
+                    Arg::Int(int(rows)?),
+                    Arg::Ptr(partials + (first_slot * 8) as u64),
+                ],
+            )?;
         }
         let scratch = self.scratch.borrow();
         let s = scratch
@@ -1293,6 +1505,14 @@ impl Backend for CudaBackend {
             .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
             .sum())
     }
+}
+
+/// Elements each block of a multi-tensor kernel works on (`MT_CHUNK` in kernels.cu).
+const MT_CHUNK: usize = 16384;
+
+/// A block index (or count) of a multi-tensor launch, which the kernels take as `unsigned int`.
+fn block_index(blocks: usize) -> Result<u32> {
+    u32::try_from(blocks).map_err(|_| anyhow!("too many elements for one multi-tensor launch"))
 }
 
 impl CudaBackend {
