@@ -196,6 +196,23 @@ fn case_layernorm<B: Backend>(
     let mut out = be.alloc(dt, n * c)?;
     let (mut mean, mut rstd) = (be.alloc(DType::F32, n)?, be.alloc(DType::F32, n)?);
     be.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, n, c)?;
+    // The fused residual + LayerNorm on inp + x[4].
+    let other = up(be, dt, &x[4])?;
+    let mut resid = be.alloc(dt, n * c)?;
+    let mut fused_out = be.alloc(dt, n * c)?;
+    let (mut fused_mean, mut fused_rstd) = (be.alloc(DType::F32, n)?, be.alloc(DType::F32, n)?);
+    be.residual_layernorm_forward(
+        &mut resid,
+        &mut fused_out,
+        &mut fused_mean,
+        &mut fused_rstd,
+        &inp,
+        &other,
+        &w,
+        &b,
+        n,
+        c,
+    )?;
     let mut dinp = up(be, dt, &x[4])?;
     let (mut dw, mut db) = (be.alloc(DType::F32, c)?, be.alloc(DType::F32, c)?);
     be.layernorm_backward(
@@ -207,6 +224,9 @@ fn case_layernorm<B: Backend>(
         ("dinp", be.download(&dinp)?),
         ("dw", be.download(&dw)?),
         ("db", be.download(&db)?),
+        ("residual", be.download(&resid)?),
+        ("residual+ln out", be.download(&fused_out)?),
+        ("residual+ln rstd", be.download(&fused_rstd)?),
     ])
 }
 
@@ -438,7 +458,7 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
     };
     for dt in [DType::F32, DType::BF16] {
         let tol = tolerance(dt);
-        for (n, ic, oc) in [(8, 16, 24), (37, 53, 71), (64, 128, 384)] {
+        for (n, ic, oc) in [(8, 16, 24), (37, 53, 71), (64, 128, 384), (1000, 64, 196)] {
             let x = vec![
                 inputs.normal(n * ic, 1.0),
                 inputs.normal(oc * ic, 0.1),
@@ -477,7 +497,8 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 case_mlp(&reference, dt, &x, s)?,
             );
         }
-        for (n, c) in [(5, 7), (64, 128), (33, 768)] {
+        // The larger shapes split the column sums over several row blocks.
+        for (n, c) in [(5, 7), (64, 128), (33, 768), (1000, 768), (300, 36)] {
             let x = vec![
                 inputs.normal(n * c, 2.0),
                 inputs.normal(c, 1.0),

@@ -269,6 +269,26 @@ pub trait Backend {
         c: usize,
     ) -> Result<()>;
 
+    /// `resid = a + b`, then [`Backend::layernorm_forward`] of `resid` into `out`: the residual
+    /// add that closes a block's branch, fused with the LayerNorm that opens the next one.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(
+        &self,
+        resid: &mut Self::Buf,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        self.residual_forward(resid, a, b)?;
+        self.layernorm_forward(out, mean, rstd, resid, weight, bias, n, c)
+    }
+
     /// Backward of LayerNorm. `dinp += …` so it adds straight into the residual-stream gradient;
     /// `dweight += …`, `dbias += …`.
     #[allow(clippy::too_many_arguments)]

@@ -506,25 +506,43 @@ impl<B: Backend> Gpt<B> {
         if let Some(seed) = drop {
             backend.dropout_forward(&mut acts.encoded, p, site_seed(seed, 0, 0))?;
         }
-        for l in 0..self.cfg.n_layer {
+        let nl = self.cfg.n_layer;
+        // Each residual add is fused with the LayerNorm that follows it: ln2 inside the block,
+        // and the next block's ln1 (or the final LayerNorm) at its end. Only the first ln1 and,
+        // without blocks, the final LayerNorm stand alone.
+        let (lnf_w, lnf_b) = (w(layer_param(nl, 0)), w(layer_param(nl, 1)));
+        match acts.layers.first_mut() {
+            Some(first) => backend.layernorm_forward(
+                &mut first.ln1,
+                &mut first.ln1_mean,
+                &mut first.ln1_rstd,
+                &acts.encoded,
+                w(layer_param(0, LN1_W)),
+                w(layer_param(0, LN1_B)),
+                bt,
+                c,
+            )?,
+            None => backend.layernorm_forward(
+                &mut acts.lnf,
+                &mut acts.lnf_mean,
+                &mut acts.lnf_rstd,
+                &acts.encoded,
+                lnf_w,
+                lnf_b,
+                bt,
+                c,
+            )?,
+        }
+        for l in 0..nl {
             let (done, rest) = acts.layers.split_at_mut(l);
             let input = if l == 0 {
                 &acts.encoded
             } else {
                 &done[l - 1].resid_out
             };
-            let la = &mut rest[0];
+            let (current, later) = rest.split_at_mut(1);
+            let la = &mut current[0];
             let lp = |k| w(layer_param(l, k));
-            backend.layernorm_forward(
-                &mut la.ln1,
-                &mut la.ln1_mean,
-                &mut la.ln1_rstd,
-                input,
-                lp(LN1_W),
-                lp(LN1_B),
-                bt,
-                c,
-            )?;
             backend.linear_forward(
                 &mut la.qkv,
                 &la.ln1,
@@ -549,12 +567,13 @@ impl<B: Backend> Gpt<B> {
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 0))?;
             }
-            backend.residual_forward(&mut la.resid2, input, &acts.branch)?;
-            backend.layernorm_forward(
+            backend.residual_layernorm_forward(
+                &mut la.resid2,
                 &mut la.ln2,
                 &mut la.ln2_mean,
                 &mut la.ln2_rstd,
-                &la.resid2,
+                input,
+                &acts.branch,
                 lp(LN2_W),
                 lp(LN2_B),
                 bt,
@@ -591,20 +610,35 @@ impl<B: Backend> Gpt<B> {
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
             }
-            backend.residual_forward(&mut la.resid_out, &la.resid2, &acts.branch)?;
+            let (ln, mean, rstd, ln_w, ln_b) = match later.first_mut() {
+                Some(next) => (
+                    &mut next.ln1,
+                    &mut next.ln1_mean,
+                    &mut next.ln1_rstd,
+                    w(layer_param(l + 1, LN1_W)),
+                    w(layer_param(l + 1, LN1_B)),
+                ),
+                None => (
+                    &mut acts.lnf,
+                    &mut acts.lnf_mean,
+                    &mut acts.lnf_rstd,
+                    lnf_w,
+                    lnf_b,
+                ),
+            };
+            backend.residual_layernorm_forward(
+                &mut la.resid_out,
+                ln,
+                mean,
+                rstd,
+                &la.resid2,
+                &acts.branch,
+                ln_w,
+                ln_b,
+                bt,
+                c,
+            )?;
         }
-        let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
-        let nl = self.cfg.n_layer;
-        backend.layernorm_forward(
-            &mut acts.lnf,
-            &mut acts.lnf_mean,
-            &mut acts.lnf_rstd,
-            last,
-            w(layer_param(nl, 0)),
-            w(layer_param(nl, 1)),
-            bt,
-            c,
-        )?;
         let head = self.recipe.head_gemm(GemmRole::Forward);
         backend.linear_forward(&mut acts.logits, &acts.lnf, w(WTE), None, bt, c, vp, head)?;
         Ok(())

@@ -402,28 +402,47 @@ FOR_EACH_TYPE(DEF_SUMSQ)
 #define LN_EPS 1e-5f
 
 /// layernorm_forward_T: out = (x−mean)·rstd·w + b per row, biased variance; saves mean and rstd.
+/// With `add_a` non-NULL the row is first made: x = round_T(add_a + add_b), stored into `x_io`
+/// (the residual add that closes a block's branch, fused with the LayerNorm that follows it).
 template <typename T>
-__device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, const T* inp,
-                                       const T* weight, const T* bias, int N, int C) {
+__device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, T* x_io,
+                                       const T* add_a, const T* add_b, const T* weight,
+                                       const T* bias, int N, int C) {
     const int lane = threadIdx.x & 31;
     const int row = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
     if (row >= N || C <= 0) return;  // no block barriers below, so whole warps may leave
-    const T* x = inp + (u64)row * C;
+    T* x = x_io + (u64)row * C;
     T* o = out + (u64)row * C;
-    const bool vec = (C % 8 == 0) && aligned16(inp) && aligned16(out) && aligned16(weight) &&
-                     aligned16(bias);
+    const bool add = add_a != nullptr;
+    const T* a = add ? add_a + (u64)row * C : nullptr;
+    const T* b = add ? add_b + (u64)row * C : nullptr;
+    const bool vec = (C % 8 == 0) && aligned16(x_io) && aligned16(out) && aligned16(weight) &&
+                     aligned16(bias) && (!add || (aligned16(add_a) && aligned16(add_b)));
     // Two passes (mean, then squared deviations) re-reading the row from L1: exact-enough
-    // variance without the cancellation of E[x²] − E[x]².
+    // variance without the cancellation of E[x²] − E[x]². Each lane re-reads only elements it
+    // wrote itself in the first pass, so the fused residual needs no barrier.
     float sum = 0.0f;
     if (vec) {
         for (int c = lane * 8; c < C; c += 256) {
             float f[8];
-            load8(x + c, f);
+            if (add) {
+                float fb[8];
+                load8(a + c, f);
+                load8(b + c, fb);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) f[k] = to_float(from_float<T>(f[k] + fb[k]));
+                store8(x + c, f);
+            } else {
+                load8(x + c, f);
+            }
 #pragma unroll
             for (int k = 0; k < 8; ++k) sum += f[k];
         }
     } else {
-        for (int c = lane; c < C; c += 32) sum += to_float(x[c]);
+        for (int c = lane; c < C; c += 32) {
+            if (add) x[c] = from_float<T>(to_float(a[c]) + to_float(b[c]));
+            sum += to_float(x[c]);
+        }
     }
     const float mu = warp_sum(sum) / (float)C;
     float sq = 0.0f;
@@ -467,9 +486,9 @@ __device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, const T
 }
 #define DEF_LN_FWD(S, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                           \
-    layernorm_forward_##S(T* out, float* mean, float* rstd, const T* inp, const T* weight,      \
-                          const T* bias, int N, int C) {                                        \
-        layernorm_forward_impl<T>(out, mean, rstd, inp, weight, bias, N, C);                    \
+    layernorm_forward_##S(T* out, float* mean, float* rstd, T* x_io, const T* add_a,            \
+                          const T* add_b, const T* weight, const T* bias, int N, int C) {       \
+        layernorm_forward_impl<T>(out, mean, rstd, x_io, add_a, add_b, weight, bias, N, C);     \
     }
 FOR_EACH_TYPE(DEF_LN_FWD)
 
@@ -540,84 +559,93 @@ __device__ void layernorm_backward_dinp_impl(T* dinp, const T* dout, const T* in
     }
 FOR_EACH_TYPE(DEF_LN_BWD_DINP)
 
-// Column sums over the rows [r0, r1) of a [*, C] matrix, for 4 columns per thread at once
-// (c0 + k·blockDim.x), rows strictly in order per column. Rows are fetched 4 at a time before
-// being added, so each thread keeps up to 16 loads in flight. WITH_NORM also sums dout·norm.
-template <typename T, bool WITH_NORM>
-__device__ __forceinline__ void column_sums4(const T* dout, const T* inp, const float* mean,
-                                             const float* rstd, int r0, int r1, int C, int c0,
-                                             float* sum_dn, float* sum_d) {
-    const int bd = blockDim.x;
+// Column sums of a [N, C] matrix over row blocks: block (t, g) of grid (ceil(C/256), G) sums
+// rows [g·R, (g+1)·R) of columns [256t, 256t + 256) and writes one partial row per output. The
+// block is 32 column lanes × 8 row lanes: thread (x, y) takes 8 adjacent columns (one 16-byte
+// load for bf16) of rows ≡ y (mod 8), in order; the 8 row lanes are then added in a fixed order
+// in shared memory. NOUT = 1: Σ dout (bias gradient). NOUT = 2: Σ dout·norm(x) and Σ dout
+// (LayerNorm weight and bias gradients; norm(x) = (x − mean)·rstd). Block = 256.
+#define COLSUM_TILE 256
+
+template <typename T, int NOUT>
+__device__ void column_sums_partial_impl(float* partials, const T* dout, const T* inp,
+                                         const float* mean, const float* rstd, int N, int C,
+                                         int rows_per_block) {
+    __shared__ float fold[8][NOUT][COLSUM_TILE];
+    const int x = threadIdx.x & 31, y = threadIdx.x >> 5;
+    const int tile0 = (int)blockIdx.x * COLSUM_TILE;
+    const int c0 = tile0 + x * 8;
+    const long long r0l = (long long)blockIdx.y * rows_per_block;
+    const int r0 = (int)(r0l < N ? r0l : N);
+    const int r1 = (int)(r0l + rows_per_block < N ? r0l + rows_per_block : N);
+    float s[NOUT][8];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) { sum_dn[k] = 0.0f; sum_d[k] = 0.0f; }
-    int r = r0;
-    for (; r + 4 <= r1; r += 4) {
-        float gv[4][4], xv[4][4], mu[4], rs[4];
+    for (int o = 0; o < NOUT; ++o)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const u64 base = (u64)(r + j) * C;
-            if (WITH_NORM) { mu[j] = mean[r + j]; rs[j] = rstd[r + j]; }
+        for (int k = 0; k < 8; ++k) s[o][k] = 0.0f;
+    const bool vec = (C % 8 == 0) && aligned16(dout) && (NOUT == 1 || aligned16(inp));
+    if (c0 < C) {
+        for (int r = r0 + y; r < r1; r += 8) {
+            const u64 base = (u64)r * C + c0;
+            float d[8], xv[8];
+            if (vec) {
+                load8(dout + base, d);
+                if (NOUT == 2) load8(inp + base, xv);
+            } else {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int c = c0 + k * bd;
-                gv[j][k] = c < C ? to_float(dout[base + c]) : 0.0f;
-                if (WITH_NORM) xv[j][k] = c < C ? to_float(inp[base + c]) : 0.0f;
+                for (int k = 0; k < 8; ++k) {
+                    const bool in = c0 + k < C;
+                    d[k] = in ? to_float(dout[base + k]) : 0.0f;
+                    if (NOUT == 2) xv[k] = in ? to_float(inp[base + k]) : 0.0f;
+                }
             }
-        }
+            if (NOUT == 2) {
+                const float mu = mean[r], rs = rstd[r];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+                for (int k = 0; k < 8; ++k) {
+                    s[0][k] += d[k] * ((xv[k] - mu) * rs);
+                    s[NOUT - 1][k] += d[k];
+                }
+            } else {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                if (WITH_NORM) sum_dn[k] += gv[j][k] * ((xv[j][k] - mu[j]) * rs[j]);
-                sum_d[k] += gv[j][k];
+                for (int k = 0; k < 8; ++k) s[0][k] += d[k];
             }
         }
     }
-    for (; r < r1; ++r) {
-        const u64 base = (u64)r * C;
-        const float m_r = WITH_NORM ? mean[r] : 0.0f, rs_r = WITH_NORM ? rstd[r] : 0.0f;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int c = c0 + k * bd;
-            if (c < C) {
-                const float gvv = to_float(dout[base + c]);
-                if (WITH_NORM) sum_dn[k] += gvv * ((to_float(inp[base + c]) - m_r) * rs_r);
-                sum_d[k] += gvv;
-            }
+    for (int o = 0; o < NOUT; ++o)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) fold[y][o][x * 8 + k] = s[o][k];
+    __syncthreads();
+    const int c = tile0 + (int)threadIdx.x;
+    if (c < C) {
+#pragma unroll
+        for (int o = 0; o < NOUT; ++o) {
+            float t = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) t += fold[j][o][threadIdx.x];
+            partials[((u64)blockIdx.y * NOUT + o) * C + c] = t;
         }
     }
 }
 
-/// layernorm_backward_params_partial_T: block g writes Σ over its rows of dout·norm and dout.
-template <typename T>
-__device__ void layernorm_backward_params_partial_impl(float* partials, const T* dout,
-                                                       const T* inp, const float* mean,
-                                                       const float* rstd, int N, int C,
-                                                       int rows_per_block) {
-    if (rows_per_block <= 0 || C <= 0) return;
-    const long long r0l = (long long)blockIdx.x * rows_per_block;
-    const int r0 = (int)(r0l < N ? r0l : N);
-    const int r1 = (int)(r0l + rows_per_block < N ? r0l + rows_per_block : N);
-    float* pw = partials + (u64)(2ull * blockIdx.x) * C;
-    float* pb = pw + C;
-    for (int c0 = threadIdx.x; c0 < C; c0 += 4 * blockDim.x) {
-        float s_dn[4], s_d[4];
-        column_sums4<T, true>(dout, inp, mean, rstd, r0, r1, C, c0, s_dn, s_d);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int c = c0 + k * (int)blockDim.x;
-            if (c < C) { pw[c] = s_dn[k]; pb[c] = s_d[k]; }
-        }
-    }
-}
+/// layernorm_backward_params_partial_T: partial rows [g][0] = Σ dout·norm, [g][1] = Σ dout.
 #define DEF_LN_BWD_PARTIAL(S, T)                                                                  \
-    extern "C" __global__ void layernorm_backward_params_partial_##S(                            \
+    extern "C" __global__ void __launch_bounds__(256) layernorm_backward_params_partial_##S(     \
         float* partials, const T* dout, const T* inp, const float* mean, const float* rstd,      \
         int N, int C, int rows_per_block) {                                                       \
-        layernorm_backward_params_partial_impl<T>(partials, dout, inp, mean, rstd, N, C,          \
-                                                  rows_per_block);                                \
+        column_sums_partial_impl<T, 2>(partials, dout, inp, mean, rstd, N, C, rows_per_block);   \
     }
 FOR_EACH_TYPE(DEF_LN_BWD_PARTIAL)
+
+/// bias_backward_partial_T: partial rows [g] = Σ dout over row block g.
+#define DEF_BIAS_PARTIAL(S, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) bias_backward_partial_##S(                \
+        float* partials, const T* dout, int N, int OC, int rows_per_block) {                     \
+        column_sums_partial_impl<T, 1>(partials, dout, dout, nullptr, nullptr, N, OC,            \
+                                       rows_per_block);                                          \
+    }
+FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
 
 // The two reduce kernels below sum G partial rows per column. One thread per column left the
 // GPU nearly idle (a few blocks, long dependent load chains), so each block takes 32 columns
@@ -653,32 +681,6 @@ extern "C" __global__ void layernorm_backward_params_reduce(float* dweight, floa
         dbias[c] += tb;
     }
 }
-
-/// bias_backward_partial_T: partials[g, oc] = Σ of dout[:, oc] over block g's rows, in order.
-template <typename T>
-__device__ void bias_backward_partial_impl(float* partials, const T* dout, int N, int OC,
-                                           int rows_per_block) {
-    if (rows_per_block <= 0 || OC <= 0) return;
-    const long long r0l = (long long)blockIdx.x * rows_per_block;
-    const int r0 = (int)(r0l < N ? r0l : N);
-    const int r1 = (int)(r0l + rows_per_block < N ? r0l + rows_per_block : N);
-    float* p = partials + (u64)blockIdx.x * OC;
-    for (int c0 = threadIdx.x; c0 < OC; c0 += 4 * blockDim.x) {
-        float unused[4], s_d[4];
-        column_sums4<T, false>(dout, dout, nullptr, nullptr, r0, r1, OC, c0, unused, s_d);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int c = c0 + k * (int)blockDim.x;
-            if (c < OC) p[c] = s_d[k];
-        }
-    }
-}
-#define DEF_BIAS_PARTIAL(S, T)                                                                   \
-    extern "C" __global__ void bias_backward_partial_##S(float* partials, const T* dout, int N, \
-                                                         int OC, int rows_per_block) {          \
-        bias_backward_partial_impl<T>(partials, dout, N, OC, rows_per_block);                    \
-    }
-FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
 
 /// bias_backward_reduce: dbias[oc] += Σ_g partials[g, oc] (row groups as above).
 extern "C" __global__ void bias_backward_reduce(float* dbias, const float* partials, int G, int OC) {

@@ -488,6 +488,51 @@ impl CudaBackend {
         self.launch(name, (grid_for(n), 1, 1), BLOCK, 0, args)
     }
 
+    /// `layernorm_forward_T` on rows `x` (made first as `add.0 + add.1` when given).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward_launch(
+        &self,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: u64,
+        add: Option<(u64, u64)>,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let t = out.dtype;
+        self.expect("layernorm output", out, t, n * c)?;
+        self.expect("layernorm weight", weight, t, c)?;
+        self.expect("layernorm bias", bias, t, c)?;
+        self.expect("layernorm mean", mean, DType::F32, n)?;
+        self.expect("layernorm rstd", rstd, DType::F32, n)?;
+        let (add_a, add_b) = add.unwrap_or((0, 0));
+        let (pw, pb) = (self.ptr(weight), self.ptr(bias));
+        let (pm, pr) = (self.ptr_mut(mean), self.ptr_mut(rstd));
+        let po = self.ptr_mut(out);
+        // One warp per row, 8 rows per block.
+        self.launch(
+            &format!("layernorm_forward_{}", suffix(t)?),
+            (block_index(n.div_ceil(8))?, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pm),
+                Arg::Ptr(pr),
+                Arg::Ptr(x),
+                Arg::Ptr(add_a),
+                Arg::Ptr(add_b),
+                Arg::Ptr(pw),
+                Arg::Ptr(pb),
+                Arg::Int(int(n)?),
+                Arg::Int(int(c)?),
+            ],
+        )
+    }
+
     /// Column sums of `dout[n, oc]` added into `dbias` (f32), deterministically in two passes.
     fn bias_backward(
         &self,
@@ -497,13 +542,13 @@ impl CudaBackend {
         oc: usize,
     ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
-        let rows_per_block = 32usize;
-        let g = n.div_ceil(rows_per_block).max(1);
+        let (grid, rows_per_block) = column_sums_grid(n, oc)?;
+        let g = grid.1 as usize;
         let partials = self.scratch_ptr(g * oc * 4)?;
         let sfx = suffix(dout.dtype)?;
         self.launch(
             &format!("bias_backward_partial_{sfx}"),
-            (g as u32, 1, 1),
+            grid,
             BLOCK,
             0,
             &[
@@ -1074,32 +1119,31 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
+        self.expect("layernorm input", inp, out.dtype, n * c)?;
+        let x = self.ptr(inp);
+        self.layernorm_forward_launch(out, mean, rstd, x, None, weight, bias, n, c)
+    }
+
+    fn residual_layernorm_forward(
+        &self,
+        resid: &mut CudaBuf,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
         let t = out.dtype;
-        self.expect("layernorm input", inp, t, n * c)?;
-        self.expect("layernorm weight", weight, t, c)?;
-        self.expect("layernorm bias", bias, t, c)?;
-        self.expect("layernorm mean", mean, DType::F32, n)?;
-        self.expect("layernorm rstd", rstd, DType::F32, n)?;
-        let (pi, pw, pb) = (self.ptr(inp), self.ptr(weight), self.ptr(bias));
-        let (pm, pr) = (self.ptr_mut(mean), self.ptr_mut(rstd));
-        let po = self.ptr_mut(out);
-        let name = format!("layernorm_forward_{}", suffix(t)?);
-        self.launch(
-            &name,
-            (n.div_ceil(8) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(po),
-                Arg::Ptr(pm),
-                Arg::Ptr(pr),
-                Arg::Ptr(pi),
-                Arg::Ptr(pw),
-                Arg::Ptr(pb),
-                Arg::Int(int(n)?),
-                Arg::Int(int(c)?),
-            ],
-        )
+        self.expect("residual output", resid, t, n * c)?;
+        self.expect("residual input", a, t, n * c)?;
+        self.expect("residual input", b, t, n * c)?;
+        let x = self.ptr_mut(resid);
+        let add = (self.ptr(a), self.ptr(b));
+        self.layernorm_forward_launch(out, mean, rstd, x, Some(add), weight, bias, n, c)
     }
 
     fn layernorm_backward(
@@ -1146,12 +1190,12 @@ impl Backend for CudaBackend {
                 Arg::Int(int(c)?),
             ],
         )?;
-        let rows_per_block = 32usize;
-        let g = n.div_ceil(rows_per_block).max(1);
+        let (grid, rows_per_block) = column_sums_grid(n, c)?;
+        let g = grid.1 as usize;
         let partials = self.scratch_ptr(g * 2 * c * 4)?;
         self.launch(
             &format!("layernorm_backward_params_partial_{sfx}"),
-            (g as u32, 1, 1),
+            grid,
             256,
             0,
             &[
@@ -1505,6 +1549,20 @@ impl Backend for CudaBackend {
             .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
             .sum())
     }
+}
+
+/// Grid and rows per block of a column-sum partial kernel over `n` rows of `c` columns
+/// (`column_sums_partial_impl` in kernels.cu: 256 columns per block in x, row blocks in y).
+/// About 512 blocks keep the memory system busy; at least 64 rows each keep the partial rows a
+/// small fraction of the traffic.
+fn column_sums_grid(n: usize, c: usize) -> Result<((u32, u32, u32), usize)> {
+    let tiles = c.div_ceil(256).max(1);
+    let rows_per_block = n.div_ceil(512usize.div_ceil(tiles)).max(64);
+    let row_blocks = n.div_ceil(rows_per_block).max(1);
+    Ok((
+        (block_index(tiles)?, block_index(row_blocks)?, 1),
+        rows_per_block,
+    ))
 }
 
 /// Elements each block of a multi-tensor kernel works on (`MT_CHUNK` in kernels.cu).
