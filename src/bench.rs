@@ -73,7 +73,8 @@ pub fn bench<B: Backend>(
         cfg.train.seed,
     )?
     .with_recompute_gelu(cfg.train.recompute_gelu);
-    let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?;
+    let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
+        .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
     let mut acts = model.activations(backend, b, t, true)?;
     let mut rng = Rng::new(cfg.train.seed);
     let mut batch = || -> Vec<u32> { (0..b * t).map(|_| rng.below(vocab as u64) as u32).collect() };

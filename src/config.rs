@@ -299,6 +299,9 @@ pub struct OptimConfig {
     pub eps: f64,
     /// Clip the global gradient norm to this (0 = off).
     pub grad_clip: f64,
+    /// Round the bf16 compute copy of the weights stochastically after each update (unbiased)
+    /// instead of to nearest even.
+    pub stochastic_rounding: bool,
 }
 
 impl Default for OptimConfig {
@@ -314,6 +317,7 @@ impl Default for OptimConfig {
             beta2: 0.99,
             eps: 1e-8,
             grad_clip: 1.0,
+            stochastic_rounding: false,
         }
     }
 }
@@ -451,6 +455,7 @@ impl Section for OptimConfig {
         "beta2",
         "eps",
         "grad_clip",
+        "stochastic_rounding",
     ];
 }
 
@@ -695,6 +700,15 @@ impl Config {
             format!("optim.grad_clip = {} must be >= 0 (0 = off)", o.grad_clip),
         );
         let p = &self.precision;
+        check(
+            !o.stochastic_rounding
+                || matches!(p.recipe, RecipeName::Bf16 | RecipeName::Fp8),
+            format!(
+                "optim.stochastic_rounding = true rounds the bf16 copy of the weights, which \
+                 precision.recipe = {} does not have; use recipe \"bf16\" or \"fp8\", or set it to false",
+                p.recipe
+            ),
+        );
         check(
             p.loss_scale_init.is_finite() && p.loss_scale_init > 0.0,
             format!(

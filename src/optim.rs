@@ -99,6 +99,7 @@ pub struct AdamWState<B: Backend> {
     /// Number of updates taken so far.
     pub step: u64,
     decay: Vec<bool>,
+    rounding_seed: Option<u64>,
 }
 
 impl<B: Backend> AdamWState<B> {
@@ -115,7 +116,15 @@ impl<B: Backend> AdamWState<B> {
             v: alloc()?,
             step: 0,
             decay: specs.iter().map(|s| s.decay).collect(),
+            rounding_seed: None,
         })
+    }
+
+    /// Round the bf16 compute copies stochastically, with bits derived from `seed`, the step
+    /// and the tensor (`optim.stochastic_rounding`); `None` rounds to nearest even.
+    pub fn with_rounding_seed(mut self, seed: Option<u64>) -> Self {
+        self.rounding_seed = seed;
+        self
     }
 
     /// One update of every parameter, refreshing the low-precision compute copies if any.
@@ -148,6 +157,7 @@ impl<B: Backend> AdamWState<B> {
             weight_decay: cfg.weight_decay as f32,
             step: self.step,
             grad_scale,
+            rounding_seed: self.rounding_seed,
         };
         let mut compute = compute.iter_mut();
         let mut tensors: Vec<AdamWTensor<'_, B::Buf>> = master

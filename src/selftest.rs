@@ -311,7 +311,12 @@ fn case_classifier<B: Backend>(
 /// GPU blocks, one without a compute copy, one without weight decay.
 const ADAMW_SPLIT: [usize; 3] = [17, 20_000, 21_003];
 
-fn case_adamw<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
+fn case_adamw<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    rounding_seed: Option<u64>,
+) -> Result<Outputs> {
     let squares = x[3].iter().map(|a| a * a).collect::<Vec<_>>();
     let pieces = |values: &[f32], dtype: DType| -> Result<Vec<B::Buf>> {
         let mut start = 0;
@@ -340,6 +345,7 @@ fn case_adamw<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> 
         weight_decay: 0.1,
         step: 3,
         grad_scale: 0.5,
+        rounding_seed,
     };
     let mut tensors: Vec<AdamWTensor<'_, B::Buf>> = params
         .iter_mut()
@@ -588,9 +594,19 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             format!("{} tensors, n={n}", ADAMW_SPLIT.len()),
             dt,
             tol,
-            case_adamw(be, dt, &x)?,
-            case_adamw(&reference, dt, &x)?,
+            case_adamw(be, dt, &x, None)?,
+            case_adamw(&reference, dt, &x, None)?,
         );
+        if dt == DType::BF16 {
+            push(
+                "adamw stochastic rounding",
+                format!("{} tensors, n={n}", ADAMW_SPLIT.len()),
+                dt,
+                tol,
+                case_adamw(be, dt, &x, Some(7))?,
+                case_adamw(&reference, dt, &x, Some(7))?,
+            );
+        }
         let mut special = inputs.normal(70_001, 1.0);
         for (i, v) in special.iter_mut().enumerate() {
             match i % 97 {

@@ -259,7 +259,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         }
         let model = Gpt::from_values(backend, gcfg.clone(), recipe.clone(), dropout, &ck.params)?
             .with_recompute_gelu(cfg.train.recompute_gelu);
-        let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?;
+        let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
+            .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
         if opts.resume.is_some() {
             state = runs::load_training_state(backend, &ck.dir, model.specs(), &mut optimizer)?;
             loader.restore(state.loader.clone())?;
@@ -275,7 +276,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
             cfg.train.seed,
         )?
         .with_recompute_gelu(cfg.train.recompute_gelu);
-        let optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?;
+        let optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
+            .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
         (model, optimizer)
     };
     let max_steps = cfg.train.max_steps as u64;

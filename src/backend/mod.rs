@@ -67,6 +67,10 @@ pub struct AdamW {
     pub step: u64,
     /// Multiplier applied to the gradient first (clipping and averaging).
     pub grad_scale: f32,
+    /// `Some(seed)`: bf16 compute copies are rounded stochastically, element `i` of the `t`-th
+    /// tensor of the update with the bits `cpu::kernels::rounding_bits(rounding_key(seed, step,
+    /// t), i)`; `None`: round to nearest even.
+    pub rounding_seed: Option<u64>,
 }
 
 /// One tensor of an AdamW step: the f32 master weights, their gradient, the two moments, and

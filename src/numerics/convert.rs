@@ -63,6 +63,21 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
     ((bits + round_bias) >> 16) as u16
 }
 
+/// Rounds an f32 to bf16 stochastically with the 16 random bits `r`: up (in magnitude) with
+/// probability equal to the dropped fraction of an ulp, so the result is unbiased,
+/// `E[round(x)] = x`. Values bf16 holds exactly are unchanged; ±inf stays; NaN as in
+/// [`f32_to_bf16_bits`]. The carry into the exponent is right, up to ±inf beyond bf16's
+/// largest finite value.
+#[inline]
+pub fn f32_to_bf16_bits_stochastic(x: f32, r: u16) -> u16 {
+    if x.is_nan() {
+        return f32_to_bf16_bits(x);
+    }
+    // Sign-magnitude bits: adding to the magnitude bits rounds away from zero for either sign.
+    // No u32 overflow: the largest non-NaN pattern (-inf, 0xFF80_0000) plus 0xFFFF fits.
+    ((x.to_bits() + u32::from(r)) >> 16) as u16
+}
+
 /// Widens bf16 bits to the f32 of the same value (exact).
 #[inline]
 pub fn bf16_bits_to_f32(bits: u16) -> f32 {
@@ -877,6 +892,46 @@ mod tests {
                 "{dtype:>7}: round_slice_in_place {parallel:.3} ns/elem ({} threads), \
                  {one_thread:.3} ns/elem on one thread; cast_scaled {scaled:.3} ns/elem",
                 rayon::current_num_threads()
+            );
+        }
+    }
+
+    #[test]
+    fn stochastic_bf16_rounding_is_unbiased_and_picks_a_neighbour() {
+        // Exact bf16 values, inf and the sign are kept for every r.
+        for x in [0.0f32, -0.0, 1.0, -3.5, f32::INFINITY, f32::NEG_INFINITY] {
+            for r in [0u16, 1, 0x7FFF, 0xFFFF] {
+                assert_eq!(
+                    f32_to_bf16_bits_stochastic(x, r),
+                    f32_to_bf16_bits(x),
+                    "{x} {r}"
+                );
+            }
+        }
+        assert!(bf16_bits_to_f32(f32_to_bf16_bits_stochastic(f32::NAN, 0x1234)).is_nan());
+        // x = 1 + 0.3 ulp(bf16): rounds up for exactly the r that push the dropped bits past
+        // 2^16, i.e. with probability 0.3 over all r, and otherwise down.
+        let ulp = 2f32.powi(-7);
+        for x in [
+            1.0 + 0.3 * ulp,
+            -(1.0 + 0.3 * ulp),
+            1.0e-3 * (1.0 + 0.7 * ulp),
+        ] {
+            let down = bf16_bits_to_f32(f32_to_bf16_bits(x.abs() - 0.49 * ulp * x.abs()));
+            let mut mean = 0.0f64;
+            for r in 0..=u16::MAX {
+                let y = bf16_bits_to_f32(f32_to_bf16_bits_stochastic(x, r));
+                assert!(
+                    y.abs() >= down && y.abs() <= down * (1.0 + ulp) * 1.0001,
+                    "{x} -> {y}"
+                );
+                mean += f64::from(y);
+            }
+            mean /= 65536.0;
+            let rel = ((mean - f64::from(x)) / f64::from(x)).abs();
+            assert!(
+                rel < 1e-6,
+                "mean of stochastic rounding of {x} is {mean} (rel {rel})"
             );
         }
     }

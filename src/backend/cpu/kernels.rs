@@ -817,6 +817,23 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The key of the stochastic rounding of tensor `tensor`'s compute copy at optimizer step `step`
+/// under `seed` (a different stream of bits per tensor and step).
+pub fn rounding_key(seed: u64, step: u64, tensor: u64) -> u64 {
+    mix64(
+        mix64(seed ^ 0xD1B5_4A32_D192_ED03)
+            ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ tensor.wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
+    )
+}
+
+/// The 16 random bits that round element `i` under `key` ([`rounding_key`]):
+/// `mix64(key + (i + 1)·0x9E3779B97F4A7C15) >> 48` (wrapping). GPU kernels match it bit for bit.
+#[inline]
+pub fn rounding_bits(key: u64, i: u64) -> u16 {
+    (mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 48) as u16
+}
+
 /// The uniform number in `[0, 1)` that decides whether dropout keeps element `i` under `seed`:
 /// `key = mix64(seed ^ 0x5851F42D4C957F2D)`, `h = mix64(key + (i + 1)·0x9E3779B97F4A7C15)`
 /// (wrapping), result = `(h >> 40)·2⁻²⁴`, exact in `f32`. Exposed so GPU kernels can be checked

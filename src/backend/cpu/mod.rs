@@ -631,7 +631,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
     }
 
     fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, CpuBuf<T>>], hp: &AdamW) -> Result<()> {
-        for t in tensors {
+        for (index, t) in tensors.iter_mut().enumerate() {
             let len = t.param.data.len();
             check_len("adamw grad", t.grad, len)?;
             check_len("adamw m", t.m, len)?;
@@ -659,8 +659,20 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             Self::round(t.param);
             Self::round(t.m);
             Self::round(t.v);
-            if let Some(copy) = t.compute_copy.as_deref_mut() {
-                self.copy(copy, t.param)?;
+            let Some(copy) = t.compute_copy.as_deref_mut() else {
+                continue;
+            };
+            match hp.rounding_seed {
+                Some(seed) if copy.dtype == DType::BF16 => {
+                    check_len("adamw compute copy", copy, len)?;
+                    let key = kernels::rounding_key(seed, hp.step, index as u64);
+                    for (i, (c, &p)) in copy.data.iter_mut().zip(&t.param.data).enumerate() {
+                        let r = kernels::rounding_bits(key, i as u64);
+                        let bits = numerics::f32_to_bf16_bits_stochastic(p.narrow_to_f32(), r);
+                        *c = T::widen_from(numerics::bf16_bits_to_f32(bits));
+                    }
+                }
+                _ => self.copy(copy, t.param)?,
             }
         }
         Ok(())

@@ -280,7 +280,7 @@ template <typename D> __device__ __forceinline__ D mt_row(const D* table, int co
     return table[lo];
 }
 
-/// One tensor of adamw_multi_T: 56 bytes, laid out by `adamw_update` in mod.rs.
+/// One tensor of adamw_multi_T: 64 bytes, laid out by `adamw_update` in mod.rs.
 struct AdamWRow {
     float* param;
     const float* grad;
@@ -290,14 +290,31 @@ struct AdamWRow {
     u64 n;
     float weight_decay;
     unsigned int first_block;
+    u64 rounding_key;  // stochastic rounding of the copy (rounding_key in the CPU backend)
 };
+
+/// The compute copy's value of x: round to nearest even, or (bf16 with `stochastic`) up in
+/// magnitude with probability equal to the dropped fraction of an ulp, using the CPU backend's
+/// rounding_bits(key, i) (f32_to_bf16_bits_stochastic there).
+template <typename T>
+__device__ __forceinline__ T round_copy(float x, bool stochastic, u64 key, u64 i);
+template <> __device__ __forceinline__ float round_copy<float>(float x, bool, u64, u64) {
+    return x;
+}
+template <>
+__device__ __forceinline__ bf16 round_copy<bf16>(float x, bool stochastic, u64 key, u64 i) {
+    if (!stochastic || isnan(x)) return __float2bfloat16_rn(x);
+    const unsigned r = (unsigned)(mix64(key + (i + 1ull) * 0x9E3779B97F4A7C15ull) >> 48);
+    return __ushort_as_bfloat16((unsigned short)((__float_as_uint(x) + r) >> 16));
+}
 
 /// adamw_multi_T: fp32 master step on param/m/v of every tensor in the table; also writes
 /// round_T(param) into each non-NULL copy.
 template <typename T>
 __device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, float beta1,
                                  float beta2, float eps, float inv_bc1, float inv_bc2,
-                                 float grad_scale) {
+                                 float grad_scale, int stochastic) {
+    const bool sr = stochastic != 0;
     const AdamWRow r = mt_row(table, count);
     const float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2, wd = r.weight_decay;
     T* copy = (T*)r.copy;
@@ -322,7 +339,12 @@ __device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, flo
             store8(r.param + i0, fp);
             store8(r.m + i0, fm);
             store8(r.v + i0, fv);
-            if (copy != nullptr) store8(copy + i0, fp);
+            if (copy != nullptr && !sr) store8(copy + i0, fp);
+            if (copy != nullptr && sr) {
+#pragma unroll
+                for (int k = 0; k < 8; ++k)
+                    copy[i0 + k] = round_copy<T>(fp[k], true, r.rounding_key, i0 + k);
+            }
         }
         start = begin + packs * 8;
     }
@@ -333,16 +355,16 @@ __device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, flo
         r.param[i] = p;
         r.m[i] = mi;
         r.v[i] = vi;
-        if (copy != nullptr) copy[i] = from_float<T>(p);
+        if (copy != nullptr) copy[i] = round_copy<T>(p, sr, r.rounding_key, i);
     }
 }
 #define DEF_ADAMW(S, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                           \
         adamw_multi_##S(const AdamWRow* table, int count, float lr, float beta1, float beta2,   \
                         float eps, float inv_bias_correction1, float inv_bias_correction2,      \
-                        float grad_scale) {                                                     \
+                        float grad_scale, int stochastic_rounding) {                            \
         adamw_multi_impl<T>(table, count, lr, beta1, beta2, eps, inv_bias_correction1,          \
-                            inv_bias_correction2, grad_scale);                                  \
+                            inv_bias_correction2, grad_scale, stochastic_rounding);             \
     }
 FOR_EACH_TYPE(DEF_ADAMW)
 
@@ -863,12 +885,32 @@ template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec
     __shared__ float sm_lse;
     float m = neg_inf(), s = 0.0f;
     if (vec) {
-        for (int c = threadIdx.x * 8; c < V; c += blockDim.x * 8) {
-            float f[8];
-            load8(x + c, f);  // may read padding columns of the last pack; they are ignored
+        // Four packs of 8 in flight per thread (a row is ~100 KB: memory-level parallelism is
+        // what this loop needs); each pack rescales the running sum once, by its own max.
+        const int step = blockDim.x * 8;
+        for (int c0 = threadIdx.x * 8; c0 < V; c0 += 4 * step) {
+            float f[4][8];
 #pragma unroll
-            for (int k = 0; k < 8; ++k)
-                if (c + k < V) online_add(m, s, f[k]);
+            for (int u = 0; u < 4; ++u)
+                if (c0 + u * step < V) load8(x + c0 + u * step, f[u]);  // padding is ignored
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int c = c0 + u * step;
+                if (c >= V) break;
+                float pm = neg_inf();
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    if (c + k >= V) f[u][k] = neg_inf();
+                    pm = fmaxf(pm, f[u][k]);
+                }
+                if (pm == neg_inf()) continue;
+                if (pm > m) {
+                    s = (s == 0.0f) ? 0.0f : s * expf(m - pm);
+                    m = pm;
+                }
+#pragma unroll
+                for (int k = 0; k < 8; ++k) s += expf(f[u][k] - m);
+            }
         }
     } else {
         for (int c = threadIdx.x; c < V; c += blockDim.x) online_add(m, s, to_float(x[c]));
@@ -914,16 +956,25 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
     const float lse = row_logsumexp(x, V, vec);
     if (threadIdx.x == 0) losses[row] = valid ? lse - x_target : quiet_nan();
     if (vec) {
-        for (int c = threadIdx.x * 8; c < Vp; c += blockDim.x * 8) {
-            float f[8];
-            if (c < V) load8(x + c, f);
+        const int step = blockDim.x * 8;
+        for (int c0 = threadIdx.x * 8; c0 < Vp; c0 += 4 * step) {
+            float f[4][8];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) {
-                const int j = c + k;
-                f[k] = j < V ? (expf(f[k] - lse) - ((unsigned)j == target ? 1.0f : 0.0f)) * dloss
-                             : 0.0f;
+            for (int u = 0; u < 4; ++u)
+                if (c0 + u * step < V) load8(x + c0 + u * step, f[u]);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int c = c0 + u * step;
+                if (c >= Vp) break;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const int j = c + k;
+                    f[u][k] = j < V ? (expf(f[u][k] - lse) - ((unsigned)j == target ? 1.0f : 0.0f)) *
+                                          dloss
+                                    : 0.0f;
+                }
+                store8(x + c, f[u]);
             }
-            store8(x + c, f);
         }
     } else {
         for (int j = threadIdx.x; j < Vp; j += blockDim.x) {

@@ -1426,7 +1426,11 @@ impl Backend for CudaBackend {
         for format in formats {
             let mut table = Vec::new();
             let mut blocks = 0usize;
-            for t in tensors.iter_mut().filter(|t| copy_dtype(t) == format) {
+            for (index, t) in tensors
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, t)| copy_dtype(t) == format)
+            {
                 let n = t.param.len;
                 self.expect("adamw param", t.param, DType::F32, n)?;
                 self.expect("adamw grad", t.grad, DType::F32, n)?;
@@ -1440,7 +1444,8 @@ impl Backend for CudaBackend {
                     None => 0,
                 };
                 let weight_decay = if t.decay { hp.weight_decay } else { 0.0 };
-                // struct AdamWRow in kernels.cu: five pointers, n, weight_decay, first_block.
+                // struct AdamWRow in kernels.cu: five pointers, n, weight_decay, first_block,
+                // rounding_key.
                 for ptr in [
                     self.ptr_mut(t.param),
                     self.ptr(t.grad),
@@ -1453,6 +1458,10 @@ impl Backend for CudaBackend {
                 table.extend_from_slice(&(n as u64).to_le_bytes());
                 table.extend_from_slice(&weight_decay.to_le_bytes());
                 table.extend_from_slice(&block_index(blocks)?.to_le_bytes());
+                let key = hp.rounding_seed.map_or(0, |seed| {
+                    crate::backend::cpu::kernels::rounding_key(seed, hp.step, index as u64)
+                });
+                table.extend_from_slice(&key.to_le_bytes());
                 blocks += n.div_ceil(MT_CHUNK);
             }
             if blocks == 0 {
@@ -1463,7 +1472,7 @@ impl Backend for CudaBackend {
                 None => "f32",
             };
             let name = format!("adamw_multi_{sfx}");
-            let rows = table.len() / 56;
+            let rows = table.len() / 64;
             let table = self.table_ptr(&name, &table)?;
             self.launch(
                 &name,
@@ -1480,6 +1489,7 @@ impl Backend for CudaBackend {
                     Arg::Float(inv_bc1),
                     Arg::Float(inv_bc2),
                     Arg::Float(hp.grad_scale),
+                    Arg::Int(i32::from(hp.rounding_seed.is_some())),
                 ],
             )?;
         }
