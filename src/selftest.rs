@@ -532,13 +532,19 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 case_gelu(&reference, dt, &x)?,
             );
         }
-        // Head sizes 8, 16, 32, 64 and 96 (the CUDA kernels take multiples of 8 up to 128).
+        // Head sizes 8 to 128 (the CUDA kernels take multiples of 8 up to 128); T = 1, T below,
+        // at and across the 32- to 128-row tiles of both kernel variants (hs <= 64, hs <= 128).
         for (b, t, c, nh) in [
             (1, 5, 16, 2),
             (2, 37, 48, 3),
             (2, 64, 128, 4),
             (1, 130, 128, 2),
             (1, 70, 192, 2),
+            (1, 1, 64, 1),
+            (2, 33, 72, 3),
+            (1, 300, 128, 2),
+            (1, 150, 144, 2),
+            (1, 257, 256, 2),
         ] {
             let x = vec![
                 inputs.normal(b * t * 3 * c, 1.0),

@@ -22,9 +22,9 @@
 //
 //   Forward (one launch):
 //     attention_forward_hs64_bf16 (bf16* out, float* lse, const bf16* qkv, int B, int T_, int C, int NH)
-//         grid = (BH, ceil(T_/128), 1), block = 256, dyn smem = 0     [tensor cores, mma.sync]
+//         grid = (BH, ceil(T_/128), 1), block = 256, dyn smem = 36,864 B    [tensor cores, mma.sync]
 //     attention_forward_hs128_bf16(same signature)
-//         grid = (BH, ceil(T_/64), 1),  block = 128, dyn smem = 0
+//         grid = (BH, ceil(T_/128), 1), block = 128, dyn smem = 69,632 B
 //     attention_forward_hs64_f32  (float* out, float* lse, const float* qkv, int B, int T_, int C, int NH)
 //     attention_forward_hs128_f32 (same signature)
 //         grid = (BH, ceil(T_/32), 1),  block = 128, dyn smem = 0     [CUDA cores, fp32]
@@ -33,16 +33,16 @@
 //     1) attention_backward_preprocess_bf16(float* D, const bf16* dout, const bf16* out,
 //                                           int B, int T_, int C, int NH)
 //        attention_backward_preprocess_f32 (float* D, const float* dout, const float* out, same ints)
-//         grid = (ceil(BH*T_/8), 1, 1), block = 256, dyn smem = 0
+//         grid = (ceil(BH*T_/32), 1, 1), block = 256, dyn smem = 0
 //     2) attention_backward_hs64_bf16 (bf16* dqkv, const bf16* dout, const bf16* qkv,
 //                                      const float* lse, const float* D, int B, int T_, int C, int NH)
-//         grid = (BH, ceil(T_/64), 2), block = 128, dyn smem = 56320 bytes
+//         grid = (BH, ceil(T_/128), 2), block = 256, dyn smem = 55,808 B
 //        attention_backward_hs128_bf16(same signature)
-//         grid = (BH, ceil(T_/32), 2), block = 64,  dyn smem = 52736 bytes
-//          -> both bf16 backward kernels use > 48 KB of DYNAMIC shared memory: once per kernel
-//             (after loading the module) the host must call cuFuncSetAttribute(f,
-//             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 56320 resp. 52736) and pass that
-//             same byte count as sharedMemBytes at launch.
+//         grid = (BH, ceil(T_/64), 2),  block = 128, dyn smem = 69,632 B
+//          -> every bf16 kernel uses DYNAMIC shared memory, most of them > 48 KB: the host raises
+//             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES and passes the byte count at launch.
+//             The host (mod.rs, `mod attention`) derives these numbers from the tilings instantiated
+//             at the end of this file (AttFwd / AttKV / AttQ): change both together.
 //        attention_backward_hs64_f32  (float* dqkv, const float* dout, const float* qkv,
 //                                      const float* lse, const float* D, int B, int T_, int C, int NH)
 //        attention_backward_hs128_f32 (same signature)
@@ -52,8 +52,22 @@
 //     Scratch: D, B*NH*T_ floats (written by 1, read by 2). `out` is read only by 1.
 //   grid.y (= ceil(T_/tile)) must be <= 65535: always true for T_ <= 2,097,120.
 //
-// NUMERICS: float accumulation everywhere; softmax in the log2 domain (x = score*scale*log2 e,
-// exp2f/log2f, full-precision library calls, not the fast intrinsics); lse stored in natural log.
+// BF16 TILING (mma.sync m16n8k16, fp32 accumulators; every warp owns MT 16-row tiles):
+//   forward hs64 : 8 warps x 16 queries = 128 queries/block, key tiles of 64, Q in registers
+//   forward hs128: 4 warps x 32 queries = 128 queries/block, key tiles of 32, Q re-read from smem
+//                  (at hs128 two m16 tiles per warp halve the ldmatrix traffic per mma and win)
+//   backward hs64 : 8 warps x 16 rows = 128 keys (dK,dV) / queries (dQ) per block, tiles of 32
+//   backward hs128: 4 warps x 16 rows = 64 keys / queries per block, tiles of 16 (dK,dV) / 32 (dQ)
+//   K/V (resp. Q/dO) tiles are double buffered with cp.async; only tiles crossing a warp's
+//   diagonal (or the end of the sequence) are masked; warps skip tiles wholly in their future;
+//   blocks are ordered so the longest causal rows start first. Measured on the H100 (GPT-2 124M
+//   and 0.91B shapes), resident warps per SM mattered more than fragment reuse: the tilings above
+//   are the fastest of ~25 measured (smaller tiles with more blocks per SM beat 2-tile warps at
+//   hs64; 32-row warps only paid for the hs128 forward).
+//
+// NUMERICS: float accumulation everywhere; softmax in the log2 domain: bf16 kernels fold
+// scale*log2(e) into one FFMA per score and use ex2.approx (MUFU, ~2 ulp; the f32 path uses the
+// exp2f/log2f library calls); lse stored in natural log.
 // bf16 path: Q,K,V,dO, and P / dS (rounded to bf16) are tensor-core operands, accumulation fp32
 // (the usual FlashAttention-2 practice). f32 path: pure fp32 CUDA-core arithmetic.
 // ---------------------------------------------------------------------------------------------
@@ -70,26 +84,62 @@ __device__ __forceinline__ float att_to_f(float x) { return x; }
 __device__ __forceinline__ float att_to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // ============================================================================================
-// Backward preprocess: D = rowsum(dout * out) per (b, h, t). One warp per row, 8 rows/block.
+// Backward preprocess: D = rowsum(dout * out) per (b, h, t). 8 lanes per row (32 rows per
+// 256-thread block); lane u sums the 8-element chunks d = 8u + 64j with 16-byte loads, then a
+// fixed xor butterfly over the 8 lanes (deterministic). hs is a multiple of 8 (host-checked).
 // ============================================================================================
+__device__ __forceinline__ float att_dot8(const float* a, const float* b, bool vec) {
+    float acc = 0.f;
+    if (vec) {
+        const float4 a0 = reinterpret_cast<const float4*>(a)[0], a1 = reinterpret_cast<const float4*>(a)[1];
+        const float4 b0 = reinterpret_cast<const float4*>(b)[0], b1 = reinterpret_cast<const float4*>(b)[1];
+        acc = a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
+        acc += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc += a[e] * b[e];
+    }
+    return acc;
+}
+__device__ __forceinline__ float att_dot8(const __nv_bfloat16* a, const __nv_bfloat16* b, bool vec) {
+    float acc = 0.f;
+    if (vec) {
+        const uint4 ua = *reinterpret_cast<const uint4*>(a), ub = *reinterpret_cast<const uint4*>(b);
+        const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&ua);
+        const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&ub);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float2 fa = __bfloat1622float2(pa[e]), fb = __bfloat1622float2(pb[e]);
+            acc += fa.x * fb.x + fa.y * fb.y;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc += __bfloat162float(a[e]) * __bfloat162float(b[e]);
+    }
+    return acc;
+}
+
 template <typename T>
 __device__ __forceinline__ void attn_bwd_pre(float* D, const T* dout, const T* out, int B, int T_,
                                              int C, int NH) {
     const int hs = C / NH;
-    const int row = blockIdx.x * 8 + (threadIdx.x >> 5);  // (b*NH + h)*T_ + t
-    const int lane = threadIdx.x & 31;
-    const int total = B * NH * T_;
-    if (row >= total) return;  // warp-uniform; no block barrier in this kernel
-    const int t = row % T_;
-    const int bh = row / T_;
-    const int h = bh % NH;
-    const int b = bh / NH;
-    const long long off = ((long long)b * T_ + t) * C + (long long)h * hs;
+    const int row = blockIdx.x * 32 + (threadIdx.x >> 3);  // (b*NH + h)*T_ + t
+    const int u = threadIdx.x & 7;
+    const bool ok = row < B * NH * T_;
+    const bool vec = ((((size_t)dout) | ((size_t)out)) & 15) == 0;
     float acc = 0.f;
-    for (int d = lane; d < hs; d += 32) acc += att_to_f(dout[off + d]) * att_to_f(out[off + d]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) D[row] = acc;
+    if (ok) {
+        const int t = row % T_;
+        const int bh = row / T_;
+        const int h = bh % NH;
+        const int b = bh / NH;
+        const long long off = ((long long)b * T_ + t) * C + (long long)h * hs;
+        for (int d = 8 * u; d < hs; d += 64) acc += att_dot8(dout + off + d, out + off + d, vec);
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    if (ok && u == 0) D[row] = acc;
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -598,39 +648,52 @@ __device__ __forceinline__ void att_store_frag_bf16(__nv_bfloat16* dst, long lon
     }
 }
 
+// exp2 on the MUFU unit (ex2.approx.ftz: ~2 ulp, -inf -> +0). The softmax is exp2-based with the
+// scale * log2(e) folded into one FFMA per score, so each score costs FFMA + MUFU.
+__device__ __forceinline__ float att_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+extern __shared__ __align__(16) unsigned char att_dyn_smem[];
+
 // ---------------------------------------------------------------------------------------------
-// Forward, bf16. Block: NW warps, BQ = 16*NW queries (16 per warp); key tiles of BK, double
-// buffered with cp.async (Q is staged through stage 1, then held in registers as A fragments).
-//   HS 64 : NW = 8, BQ = 128, BK = 64, static smem 2*2*64*72*2 = 36,864 B
-//   HS 128: NW = 4, BQ = 64, BK = 32, static smem 2*2*32*136*2 = 34,816 B
+// Forward, bf16. NW warps; each warp owns MT m16 row tiles (WR = 16*MT queries), so every K / V
+// fragment a warp reads from shared memory (ldmatrix) feeds MT mma: at MT = 1 the ldmatrix
+// traffic, not the tensor cores, bounds the kernel. BQ = WR*NW queries per block; key tiles of
+// BK rows (K then V), double buffered with cp.async. QREG: Q is held in registers as A fragments
+// (staged through stage 1 when it fits); otherwise Q stays in its own smem region (large HS,
+// where registers are short) and is re-read per key tile. Dynamic smem (AttFwd::SMEM bytes).
 // ---------------------------------------------------------------------------------------------
-template <int HS>
-struct AttFwdCfg {
-    static constexpr int NW = (HS <= 64) ? 8 : 4;
-    static constexpr int BQ = 16 * NW;
-    static constexpr int BK = (HS <= 64) ? 64 : 32;
+template <int HS, int NW, int MT, int BK, bool QREG>
+struct AttFwd {
+    static constexpr int WR = 16 * MT;
+    static constexpr int BQ = WR * NW;
     static constexpr int HSP = HS + 8;
+    static constexpr int NTH = 32 * NW;
     static constexpr int STAGE = 2 * BK * HSP;  // K tile then V tile (elements)
+    static constexpr bool QIN1 = QREG && BQ * HSP <= STAGE;  // Q staged through stage 1
+    static constexpr int SMEM = (2 * STAGE + (QIN1 ? 0 : BQ * HSP)) * 2;
 };
 
-template <int HS>
+template <int HS, int NW, int MT, int BK, bool QREG>
 __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv,
                                              int B, int T_, int C, int NH) {
-    typedef AttFwdCfg<HS> Cf;
-    constexpr int HSP = Cf::HSP, BQ = Cf::BQ, BK = Cf::BK, NTH = 32 * Cf::NW, STAGE = Cf::STAGE;
+    typedef AttFwd<HS, NW, MT, BK, QREG> Cf;
+    constexpr int HSP = Cf::HSP, BQ = Cf::BQ, WR = Cf::WR, NTH = Cf::NTH, STAGE = Cf::STAGE;
     constexpr int KT = HS / 16;  // k-steps over the head dim
     constexpr int NT = BK / 8;   // n-tiles of S
     constexpr int DT = HS / 8;   // n-tiles of O
-    static_assert(BQ * HSP <= STAGE, "Q staging must fit in one stage");
-    __shared__ __align__(16) __nv_bfloat16 kv[2 * STAGE];
+    __nv_bfloat16* kv = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
+    __nv_bfloat16* Qs = kv + (Cf::QIN1 ? STAGE : 2 * STAGE);
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
     const int nqb = (T_ + BQ - 1) / BQ;
     const int qb = nqb - 1 - (int)blockIdx.y;  // heaviest first
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int q0 = qb * BQ, wq0 = q0 + warp * 16;
-    const int r0 = wq0 + g, r1 = r0 + 8;
+    const int q0 = qb * BQ, wq0 = q0 + warp * WR;
     const int C3 = 3 * C;
     const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const bool vec = (((size_t)qkv) & 15) == 0;
@@ -638,25 +701,33 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
     const int kend = min(q0 + BQ, T_);
     const int ntiles = (kend + BK - 1) / BK;
 
-    att_tile_async<HS, BQ, NTH>(kv + STAGE, base, C3, q0, T_, hs, hs16, vec);
+    att_tile_async<HS, BQ, NTH>(Qs, base, C3, q0, T_, hs, hs16, vec);
     att_cp_commit();
     att_tile_async<HS, BK, NTH>(kv, base + C, C3, 0, T_, hs, hs16, vec);
     att_tile_async<HS, BK, NTH>(kv + BK * HSP, base + 2 * C, C3, 0, T_, hs, hs16, vec);
     att_cp_commit();
-    att_cp_wait<1>();
-    __syncthreads();
-    att_u32 qa[KT][4];
+    att_u32 qa[MT][QREG ? KT : 1][4];
+    if (QREG) {
+        att_cp_wait<1>();
+        __syncthreads();
 #pragma unroll
-    for (int kt = 0; kt < KT; kt++) {
-        if (kt * 16 < hs16) att_ldsm_x4(qa[kt], att_a_ptr<HSP>(kv + STAGE, warp * 16, kt * 16, lane));
-        else { qa[kt][0] = 0u; qa[kt][1] = 0u; qa[kt][2] = 0u; qa[kt][3] = 0u; }
+        for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+            for (int kt = 0; kt < (QREG ? KT : 1); kt++) {
+                if (kt * 16 < hs16) att_ldsm_x4(qa[mt][kt], att_a_ptr<HSP>(Qs, warp * WR + mt * 16, kt * 16, lane));
+                else { qa[mt][kt][0] = 0u; qa[mt][kt][1] = 0u; qa[mt][kt][2] = 0u; qa[mt][kt][3] = 0u; }
+            }
+        }
+        if (Cf::QIN1) __syncthreads();  // stage 1 (Q) is reused for key tile 1
     }
-    __syncthreads();  // stage 1 (Q) is reused for key tile 1
 
-    float o[DT][4];
+    float o[MT][DT][4], m[MT][2], l[MT][2];
 #pragma unroll
-    for (int dt = 0; dt < DT; dt++) { o[dt][0] = 0.f; o[dt][1] = 0.f; o[dt][2] = 0.f; o[dt][3] = 0.f; }
-    float m0 = ATT_NEG_INF, m1 = ATT_NEG_INF, l0 = 0.f, l1 = 0.f;
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) { o[mt][dt][0] = 0.f; o[mt][dt][1] = 0.f; o[mt][dt][2] = 0.f; o[mt][dt][3] = 0.f; }
+        m[mt][0] = ATT_NEG_INF; m[mt][1] = ATT_NEG_INF; l[mt][0] = 0.f; l[mt][1] = 0.f;
+    }
 
     for (int i = 0; i < ntiles; i++) {
         const int k0 = i * BK;
@@ -672,130 +743,170 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
         __syncthreads();
         const __nv_bfloat16* Ks = kv + (i & 1) * STAGE;
         const __nv_bfloat16* Vs = Ks + BK * HSP;
-        if (k0 <= wq0 + 15) {  // warp-uniform: otherwise every key of the tile is in this warp's future
-            float s[NT][4];
+        if (k0 <= wq0 + WR - 1) {  // warp-uniform: otherwise every key of the tile is in this warp's future
+            float s[MT][NT][4];
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) { s[nt][0] = 0.f; s[nt][1] = 0.f; s[nt][2] = 0.f; s[nt][3] = 0.f; }
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) { s[mt][nt][0] = 0.f; s[mt][nt][1] = 0.f; s[mt][nt][2] = 0.f; s[mt][nt][3] = 0.f; }
+            }
+            // S = Q K^T (raw scores; the scale is folded into the exp2 argument below)
 #pragma unroll
             for (int kt = 0; kt < KT; kt++) {
                 if (kt * 16 < hs16) {
+                    att_u32 a[MT][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        if (QREG) { a[mt][0] = qa[mt][QREG ? kt : 0][0]; a[mt][1] = qa[mt][QREG ? kt : 0][1]; a[mt][2] = qa[mt][QREG ? kt : 0][2]; a[mt][3] = qa[mt][QREG ? kt : 0][3]; }
+                        else att_ldsm_x4(a[mt], att_a_ptr<HSP>(Qs, warp * WR + mt * 16, kt * 16, lane));
+                    }
 #pragma unroll
                     for (int np = 0; np < NT / 2; np++) {
                         att_u32 bb[4];
                         att_ldsm_x4(bb, att_bn_ptr<HSP>(Ks, np * 16, kt * 16, lane));
-                        att_mma(s[2 * np], qa[kt], bb[0], bb[1]);
-                        att_mma(s[2 * np + 1], qa[kt], bb[2], bb[3]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            att_mma(s[mt][2 * np], a[mt], bb[0], bb[1]);
+                            att_mma(s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+                        }
                     }
                 }
             }
-            const bool need_mask = (k0 + BK - 1 > wq0) || (k0 + BK > T_);
-            float mx0 = ATT_NEG_INF, mx1 = ATT_NEG_INF;
+            // Only tiles that cross this warp's diagonal (or the end of the sequence) need a mask.
+            if ((k0 + BK - 1 > wq0) || (k0 + BK > T_)) {
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
+                for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float x = s[nt][e] * cs;
-                    if (need_mask) {
-                        const int col = k0 + nt * 8 + 2 * t4 + (e & 1);
-                        const int row = (e < 2) ? r0 : r1;
-                        if (col > row || col >= T_) x = ATT_NEG_INF;
+                    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int col = k0 + nt * 8 + 2 * t4 + (e & 1);
+                            const int row = wq0 + mt * 16 + g + (e >> 1) * 8;
+                            if (col > row || col >= T_) s[mt][nt][e] = ATT_NEG_INF;
+                        }
                     }
-                    s[nt][e] = x;
-                    if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
                 }
             }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            const float mr0 = (mn0 == ATT_NEG_INF) ? 0.f : mn0;  // fully masked row: no NaN
-            const float mr1 = (mn1 == ATT_NEG_INF) ? 0.f : mn1;
-            const float cr0 = exp2f(m0 - mr0), cr1 = exp2f(m1 - mr1);
-            m0 = mn0; m1 = mn1;
-            l0 *= cr0; l1 *= cr1;
 #pragma unroll
-            for (int dt = 0; dt < DT; dt++) {
-                o[dt][0] *= cr0; o[dt][1] *= cr0; o[dt][2] *= cr1; o[dt][3] *= cr1;
-            }
+            for (int mt = 0; mt < MT; mt++) {
+                float mx0 = ATT_NEG_INF, mx1 = ATT_NEG_INF;
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                s[nt][0] = exp2f(s[nt][0] - mr0);
-                s[nt][1] = exp2f(s[nt][1] - mr0);
-                s[nt][2] = exp2f(s[nt][2] - mr1);
-                s[nt][3] = exp2f(s[nt][3] - mr1);
-                l0 += s[nt][0] + s[nt][1];
-                l1 += s[nt][2] + s[nt][3];
+                for (int nt = 0; nt < NT; nt++) {
+                    mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                    mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                }
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+                // running max in the scaled log2 domain (cs > 0, so max and scaling commute)
+                const float mn0 = fmaxf(m[mt][0], mx0 * cs), mn1 = fmaxf(m[mt][1], mx1 * cs);
+                const float mr0 = (mn0 == ATT_NEG_INF) ? 0.f : mn0;  // fully masked row: no NaN
+                const float mr1 = (mn1 == ATT_NEG_INF) ? 0.f : mn1;
+                const float cr0 = att_ex2(m[mt][0] - mr0), cr1 = att_ex2(m[mt][1] - mr1);
+                m[mt][0] = mn0; m[mt][1] = mn1;
+                l[mt][0] *= cr0; l[mt][1] *= cr1;
+#pragma unroll
+                for (int dt = 0; dt < DT; dt++) {
+                    o[mt][dt][0] *= cr0; o[mt][dt][1] *= cr0; o[mt][dt][2] *= cr1; o[mt][dt][3] *= cr1;
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    s[mt][nt][0] = att_ex2(fmaf(s[mt][nt][0], cs, -mr0));
+                    s[mt][nt][1] = att_ex2(fmaf(s[mt][nt][1], cs, -mr0));
+                    s[mt][nt][2] = att_ex2(fmaf(s[mt][nt][2], cs, -mr1));
+                    s[mt][nt][3] = att_ex2(fmaf(s[mt][nt][3], cs, -mr1));
+                    l[mt][0] += s[mt][nt][0] + s[mt][nt][1];
+                    l[mt][1] += s[mt][nt][2] + s[mt][nt][3];
+                }
             }
+            // O += P V  (P from registers as A fragments, V tile [keys][d] via ldmatrix.trans)
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++) {
-                att_u32 pa[4];
-                pa[0] = att_pack(s[2 * kk][0], s[2 * kk][1]);
-                pa[1] = att_pack(s[2 * kk][2], s[2 * kk][3]);
-                pa[2] = att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[3] = att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                att_u32 pa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    pa[mt][0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int dp = 0; dp < HS / 16; dp++) {
                     if (dp * 16 < hs16) {
                         att_u32 bb[4];
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Vs, kk * 16, dp * 16, lane));
-                        att_mma(o[2 * dp], pa, bb[0], bb[1]);
-                        att_mma(o[2 * dp + 1], pa, bb[2], bb[3]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            att_mma(o[mt][2 * dp], pa[mt], bb[0], bb[1]);
+                            att_mma(o[mt][2 * dp + 1], pa[mt], bb[2], bb[3]);
+                        }
                     }
                 }
             }
         }
         __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const bool ovec = (((size_t)out) & 3) == 0;
-    att_store_frag_bf16<HS>(out + (long long)b * T_ * C + (long long)h * hs, C, r0, T_, hs, o,
-                            1.0f / l0, 1.0f / l1, ovec, t4);
-    if (t4 == 0) {
-        if (r0 < T_) lse[(long long)bh * T_ + r0] = (m0 + log2f(l0)) * ATT_LN2;
-        if (r1 < T_) lse[(long long)bh * T_ + r1] = (m1 + log2f(l1)) * ATT_LN2;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        float l0 = l[mt][0], l1 = l[mt][1];
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        const int r0 = wq0 + mt * 16 + g, r1 = r0 + 8;
+        att_store_frag_bf16<HS>(out + (long long)b * T_ * C + (long long)h * hs, C, r0, T_, hs, o[mt],
+                                1.0f / l0, 1.0f / l1, ovec, t4);
+        if (t4 == 0) {
+            if (r0 < T_) lse[(long long)bh * T_ + r0] = (m[mt][0] + log2f(l0)) * ATT_LN2;
+            if (r1 < T_) lse[(long long)bh * T_ + r1] = (m[mt][1] + log2f(l1)) * ATT_LN2;
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, bf16. NW warps (4 for HS 64, 2 for HS 128), BR = 16*NW rows per block, column tiles
-// of BC = BR, double buffered with cp.async. DYNAMIC shared memory (host must raise the limit):
-//   6 tiles [BR][HS+8] bf16 + 4*BC floats = 56,320 B (HS 64) / 52,736 B (HS 128).
+// Backward, bf16: one launch, blockIdx.z = 0 blocks compute dK, dV (a block owns a key block and
+// loops over query tiles), blockIdx.z = 1 blocks compute dQ (a block owns a query block and loops
+// over key tiles). dQ recomputes S and dP instead of accumulating across key blocks: no atomics,
+// fixed summation order, bit-identical reruns. Both halves use NW warps; warp w owns MT m16 row
+// tiles (keys for dK/dV, queries for dQ), so each shared-memory fragment feeds MT mma. Column
+// tiles of BC rows are double buffered with cp.async. Dynamic smem = max of the two halves.
 // ---------------------------------------------------------------------------------------------
-template <int HS>
-struct AttBwdCfg {
-    static constexpr int NW = (HS <= 64) ? 4 : 2;
-    static constexpr int BR = 16 * NW;
-    static constexpr int BC = BR;
-    static constexpr int HSP = HS + 8;
-    static constexpr int NTH = 32 * NW;
-    static constexpr int TILE = BR * HSP;  // elements
-    static constexpr int SMEM_BYTES = 6 * TILE * 2 + 4 * BC * 4;
+template <int HS, int NW, int MT, int BC>
+struct AttKV {  // dK, dV half
+    static constexpr int WR = 16 * MT, BR = WR * NW, HSP = HS + 8, NTH = 32 * NW;
+    // K [BR][HSP], V [BR][HSP]; stage s: Q [BC][HSP], dO [BC][HSP]; floats: stage s: L[BC], D[BC]
+    static constexpr int SMEM = (2 * BR * HSP + 4 * BC * HSP) * 2 + 4 * BC * 4;
+};
+template <int HS, int NW, int MT, int BC>
+struct AttQ {  // dQ half
+    static constexpr int WR = 16 * MT, BR = WR * NW, HSP = HS + 8, NTH = 32 * NW;
+    // Q [BR][HSP], dO [BR][HSP]; stage s: K [BC][HSP], V [BC][HSP]
+    static constexpr int SMEM = (2 * BR * HSP + 4 * BC * HSP) * 2;
 };
 
-extern __shared__ __align__(16) unsigned char att_dyn_smem[];
-
-// dK, dV for keys k0 .. k0+BR-1 (warp w: keys k0+16w ..), loop over query tiles t >= k0.
-// smem: tile0 K, tile1 V, stage s: tile 2+2s Q, tile 3+2s dO; floats: stage s: L[BC], D[BC].
-template <int HS>
-__device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbuf, __nv_bfloat16* dqkv,
-                                                  const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
-                                                  const float* lse, const float* D, int B, int T_, int C,
-                                                  int NH) {
-    typedef AttBwdCfg<HS> Cf;
-    constexpr int HSP = Cf::HSP, BR = Cf::BR, BC = Cf::BC, NTH = Cf::NTH, TILE = Cf::TILE;
+// dK, dV for keys k0 .. k0+BR-1 (warp w: keys k0+WR*w ..), loop over query tiles t >= k0.
+template <int HS, int NW, int MT, int BC>
+__device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                                                  const __nv_bfloat16* qkv, const float* lse,
+                                                  const float* D, int B, int T_, int C, int NH) {
+    typedef AttKV<HS, NW, MT, BC> Cf;
+    constexpr int HSP = Cf::HSP, BR = Cf::BR, WR = Cf::WR, NTH = Cf::NTH;
     constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
-    const __nv_bfloat16* Ks = buf;
-    const __nv_bfloat16* Vs = buf + TILE;
+    static_assert(BR % BC == 0, "key blocks start on a query-tile boundary");
+    __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
+    __nv_bfloat16* Ks = buf;
+    __nv_bfloat16* Vs = buf + BR * HSP;
+    __nv_bfloat16* st0 = buf + 2 * BR * HSP;  // stage s: Q at st0 + 2s*BC*HSP, dO right after
+    float* fbuf = reinterpret_cast<float*>(buf + 2 * BR * HSP + 4 * BC * HSP);
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
+    if ((int)blockIdx.y * BR >= T_) return;  // block-uniform (grid.y covers the larger half)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int k0 = (int)blockIdx.y * BR;  // small key blocks (most work) first
-    const int ws0 = k0 + warp * 16;
+    const int ws0 = k0 + warp * WR;
     const int C3 = 3 * C;
     const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const __nv_bfloat16* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
@@ -804,145 +915,178 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* buf, float* fbuf, 
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
     const float cs = scale * ATT_LOG2E;
-    const int qstart = (k0 / BC) * BC;
-    const int ntiles = (T_ - qstart + BC - 1) / BC;  // >= 1 (k0 < T_)
+    const int ntiles = (T_ - k0 + BC - 1) / BC;  // >= 1 (k0 < T_)
 
-    att_tile_async<HS, BR, NTH>(buf, base + C, C3, k0, T_, hs, hs16, vec);
-    att_tile_async<HS, BR, NTH>(buf + TILE, base + 2 * C, C3, k0, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(Ks, base + C, C3, k0, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(Vs, base + 2 * C, C3, k0, T_, hs, hs16, vec);
     att_cp_commit();
-    // issue query tile i into stage (i & 1)
-#define ATT_DKDV_ISSUE(i_)                                                                         \
-    {                                                                                              \
-        const int st_ = (i_) & 1, qq_ = qstart + (i_) * BC;                                        \
-        att_tile_async<HS, BC, NTH>(buf + (2 + 2 * st_) * TILE, base, C3, qq_, T_, hs, hs16, vec); \
-        att_tile_async<HS, BC, NTH>(buf + (3 + 2 * st_) * TILE, dbase, C, qq_, T_, hs, hs16, vec); \
-        if ((int)threadIdx.x < BC) {                                                               \
-            const int tq_ = qq_ + (int)threadIdx.x;                                                \
-            const bool ok_ = tq_ < T_;                                                             \
-            att_cp4(fbuf + st_ * 2 * BC + threadIdx.x, ok_ ? lbase + tq_ : lbase, ok_);            \
-            att_cp4(fbuf + st_ * 2 * BC + BC + threadIdx.x, ok_ ? Dbase + tq_ : Dbase, ok_);       \
-        }                                                                                          \
-        att_cp_commit();                                                                           \
-    }
-    ATT_DKDV_ISSUE(0);
+    // issue query tile i into stage (i & 1); L is stored pre-scaled by log2(e) after the wait
+    auto issue = [&](int i_) {
+        const int s_ = i_ & 1, qq = k0 + i_ * BC;
+        att_tile_async<HS, BC, NTH>(st0 + 2 * s_ * BC * HSP, base, C3, qq, T_, hs, hs16, vec);
+        att_tile_async<HS, BC, NTH>(st0 + (2 * s_ + 1) * BC * HSP, dbase, C, qq, T_, hs, hs16, vec);
+        for (int j = threadIdx.x; j < BC; j += NTH) {
+            const int tq = qq + j;
+            const bool ok = tq < T_;
+            att_cp4(fbuf + s_ * 2 * BC + j, ok ? lbase + tq : lbase, ok);
+            att_cp4(fbuf + s_ * 2 * BC + BC + j, ok ? Dbase + tq : Dbase, ok);
+        }
+        att_cp_commit();
+    };
+    issue(0);
 
-    float dk[DT][4], dv[DT][4];
+    float dk[MT][DT][4], dv[MT][DT][4];
 #pragma unroll
-    for (int dt = 0; dt < DT; dt++) {
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) { dk[dt][e] = 0.f; dv[dt][e] = 0.f; }
+        for (int dt = 0; dt < DT; dt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) { dk[mt][dt][e] = 0.f; dv[mt][dt][e] = 0.f; }
+        }
     }
 
     for (int i = 0; i < ntiles; i++) {
-        const int q0 = qstart + i * BC;
+        const int q0 = k0 + i * BC;
         if (i + 1 < ntiles) {
-            ATT_DKDV_ISSUE(i + 1);
+            issue(i + 1);
             att_cp_wait<1>();
         } else {
             att_cp_wait<0>();
         }
         __syncthreads();
-        const __nv_bfloat16* Qs = buf + (2 + 2 * (i & 1)) * TILE;
-        const __nv_bfloat16* dOs = buf + (3 + 2 * (i & 1)) * TILE;
+        const __nv_bfloat16* Qs = st0 + 2 * (i & 1) * BC * HSP;
+        const __nv_bfloat16* dOs = Qs + BC * HSP;
         const float* Ls = fbuf + (i & 1) * 2 * BC;
         const float* Ds = Ls + BC;
         if (q0 + BC - 1 >= ws0) {  // warp-uniform: some query of the tile sees some key of the warp
-            float st[NTC][4], dpt[NTC][4];
+            float st[MT][NTC][4], dpt[MT][NTC][4];
 #pragma unroll
-            for (int nt = 0; nt < NTC; nt++) {
+            for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) { st[nt][e] = 0.f; dpt[nt][e] = 0.f; }
+                for (int nt = 0; nt < NTC; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) { st[mt][nt][e] = 0.f; dpt[mt][nt][e] = 0.f; }
+                }
             }
-            // S^T = K Q^T and dP^T = V dO^T  (16 keys x BC queries per warp)
+            // S^T = K Q^T, then dP^T = V dO^T  (WR keys x BC queries per warp; one product at a
+            // time keeps only one set of A fragments live)
 #pragma unroll
-            for (int kt = 0; kt < KT; kt++) {
-                if (kt * 16 < hs16) {
-                    att_u32 ka[4], va[4];
-                    att_ldsm_x4(ka, att_a_ptr<HSP>(Ks, warp * 16, kt * 16, lane));
-                    att_ldsm_x4(va, att_a_ptr<HSP>(Vs, warp * 16, kt * 16, lane));
+            for (int pass = 0; pass < 2; pass++) {
+                const __nv_bfloat16* As = pass ? Vs : Ks;
+                const __nv_bfloat16* Bs = pass ? dOs : Qs;
 #pragma unroll
-                    for (int np = 0; np < NTC / 2; np++) {
-                        att_u32 bb[4];
-                        att_ldsm_x4(bb, att_bn_ptr<HSP>(Qs, np * 16, kt * 16, lane));
-                        att_mma(st[2 * np], ka, bb[0], bb[1]);
-                        att_mma(st[2 * np + 1], ka, bb[2], bb[3]);
-                        att_ldsm_x4(bb, att_bn_ptr<HSP>(dOs, np * 16, kt * 16, lane));
-                        att_mma(dpt[2 * np], va, bb[0], bb[1]);
-                        att_mma(dpt[2 * np + 1], va, bb[2], bb[3]);
+                for (int kt = 0; kt < KT; kt++) {
+                    if (kt * 16 < hs16) {
+                        att_u32 a[MT][4];
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++)
+                            att_ldsm_x4(a[mt], att_a_ptr<HSP>(As, warp * WR + mt * 16, kt * 16, lane));
+#pragma unroll
+                        for (int np = 0; np < NTC / 2; np++) {
+                            att_u32 bb[4];
+                            att_ldsm_x4(bb, att_bn_ptr<HSP>(Bs, np * 16, kt * 16, lane));
+#pragma unroll
+                            for (int mt = 0; mt < MT; mt++) {
+                                float(&c0)[4] = pass ? dpt[mt][2 * np] : st[mt][2 * np];
+                                float(&c1)[4] = pass ? dpt[mt][2 * np + 1] : st[mt][2 * np + 1];
+                                att_mma(c0, a[mt], bb[0], bb[1]);
+                                att_mma(c1, a[mt], bb[2], bb[3]);
+                            }
+                        }
                     }
                 }
             }
-            const bool need_mask = (q0 < ws0 + 15) || (q0 + BC > T_);
+            // P = exp2(S*cs - L*log2e), dS = P (dP - D); masked only on tiles crossing the diagonal
+            const bool need_mask = (q0 < ws0 + WR - 1) || (q0 + BC > T_);
 #pragma unroll
             for (int nt = 0; nt < NTC; nt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int ti = nt * 8 + 2 * t4 + (e & 1);
-                    float p = exp2f(st[nt][e] * cs - Ls[ti] * ATT_LOG2E);
-                    if (need_mask) {
-                        const int tq = q0 + ti;
-                        const int sk = ws0 + g + (e >> 1) * 8;
-                        if (tq < sk || tq >= T_) p = 0.f;
+                for (int e1 = 0; e1 < 2; e1++) {
+                    const int ti = nt * 8 + 2 * t4 + e1;
+                    const float Lq = Ls[ti] * ATT_LOG2E, Dq = Ds[ti];
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                        for (int e2 = 0; e2 < 2; e2++) {
+                            const int e = e1 + 2 * e2;
+                            float p = att_ex2(fmaf(st[mt][nt][e], cs, -Lq));
+                            if (need_mask) {
+                                const int tq = q0 + ti;
+                                const int sk = ws0 + mt * 16 + g + e2 * 8;
+                                if (tq < sk || tq >= T_) p = 0.f;
+                            }
+                            st[mt][nt][e] = p;
+                            dpt[mt][nt][e] = p * (dpt[mt][nt][e] - Dq);
+                        }
                     }
-                    st[nt][e] = p;
-                    dpt[nt][e] = p * (dpt[nt][e] - Ds[ti]);
                 }
             }
             // dV += P^T dO ; dK += dS^T Q   (A from registers, B = [queries][d] tiles, trans)
 #pragma unroll
             for (int kk = 0; kk < BC / 16; kk++) {
-                att_u32 pa[4], da[4];
-                pa[0] = att_pack(st[2 * kk][0], st[2 * kk][1]);
-                pa[1] = att_pack(st[2 * kk][2], st[2 * kk][3]);
-                pa[2] = att_pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                pa[3] = att_pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-                da[0] = att_pack(dpt[2 * kk][0], dpt[2 * kk][1]);
-                da[1] = att_pack(dpt[2 * kk][2], dpt[2 * kk][3]);
-                da[2] = att_pack(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-                da[3] = att_pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+                att_u32 pa[MT][4], da[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    pa[mt][0] = att_pack(st[mt][2 * kk][0], st[mt][2 * kk][1]);
+                    pa[mt][1] = att_pack(st[mt][2 * kk][2], st[mt][2 * kk][3]);
+                    pa[mt][2] = att_pack(st[mt][2 * kk + 1][0], st[mt][2 * kk + 1][1]);
+                    pa[mt][3] = att_pack(st[mt][2 * kk + 1][2], st[mt][2 * kk + 1][3]);
+                    da[mt][0] = att_pack(dpt[mt][2 * kk][0], dpt[mt][2 * kk][1]);
+                    da[mt][1] = att_pack(dpt[mt][2 * kk][2], dpt[mt][2 * kk][3]);
+                    da[mt][2] = att_pack(dpt[mt][2 * kk + 1][0], dpt[mt][2 * kk + 1][1]);
+                    da[mt][3] = att_pack(dpt[mt][2 * kk + 1][2], dpt[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int dp = 0; dp < HS / 16; dp++) {
                     if (dp * 16 < hs16) {
                         att_u32 bb[4];
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(dOs, kk * 16, dp * 16, lane));
-                        att_mma(dv[2 * dp], pa, bb[0], bb[1]);
-                        att_mma(dv[2 * dp + 1], pa, bb[2], bb[3]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            att_mma(dv[mt][2 * dp], pa[mt], bb[0], bb[1]);
+                            att_mma(dv[mt][2 * dp + 1], pa[mt], bb[2], bb[3]);
+                        }
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Qs, kk * 16, dp * 16, lane));
-                        att_mma(dk[2 * dp], da, bb[0], bb[1]);
-                        att_mma(dk[2 * dp + 1], da, bb[2], bb[3]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            att_mma(dk[mt][2 * dp], da[mt], bb[0], bb[1]);
+                            att_mma(dk[mt][2 * dp + 1], da[mt], bb[2], bb[3]);
+                        }
                     }
                 }
             }
         }
         __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
-#undef ATT_DKDV_ISSUE
     const bool ovec = (((size_t)dqkv) & 3) == 0;
     __nv_bfloat16* dbh = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
-    att_store_frag_bf16<HS>(dbh + C, C3, ws0 + g, T_, hs, dk, scale, scale, ovec, t4);
-    att_store_frag_bf16<HS>(dbh + 2 * C, C3, ws0 + g, T_, hs, dv, 1.0f, 1.0f, ovec, t4);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        att_store_frag_bf16<HS>(dbh + C, C3, ws0 + mt * 16 + g, T_, hs, dk[mt], scale, scale, ovec, t4);
+        att_store_frag_bf16<HS>(dbh + 2 * C, C3, ws0 + mt * 16 + g, T_, hs, dv[mt], 1.0f, 1.0f, ovec, t4);
+    }
 }
 
-// dQ for queries q0 .. q0+BR-1 (warp w: queries q0+16w ..), loop over key tiles s <= t.
-// smem: tile0 Q, tile1 dO, stage s: tile 2+2s K, tile 3+2s V.
-template <int HS>
-__device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat16* dqkv,
-                                                const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
-                                                const float* lse, const float* D, int B, int T_, int C,
-                                                int NH) {
-    typedef AttBwdCfg<HS> Cf;
-    constexpr int HSP = Cf::HSP, BR = Cf::BR, BC = Cf::BC, NTH = Cf::NTH, TILE = Cf::TILE;
+// dQ for queries q0 .. q0+BR-1 (warp w: queries q0+WR*w ..), loop over key tiles s <= t.
+template <int HS, int NW, int MT, int BC>
+__device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                                                const __nv_bfloat16* qkv, const float* lse,
+                                                const float* D, int B, int T_, int C, int NH) {
+    typedef AttQ<HS, NW, MT, BC> Cf;
+    constexpr int HSP = Cf::HSP, BR = Cf::BR, WR = Cf::WR, NTH = Cf::NTH;
     constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
-    const __nv_bfloat16* Qs = buf;
-    const __nv_bfloat16* dOs = buf + TILE;
+    __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
+    __nv_bfloat16* Qs = buf;
+    __nv_bfloat16* dOs = buf + BR * HSP;
+    __nv_bfloat16* st0 = buf + 2 * BR * HSP;  // stage s: K at st0 + 2s*BC*HSP, V right after
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int nqb = (T_ + BR - 1) / BR;
+    if ((int)blockIdx.y >= nqb) return;  // block-uniform (grid.y covers the larger half)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int q0 = (nqb - 1 - (int)blockIdx.y) * BR;  // heaviest first
-    const int wq0 = q0 + warp * 16;
-    const int r0 = wq0 + g, r1 = r0 + 8;
+    const int wq0 = q0 + warp * WR;
     const int C3 = 3 * C;
     const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const __nv_bfloat16* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
@@ -952,90 +1096,119 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat16* 
     const int kend = min(q0 + BR, T_);
     const int ntiles = (kend + BC - 1) / BC;
 
-    att_tile_async<HS, BR, NTH>(buf, base, C3, q0, T_, hs, hs16, vec);
-    att_tile_async<HS, BR, NTH>(buf + TILE, dbase, C, q0, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(Qs, base, C3, q0, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(dOs, dbase, C, q0, T_, hs, hs16, vec);
     att_cp_commit();
-    att_tile_async<HS, BC, NTH>(buf + 2 * TILE, base + C, C3, 0, T_, hs, hs16, vec);
-    att_tile_async<HS, BC, NTH>(buf + 3 * TILE, base + 2 * C, C3, 0, T_, hs, hs16, vec);
+    att_tile_async<HS, BC, NTH>(st0, base + C, C3, 0, T_, hs, hs16, vec);
+    att_tile_async<HS, BC, NTH>(st0 + BC * HSP, base + 2 * C, C3, 0, T_, hs, hs16, vec);
     att_cp_commit();
-    const float L0 = r0 < T_ ? lse[(long long)bh * T_ + r0] * ATT_LOG2E : 0.f;
-    const float L1 = r1 < T_ ? lse[(long long)bh * T_ + r1] * ATT_LOG2E : 0.f;
-    const float D0 = r0 < T_ ? D[(long long)bh * T_ + r0] : 0.f;
-    const float D1 = r1 < T_ ? D[(long long)bh * T_ + r1] : 0.f;
-
-    float dq[DT][4];
+    float L[MT][2], Dr[MT][2];
 #pragma unroll
-    for (int dt = 0; dt < DT; dt++) { dq[dt][0] = 0.f; dq[dt][1] = 0.f; dq[dt][2] = 0.f; dq[dt][3] = 0.f; }
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const int r = wq0 + mt * 16 + g + 8 * hh;
+            L[mt][hh] = r < T_ ? lse[(long long)bh * T_ + r] * ATT_LOG2E : 0.f;
+            Dr[mt][hh] = r < T_ ? D[(long long)bh * T_ + r] : 0.f;
+        }
+    }
+
+    float dq[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) { dq[mt][dt][0] = 0.f; dq[mt][dt][1] = 0.f; dq[mt][dt][2] = 0.f; dq[mt][dt][3] = 0.f; }
+    }
 
     for (int i = 0; i < ntiles; i++) {
         const int k0 = i * BC;
         if (i + 1 < ntiles) {
-            const int st_ = (i + 1) & 1;
-            att_tile_async<HS, BC, NTH>(buf + (2 + 2 * st_) * TILE, base + C, C3, k0 + BC, T_, hs, hs16, vec);
-            att_tile_async<HS, BC, NTH>(buf + (3 + 2 * st_) * TILE, base + 2 * C, C3, k0 + BC, T_, hs, hs16, vec);
+            __nv_bfloat16* nx = st0 + 2 * ((i + 1) & 1) * BC * HSP;
+            att_tile_async<HS, BC, NTH>(nx, base + C, C3, k0 + BC, T_, hs, hs16, vec);
+            att_tile_async<HS, BC, NTH>(nx + BC * HSP, base + 2 * C, C3, k0 + BC, T_, hs, hs16, vec);
             att_cp_commit();
             att_cp_wait<1>();
         } else {
             att_cp_wait<0>();
         }
         __syncthreads();
-        const __nv_bfloat16* Ks = buf + (2 + 2 * (i & 1)) * TILE;
-        const __nv_bfloat16* Vs = buf + (3 + 2 * (i & 1)) * TILE;
-        if (k0 <= wq0 + 15) {  // warp-uniform
-            float s[NTC][4], dps[NTC][4];
+        const __nv_bfloat16* Ks = st0 + 2 * (i & 1) * BC * HSP;
+        const __nv_bfloat16* Vs = Ks + BC * HSP;
+        if (k0 <= wq0 + WR - 1) {  // warp-uniform
+            float s[MT][NTC][4], dps[MT][NTC][4];
 #pragma unroll
-            for (int nt = 0; nt < NTC; nt++) {
+            for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) { s[nt][e] = 0.f; dps[nt][e] = 0.f; }
+                for (int nt = 0; nt < NTC; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) { s[mt][nt][e] = 0.f; dps[mt][nt][e] = 0.f; }
+                }
             }
-            // S = Q K^T, dP = dO V^T  (16 queries x BC keys per warp)
+            // S = Q K^T, then dP = dO V^T  (WR queries x BC keys per warp)
 #pragma unroll
-            for (int kt = 0; kt < KT; kt++) {
-                if (kt * 16 < hs16) {
-                    att_u32 qa[4], oa[4];
-                    att_ldsm_x4(qa, att_a_ptr<HSP>(Qs, warp * 16, kt * 16, lane));
-                    att_ldsm_x4(oa, att_a_ptr<HSP>(dOs, warp * 16, kt * 16, lane));
+            for (int pass = 0; pass < 2; pass++) {
+                const __nv_bfloat16* As = pass ? dOs : Qs;
+                const __nv_bfloat16* Bs = pass ? Vs : Ks;
 #pragma unroll
-                    for (int np = 0; np < NTC / 2; np++) {
-                        att_u32 bb[4];
-                        att_ldsm_x4(bb, att_bn_ptr<HSP>(Ks, np * 16, kt * 16, lane));
-                        att_mma(s[2 * np], qa, bb[0], bb[1]);
-                        att_mma(s[2 * np + 1], qa, bb[2], bb[3]);
-                        att_ldsm_x4(bb, att_bn_ptr<HSP>(Vs, np * 16, kt * 16, lane));
-                        att_mma(dps[2 * np], oa, bb[0], bb[1]);
-                        att_mma(dps[2 * np + 1], oa, bb[2], bb[3]);
+                for (int kt = 0; kt < KT; kt++) {
+                    if (kt * 16 < hs16) {
+                        att_u32 a[MT][4];
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++)
+                            att_ldsm_x4(a[mt], att_a_ptr<HSP>(As, warp * WR + mt * 16, kt * 16, lane));
+#pragma unroll
+                        for (int np = 0; np < NTC / 2; np++) {
+                            att_u32 bb[4];
+                            att_ldsm_x4(bb, att_bn_ptr<HSP>(Bs, np * 16, kt * 16, lane));
+#pragma unroll
+                            for (int mt = 0; mt < MT; mt++) {
+                                float(&c0)[4] = pass ? dps[mt][2 * np] : s[mt][2 * np];
+                                float(&c1)[4] = pass ? dps[mt][2 * np + 1] : s[mt][2 * np + 1];
+                                att_mma(c0, a[mt], bb[0], bb[1]);
+                                att_mma(c1, a[mt], bb[2], bb[3]);
+                            }
+                        }
                     }
                 }
             }
             const bool need_mask = (k0 + BC - 1 > wq0) || (k0 + BC > T_);
 #pragma unroll
-            for (int nt = 0; nt < NTC; nt++) {
+            for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float p = exp2f(s[nt][e] * cs - ((e < 2) ? L0 : L1));
-                    if (need_mask) {
-                        const int sk = k0 + nt * 8 + 2 * t4 + (e & 1);
-                        const int tq = (e < 2) ? r0 : r1;
-                        if (sk > tq || sk >= T_) p = 0.f;
+                for (int nt = 0; nt < NTC; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float p = att_ex2(fmaf(s[mt][nt][e], cs, -L[mt][e >> 1]));
+                        if (need_mask) {
+                            const int sk = k0 + nt * 8 + 2 * t4 + (e & 1);
+                            const int tq = wq0 + mt * 16 + g + (e >> 1) * 8;
+                            if (sk > tq || sk >= T_) p = 0.f;
+                        }
+                        s[mt][nt][e] = p * (dps[mt][nt][e] - Dr[mt][e >> 1]);  // dS
                     }
-                    s[nt][e] = p * (dps[nt][e] - ((e < 2) ? D0 : D1));  // dS
                 }
             }
             // dQ += dS K  (B = K tile [keys][d], trans)
 #pragma unroll
             for (int kk = 0; kk < BC / 16; kk++) {
-                att_u32 da[4];
-                da[0] = att_pack(s[2 * kk][0], s[2 * kk][1]);
-                da[1] = att_pack(s[2 * kk][2], s[2 * kk][3]);
-                da[2] = att_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                da[3] = att_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                att_u32 da[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    da[mt][0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    da[mt][1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    da[mt][2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    da[mt][3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int dp = 0; dp < HS / 16; dp++) {
                     if (dp * 16 < hs16) {
                         att_u32 bb[4];
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Ks, kk * 16, dp * 16, lane));
-                        att_mma(dq[2 * dp], da, bb[0], bb[1]);
-                        att_mma(dq[2 * dp + 1], da, bb[2], bb[3]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            att_mma(dq[mt][2 * dp], da[mt], bb[0], bb[1]);
+                            att_mma(dq[mt][2 * dp + 1], da[mt], bb[2], bb[3]);
+                        }
                     }
                 }
             }
@@ -1043,40 +1216,31 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* buf, __nv_bfloat16* 
         __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
     const bool ovec = (((size_t)dqkv) & 3) == 0;
-    att_store_frag_bf16<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, r0, T_, hs, dq,
-                            scale, scale, ovec, t4);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        att_store_frag_bf16<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, wq0 + mt * 16 + g, T_,
+                                hs, dq[mt], scale, scale, ovec, t4);
+    }
 }
 
-template <int HS>
-__device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                                             const __nv_bfloat16* qkv, const float* lse, const float* D,
-                                             int B, int T_, int C, int NH) {
-    typedef AttBwdCfg<HS> Cf;
-    __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
-    float* fbuf = reinterpret_cast<float*>(att_dyn_smem + 6 * Cf::TILE * 2);
-    if (blockIdx.z == 0)
-        att_bwd_dkdv_bf16<HS>(buf, fbuf, dqkv, dout, qkv, lse, D, B, T_, C, NH);
-    else
-        att_bwd_dq_bf16<HS>(buf, dqkv, dout, qkv, lse, D, B, T_, C, NH);
-}
+// Kernel entry points: forward <HS, NW, MT, BK, QREG>; backward <HS, NW, MT(dK,dV), BC(dK,dV),
+// MT(dQ), BC(dQ)>; MINB = blocks per SM the register allocation must allow. The host's launch
+// geometry (mod.rs, `mod attention`) must match these numbers.
+#define ATT_FWD_KERNEL(name, HS, NW, MT, BK, QR, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                         \
+    name(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T_, int C, int NH) {    \
+        att_fwd_bf16<HS, NW, MT, BK, QR>(out, lse, qkv, B, T_, C, NH);                                 \
+    }
+#define ATT_BWD_KERNEL(name, HS, NW, MK, BCK, MQ, BCQ, MINB)                                             \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                         \
+    name(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse,   \
+         const float* D, int B, int T_, int C, int NH) {                                               \
+        if (blockIdx.z == 0) att_bwd_dkdv_bf16<HS, NW, MK, BCK>(dqkv, dout, qkv, lse, D, B, T_, C, NH); \
+        else att_bwd_dq_bf16<HS, NW, MQ, BCQ>(dqkv, dout, qkv, lse, D, B, T_, C, NH);                  \
+    }
 
-extern "C" __global__ void __launch_bounds__(256)
-attention_forward_hs64_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T_,
-                            int C, int NH) {
-    att_fwd_bf16<64>(out, lse, qkv, B, T_, C, NH);
-}
-extern "C" __global__ void __launch_bounds__(128)
-attention_forward_hs128_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T_,
-                             int C, int NH) {
-    att_fwd_bf16<128>(out, lse, qkv, B, T_, C, NH);
-}
-extern "C" __global__ void __launch_bounds__(128)
-attention_backward_hs64_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
-                             const float* lse, const float* D, int B, int T_, int C, int NH) {
-    att_bwd_bf16<64>(dqkv, dout, qkv, lse, D, B, T_, C, NH);
-}
-extern "C" __global__ void __launch_bounds__(64)
-attention_backward_hs128_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
-                              const float* lse, const float* D, int B, int T_, int C, int NH) {
-    att_bwd_bf16<128>(dqkv, dout, qkv, lse, D, B, T_, C, NH);
-}
+ATT_FWD_KERNEL(attention_forward_hs64_bf16, 64, 8, 1, 64, true, 2)
+ATT_FWD_KERNEL(attention_forward_hs128_bf16, 128, 4, 2, 32, false, 2)
+ATT_BWD_KERNEL(attention_backward_hs64_bf16, 64, 8, 1, 32, 1, 32, 2)
+ATT_BWD_KERNEL(attention_backward_hs128_bf16, 128, 4, 1, 16, 1, 32, 3)
+

@@ -1595,6 +1595,108 @@ mod attention {
     //! specifies it.
     use super::*;
 
+    /// Rows of D per block of the backward preprocess (8 lanes a row, 256 threads).
+    const PRE_ROWS: usize = 32;
+
+    /// bf16 forward tiling, as instantiated at the end of attention.cu: `nw` warps, each owning
+    /// `mt` 16-row query tiles; key tiles of `bk` rows; Q in registers (`qreg`) or in smem.
+    struct FwdTiling {
+        hs: usize,
+        nw: usize,
+        mt: usize,
+        bk: usize,
+        qreg: bool,
+    }
+
+    impl FwdTiling {
+        /// (queries per block, threads per block, dynamic shared memory bytes)
+        fn geometry(&self) -> (usize, u32, u32) {
+            let (bq, hsp) = (16 * self.mt * self.nw, self.hs + 8);
+            let stage = 2 * self.bk * hsp;
+            let q_in_stage = self.qreg && bq * hsp <= stage;
+            let elems = 2 * stage + if q_in_stage { 0 } else { bq * hsp };
+            (bq, 32 * self.nw as u32, 2 * elems as u32)
+        }
+    }
+
+    fn fwd_bf16(hs_max: usize) -> FwdTiling {
+        match hs_max {
+            64 => FwdTiling {
+                hs: 64,
+                nw: 8,
+                mt: 1,
+                bk: 64,
+                qreg: true,
+            },
+            _ => FwdTiling {
+                hs: 128,
+                nw: 4,
+                mt: 2,
+                bk: 32,
+                qreg: false,
+            },
+        }
+    }
+
+    /// bf16 backward tiling, as instantiated at the end of attention.cu: `nw` warps in both
+    /// halves; the dK,dV half has warps of `mt_kv` 16-row key tiles and query tiles of `bc_kv`,
+    /// the dQ half warps of `mt_q` 16-row query tiles and key tiles of `bc_q`.
+    struct BwdTiling {
+        hs: usize,
+        nw: usize,
+        mt_kv: usize,
+        bc_kv: usize,
+        mt_q: usize,
+        bc_q: usize,
+    }
+
+    impl BwdTiling {
+        /// (grid.y, threads per block, dynamic shared memory bytes) for sequence length `t`.
+        fn geometry(&self, t: usize) -> (usize, u32, u32) {
+            let hsp = self.hs + 8;
+            let (br_kv, br_q) = (16 * self.mt_kv * self.nw, 16 * self.mt_q * self.nw);
+            let kv = 2 * (2 * br_kv * hsp + 4 * self.bc_kv * hsp) + 4 * 4 * self.bc_kv;
+            let q = 2 * (2 * br_q * hsp + 4 * self.bc_q * hsp);
+            let tiles = t.div_ceil(br_kv).max(t.div_ceil(br_q));
+            (tiles, 32 * self.nw as u32, kv.max(q) as u32)
+        }
+    }
+
+    fn bwd_bf16(hs_max: usize) -> BwdTiling {
+        match hs_max {
+            64 => BwdTiling {
+                hs: 64,
+                nw: 8,
+                mt_kv: 1,
+                bc_kv: 32,
+                mt_q: 1,
+                bc_q: 32,
+            },
+            _ => BwdTiling {
+                hs: 128,
+                nw: 4,
+                mt_kv: 1,
+                bc_kv: 16,
+                mt_q: 1,
+                bc_q: 32,
+            },
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn bf16_geometry_matches_the_attention_cu_header() {
+            assert_eq!(fwd_bf16(64).geometry(), (128, 256, 36_864));
+            assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
+            assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
+            assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
+            assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
+        }
+    }
+
     /// Kernel variant (the largest head size it handles) for head size `hs`.
     fn variant(c: usize, nh: usize) -> Result<(usize, usize)> {
         let hs = if nh > 0 && c % nh == 0 { c / nh } else { 0 };
@@ -1620,10 +1722,9 @@ mod attention {
     ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
-        let (tile, block) = match (dt, hs_max) {
-            (DType::BF16, 64) => (128, 256),
-            (DType::BF16, _) => (64, 128),
-            _ => (32, 128),
+        let (tile, block, shared) = match dt {
+            DType::BF16 => fwd_bf16(hs_max).geometry(),
+            _ => (32, 128, 0),
         };
         let grid = ((b * nh) as u32, t.div_ceil(tile) as u32, 1);
         let args = [
@@ -1639,7 +1740,7 @@ mod attention {
             &format!("attention_forward_hs{hs_max}_{sfx}"),
             grid,
             block,
-            0,
+            shared,
             &args,
         )
     }
@@ -1672,15 +1773,14 @@ mod attention {
         let pre_args: Vec<Arg> = pre.into_iter().chain(ints.iter().copied()).collect();
         be.launch(
             &format!("attention_backward_preprocess_{sfx}"),
-            ((bh * t).div_ceil(8) as u32, 1, 1),
+            ((bh * t).div_ceil(PRE_ROWS) as u32, 1, 1),
             256,
             0,
             &pre_args,
         )?;
-        let (tile, block, shared) = match (dt, hs_max) {
-            (DType::BF16, 64) => (64, 128, 56_320),
-            (DType::BF16, _) => (32, 64, 52_736),
-            _ => (32, 128, 0),
+        let (tiles, block, shared) = match dt {
+            DType::BF16 => bwd_bf16(hs_max).geometry(t),
+            _ => (t.div_ceil(32), 128, 0),
         };
         let main = [
             Arg::Ptr(dqkv),
@@ -1692,7 +1792,7 @@ mod attention {
         let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
         be.launch(
             &format!("attention_backward_hs{hs_max}_{sfx}"),
-            (bh as u32, t.div_ceil(tile) as u32, 2),
+            (bh as u32, tiles as u32, 2),
             block,
             shared,
             &args,
