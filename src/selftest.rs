@@ -398,6 +398,22 @@ fn case_dropout<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs
     ])
 }
 
+/// `zero` over buffers of several sizes and formats; a buffer left out must keep its values.
+fn case_zero<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
+    let mut bufs = vec![
+        up(be, DType::F32, &x[0])?,
+        up(be, dt, &x[1])?,
+        up(be, DType::F32, &x[1][..17])?,
+    ];
+    let kept = up(be, dt, &x[1])?;
+    be.zero(&mut bufs)?;
+    let mut zeroed = Vec::new();
+    for b in &bufs {
+        zeroed.extend(be.download(b)?);
+    }
+    Ok(vec![("zeroed", zeroed), ("kept", be.download(&kept)?)])
+}
+
 /// The numerics monitor's statistics of a tensor with zeros, subnormals and large values.
 fn case_tensor_stats<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
     let a = up(be, dt, &x[0])?;
@@ -613,6 +629,15 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 case_adamw(&reference, dt, &x, Some(7))?,
             );
         }
+        let x = vec![inputs.normal(70_001, 1.0), inputs.normal(333, 1.0)];
+        push(
+            "zero",
+            "n=70001, 333, 17".into(),
+            dt,
+            tol,
+            case_zero(be, dt, &x)?,
+            case_zero(&reference, dt, &x)?,
+        );
         let mut special = inputs.normal(70_001, 1.0);
         for (i, v) in special.iter_mut().enumerate() {
             match i % 97 {

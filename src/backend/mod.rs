@@ -152,6 +152,13 @@ pub trait Backend {
 
     /// Sets every element to `value`.
     fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
+    /// Sets every element of every buffer to zero (GPUs: one launch for all of them).
+    fn zero(&self, bufs: &mut [Self::Buf]) -> Result<()> {
+        for buf in bufs {
+            self.fill(buf, 0.0)?;
+        }
+        Ok(())
+    }
     /// `dst = src`, rounding into `dst`'s dtype (same length).
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// `out = a + b` (the residual connection).

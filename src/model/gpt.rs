@@ -375,10 +375,7 @@ impl<B: Backend> Gpt<B> {
 
     /// Sets all gradients to zero (start of an optimizer step).
     pub fn zero_grads(&mut self, backend: &B) -> Result<()> {
-        for g in &mut self.grads {
-            backend.fill(g, 0.0)?;
-        }
-        Ok(())
+        backend.zero(&mut self.grads)
     }
 
     /// Buffers for batches of `b` sequences of `t` tokens; `training` adds gradient scratch.
@@ -773,7 +770,6 @@ impl<B: Backend> Gpt<B> {
             vp,
             dloss,
         )?;
-        let loss = mean(&backend.download(&acts.losses)?);
 
         let Some(gs) = acts.grads.as_mut() else {
             bail!("internal error: backward on activations allocated without gradients");
@@ -966,7 +962,9 @@ impl<B: Backend> Gpt<B> {
         )?;
         let (dwte, dwpe) = pair_mut(grads, WTE, WPE);
         backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c)?;
-        Ok(loss)
+        // Read the losses back only now: on a GPU the backward is already queued behind them,
+        // so the wait does not leave the device idle mid-step.
+        Ok(mean(&backend.download(&acts.losses)?))
     }
 }
 

@@ -368,19 +368,36 @@ __device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, flo
     }
 FOR_EACH_TYPE(DEF_ADAMW)
 
-/// One tensor of sum_squares_multi_T: 24 bytes, laid out by `global_sum_squares` in mod.rs.
-struct SumSquaresRow {
+/// One tensor of sum_squares_multi_T and zero_multi: 24 bytes, laid out by `tensor_table` in
+/// mod.rs.
+struct TensorRow {
     const void* x;  // T*
     u64 n;
     unsigned int first_block;
     unsigned int unused;
 };
 
+/// zero_multi: every byte of every tensor in the table set to 0 (n counts bytes here).
+extern "C" __global__ void __launch_bounds__(256) zero_multi(const TensorRow* table, int count) {
+    const TensorRow r = mt_row(table, count);
+    unsigned char* x = (unsigned char*)r.x;
+    const u64 begin = (u64)(blockIdx.x - r.first_block) * MT_CHUNK * 4;
+    const u64 end = min(begin + (u64)MT_CHUNK * 4, r.n);
+    u64 start = begin;
+    if (aligned16(x)) {
+        const u64 packs = (end - begin) / 16;
+        for (u64 pk = threadIdx.x; pk < packs; pk += blockDim.x)
+            *(uint4*)(x + begin + pk * 16) = make_uint4(0u, 0u, 0u, 0u);
+        start = begin + packs * 16;
+    }
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) x[i] = 0;
+}
+
 /// sum_squares_multi_T: partials[b] = Σ x² in double over block b's chunk of its tensor.
 template <typename T>
-__device__ void sum_squares_multi_impl(const SumSquaresRow* table, int count, double* partials) {
+__device__ void sum_squares_multi_impl(const TensorRow* table, int count, double* partials) {
     __shared__ double warp_sums[32];
-    const SumSquaresRow r = mt_row(table, count);
+    const TensorRow r = mt_row(table, count);
     const T* x = (const T*)r.x;
     const u64 begin = (u64)(blockIdx.x - r.first_block) * MT_CHUNK;
     const u64 end = min(begin + (u64)MT_CHUNK, r.n);
@@ -412,7 +429,7 @@ __device__ void sum_squares_multi_impl(const SumSquaresRow* table, int count, do
 }
 #define DEF_SUMSQ(S, T)                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-        sum_squares_multi_##S(const SumSquaresRow* table, int count, double* partials) {        \
+        sum_squares_multi_##S(const TensorRow* table, int count, double* partials) {            \
         sum_squares_multi_impl<T>(table, count, partials);                                       \
     }
 FOR_EACH_TYPE(DEF_SUMSQ)

@@ -782,6 +782,27 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn zero(&self, bufs: &mut [CudaBuf]) -> Result<()> {
+        let rows: Vec<(u64, usize)> = bufs
+            .iter_mut()
+            .map(|b| (self.ptr_mut(b), b.mem.len()))
+            .collect();
+        // zero_multi's blocks take MT_CHUNK f32s' worth of bytes each.
+        let (table, blocks) = tensor_table(rows.into_iter(), MT_CHUNK * 4)?;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let count = table.len() / 24;
+        let table = self.table_ptr("zero_multi", &table)?;
+        self.launch(
+            "zero_multi",
+            (block_index(blocks)?, 1, 1),
+            BLOCK,
+            0,
+            &[Arg::Ptr(table), Arg::Int(int(count)?)],
+        )
+    }
+
     fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
         if value.to_bits() == 0 {
             // +0.0 is all-zero bytes in every format: the driver's memset (zeroing gradients at
@@ -1510,16 +1531,11 @@ impl Backend for CudaBackend {
         let mut tables = Vec::new();
         let mut slots = 0usize;
         for &dtype in &formats {
-            let mut table = Vec::new();
-            let mut blocks = 0usize;
-            for buf in bufs.iter().filter(|b| b.dtype == dtype) {
-                // struct SumSquaresRow in kernels.cu: pointer, n, first_block, unused.
-                table.extend_from_slice(&self.ptr(buf).to_le_bytes());
-                table.extend_from_slice(&(buf.len as u64).to_le_bytes());
-                table.extend_from_slice(&block_index(blocks)?.to_le_bytes());
-                table.extend_from_slice(&0u32.to_le_bytes());
-                blocks += buf.len.div_ceil(MT_CHUNK);
-            }
+            let rows = bufs
+                .iter()
+                .filter(|b| b.dtype == dtype)
+                .map(|b| (self.ptr(b), b.len));
+            let (table, blocks) = tensor_table(rows, MT_CHUNK)?;
             tables.push((dtype, table, slots, blocks));
             slots += blocks;
         }
@@ -1577,6 +1593,25 @@ fn column_sums_grid(n: usize, c: usize) -> Result<((u32, u32, u32), usize)> {
 
 /// Elements each block of a multi-tensor kernel works on (`MT_CHUNK` in kernels.cu).
 const MT_CHUNK: usize = 16384;
+
+/// A `TensorRow` table (kernels.cu) over `(pointer, length)` rows, where each block of the
+/// launch takes `chunk` units of length; returns the table's bytes and the number of blocks.
+fn tensor_table(
+    rows: impl Iterator<Item = (u64, usize)>,
+    chunk: usize,
+) -> Result<(Vec<u8>, usize)> {
+    let mut table = Vec::new();
+    let mut blocks = 0usize;
+    for (ptr, len) in rows {
+        // struct TensorRow: pointer, n, first_block, unused.
+        table.extend_from_slice(&ptr.to_le_bytes());
+        table.extend_from_slice(&(len as u64).to_le_bytes());
+        table.extend_from_slice(&block_index(blocks)?.to_le_bytes());
+        table.extend_from_slice(&0u32.to_le_bytes());
+        blocks += len.div_ceil(chunk);
+    }
+    Ok((table, blocks))
+}
 
 /// A block index (or count) of a multi-tensor launch, which the kernels take as `unsigned int`.
 fn block_index(blocks: usize) -> Result<u32> {
