@@ -167,8 +167,9 @@ pub trait Backend {
     fn scale(&self, buf: &mut Self::Buf, factor: f32) -> Result<()>;
     /// `out = gelu(inp)` with the tanh approximation.
     fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
-    /// `dinp = gelu'(inp) * dout` (overwrites `dinp`).
-    fn gelu_backward(&self, dinp: &mut Self::Buf, inp: &Self::Buf, dout: &Self::Buf) -> Result<()>;
+    /// `d = gelu'(inp) ⊙ d` in place (`d` holds the output gradient on entry, the input gradient
+    /// on return).
+    fn gelu_backward(&self, d: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
     /// Inverted dropout in place with a counter-based mask derived from `seed`.
     fn dropout_forward(&self, x: &mut Self::Buf, p: f32, seed: u64) -> Result<()>;
     /// Backward of [`Backend::dropout_forward`] with the same `p` and `seed`, in place.
@@ -230,14 +231,11 @@ pub trait Backend {
 
     /// Backward of `out = linear(gelu(pre))` (the MLP's down-projection): [`Backend::linear_backward`]
     /// with `inp = gelu_out = gelu(pre)`, except that the input gradient is carried through the
-    /// GELU: `dpre = (dout · w) ⊙ gelu'(pre)` (overwritten). `dgelu_out` is scratch of `dpre`'s
-    /// size for `dout · w`, used only by backends that do not fuse the GELU derivative into the
-    /// GEMM.
+    /// GELU: `dpre = (dout · w) ⊙ gelu'(pre)` (overwritten).
     #[allow(clippy::too_many_arguments)]
     fn linear_gelu_backward(
         &self,
         dpre: &mut Self::Buf,
-        dgelu_out: &mut Self::Buf,
         dw: &mut Self::Buf,
         dbias: Option<&mut Self::Buf>,
         dout: &Self::Buf,
@@ -251,7 +249,7 @@ pub trait Backend {
         dw_gemm: GemmSpec,
     ) -> Result<()> {
         self.linear_backward(
-            Some(dgelu_out),
+            Some(dpre),
             dw,
             dbias,
             dout,
@@ -263,7 +261,7 @@ pub trait Backend {
             dinp_gemm,
             dw_gemm,
         )?;
-        self.gelu_backward(dpre, pre, dgelu_out)
+        self.gelu_backward(dpre, pre)
     }
 
     /// LayerNorm over rows of `c`; saves per-row `mean` and `rstd` (f32) for the backward.

@@ -136,7 +136,6 @@ struct GradScratch<B: Backend> {
     datty: B::Buf,
     dqkv: B::Buf,
     dfch: B::Buf,
-    dfch_gelu: B::Buf,
 }
 
 /// Every buffer one forward (and backward) pass over a `b × t` batch needs, allocated once.
@@ -429,7 +428,6 @@ impl<B: Backend> Gpt<B> {
                 datty: backend.alloc(act, bt * c)?,
                 dqkv: backend.alloc(act, bt * 3 * c)?,
                 dfch: backend.alloc(act, bt * 4 * c)?,
-                dfch_gelu: backend.alloc(act, bt * 4 * c)?,
             })
         } else {
             None
@@ -850,7 +848,6 @@ impl<B: Backend> Gpt<B> {
             let (dw, db) = pair_mut(grads, lp(FCPROJ_W), lp(FCPROJ_B));
             backend.linear_gelu_backward(
                 &mut gs.dfch,
-                &mut gs.dfch_gelu,
                 dw,
                 Some(db),
                 dbranch,

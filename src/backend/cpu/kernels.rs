@@ -438,21 +438,20 @@ pub fn gelu_forward<T: Real>(out: &mut [T], inp: &[T]) {
     });
 }
 
-/// GELU backward: `dinp = gelu'(inp)·dout` (overwrites `dinp`).
-pub fn gelu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T]) {
-    debug_assert_eq!(dinp.len(), inp.len());
-    debug_assert_eq!(dinp.len(), dout.len());
+/// GELU backward in place: `d = gelu'(inp)·d` (`d` holds the output gradient on entry and the
+/// input gradient on return).
+pub fn gelu_backward<T: Real>(d: &mut [T], inp: &[T]) {
+    debug_assert_eq!(d.len(), inp.len());
     let (s, k, two) = (cst::<T>(GELU_SCALE), cst::<T>(GELU_CUBIC), cst::<T>(2.0));
     let three_k = cst::<T>(3.0 * GELU_CUBIC);
-    for_each_chunk(dinp, |off, chunk| {
+    for_each_chunk(d, |off, chunk| {
         let x = &inp[off..][..chunk.len()];
-        let g = &dout[off..][..chunk.len()];
-        for ((d, &xv), &gv) in chunk.iter_mut().zip(x).zip(g) {
+        for (dv, &xv) in chunk.iter_mut().zip(x) {
             // With σ = ½(1 + tanh u): gelu = x·σ and dσ/du = ½(1 − tanh²u) = 2σ(1 − σ).
             let sig = sigmoid_2x(s * (xv + k * xv * xv * xv));
             let du_dx = s * (T::one() + three_k * xv * xv);
             let local = sig + two * xv * sig * (T::one() - sig) * du_dx;
-            *d = local * gv;
+            *dv = local * *dv;
         }
     });
 }
