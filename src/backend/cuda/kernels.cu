@@ -897,9 +897,7 @@ __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float
 }
 
 // log Σ_{j<V} exp(row[j]), by a fixed-shape tree: lanes, then warps. Ends with a barrier.
-// With `keep` non-NULL (vec only), each thread also stores the packs it read into `keep` at the
-// same offsets, so a second pass by the same thread can read them from shared memory.
-template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec, T* keep) {
+template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec) {
     __shared__ float sm_m[32], sm_s[32];
     __shared__ float sm_lse;
     float m = neg_inf(), s = 0.0f;
@@ -911,10 +909,7 @@ template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec
             float f[4][8];
 #pragma unroll
             for (int u = 0; u < 4; ++u)
-                if (c0 + u * step < V) {
-                    load8(x + c0 + u * step, f[u]);  // padding is ignored
-                    if (keep != nullptr) store8(keep + c0 + u * step, f[u]);
-                }
+                if (c0 + u * step < V) load8(x + c0 + u * step, f[u]);  // padding is ignored
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const int c = c0 + u * step;
@@ -963,14 +958,10 @@ template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec
 
 /// crossentropy_forward_backward_T: losses[i] = lse − logit[target]; logits become
 /// (softmax − onehot)·dloss on the V real columns and 0 on the padding (never read).
-/// With KEEP, the row (Vp elements of T) is kept in dynamic shared memory by the first pass and
-/// the second pass reads it from there: the logits cross HBM once instead of twice (the host
-/// picks KEEP when the row fits and the vector path applies).
-template <typename T, bool KEEP>
+template <typename T>
 __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
                                                    const unsigned* targets, int N, int V, int Vp,
                                                    float dloss) {
-    extern __shared__ __align__(16) unsigned char ce_row[];
     const int row = blockIdx.x;
     if (row >= N) return;  // uniform across the block, so the barriers below stay matched
     T* x = logits + (u64)row * Vp;
@@ -978,10 +969,8 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
     const bool valid = V > 0 && target < (unsigned)V;
     // Read the target logit before the barriers inside row_logsumexp: afterwards it is overwritten.
     const float x_target = (threadIdx.x == 0 && valid) ? to_float(x[target]) : 0.0f;
-    const bool vec = KEEP || ((Vp % 8 == 0) && aligned16(logits));
-    T* kept = KEEP ? (T*)ce_row : nullptr;
-    const float lse = row_logsumexp(x, V, vec, kept);
-    const T* src = KEEP ? kept : x;
+    const bool vec = (Vp % 8 == 0) && aligned16(logits);
+    const float lse = row_logsumexp(x, V, vec);
     if (threadIdx.x == 0) losses[row] = valid ? lse - x_target : quiet_nan();
     if (vec) {
         const int step = blockDim.x * 8;
@@ -989,7 +978,7 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
             float f[4][8];
 #pragma unroll
             for (int u = 0; u < 4; ++u)
-                if (c0 + u * step < V) load8(src + c0 + u * step, f[u]);
+                if (c0 + u * step < V) load8(x + c0 + u * step, f[u]);
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const int c = c0 + u * step;
@@ -1017,12 +1006,7 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
     extern "C" __global__ void __launch_bounds__(512) crossentropy_forward_backward_##S(         \
         float* losses, T* logits, const unsigned int* targets, int N, int V, int Vp,            \
         float dloss) {                                                                           \
-        crossentropy_forward_backward_impl<T, false>(losses, logits, targets, N, V, Vp, dloss);  \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(512) crossentropy_forward_backward_kept_##S(    \
-        float* losses, T* logits, const unsigned int* targets, int N, int V, int Vp,            \
-        float dloss) {                                                                           \
-        crossentropy_forward_backward_impl<T, true>(losses, logits, targets, N, V, Vp, dloss);   \
+        crossentropy_forward_backward_impl<T>(losses, logits, targets, N, V, Vp, dloss);         \
     }
 FOR_EACH_TYPE(DEF_CE_FWD_BWD)
 
@@ -1036,7 +1020,7 @@ __device__ void crossentropy_forward_impl(float* losses, const T* logits, const 
     const unsigned target = targets[row];
     const bool valid = V > 0 && target < (unsigned)V;
     const bool vec = (Vp % 8 == 0) && aligned16(logits);
-    const float lse = row_logsumexp(x, V, vec, (T*)nullptr);
+    const float lse = row_logsumexp(x, V, vec);
     if (threadIdx.x == 0) losses[row] = valid ? lse - to_float(x[target]) : quiet_nan();
 }
 #define DEF_CE_FWD(S, T)                                                                        \

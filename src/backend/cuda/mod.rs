@@ -85,8 +85,6 @@ pub struct CudaBackend {
     /// Whether GEMMs may fuse the GELU and its derivative into cuBLASLt epilogues;
     /// `HALFLING_CUDA_FUSED_EPILOGUES=0` runs the separate kernels instead.
     fused_epilogues: bool,
-    /// Largest dynamic shared memory one block may opt in to, in bytes.
-    max_shared_per_block: usize,
     /// `HALFLING_CUDA_PROFILE=1`: events around every kernel and GEMM, summed by name.
     profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
@@ -262,9 +260,6 @@ impl CudaBackend {
             bail!("GPU {ordinal} has compute capability {major}.{minor}; halfling's CUDA backend needs 8.0 or newer (bf16)");
         }
         let name = ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into());
-        let max_shared_per_block = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_or(48 * 1024, |bytes| usize::try_from(bytes).unwrap_or(48 * 1024));
         let include = cuda_include_dir()?;
         let mut driver_version = 0i32;
         // SAFETY: the driver library is loaded (checked above); the out-pointer is valid.
@@ -291,7 +286,6 @@ impl CudaBackend {
             peak: Cell::new(0),
             name: format!("cuda:{ordinal} ({name})"),
             sync_each_launch: std::env::var("HALFLING_CUDA_SYNC").is_ok_and(|v| v == "1"),
-            max_shared_per_block,
             fused_epilogues: std::env::var("HALFLING_CUDA_FUSED_EPILOGUES")
                 .map_or(true, |v| v != "0"),
             profile: std::env::var("HALFLING_CUDA_PROFILE")
@@ -1389,15 +1383,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.expect("classifier losses", losses, DType::F32, n)?;
         self.expect("classifier logits", logits, logits.dtype, n * vp)?;
-        // The `_kept` variant holds each row in shared memory between its two passes, so the
-        // logits are read from HBM once; it needs the 16-byte vector path and a row that fits.
-        let row_bytes = vp * logits.dtype.size_bytes();
-        let keep = vp % 8 == 0 && row_bytes <= self.max_shared_per_block;
-        let variant = if keep { "_kept" } else { "" };
-        let name = format!(
-            "crossentropy_forward_backward{variant}_{}",
-            suffix(logits.dtype)?
-        );
+        let name = format!("crossentropy_forward_backward_{}", suffix(logits.dtype)?);
         let pt = self.ptr_tokens(targets);
         let pl = self.ptr_mut(losses);
         let pg = self.ptr_mut(logits);
@@ -1405,7 +1391,7 @@ impl Backend for CudaBackend {
             &name,
             (block_index(n)?, 1, 1),
             512,
-            if keep { row_bytes as u32 } else { 0 },
+            0,
             &[
                 Arg::Ptr(pl),
                 Arg::Ptr(pg),
