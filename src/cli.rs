@@ -314,7 +314,7 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         top_k: a.top_k,
         seed: a.seed,
     };
-    let recipe = Recipe::new(ck.config.precision.recipe);
+    let recipe = Recipe::from_config(&ck.config.precision);
     let text = on_device!(device, be => {
         recipe.check_backend(be)?;
         let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params)?;
@@ -334,7 +334,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             ck.config.data.dir
         );
     }
-    let recipe = Recipe::new(ck.config.precision.recipe);
+    let recipe = Recipe::from_config(&ck.config.precision);
     let batch = ck.config.train.batch_size;
     let val_loss = on_device!(device, be => {
         recipe.check_backend(be)?;

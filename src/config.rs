@@ -120,6 +120,16 @@ string_enum! {
 }
 
 string_enum! {
+    /// How FP8 GEMM operands get their per-tensor scales.
+    Fp8ScalingKind {
+        /// From the max amax over the last `fp8_amax_history` steps (Transformer Engine's default).
+        Delayed => "delayed",
+        /// From the operand's own amax, computed just before the cast.
+        Current => "current",
+    }
+}
+
+string_enum! {
     /// Where training runs.
     DeviceKind {
         /// CUDA when a usable GPU and driver are found, otherwise CPU.
@@ -345,6 +355,12 @@ pub struct PrecisionConfig {
     pub loss_scale_backoff: f64,
     /// Record tensor statistics to numerics.jsonl every this many steps (0 = off).
     pub monitor_interval: usize,
+    /// fp8: delayed or current per-tensor scaling of the GEMM operands.
+    pub fp8_scaling: Fp8ScalingKind,
+    /// fp8: steps of amax history delayed scaling takes the max over (>= 1).
+    pub fp8_amax_history: usize,
+    /// fp8: binades of headroom below the format's max: scale = 2^(floor(log2(max/amax)) - margin).
+    pub fp8_margin: usize,
 }
 
 impl Default for PrecisionConfig {
@@ -356,6 +372,9 @@ impl Default for PrecisionConfig {
             loss_scale_growth: 2.0,
             loss_scale_backoff: 0.5,
             monitor_interval: 0,
+            fp8_scaling: Fp8ScalingKind::Delayed,
+            fp8_amax_history: 16,
+            fp8_margin: 0,
         }
     }
 }
@@ -462,6 +481,9 @@ impl Section for PrecisionConfig {
         "loss_scale_growth",
         "loss_scale_backoff",
         "monitor_interval",
+        "fp8_scaling",
+        "fp8_amax_history",
+        "fp8_margin",
     ];
 }
 
@@ -718,6 +740,17 @@ impl Config {
             format!(
                 "precision.loss_scale_backoff = {} must be in (0, 1)",
                 p.loss_scale_backoff
+            ),
+        );
+        check(
+            p.fp8_amax_history >= 1,
+            "precision.fp8_amax_history must be at least 1 (1 = the previous step's amax)".into(),
+        );
+        check(
+            p.fp8_margin <= 64,
+            format!(
+                "precision.fp8_margin = {} must be in 0..=64 (binades of headroom below the FP8 max)",
+                p.fp8_margin
             ),
         );
 
@@ -1206,6 +1239,34 @@ mod tests {
         let message = model.resolve_vocab(8192).unwrap_err().to_string();
         assert!(message.contains("model.vocab_size = 50257"), "{message}");
         assert_eq!(OptimConfig::default().effective_decay_steps(2000), 2000);
+    }
+
+    #[test]
+    fn fp8_scaling_keys_are_checked() {
+        let c = Config::default().precision;
+        assert_eq!(
+            (c.fp8_scaling, c.fp8_amax_history, c.fp8_margin),
+            (Fp8ScalingKind::Delayed, 16, 0)
+        );
+        let message = error_of("[precision]\nfp8_scaling = \"late\"\n");
+        assert!(
+            message.contains("precision.fp8_scaling = \"late\" is not one of: delayed, current"),
+            "{message}"
+        );
+        let message = error_of("[precision]\nfp8_amax_history = 0\n");
+        assert!(message.contains("precision.fp8_amax_history"), "{message}");
+        let message = error_of("[precision]\nfp8_margin = -1\n");
+        assert!(
+            message.contains("precision.fp8_margin = -1 is out of range"),
+            "{message}"
+        );
+        let message = error_of("[precision]\nfp8_margin = 100\n");
+        assert!(message.contains("precision.fp8_margin = 100"), "{message}");
+        let mut config = Config::default();
+        config
+            .apply_override("precision.fp8_scaling=current")
+            .unwrap();
+        assert_eq!(config.precision.fp8_scaling, Fp8ScalingKind::Current);
     }
 
     #[test]

@@ -119,6 +119,14 @@ pub fn save_checkpoint<B: Backend>(
     };
     let mut moments = named(specs, "m.", download(&optimizer.m)?);
     moments.extend(named(specs, "v.", download(&optimizer.v)?));
+    if let Some(fp8) = model.fp8_state() {
+        let (shape, data) = fp8.to_tensor();
+        moments.push(NamedTensor {
+            name: FP8_HISTORY.to_string(),
+            shape,
+            data,
+        });
+    }
     let mut meta = BTreeMap::new();
     meta.insert("step".to_string(), optimizer.step.to_string());
     let options = ModelSaveOptions {
@@ -221,13 +229,18 @@ pub fn load_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
     })
 }
 
-/// Loads the optimizer moments and trainer state of a halfling checkpoint into `optimizer`.
+/// Name of the delayed-scaling amax histories (`[operands, steps]`) in `optimizer.safetensors`.
+pub const FP8_HISTORY: &str = "fp8.amax_history";
+
+/// Loads the optimizer moments, FP8 amax histories and trainer state of a halfling checkpoint
+/// into `optimizer` and `model`.
 pub fn load_training_state<B: Backend>(
     backend: &B,
     dir: &Path,
-    specs: &[ParamSpec],
+    model: &mut Gpt<B>,
     optimizer: &mut AdamWState<B>,
 ) -> Result<TrainerState> {
+    let specs = model.specs().to_vec();
     let state_path = dir.join(TRAINER_STATE);
     let text = std::fs::read_to_string(&state_path).with_context(|| {
         format!(
@@ -240,6 +253,14 @@ pub fn load_training_state<B: Backend>(
     let (tensors, meta) = checkpoint::load_tensors(&dir.join(OPTIMIZER_FILE))?;
     let mut by_name: BTreeMap<String, NamedTensor> =
         tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+    if let Some(fp8) = model.fp8_state_mut() {
+        // A checkpoint from a run without delayed scaling has none: start with empty histories.
+        if let Some(t) = by_name.remove(FP8_HISTORY) {
+            fp8.restore(&t.shape, &t.data).with_context(|| {
+                format!("cannot resume from {}", dir.join(OPTIMIZER_FILE).display())
+            })?;
+        }
+    }
     for (i, spec) in specs.iter().enumerate() {
         for (prefix, bufs) in [("m.", &mut optimizer.m), ("v.", &mut optimizer.v)] {
             let name = format!("{prefix}{}", spec.name);

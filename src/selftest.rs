@@ -109,7 +109,7 @@ fn case_linear<B: Backend>(
         up(be, dt, &x[3])?,
     );
     let mut out = be.alloc(dt, n * oc)?;
-    be.linear_forward(&mut out, &inp, &w, Some(&bias), n, ic, oc, spec)?;
+    be.linear_forward(&mut out, &inp, &w, Some(&bias), n, ic, oc, spec, None)?;
     let mut dinp = be.alloc(dt, n * ic)?;
     let mut dw = up(be, DType::F32, &x[4])?;
     let mut db = be.alloc(DType::F32, oc)?;
@@ -125,6 +125,7 @@ fn case_linear<B: Backend>(
         oc,
         spec,
         spec,
+        None,
     )?;
     Ok(vec![
         ("out", be.download(&out)?),

@@ -240,6 +240,18 @@ fn resume_keeps_the_fp16_loss_scaler_state() {
 }
 
 #[test]
+fn resume_keeps_the_fp8_amax_histories() {
+    // A 3-step window that rolls across the split: the resumed steps' scales depend on amaxes
+    // recorded before the checkpoint, which must come back exactly.
+    check_resume(&[
+        "--set",
+        "precision.recipe=fp8",
+        "--set",
+        "precision.fp8_amax_history=3",
+    ]);
+}
+
+#[test]
 fn gradient_accumulation_matches_one_big_batch() {
     let sb = Sandbox::new();
     let common = [
@@ -452,8 +464,22 @@ fn fp16_and_fp8_recipes_track_fp32_and_fp16_skips_overflowing_steps() {
     let fp8 = run("runs/fp8", &["--set", "precision.recipe=fp8"]);
     assert!(
         (fp8 - fp32).abs() / fp32 < 0.05,
-        "fp8 val loss {fp8} vs fp32 {fp32}"
+        "fp8 (delayed scaling) val loss {fp8} vs fp32 {fp32}"
     );
+    let fp8_current = run(
+        "runs/fp8_current",
+        &[
+            "--set",
+            "precision.recipe=fp8",
+            "--set",
+            "precision.fp8_scaling=current",
+        ],
+    );
+    assert!(
+        (fp8_current - fp32).abs() / fp32 < 0.05,
+        "fp8 (current scaling) val loss {fp8_current} vs fp32 {fp32}"
+    );
+    assert_ne!(fp8, fp8_current, "delayed and current scaling must differ");
 
     // A scale of 1e12 overflows fp16 gradients: those steps are skipped and the scale halves
     // each time until the gradients fit; training then proceeds with finite losses.

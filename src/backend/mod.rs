@@ -28,26 +28,77 @@ use anyhow::Result;
 
 use crate::numerics::{DType, TensorStats};
 
-/// How one GEMM of a linear layer runs; the precision recipe decides (see `precision`).
+/// How one GEMM of a linear layer runs; the precision recipe and the model decide (see
+/// `precision`).
 ///
-/// `a` and `b` are the formats the two operands (in the order the op's doc writes the product)
-/// are cast to before multiplying; usually their storage format, so no cast happens. FP8 operands
-/// are scaled per tensor first (current scaling: the scale that maps the operand's amax near the
-/// format's largest value), and the product is unscaled. Accumulation is always f32 or wider; the
-/// output is rounded into its buffer's dtype.
+/// The product is `alpha · op(a) · op(b)`, accumulated in f32 or wider and rounded into the output
+/// buffer's dtype (a bias, where the op has one, is added after `alpha`). Each operand is first
+/// cast to its [`GemmOperand::format`] (usually its storage format, so no cast happens); an FP8
+/// operand is scaled per tensor on the way, `q = satfinite(round(x · s))`, and the product is
+/// unscaled by `1/(s_a·s_b)`, which is exact because scales are powers of two. This is the shape
+/// of a cuBLASLt FP8 matmul: per-tensor scale pointers for A and B, `alpha`, and an amax output.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmSpec {
-    /// Format of the first operand as the GEMM consumes it.
-    pub a: DType,
-    /// Format of the second operand.
-    pub b: DType,
+    /// The first operand (in the order the op's doc writes the product).
+    pub a: GemmOperand,
+    /// The second operand.
+    pub b: GemmOperand,
+    /// Multiplies the product (unit scaling's op scale); 1 otherwise.
+    pub alpha: f32,
 }
 
 impl GemmSpec {
-    /// Both operands in `dtype`.
+    /// Both operands in `dtype`, current scaling if that is FP8, `alpha = 1`.
     pub fn both(dtype: DType) -> Self {
-        Self { a: dtype, b: dtype }
+        Self::new(GemmOperand::plain(dtype), GemmOperand::plain(dtype))
     }
+
+    /// Operands `a` and `b`, `alpha = 1`.
+    pub fn new(a: GemmOperand, b: GemmOperand) -> Self {
+        Self { a, b, alpha: 1.0 }
+    }
+
+    /// The same GEMM with the product multiplied by `alpha`.
+    pub fn with_alpha(self, alpha: f32) -> Self {
+        Self { alpha, ..self }
+    }
+}
+
+/// One operand of a GEMM: the format it is multiplied in, its FP8 scale, and where its amax goes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmOperand {
+    /// Format the operand is cast to before multiplying.
+    pub format: DType,
+    /// How an FP8 operand is scaled (ignored for wider formats, which are rounded unscaled).
+    pub scale: OperandScale,
+    /// Where to record the operand's amax (max |x| before scaling, max-accumulated) in the
+    /// `amax` buffer the linear ops take; `None`: not recorded.
+    pub amax_slot: Option<usize>,
+}
+
+impl GemmOperand {
+    /// `format`, current scaling without margin, amax not recorded.
+    pub fn plain(format: DType) -> Self {
+        Self {
+            format,
+            scale: OperandScale::Current { margin: 0 },
+            amax_slot: None,
+        }
+    }
+}
+
+/// The per-tensor scale of an FP8 GEMM operand.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OperandScale {
+    /// Current scaling: `numerics::scale_from_amax(amax(x), format, margin)` from the operand's
+    /// own amax, computed by the backend before the cast.
+    Current {
+        /// Power-of-two headroom below the format's max.
+        margin: i32,
+    },
+    /// A scale chosen by the caller: delayed scaling's (from the amax history of earlier steps)
+    /// or unit scaling's static 1. Must be a finite, positive power of two.
+    Fixed(f32),
 }
 
 /// Hyper-parameters of one AdamW update of one tensor.
@@ -148,7 +199,9 @@ pub trait Backend {
 
     // ---- layers ----------------------------------------------------------------------------
 
-    /// `out[n, oc] = inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` (`gemm.a` is inp's format, `gemm.b` w's).
+    /// `out[n, oc] = alpha · inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` run as `gemm` (a = inp, b = w).
+    /// Operands with an `amax_slot` record their amax into `amax` (an f32 buffer):
+    /// `amax[slot] = max(amax[slot], max|x|)`.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -160,11 +213,13 @@ pub trait Backend {
         ic: usize,
         oc: usize,
         gemm: GemmSpec,
+        amax: Option<&mut Self::Buf>,
     ) -> Result<()>;
 
-    /// Backward of [`Backend::linear_forward`]: `dinp = dout · w` (overwritten; skipped when
-    /// `None`) run as `dinp_gemm` (a = dout, b = w), `dw += doutᵀ · inp` run as `dw_gemm`
-    /// (a = dout, b = inp), `dbias += Σ_rows dout`.
+    /// Backward of [`Backend::linear_forward`]: `dinp = alpha · dout · w` (overwritten; skipped
+    /// when `None`) run as `dinp_gemm` (a = dout, b = w), `dw += alpha · doutᵀ · inp` run as
+    /// `dw_gemm` (a = dout, b = inp), `dbias += dw_gemm.alpha · Σ_rows dout` (the bias is a
+    /// weight column fed by ones). Amax slots as in the forward.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -179,6 +234,7 @@ pub trait Backend {
         oc: usize,
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
+        amax: Option<&mut Self::Buf>,
     ) -> Result<()>;
 
     /// LayerNorm over rows of `c`; saves per-row `mean` and `rstd` (f32) for the backward.

@@ -12,7 +12,8 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::backend::Backend;
+use super::fp8::{self, Fp8State};
+use crate::backend::{Backend, GemmSpec};
 use crate::data::Rng;
 use crate::numerics::DType;
 use crate::precision::{GemmRole, Recipe};
@@ -157,6 +158,9 @@ pub struct Activations<B: Backend> {
     gelu_shared: Option<B::Buf>,
     grads: Option<GradScratch<B>>,
     dropout_seed: Option<u64>,
+    /// This step's amax per FP8 operand (delayed scaling, training only), max-accumulated by the
+    /// linear ops over the step's micro-batches.
+    amax: Option<B::Buf>,
 }
 
 impl<B: Backend> Activations<B> {
@@ -202,6 +206,22 @@ pub struct Gpt<B: Backend> {
     compute: Vec<B::Buf>,
     grads: Vec<B::Buf>,
     recompute_gelu: bool,
+    /// Amax histories of the blocks' FP8 operands (delayed scaling only).
+    fp8: Option<Fp8State>,
+}
+
+/// Linear layers of a block, in FP8 slot order.
+const QKV: usize = 0;
+const PROJ: usize = 1;
+const FC: usize = 2;
+const FCPROJ: usize = 3;
+
+/// The three GEMMs of one linear layer.
+#[derive(Clone, Copy)]
+struct LinearGemms {
+    fwd: GemmSpec,
+    dx: GemmSpec,
+    dw: GemmSpec,
 }
 
 impl<B: Backend> Gpt<B> {
@@ -321,15 +341,62 @@ impl<B: Backend> Gpt<B> {
             grads.push(backend.alloc(recipe.grads, spec.numel())?);
         }
         Ok(Self {
-            cfg,
-            recipe,
             dropout,
             specs,
             master,
             compute,
             grads,
             recompute_gelu: false,
+            fp8: recipe
+                .delayed_fp8()
+                .then(|| Fp8State::new(cfg.n_layer, recipe.fp8.history, recipe.fp8.margin)),
+            cfg,
+            recipe,
         })
+    }
+
+    /// How each GEMM of each block's linear layers runs, indexed `layer · 4 + linear`: the
+    /// recipe's formats, with the amax histories' scales under delayed FP8 scaling.
+    fn block_gemms(&self) -> Vec<LinearGemms> {
+        let mut out = Vec::with_capacity(self.cfg.n_layer * fp8::LINEARS);
+        for l in 0..self.cfg.n_layer {
+            for k in 0..fp8::LINEARS {
+                let mut g = LinearGemms {
+                    fwd: self.recipe.gemm(GemmRole::Forward),
+                    dx: self.recipe.gemm(GemmRole::InputGrad),
+                    dw: self.recipe.gemm(GemmRole::WeightGrad),
+                };
+                if let Some(f) = &self.fp8 {
+                    let op = |o| f.operand(fp8::slot(l, k, o));
+                    (g.fwd.a, g.fwd.b) = (op(fp8::X), op(fp8::W));
+                    (g.dx.a, g.dx.b) = (op(fp8::DY), op(fp8::W));
+                    (g.dw.a, g.dw.b) = (op(fp8::DY), op(fp8::X));
+                }
+                out.push(g);
+            }
+        }
+        out
+    }
+
+    /// The FP8 amax histories (delayed scaling), if the recipe keeps them.
+    pub fn fp8_state(&self) -> Option<&Fp8State> {
+        self.fp8.as_ref()
+    }
+
+    /// Mutable FP8 amax histories, to restore them from a checkpoint.
+    pub fn fp8_state_mut(&mut self) -> Option<&mut Fp8State> {
+        self.fp8.as_mut()
+    }
+
+    /// End of an optimizer step under delayed FP8 scaling: pushes the step's amaxes (recorded
+    /// in `acts` by every micro-batch) into the histories and clears them for the next step, so
+    /// the next step's scales include this one. A no-op for other recipes.
+    pub fn finish_step(&mut self, backend: &B, acts: &mut Activations<B>) -> Result<()> {
+        let (Some(state), Some(amax)) = (self.fp8.as_mut(), acts.amax.as_mut()) else {
+            return Ok(());
+        };
+        state.record(&backend.download(amax)?)?;
+        backend.fill(amax, 0.0)
     }
 
     /// Recompute the MLP's GELU output in the backward instead of saving it per layer: saves
@@ -457,6 +524,10 @@ impl<B: Backend> Gpt<B> {
             },
             grads,
             dropout_seed: None,
+            amax: match &self.fp8 {
+                Some(f) if training => Some(backend.alloc(DType::F32, f.slots())?),
+                _ => None,
+            },
         })
     }
 
@@ -500,7 +571,7 @@ impl<B: Backend> Gpt<B> {
                 &self.compute[i]
             }
         };
-        let fwd = self.recipe.gemm(GemmRole::Forward);
+        let gemms = self.block_gemms();
 
         backend.embedding_forward(&mut acts.encoded, &acts.tokens, w(WTE), w(WPE), b, t, c)?;
         if let Some(seed) = drop {
@@ -533,7 +604,8 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 3 * c,
-                fwd,
+                gemms[l * 4 + QKV].fwd,
+                acts.amax.as_mut(),
             )?;
             backend.attention_forward(&mut la.atty, &mut la.lse, &la.qkv, b, t, c, nh)?;
             backend.linear_forward(
@@ -544,7 +616,8 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 c,
-                fwd,
+                gemms[l * 4 + PROJ].fwd,
+                acts.amax.as_mut(),
             )?;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 0))?;
@@ -568,7 +641,8 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 4 * c,
-                fwd,
+                gemms[l * 4 + FC].fwd,
+                acts.amax.as_mut(),
             )?;
             let gelu_out = match la.fch_gelu.as_mut() {
                 Some(saved) => saved,
@@ -586,7 +660,8 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 4 * c,
                 c,
-                fwd,
+                gemms[l * 4 + FCPROJ].fwd,
+                acts.amax.as_mut(),
             )?;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
@@ -606,7 +681,17 @@ impl<B: Backend> Gpt<B> {
             c,
         )?;
         let head = self.recipe.head_gemm(GemmRole::Forward);
-        backend.linear_forward(&mut acts.logits, &acts.lnf, w(WTE), None, bt, c, vp, head)?;
+        backend.linear_forward(
+            &mut acts.logits,
+            &acts.lnf,
+            w(WTE),
+            None,
+            bt,
+            c,
+            vp,
+            head,
+            None,
+        )?;
         Ok(())
     }
 
@@ -744,6 +829,7 @@ impl<B: Backend> Gpt<B> {
         let Some(gs) = acts.grads.as_mut() else {
             bail!("internal error: backward on activations allocated without gradients");
         };
+        let gemms = self.block_gemms();
         let (master, compute, grads) = (&self.master, &self.compute, &mut self.grads);
         let w = |i: usize| {
             if compute.is_empty() {
@@ -752,8 +838,7 @@ impl<B: Backend> Gpt<B> {
                 &compute[i]
             }
         };
-        let dx_spec = self.recipe.gemm(GemmRole::InputGrad);
-        let dw_spec = self.recipe.gemm(GemmRole::WeightGrad);
+
         let p = self.dropout;
         let drop = acts.dropout_seed;
         let nl = self.cfg.n_layer;
@@ -771,6 +856,7 @@ impl<B: Backend> Gpt<B> {
             vp,
             self.recipe.head_gemm(GemmRole::InputGrad),
             self.recipe.head_gemm(GemmRole::WeightGrad),
+            None,
         )?;
         backend.fill(&mut gs.dresid, 0.0)?;
         let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
@@ -828,8 +914,9 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 4 * c,
                 c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + FCPROJ].dx,
+                gemms[l * 4 + FCPROJ].dw,
+                acts.amax.as_mut(),
             )?;
             backend.gelu_backward(&mut gs.dfch, &la.fch, &gs.dfch_gelu)?;
             let (dw, db) = pair_mut(grads, lp(FC_W), lp(FC_B));
@@ -843,8 +930,9 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 4 * c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + FC].dx,
+                gemms[l * 4 + FC].dw,
+                acts.amax.as_mut(),
             )?;
             let (dw, db) = pair_mut(grads, lp(LN2_W), lp(LN2_B));
             backend.layernorm_backward(
@@ -879,8 +967,9 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + PROJ].dx,
+                gemms[l * 4 + PROJ].dw,
+                acts.amax.as_mut(),
             )?;
             backend.attention_backward(
                 &mut gs.dqkv,
@@ -904,8 +993,9 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 3 * c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + QKV].dx,
+                gemms[l * 4 + QKV].dw,
+                acts.amax.as_mut(),
             )?;
             let (dw, db) = pair_mut(grads, lp(LN1_W), lp(LN1_B));
             backend.layernorm_backward(
@@ -978,7 +1068,7 @@ fn mean(losses: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cpu::{CpuBackend, CpuBuf};
     use crate::config::RecipeName;
 
     fn tiny() -> GptConfig {
@@ -1180,6 +1270,58 @@ mod tests {
                 (low - l32).abs() / l32 < tol,
                 "fp32 {l32} vs {recipe} {low}"
             );
+        }
+    }
+
+    #[test]
+    fn delayed_fp8_scales_lag_the_amax_by_exactly_one_step() {
+        use crate::backend::OperandScale;
+        use crate::numerics::scale_from_amax;
+        let be = CpuBackend::<f32>::new();
+        let cfg = tiny();
+        let values = random_values(&cfg, 4);
+        let mut recipe = Recipe::new(RecipeName::Fp8);
+        recipe.fp8.history = 1;
+        let mut m = Gpt::from_values(&be, cfg.clone(), recipe, 0.0, &values).unwrap();
+        let mut a = m.activations(&be, 2, 4, true).unwrap();
+        let (x, dy) = (fp8::slot(0, QKV, fp8::X), fp8::slot(0, QKV, fp8::DY));
+        let amax = |buf: &CpuBuf<f32>| buf.as_slice().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let batches = [
+            ([1u32, 5, 2, 6, 0, 3, 3, 4], [5u32, 2, 6, 0, 3, 3, 4, 1]),
+            ([6, 6, 1, 0, 2, 2, 5, 4], [6, 1, 0, 2, 2, 5, 4, 0]),
+            ([3, 1, 4, 1, 5, 2, 6, 5], [1, 4, 1, 5, 2, 6, 5, 3]),
+        ];
+        let mut previous: Option<(f32, f32)> = None;
+        for (inputs, targets) in batches {
+            let g = m.block_gemms()[QKV];
+            let want = |slot: usize, amax: Option<f32>| match amax {
+                None => OperandScale::Current { margin: 0 },
+                Some(a) => OperandScale::Fixed(scale_from_amax(a, Fp8State::format(slot), 0)),
+            };
+            // This step's scales come from the previous step's amaxes only.
+            assert_eq!(g.fwd.a.scale, want(x, previous.map(|p| p.0)));
+            assert_eq!(
+                g.dw.b.scale, g.fwd.a.scale,
+                "x has one scale in both its GEMMs"
+            );
+            assert_eq!(g.dx.a.scale, want(dy, previous.map(|p| p.1)));
+            m.forward_backward(&be, &mut a, &inputs, &targets, 1.0, 0)
+                .unwrap();
+            let now = (
+                amax(&a.layers[0].ln1),
+                amax(&a.grads.as_ref().unwrap().dqkv),
+            );
+            // Nothing is recorded into the histories until the step ends.
+            assert_eq!(g.fwd.a.scale, m.block_gemms()[QKV].fwd.a.scale);
+            m.finish_step(&be, &mut a).unwrap();
+            let (shape, hist) = m.fp8_state().unwrap().to_tensor();
+            assert_eq!(shape[1], 1);
+            assert_eq!((hist[x], hist[dy]), now, "the step's own amax is recorded");
+            assert!(
+                previous != Some(now),
+                "batches must differ for the test to mean anything"
+            );
+            previous = Some(now);
         }
     }
 

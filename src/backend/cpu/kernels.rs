@@ -179,8 +179,9 @@ pub fn matmul<T: Real>(
     }
 }
 
-/// Linear layer forward: `out[n, oc] = inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` (weight stored like
-/// `torch.nn.Linear`).
+/// Linear layer forward: `out[n, oc] = alpha · inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` (weight
+/// stored like `torch.nn.Linear`).
+#[allow(clippy::too_many_arguments)]
 pub fn linear_forward<T: Real>(
     out: &mut [T],
     inp: &[T],
@@ -189,6 +190,7 @@ pub fn linear_forward<T: Real>(
     n: usize,
     ic: usize,
     oc: usize,
+    alpha: T,
 ) {
     debug_assert_eq!(out.len(), n * oc);
     debug_assert_eq!(inp.len(), n * ic);
@@ -204,12 +206,13 @@ pub fn linear_forward<T: Real>(
         }
         None => T::zero(),
     };
-    matmul(out, inp, w, n, oc, ic, false, true, T::one(), beta);
+    matmul(out, inp, w, n, oc, ic, false, true, alpha, beta);
 }
 
-/// Linear layer backward for `out = inp · wᵀ + bias`:
-/// `dinp = dout · w` (added to `dinp` when `accumulate_dinp`, else overwriting it),
-/// `dw += doutᵀ · inp`, `dbias += Σ_rows dout` (deterministic column sums).
+/// Linear layer backward for `out = alpha · inp · wᵀ + bias`, with each gradient scaled on its
+/// own: `dinp = alphas.0 · dout · w` (added to `dinp` when `accumulate_dinp`, else overwriting
+/// it), `dw += alphas.1 · doutᵀ · inp`, `dbias += alphas.1 · Σ_rows dout` (deterministic column
+/// sums). `alphas.0 == alpha` gives the exact input gradient; unit scaling may pick another.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward<T: Real>(
     dinp: &mut [T],
@@ -222,6 +225,7 @@ pub fn linear_backward<T: Real>(
     ic: usize,
     oc: usize,
     accumulate_dinp: bool,
+    alphas: (T, T),
 ) {
     debug_assert_eq!(dinp.len(), n * ic);
     debug_assert_eq!(dw.len(), oc * ic);
@@ -229,17 +233,19 @@ pub fn linear_backward<T: Real>(
     debug_assert_eq!(inp.len(), n * ic);
     debug_assert_eq!(w.len(), oc * ic);
     let dinp_beta = if accumulate_dinp { T::one() } else { T::zero() };
-    matmul(dinp, dout, w, n, ic, oc, false, false, T::one(), dinp_beta);
-    matmul(dw, dout, inp, oc, ic, n, true, false, T::one(), T::one());
+    matmul(dinp, dout, w, n, ic, oc, false, false, alphas.0, dinp_beta);
+    matmul(dw, dout, inp, oc, ic, n, true, false, alphas.1, T::one());
     if let Some(dbias) = dbias {
         debug_assert_eq!(dbias.len(), oc);
-        bias_backward(dbias, dout, n, oc);
+        bias_backward(dbias, dout, n, oc, alphas.1);
     }
 }
 
-/// `dst[j] += Σ_i src[i, j]` over `rows` rows of width `cols`, summing rows in order within fixed
-/// column blocks (parallel over blocks, so the result does not depend on threads).
-pub fn bias_backward<T: Real>(dst: &mut [T], src: &[T], rows: usize, cols: usize) {
+/// `dst[j] += scale · Σ_i src[i, j]` over `rows` rows of width `cols`, summing rows in order
+/// within fixed column blocks (parallel over blocks, so the result does not depend on threads).
+/// With `scale == 1` the rows are added straight into `dst`; otherwise they are summed first and
+/// the sum is scaled once.
+pub fn bias_backward<T: Real>(dst: &mut [T], src: &[T], rows: usize, cols: usize, scale: T) {
     debug_assert_eq!(dst.len(), cols);
     debug_assert_eq!(src.len(), rows * cols);
     dst.par_chunks_mut(COLUMN_BLOCK)
@@ -247,10 +253,28 @@ pub fn bias_backward<T: Real>(dst: &mut [T], src: &[T], rows: usize, cols: usize
         .with_min_len(min_items(rows * COLUMN_BLOCK))
         .for_each(|(block, dst_block)| {
             let c0 = block * COLUMN_BLOCK;
+            let mut sums = vec![
+                T::zero();
+                if scale == T::one() {
+                    0
+                } else {
+                    dst_block.len()
+                }
+            ];
+            let acc: &mut [T] = if sums.is_empty() {
+                &mut *dst_block
+            } else {
+                &mut sums
+            };
             for r in 0..rows {
-                let src_row = &src[r * cols + c0..][..dst_block.len()];
-                for (d, &s) in dst_block.iter_mut().zip(src_row) {
+                let src_row = &src[r * cols + c0..][..acc.len()];
+                for (d, &s) in acc.iter_mut().zip(src_row) {
                     *d += s;
+                }
+            }
+            if !sums.is_empty() {
+                for (d, &s) in dst_block.iter_mut().zip(&sums) {
+                    *d += scale * s;
                 }
             }
         });

@@ -300,7 +300,7 @@ fn linear_out(
     oc: usize,
 ) -> Vec<f64> {
     let mut out = vec![f64::NAN; n * oc];
-    linear_forward(&mut out, x, w, bias, n, ic, oc);
+    linear_forward(&mut out, x, w, bias, n, ic, oc, 1.0);
     out
 }
 
@@ -326,6 +326,7 @@ fn linear_forward_matches_naive_and_f32() {
         n,
         ic,
         oc,
+        1.0,
     );
     assert_close("linear forward f32 vs f64", &from(&out32), &out, 1e-5);
     let no_bias = linear_out(&x, &w, None, n, ic, oc);
@@ -360,6 +361,7 @@ fn linear_backward_matches_finite_differences() {
             ic,
             oc,
             true,
+            (1.0, 1.0),
         );
         let loss = |x: &[f64], w: &[f64], b: &[f64]| {
             weighted_sum(&linear_out(x, w, Some(b), n, ic, oc), &r)
@@ -378,10 +380,61 @@ fn linear_backward_matches_finite_differences() {
         // Overwrite mode must ignore whatever dinp held, NaN included.
         let mut dinp_over = vec![f64::NAN; n * ic];
         let mut dw2 = vec![0.0; oc * ic];
-        linear_backward(&mut dinp_over, &mut dw2, None, &r, &x, &w, n, ic, oc, false);
+        linear_backward(
+            &mut dinp_over,
+            &mut dw2,
+            None,
+            &r,
+            &x,
+            &w,
+            n,
+            ic,
+            oc,
+            false,
+            (1.0, 1.0),
+        );
         assert_close("linear dinp (overwrite)", &dinp_over, &g_x, FD_TOL);
         assert_close("linear dw without bias", &dw2, &g_w, FD_TOL);
     }
+}
+
+/// With a forward scale `alpha` the input gradient scaled by the same `alpha` is the exact
+/// derivative; the weight and bias gradients scaled by `beta` are `beta/alpha` times it.
+#[test]
+fn scaled_linear_matches_finite_differences() {
+    let mut rng = Rng::new(16);
+    let (n, ic, oc) = (4, 6, 5);
+    let (alpha, beta) = (0.3, 1.7);
+    let x = rng.vec(n * ic);
+    let w = rng.vec(oc * ic);
+    let bias = rng.vec(oc);
+    let r = rng.vec(n * oc);
+    let loss = |x: &[f64], w: &[f64], b: &[f64]| {
+        let mut out = vec![f64::NAN; n * oc];
+        linear_forward(&mut out, x, w, Some(b), n, ic, oc, alpha);
+        weighted_sum(&out, &r)
+    };
+    let (mut dinp, mut dw, mut db) = (vec![0.0; n * ic], vec![0.0; oc * ic], vec![0.0; oc]);
+    linear_backward(
+        &mut dinp,
+        &mut dw,
+        Some(&mut db),
+        &r,
+        &x,
+        &w,
+        n,
+        ic,
+        oc,
+        false,
+        (alpha, beta),
+    );
+    let g_x = numeric_grad(&x, |xp| loss(xp, &w, &bias));
+    let g_w = numeric_grad(&w, |wp| loss(&x, wp, &bias));
+    let g_b = numeric_grad(&bias, |bp| loss(&x, &w, bp));
+    let times = |v: &[f64], k: f64| v.iter().map(|x| x * k).collect::<Vec<_>>();
+    assert_close("scaled linear dinp", &dinp, &g_x, FD_TOL);
+    assert_close("scaled linear dw", &dw, &times(&g_w, beta / alpha), FD_TOL);
+    assert_close("scaled linear dbias", &db, &times(&g_b, beta), FD_TOL);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -871,7 +924,7 @@ fn run_all_kernels() -> Vec<Vec<u32>> {
     let bias = to::<f32>(&rng.vec(oc));
     let dout = to::<f32>(&rng.vec(n * oc));
     let mut out = vec![0.0f32; n * oc];
-    linear_forward(&mut out, &x, &w, Some(&bias), n, ic, oc);
+    linear_forward(&mut out, &x, &w, Some(&bias), n, ic, oc, 1.0);
     let (mut dinp, mut dw, mut db) = (
         vec![0.0f32; n * ic],
         vec![0.0f32; oc * ic],
@@ -888,6 +941,7 @@ fn run_all_kernels() -> Vec<Vec<u32>> {
         ic,
         oc,
         false,
+        (1.0, 1.0),
     );
     results.extend([bits(&out), bits(&dinp), bits(&dw), bits(&db)]);
     // LayerNorm.

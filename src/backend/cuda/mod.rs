@@ -112,10 +112,19 @@ fn gemm_type(dtype: DType) -> Result<GemmType> {
 
 /// The one operand format of a GEMM: the CUDA backend multiplies operands as they are stored.
 fn gemm_format(spec: GemmSpec) -> Result<DType> {
-    if spec.a != spec.b || spec.a.is_float8() {
-        bail!("the CUDA backend has no FP8 or mixed-format GEMMs yet ({} x {}); the fp8 recipe runs on the CPU only for now", spec.a, spec.b);
+    let (a, b) = (spec.a.format, spec.b.format);
+    if a != b || a.is_float8() {
+        bail!("the CUDA backend has no FP8 or mixed-format GEMMs yet ({a} x {b}); the fp8 recipes run on the CPU only for now");
     }
-    Ok(spec.a)
+    Ok(a)
+}
+
+/// Refuses amax recording, which only FP8 operands ask for.
+fn no_amax(amax: Option<&mut CudaBuf>) -> Result<()> {
+    if amax.is_some() {
+        bail!("the CUDA backend does not record FP8 amax yet; the fp8 recipes run on the CPU only for now");
+    }
+    Ok(())
 }
 
 /// Kernel-name suffix for buffers of `dtype`.
@@ -800,7 +809,9 @@ impl Backend for CudaBackend {
         ic: usize,
         oc: usize,
         gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        no_amax(amax)?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
         self.expect("linear input", inp, inputs, n * ic)?;
@@ -823,7 +834,7 @@ impl Backend for CudaBackend {
             k: ic,
             trans_a: false,
             trans_b: true,
-            alpha: 1.0,
+            alpha: gemm.alpha,
             beta: 0.0,
             bias: bias_ptr,
         })
@@ -842,8 +853,13 @@ impl Backend for CudaBackend {
         oc: usize,
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        no_amax(amax)?;
         let (dinp_format, dw_format) = (gemm_format(dinp_gemm)?, gemm_format(dw_gemm)?);
+        if dbias.is_some() && dw_gemm.alpha != 1.0 {
+            bail!("the CUDA backend has no scaled bias gradient yet (unit scaling runs on the CPU only for now)");
+        }
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
         self.expect("linear input", inp, dw_format, n * ic)?;
@@ -863,7 +879,7 @@ impl Backend for CudaBackend {
                 k: oc,
                 trans_a: false,
                 trans_b: false,
-                alpha: 1.0,
+                alpha: dinp_gemm.alpha,
                 beta: 0.0,
                 bias: None,
             })?;
@@ -889,7 +905,7 @@ impl Backend for CudaBackend {
             k: n,
             trans_a: true,
             trans_b: false,
-            alpha: 1.0,
+            alpha: dw_gemm.alpha,
             beta: 1.0,
             bias: None,
         })?;
