@@ -57,7 +57,7 @@ pub fn bench<B: Backend>(
         train::load_data(cfg, true)?.tokenizer.vocab_size()
     };
     let gcfg = train::gpt_config(cfg, vocab)?;
-    let recipe = Recipe::from_config(&cfg.precision);
+    let recipe = Recipe::from_config(cfg);
     recipe.check_backend(backend)?;
     let (b, t, accum) = (
         cfg.train.batch_size,

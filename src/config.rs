@@ -116,6 +116,9 @@ string_enum! {
         Fp16 => "fp16",
         /// bf16 as above, with the transformer blocks' GEMMs in FP8 (e4m3 forward, e5m2 grads).
         Fp8 => "fp8",
+        /// Unit scaling (Blake et al. 2023): FP8 GEMMs with static scale 1, fp16 elsewhere, no
+        /// loss scaling.
+        Fp8Unit => "fp8-unit",
     }
 }
 
@@ -1064,7 +1067,9 @@ mod tests {
         assert!(message.contains("expected a number"), "{message}");
         let message = error_of("[precision]\nrecipe = 16\n");
         assert!(
-            message.contains("expected a string (one of: fp32, bf16, fp16, fp8), found an integer"),
+            message.contains(
+                "expected a string (one of: fp32, bf16, fp16, fp8, fp8-unit), found an integer"
+            ),
             "{message}"
         );
         let message = error_of("[train]\nmax_steps = -5\n");

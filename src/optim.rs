@@ -131,6 +131,7 @@ impl<B: Backend> AdamWState<B> {
             master,
             grads,
             compute,
+            lr_scales,
         } = params;
         if master.len() != self.m.len() || grads.len() != self.m.len() {
             bail!(
@@ -142,13 +143,15 @@ impl<B: Backend> AdamWState<B> {
         self.step += 1;
         let mut compute = compute.iter_mut();
         for (i, param) in master.iter_mut().enumerate() {
+            // Unit scaling's per-tensor rate; decay is divided by it so lr·wd stays the same.
+            let scale = lr_scales.get(i).copied().unwrap_or(1.0);
             let hp = AdamW {
-                lr,
+                lr: lr * scale,
                 beta1: cfg.beta1 as f32,
                 beta2: cfg.beta2 as f32,
                 eps: cfg.eps as f32,
                 weight_decay: if self.decay[i] {
-                    cfg.weight_decay as f32
+                    cfg.weight_decay as f32 / scale
                 } else {
                     0.0
                 },

@@ -153,7 +153,17 @@ fn case_layernorm<B: Backend>(
     let mut dinp = up(be, dt, &x[4])?;
     let (mut dw, mut db) = (be.alloc(DType::F32, c)?, be.alloc(DType::F32, c)?);
     be.layernorm_backward(
-        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+        &mut dinp,
+        &mut dw,
+        &mut db,
+        &dout,
+        &inp,
+        &w,
+        &mean,
+        &rstd,
+        n,
+        c,
+        (1.0, 1.0),
     )?;
     Ok(vec![
         ("out", be.download(&out)?),
@@ -168,10 +178,10 @@ fn case_gelu<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
     let (inp, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?);
     let n = x[0].len();
     let (mut out, mut dinp) = (be.alloc(dt, n)?, be.alloc(dt, n)?);
-    be.gelu_forward(&mut out, &inp)?;
-    be.gelu_backward(&mut dinp, &inp, &dout)?;
+    be.gelu_forward(&mut out, &inp, 1.0)?;
+    be.gelu_backward(&mut dinp, &inp, &dout, 1.0)?;
     let mut resid = be.alloc(dt, n)?;
-    be.residual_forward(&mut resid, &inp, &dout)?;
+    be.residual_forward(&mut resid, &inp, &dout, (1.0, 1.0))?;
     Ok(vec![
         ("out", be.download(&out)?),
         ("dinp", be.download(&dinp)?),
@@ -188,9 +198,9 @@ fn case_attention<B: Backend>(
     let (qkv, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?);
     let mut out = be.alloc(dt, b * t * c)?;
     let mut lse = be.alloc(DType::F32, b * nh * t)?;
-    be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh)?;
+    be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh, 1.0)?;
     let mut dqkv = be.alloc(dt, b * t * 3 * c)?;
-    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh)?;
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh, 1.0)?;
     Ok(vec![
         ("out", be.download(&out)?),
         ("lse", be.download(&lse)?),
@@ -208,12 +218,12 @@ fn case_embedding<B: Backend>(
     let (wte, wpe, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?, up(be, dt, &x[2])?);
     let tokens = toks(be, ids)?;
     let mut out = be.alloc(dt, b * t * c)?;
-    be.embedding_forward(&mut out, &tokens, &wte, &wpe, b, t, c)?;
+    be.embedding_forward(&mut out, &tokens, &wte, &wpe, b, t, c, 1.0)?;
     let (mut dwte, mut dwpe) = (
         be.alloc(DType::F32, x[0].len())?,
         be.alloc(DType::F32, x[1].len())?,
     );
-    be.embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c)?;
+    be.embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c, (1.0, 1.0))?;
     Ok(vec![
         ("out", be.download(&out)?),
         ("dwte", be.download(&dwte)?),

@@ -217,7 +217,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
     let wall = Instant::now();
     let data = load_data(&cfg, opts.quiet)?;
     let gcfg = gpt_config(&cfg, data.tokenizer.vocab_size())?;
-    let recipe = Recipe::from_config(&cfg.precision);
+    let recipe = Recipe::from_config(&cfg);
     recipe.check_backend(backend)?;
     let (b, t, accum) = (
         cfg.train.batch_size,
@@ -256,9 +256,14 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                     cfg.data.dir
                 );
             }
-            let mut model =
-                Gpt::from_values(backend, gcfg.clone(), recipe.clone(), dropout, &ck.params)?
-                    .with_recompute_gelu(cfg.train.recompute_gelu);
+            let mut model = Gpt::from_values(
+                backend,
+                gcfg.clone(),
+                recipe.clone(),
+                dropout,
+                &ck.params_for(&recipe),
+            )?
+            .with_recompute_gelu(cfg.train.recompute_gelu);
             let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?;
             if opts.resume.is_some() {
                 state = runs::load_training_state(backend, &ck.dir, &mut model, &mut optimizer)?;

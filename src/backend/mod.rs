@@ -184,14 +184,28 @@ pub trait Backend {
     fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
     /// `dst = src`, rounding into `dst`'s dtype (same length).
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
-    /// `out = a + b` (the residual connection).
-    fn residual_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// `out = sa·a + sb·b` with `scales = (sa, sb)`: the residual connection, a weighted add
+    /// under unit scaling and a plain sum (`(1, 1)`) otherwise.
+    fn residual_forward(
+        &self,
+        out: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        scales: (f32, f32),
+    ) -> Result<()>;
     /// `buf *= factor`.
     fn scale(&self, buf: &mut Self::Buf, factor: f32) -> Result<()>;
-    /// `out = gelu(inp)` with the tanh approximation.
-    fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
-    /// `dinp = gelu'(inp) * dout` (overwrites `dinp`).
-    fn gelu_backward(&self, dinp: &mut Self::Buf, inp: &Self::Buf, dout: &Self::Buf) -> Result<()>;
+    /// `out = scale · gelu(inp)` with the tanh approximation (`scale` is 1 outside unit scaling).
+    fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf, scale: f32) -> Result<()>;
+    /// `dinp = scale · gelu'(inp) * dout` (overwrites `dinp`): the exact derivative of the
+    /// forward with the same `scale`.
+    fn gelu_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        inp: &Self::Buf,
+        dout: &Self::Buf,
+        scale: f32,
+    ) -> Result<()>;
     /// Inverted dropout in place with a counter-based mask derived from `seed`.
     fn dropout_forward(&self, x: &mut Self::Buf, p: f32, seed: u64) -> Result<()>;
     /// Backward of [`Backend::dropout_forward`] with the same `p` and `seed`, in place.
@@ -251,8 +265,9 @@ pub trait Backend {
         c: usize,
     ) -> Result<()>;
 
-    /// Backward of LayerNorm. `dinp += …` so it adds straight into the residual-stream gradient;
-    /// `dweight += …`, `dbias += …`.
+    /// Backward of LayerNorm. `dinp += sx · …` so it adds straight into the residual-stream
+    /// gradient; `dweight += sp · …`, `dbias += sp · …`, with `scales = (sx, sp)`: `(1, 1)` gives
+    /// the exact gradients, unit scaling passes its residual-branch and parameter-gradient scales.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
@@ -266,10 +281,12 @@ pub trait Backend {
         rstd: &Self::Buf,
         n: usize,
         c: usize,
+        scales: (f32, f32),
     ) -> Result<()>;
 
-    /// Fused causal self-attention over `qkv[b, t, 3c]` with `nh` heads; writes `out[b, t, c]`
-    /// and the per-row log-sum-exp `lse[b, nh, t]` (f32) that the backward needs.
+    /// Fused causal self-attention over `qkv[b, t, 3c]` with `nh` heads (scores scaled by
+    /// `1/√(c/nh)`); writes `out[b, t, c]` times `out_scale` (1 outside unit scaling) and the
+    /// per-row log-sum-exp `lse[b, nh, t]` (f32) that the backward needs.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
@@ -280,9 +297,11 @@ pub trait Backend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()>;
 
-    /// Backward of attention: overwrites `dqkv`.
+    /// Backward of attention, the exact derivative of the forward with the same `out_scale`
+    /// (which the saved `out` includes): overwrites `dqkv`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -295,9 +314,10 @@ pub trait Backend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()>;
 
-    /// `out[b·t, c] = wte[token] + wpe[position]`.
+    /// `out[b·t, c] = scale · (wte[token] + wpe[position])` (`scale` 1 outside unit scaling).
     #[allow(clippy::too_many_arguments)]
     fn embedding_forward(
         &self,
@@ -308,9 +328,12 @@ pub trait Backend {
         b: usize,
         t: usize,
         c: usize,
+        scale: f32,
     ) -> Result<()>;
 
-    /// Backward of the embeddings: `dwte += …`, `dwpe += …`.
+    /// Backward of the embeddings: `dwte += s_te · Σ dout`, `dwpe += s_pe · Σ dout` with
+    /// `scales = (s_te, s_pe)` (the forward scale times each table's gradient scale; `(1, 1)`
+    /// outside unit scaling).
     #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
@@ -321,6 +344,7 @@ pub trait Backend {
         b: usize,
         t: usize,
         c: usize,
+        scales: (f32, f32),
     ) -> Result<()>;
 
     /// Fused classifier: per-row cross-entropy `losses[n]` (f32) of `logits[n, vp]` against

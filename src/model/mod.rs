@@ -6,6 +6,7 @@
 
 pub mod fp8;
 mod gpt;
+pub mod unit;
 
 pub use fp8::Fp8State;
 pub use gpt::{Activations, Gpt, GptConfig, ParamBufs, ParamSpec, ProbedTensor};

@@ -337,10 +337,17 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn residual_forward(&self, out: &mut CpuBuf<T>, a: &CpuBuf<T>, b: &CpuBuf<T>) -> Result<()> {
+    fn residual_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        a: &CpuBuf<T>,
+        b: &CpuBuf<T>,
+        (sa, sb): (f32, f32),
+    ) -> Result<()> {
         check_len("residual a", a, out.data.len())?;
         check_len("residual b", b, out.data.len())?;
-        kernels::residual_forward(&mut out.data, &a.data, &b.data);
+        let scales = (T::widen_from(sa), T::widen_from(sb));
+        kernels::residual_forward(&mut out.data, &a.data, &b.data, scales);
         Self::round(out);
         Ok(())
     }
@@ -351,17 +358,23 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn gelu_forward(&self, out: &mut CpuBuf<T>, inp: &CpuBuf<T>) -> Result<()> {
+    fn gelu_forward(&self, out: &mut CpuBuf<T>, inp: &CpuBuf<T>, scale: f32) -> Result<()> {
         check_len("gelu input", inp, out.data.len())?;
-        kernels::gelu_forward(&mut out.data, &inp.data);
+        kernels::gelu_forward(&mut out.data, &inp.data, T::widen_from(scale));
         Self::round(out);
         Ok(())
     }
 
-    fn gelu_backward(&self, dinp: &mut CpuBuf<T>, inp: &CpuBuf<T>, dout: &CpuBuf<T>) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        dinp: &mut CpuBuf<T>,
+        inp: &CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        scale: f32,
+    ) -> Result<()> {
         check_len("gelu input", inp, dinp.data.len())?;
         check_len("gelu dout", dout, dinp.data.len())?;
-        kernels::gelu_backward(&mut dinp.data, &inp.data, &dout.data);
+        kernels::gelu_backward(&mut dinp.data, &inp.data, &dout.data, T::widen_from(scale));
         Self::round(dinp);
         Ok(())
     }
@@ -527,6 +540,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         rstd: &CpuBuf<T>,
         n: usize,
         c: usize,
+        (sx, sp): (f32, f32),
     ) -> Result<()> {
         check_len("layernorm input grad", dinp, n * c)?;
         check_len("layernorm dout", dout, n * c)?;
@@ -542,6 +556,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             &rstd.data,
             n,
             c,
+            (T::widen_from(sx), T::widen_from(sp)),
         );
         Self::round(dinp);
         Self::round(dweight);
@@ -558,11 +573,13 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         check_len("attention output", out, b * t * c)?;
         check_len("attention lse", lse, b * nh * t)?;
         check_len("attention qkv", qkv, b * t * 3 * c)?;
-        kernels::attention_forward(&mut out.data, &mut lse.data, &qkv.data, b, t, c, nh);
+        let s = T::widen_from(out_scale);
+        kernels::attention_forward(&mut out.data, &mut lse.data, &qkv.data, b, t, c, nh, s);
         Self::round(out);
         Self::round(lse);
         Ok(())
@@ -579,6 +596,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         check_len("attention qkv grad", dqkv, b * t * 3 * c)?;
         check_len("attention dout", dout, b * t * c)?;
@@ -592,6 +610,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             t,
             c,
             nh,
+            T::widen_from(out_scale),
         );
         Self::round(dqkv);
         Ok(())
@@ -606,6 +625,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         b: usize,
         t: usize,
         c: usize,
+        scale: f32,
     ) -> Result<()> {
         check_len("embedding output", out, b * t * c)?;
         if tokens.len() != b * t {
@@ -618,7 +638,8 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         if let Some(&bad) = tokens.iter().find(|&&tok| tok as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
-        kernels::embedding_forward(&mut out.data, tokens, &wte.data, &wpe.data, b, t, c);
+        let s = T::widen_from(scale);
+        kernels::embedding_forward(&mut out.data, tokens, &wte.data, &wpe.data, b, t, c, s);
         Self::round(out);
         Ok(())
     }
@@ -632,9 +653,20 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         b: usize,
         t: usize,
         c: usize,
+        (s_te, s_pe): (f32, f32),
     ) -> Result<()> {
         check_len("embedding dout", dout, b * t * c)?;
-        kernels::embedding_backward(&mut dwte.data, &mut dwpe.data, &dout.data, tokens, b, t, c);
+        let scales = (T::widen_from(s_te), T::widen_from(s_pe));
+        kernels::embedding_backward(
+            &mut dwte.data,
+            &mut dwpe.data,
+            &dout.data,
+            tokens,
+            b,
+            t,
+            c,
+            scales,
+        );
         Self::round(dwte);
         Self::round(dwpe);
         Ok(())

@@ -119,6 +119,14 @@ fn gemm_format(spec: GemmSpec) -> Result<DType> {
     Ok(a)
 }
 
+/// Refuses op scales other than 1, which only unit scaling uses.
+fn unscaled(what: &str, scales: &[f32]) -> Result<()> {
+    if scales.iter().any(|&s| s != 1.0) {
+        bail!("the CUDA backend has no {what} yet; unit scaling (fp8-unit) runs on the CPU only for now");
+    }
+    Ok(())
+}
+
 /// Refuses amax recording, which only FP8 operands ask for.
 fn no_amax(amax: Option<&mut CudaBuf>) -> Result<()> {
     if amax.is_some() {
@@ -730,7 +738,14 @@ impl Backend for CudaBackend {
         self.elementwise(&name, n, &[Arg::Ptr(d), Arg::Ptr(s), Arg::Int(int(n)?)])
     }
 
-    fn residual_forward(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
+    fn residual_forward(
+        &self,
+        out: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        (sa, sb): (f32, f32),
+    ) -> Result<()> {
+        unscaled("weighted residual add", &[sa, sb])?;
         let n = out.len;
         self.expect("residual a", a, out.dtype, n)?;
         self.expect("residual b", b, out.dtype, n)?;
@@ -755,7 +770,8 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
+    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf, scale: f32) -> Result<()> {
+        unscaled("scaled GELU", &[scale])?;
         let n = out.len;
         self.expect("gelu input", inp, out.dtype, n)?;
         let name = format!("gelu_forward_{}", suffix(out.dtype)?);
@@ -764,7 +780,14 @@ impl Backend for CudaBackend {
         self.elementwise(&name, n, &[Arg::Ptr(po), Arg::Ptr(pi), Arg::Int(int(n)?)])
     }
 
-    fn gelu_backward(&self, dinp: &mut CudaBuf, inp: &CudaBuf, dout: &CudaBuf) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        inp: &CudaBuf,
+        dout: &CudaBuf,
+        scale: f32,
+    ) -> Result<()> {
+        unscaled("scaled GELU", &[scale])?;
         let n = dinp.len;
         self.expect("gelu input", inp, dinp.dtype, n)?;
         self.expect("gelu dout", dout, dinp.dtype, n)?;
@@ -966,7 +989,9 @@ impl Backend for CudaBackend {
         rstd: &CudaBuf,
         n: usize,
         c: usize,
+        (sx, sp): (f32, f32),
     ) -> Result<()> {
+        unscaled("scaled LayerNorm gradients", &[sx, sp])?;
         let t = dinp.dtype;
         self.expect("layernorm dout", dout, t, n * c)?;
         self.expect("layernorm input", inp, t, n * c)?;
@@ -1042,7 +1067,9 @@ impl Backend for CudaBackend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
+        unscaled("scaled attention", &[out_scale])?;
         let dt = out.dtype;
         self.expect("attention qkv", qkv, dt, b * t * 3 * c)?;
         self.expect("attention output", out, dt, b * t * c)?;
@@ -1064,7 +1091,9 @@ impl Backend for CudaBackend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
+        unscaled("scaled attention", &[out_scale])?;
         let dt = dqkv.dtype;
         self.expect("attention qkv grad", dqkv, dt, b * t * 3 * c)?;
         self.expect("attention dout", dout, dt, b * t * c)?;
@@ -1082,7 +1111,9 @@ impl Backend for CudaBackend {
         b: usize,
         t: usize,
         c: usize,
+        scale: f32,
     ) -> Result<()> {
+        unscaled("scaled embeddings", &[scale])?;
         let dt = out.dtype;
         self.expect("embedding output", out, dt, b * t * c)?;
         let vocab = wte.len / c;
@@ -1116,7 +1147,9 @@ impl Backend for CudaBackend {
         b: usize,
         t: usize,
         c: usize,
+        (s_te, s_pe): (f32, f32),
     ) -> Result<()> {
+        unscaled("scaled embedding gradients", &[s_te, s_pe])?;
         let sfx = suffix(dout.dtype)?;
         self.expect("embedding dout", dout, dout.dtype, b * t * c)?;
         let pg = self.ptr(dout);
