@@ -57,7 +57,7 @@ pub fn bench<B: Backend>(
         train::load_data(cfg, true)?.tokenizer.vocab_size()
     };
     let gcfg = train::gpt_config(cfg, vocab)?;
-    let recipe = Recipe::new(cfg.precision.recipe);
+    let recipe = Recipe::from_config(cfg);
     recipe.check_backend(backend)?;
     let (b, t, accum) = (
         cfg.train.batch_size,
@@ -108,6 +108,7 @@ pub fn bench<B: Backend>(
             cfg.optim.lr as f32,
             scaler.as_mut(),
         )?;
+        model.finish_step(backend, &mut acts)?;
     }
     backend.synchronize()?;
     let secs = start.elapsed().as_secs_f64();

@@ -314,10 +314,10 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
         top_k: a.top_k,
         seed: a.seed,
     };
-    let recipe = Recipe::new(ck.config.precision.recipe);
+    let recipe = Recipe::from_config(&ck.config);
     let text = on_device!(device, be => {
         recipe.check_backend(be)?;
-        let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params)?;
+        let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params_for(&recipe))?;
         generate(be, &model, &ck.tokenizer, &opts)?
     });
     println!("{text}");
@@ -334,11 +334,11 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             ck.config.data.dir
         );
     }
-    let recipe = Recipe::new(ck.config.precision.recipe);
+    let recipe = Recipe::from_config(&ck.config);
     let batch = ck.config.train.batch_size;
     let val_loss = on_device!(device, be => {
         recipe.check_backend(be)?;
-        let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params)?;
+        let model = Gpt::from_values(be, ck.gpt.clone(), recipe.clone(), 0.0, &ck.params_for(&recipe))?;
         let mut acts = model.activations(be, batch, ck.gpt.block_size, false)?;
         train::evaluate(be, &model, &mut acts, &data.val, 0, 0)?
     });

@@ -116,6 +116,19 @@ string_enum! {
         Fp16 => "fp16",
         /// bf16 as above, with the transformer blocks' GEMMs in FP8 (e4m3 forward, e5m2 grads).
         Fp8 => "fp8",
+        /// Unit scaling (Blake et al. 2023): FP8 GEMMs with static scale 1, fp16 elsewhere, no
+        /// loss scaling.
+        Fp8Unit => "fp8-unit",
+    }
+}
+
+string_enum! {
+    /// How FP8 GEMM operands get their per-tensor scales.
+    Fp8ScalingKind {
+        /// From the max amax over the last `fp8_amax_history` steps (Transformer Engine's default).
+        Delayed => "delayed",
+        /// From the operand's own amax, computed just before the cast.
+        Current => "current",
     }
 }
 
@@ -349,6 +362,12 @@ pub struct PrecisionConfig {
     pub loss_scale_backoff: f64,
     /// Record tensor statistics to numerics.jsonl every this many steps (0 = off).
     pub monitor_interval: usize,
+    /// fp8: delayed or current per-tensor scaling of the GEMM operands.
+    pub fp8_scaling: Fp8ScalingKind,
+    /// fp8: steps of amax history delayed scaling takes the max over (>= 1).
+    pub fp8_amax_history: usize,
+    /// fp8: binades of headroom below the format's max: scale = 2^(floor(log2(max/amax)) - margin).
+    pub fp8_margin: usize,
 }
 
 impl Default for PrecisionConfig {
@@ -360,6 +379,9 @@ impl Default for PrecisionConfig {
             loss_scale_growth: 2.0,
             loss_scale_backoff: 0.5,
             monitor_interval: 0,
+            fp8_scaling: Fp8ScalingKind::Delayed,
+            fp8_amax_history: 16,
+            fp8_margin: 0,
         }
     }
 }
@@ -467,6 +489,9 @@ impl Section for PrecisionConfig {
         "loss_scale_growth",
         "loss_scale_backoff",
         "monitor_interval",
+        "fp8_scaling",
+        "fp8_amax_history",
+        "fp8_margin",
     ];
 }
 
@@ -732,6 +757,17 @@ impl Config {
             format!(
                 "precision.loss_scale_backoff = {} must be in (0, 1)",
                 p.loss_scale_backoff
+            ),
+        );
+        check(
+            p.fp8_amax_history >= 1,
+            "precision.fp8_amax_history must be at least 1 (1 = the previous step's amax)".into(),
+        );
+        check(
+            p.fp8_margin <= 64,
+            format!(
+                "precision.fp8_margin = {} must be in 0..=64 (binades of headroom below the FP8 max)",
+                p.fp8_margin
             ),
         );
 
@@ -1045,7 +1081,9 @@ mod tests {
         assert!(message.contains("expected a number"), "{message}");
         let message = error_of("[precision]\nrecipe = 16\n");
         assert!(
-            message.contains("expected a string (one of: fp32, bf16, fp16, fp8), found an integer"),
+            message.contains(
+                "expected a string (one of: fp32, bf16, fp16, fp8, fp8-unit), found an integer"
+            ),
             "{message}"
         );
         let message = error_of("[train]\nmax_steps = -5\n");
@@ -1220,6 +1258,34 @@ mod tests {
         let message = model.resolve_vocab(8192).unwrap_err().to_string();
         assert!(message.contains("model.vocab_size = 50257"), "{message}");
         assert_eq!(OptimConfig::default().effective_decay_steps(2000), 2000);
+    }
+
+    #[test]
+    fn fp8_scaling_keys_are_checked() {
+        let c = Config::default().precision;
+        assert_eq!(
+            (c.fp8_scaling, c.fp8_amax_history, c.fp8_margin),
+            (Fp8ScalingKind::Delayed, 16, 0)
+        );
+        let message = error_of("[precision]\nfp8_scaling = \"late\"\n");
+        assert!(
+            message.contains("precision.fp8_scaling = \"late\" is not one of: delayed, current"),
+            "{message}"
+        );
+        let message = error_of("[precision]\nfp8_amax_history = 0\n");
+        assert!(message.contains("precision.fp8_amax_history"), "{message}");
+        let message = error_of("[precision]\nfp8_margin = -1\n");
+        assert!(
+            message.contains("precision.fp8_margin = -1 is out of range"),
+            "{message}"
+        );
+        let message = error_of("[precision]\nfp8_margin = 100\n");
+        assert!(message.contains("precision.fp8_margin = 100"), "{message}");
+        let mut config = Config::default();
+        config
+            .apply_override("precision.fp8_scaling=current")
+            .unwrap();
+        assert_eq!(config.precision.fp8_scaling, Fp8ScalingKind::Current);
     }
 
     #[test]

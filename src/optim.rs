@@ -140,6 +140,7 @@ impl<B: Backend> AdamWState<B> {
             master,
             grads,
             compute,
+            lr_scales,
         } = params;
         if master.len() != self.m.len() || grads.len() != self.m.len() {
             bail!(
@@ -165,13 +166,16 @@ impl<B: Backend> AdamWState<B> {
             .zip(grads)
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
             .zip(&self.decay)
-            .map(|(((param, grad), (m, v)), &decay)| AdamWTensor {
+            .enumerate()
+            .map(|(i, (((param, grad), (m, v)), &decay))| AdamWTensor {
                 param,
                 grad,
                 m,
                 v,
                 compute_copy: compute.next(),
                 decay,
+                // Unit scaling's per-tensor rate (1 otherwise).
+                lr_scale: lr_scales.get(i).copied().unwrap_or(1.0),
             })
             .collect();
         backend.adamw_update(&mut tensors, &hp)

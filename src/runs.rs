@@ -23,9 +23,10 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, GptShape, ModelSaveOptions, NamedTensor};
 use crate::config::Config;
 use crate::data::{LoaderState, Tokenizer};
-use crate::model::{Gpt, GptConfig, ParamSpec};
+use crate::model::{unit, Gpt, GptConfig, ParamSpec};
 use crate::numerics::LossScaler;
 use crate::optim::AdamWState;
+use crate::precision::Recipe;
 
 /// Name of the checkpoint directory inside a run directory.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
@@ -37,6 +38,9 @@ pub const TRAINER_STATE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// The tokenizer, inside a checkpoint and a prepared data directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Unit-scaled runs only: the weights as the unit-scaled model holds them (internal names and
+/// layouts). `model.safetensors` then holds them folded into a standard GPT-2.
+pub const UNIT_MODEL_FILE: &str = "unit_model.safetensors";
 
 /// Where training stood when a checkpoint was written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,7 +115,16 @@ pub fn save_checkpoint<B: Backend>(
     parts: &CheckpointParts<'_>,
 ) -> Result<()> {
     let specs = model.specs();
-    let params = named(specs, "", model.download_params(backend)?);
+    let values = model.download_params(backend)?;
+    // A unit-scaled model is saved twice: folded into a standard GPT-2 (Hugging Face and the
+    // other recipes load that) and as it is (for exact resume, sampling and evaluation).
+    let (params, unit_params) = if model.recipe().unit_scaling {
+        let factors = unit_fold_factors(model.config());
+        let folded = unit::fold(&values, &factors);
+        (named(specs, "", folded), Some(named(specs, "", values)))
+    } else {
+        (named(specs, "", values), None)
+    };
     let download = |bufs: &[B::Buf]| {
         bufs.iter()
             .map(|b| backend.download(b))
@@ -119,6 +132,14 @@ pub fn save_checkpoint<B: Backend>(
     };
     let mut moments = named(specs, "m.", download(&optimizer.m)?);
     moments.extend(named(specs, "v.", download(&optimizer.v)?));
+    if let Some(fp8) = model.fp8_state() {
+        let (shape, data) = fp8.to_tensor();
+        moments.push(NamedTensor {
+            name: FP8_HISTORY.to_string(),
+            shape,
+            data,
+        });
+    }
     let mut meta = BTreeMap::new();
     meta.insert("step".to_string(), optimizer.step.to_string());
     let options = ModelSaveOptions {
@@ -130,6 +151,9 @@ pub fn save_checkpoint<B: Backend>(
     let config_toml = parts.config.to_toml_string()?;
     checkpoint::write_checkpoint_dir_atomically(dir, |tmp| {
         checkpoint::save_model(tmp, &gpt_shape(model.config()), &params, &options)?;
+        if let Some(raw) = &unit_params {
+            checkpoint::save_tensors(&tmp.join(UNIT_MODEL_FILE), raw, &BTreeMap::new())?;
+        }
         checkpoint::save_tensors(&tmp.join(OPTIMIZER_FILE), &moments, &meta)?;
         checkpoint::write_atomic(&tmp.join(TRAINER_STATE), state_json.as_bytes())?;
         checkpoint::write_atomic(&tmp.join(CONFIG_TOML), config_toml.as_bytes())?;
@@ -149,8 +173,27 @@ pub struct LoadedCheckpoint {
     pub gpt: GptConfig,
     /// The tokenizer.
     pub tokenizer: Tokenizer,
-    /// Parameter values in [`Gpt::param_specs`] order.
+    /// Parameter values in [`Gpt::param_specs`] order, as a standard GPT-2.
     pub params: Vec<Vec<f32>>,
+    /// The unit-scaled weights of a `fp8-unit` run, when the checkpoint has them.
+    pub unit_params: Option<Vec<Vec<f32>>>,
+}
+
+impl LoadedCheckpoint {
+    /// The weights for a model running `recipe`: the unit-scaled ones (saved, or unfolded from
+    /// the standard ones) under unit scaling, else the standard ones.
+    pub fn params_for(&self, recipe: &Recipe) -> Vec<Vec<f32>> {
+        match (recipe.unit_scaling, &self.unit_params) {
+            (true, Some(raw)) => raw.clone(),
+            (true, None) => unit::unfold(&self.params, &unit_fold_factors(&self.gpt)),
+            (false, _) => self.params.clone(),
+        }
+    }
+}
+
+/// Unit scaling's fold factors for a model of these sizes.
+fn unit_fold_factors(cfg: &GptConfig) -> Vec<f64> {
+    unit::fold_factors(cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.vocab_size)
 }
 
 /// Loads the model of a halfling run or checkpoint directory, or of a Hugging Face GPT-2
@@ -211,23 +254,51 @@ pub fn load_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
             .max(config.model.padded_vocab(shape.vocab_size)),
     };
     let tensors = checkpoint::load_model_for(&dir, &gpt_shape(&gpt))?;
-    let params = tensors.into_iter().map(|t| t.data).collect();
+    let params: Vec<Vec<f32>> = tensors.into_iter().map(|t| t.data).collect();
+    let unit_path = dir.join(UNIT_MODEL_FILE);
+    let unit_params = if unit_path.is_file() {
+        let (tensors, _) = checkpoint::load_tensors(&unit_path)?;
+        let mut by_name: BTreeMap<String, NamedTensor> =
+            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let specs = Gpt::<crate::backend::cpu::CpuBackend<f32>>::param_specs(&gpt);
+        let mut raw = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            match by_name.remove(&spec.name) {
+                Some(t) if t.shape == spec.shape => raw.push(t.data),
+                _ => bail!(
+                    "{} lacks tensor {} of shape {:?}; the checkpoint is damaged",
+                    unit_path.display(),
+                    spec.name,
+                    spec.shape
+                ),
+            }
+        }
+        Some(raw)
+    } else {
+        None
+    };
     Ok(LoadedCheckpoint {
         dir,
         config,
         gpt,
         tokenizer,
         params,
+        unit_params,
     })
 }
 
-/// Loads the optimizer moments and trainer state of a halfling checkpoint into `optimizer`.
+/// Name of the delayed-scaling amax histories (`[operands, steps]`) in `optimizer.safetensors`.
+pub const FP8_HISTORY: &str = "fp8.amax_history";
+
+/// Loads the optimizer moments, FP8 amax histories and trainer state of a halfling checkpoint
+/// into `optimizer` and `model`.
 pub fn load_training_state<B: Backend>(
     backend: &B,
     dir: &Path,
-    specs: &[ParamSpec],
+    model: &mut Gpt<B>,
     optimizer: &mut AdamWState<B>,
 ) -> Result<TrainerState> {
+    let specs = model.specs().to_vec();
     let state_path = dir.join(TRAINER_STATE);
     let text = std::fs::read_to_string(&state_path).with_context(|| {
         format!(
@@ -240,6 +311,14 @@ pub fn load_training_state<B: Backend>(
     let (tensors, meta) = checkpoint::load_tensors(&dir.join(OPTIMIZER_FILE))?;
     let mut by_name: BTreeMap<String, NamedTensor> =
         tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+    if let Some(fp8) = model.fp8_state_mut() {
+        // A checkpoint from a run without delayed scaling has none: start with empty histories.
+        if let Some(t) = by_name.remove(FP8_HISTORY) {
+            fp8.restore(&t.shape, &t.data).with_context(|| {
+                format!("cannot resume from {}", dir.join(OPTIMIZER_FILE).display())
+            })?;
+        }
+    }
     for (i, spec) in specs.iter().enumerate() {
         for (prefix, bufs) in [("m.", &mut optimizer.m), ("v.", &mut optimizer.v)] {
             let name = format!("{prefix}{}", spec.name);

@@ -109,7 +109,7 @@ fn case_linear<B: Backend>(
         up(be, dt, &x[3])?,
     );
     let mut out = be.alloc(dt, n * oc)?;
-    be.linear_forward(&mut out, &inp, &w, Some(&bias), n, ic, oc, spec)?;
+    be.linear_forward(&mut out, &inp, &w, Some(&bias), n, ic, oc, spec, None)?;
     let mut dinp = be.alloc(dt, n * ic)?;
     let mut dw = up(be, DType::F32, &x[4])?;
     let mut db = up(be, DType::F32, &x[2])?;
@@ -125,6 +125,7 @@ fn case_linear<B: Backend>(
         oc,
         spec,
         spec,
+        None,
     )?;
     Ok(vec![
         ("out", be.download(&out)?),
@@ -152,7 +153,19 @@ fn case_mlp<B: Backend>(
     );
     let mut out = be.alloc(dt, n * h)?;
     let mut pre = be.alloc(dt, n * h)?;
-    be.linear_gelu_forward(&mut out, &mut pre, &inp, &w_up, Some(&b_up), n, c, h, spec)?;
+    be.linear_gelu_forward(
+        &mut out,
+        &mut pre,
+        &inp,
+        &w_up,
+        Some(&b_up),
+        n,
+        c,
+        h,
+        spec,
+        None,
+        1.0,
+    )?;
     let mut dpre = be.alloc(dt, n * h)?;
     let mut dw = up(be, DType::F32, &x[5])?;
     let mut db = up(be, DType::F32, &x[6])?;
@@ -169,6 +182,8 @@ fn case_mlp<B: Backend>(
         c,
         spec,
         spec,
+        None,
+        1.0,
     )?;
     Ok(vec![
         ("gelu out", be.download(&out)?),
@@ -206,6 +221,7 @@ fn case_layernorm<B: Backend>(
         &mut fused_rstd,
         &inp,
         &other,
+        (1.0, 1.0),
         &w,
         &b,
         n,
@@ -214,7 +230,17 @@ fn case_layernorm<B: Backend>(
     let mut dinp = up(be, dt, &x[4])?;
     let (mut dw, mut db) = (be.alloc(DType::F32, c)?, be.alloc(DType::F32, c)?);
     be.layernorm_backward(
-        &mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c,
+        &mut dinp,
+        &mut dw,
+        &mut db,
+        &dout,
+        &inp,
+        &w,
+        &mean,
+        &rstd,
+        n,
+        c,
+        (1.0, 1.0),
     )?;
     Ok(vec![
         ("out", be.download(&out)?),
@@ -232,11 +258,11 @@ fn case_gelu<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
     let (inp, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?);
     let n = x[0].len();
     let mut out = be.alloc(dt, n)?;
-    be.gelu_forward(&mut out, &inp)?;
+    be.gelu_forward(&mut out, &inp, 1.0)?;
     let mut dinp = up(be, dt, &x[1])?;
-    be.gelu_backward(&mut dinp, &inp)?;
+    be.gelu_backward(&mut dinp, &inp, 1.0)?;
     let mut resid = be.alloc(dt, n)?;
-    be.residual_forward(&mut resid, &inp, &dout)?;
+    be.residual_forward(&mut resid, &inp, &dout, (1.0, 1.0))?;
     Ok(vec![
         ("out", be.download(&out)?),
         ("dinp", be.download(&dinp)?),
@@ -253,9 +279,9 @@ fn case_attention<B: Backend>(
     let (qkv, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?);
     let mut out = be.alloc(dt, b * t * c)?;
     let mut lse = be.alloc(DType::F32, b * nh * t)?;
-    be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh)?;
+    be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh, 1.0)?;
     let mut dqkv = be.alloc(dt, b * t * 3 * c)?;
-    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh)?;
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh, 1.0)?;
     Ok(vec![
         ("out", be.download(&out)?),
         ("lse", be.download(&lse)?),
@@ -273,12 +299,12 @@ fn case_embedding<B: Backend>(
     let (wte, wpe, dout) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?, up(be, dt, &x[2])?);
     let tokens = toks(be, ids)?;
     let mut out = be.alloc(dt, b * t * c)?;
-    be.embedding_forward(&mut out, &tokens, &wte, &wpe, b, t, c)?;
+    be.embedding_forward(&mut out, &tokens, &wte, &wpe, b, t, c, 1.0)?;
     let (mut dwte, mut dwpe) = (
         be.alloc(DType::F32, x[0].len())?,
         be.alloc(DType::F32, x[1].len())?,
     );
-    be.embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c)?;
+    be.embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c, (1.0, 1.0))?;
     Ok(vec![
         ("out", be.download(&out)?),
         ("dwte", be.download(&dwte)?),
@@ -359,6 +385,7 @@ fn case_adamw<B: Backend>(
             v,
             compute_copy: (i != 0).then_some(copy),
             decay: i != 1,
+            lr_scale: [1.0, 0.5, 2.0][i],
         })
         .collect();
     be.adamw_update(&mut tensors, &hp)?;

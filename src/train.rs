@@ -217,7 +217,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
     let wall = Instant::now();
     let data = load_data(&cfg, opts.quiet)?;
     let gcfg = gpt_config(&cfg, data.tokenizer.vocab_size())?;
-    let recipe = Recipe::new(cfg.precision.recipe);
+    let recipe = Recipe::from_config(&cfg);
     recipe.check_backend(backend)?;
     let (b, t, accum) = (
         cfg.train.batch_size,
@@ -240,46 +240,51 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         elapsed_s: 0.0,
         halfling_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let (mut model, mut optimizer) = if let Some(path) =
-        opts.resume.as_ref().or(opts.init_from.as_ref())
-    {
-        let ck = runs::load_checkpoint(path)?;
-        if let Some(problem) = size_mismatch(&ck.gpt, &gcfg) {
-            bail!(
-                "checkpoint {} does not fit the config: {problem}",
-                ck.dir.display()
-            );
-        }
-        if ck.tokenizer.vocab_size() != data.tokenizer.vocab_size() {
-            bail!(
-                "checkpoint {} was trained with a different tokenizer than data.dir = {:?}",
-                ck.dir.display(),
-                cfg.data.dir
-            );
-        }
-        let model = Gpt::from_values(backend, gcfg.clone(), recipe.clone(), dropout, &ck.params)?
+    let (mut model, mut optimizer) =
+        if let Some(path) = opts.resume.as_ref().or(opts.init_from.as_ref()) {
+            let ck = runs::load_checkpoint(path)?;
+            if let Some(problem) = size_mismatch(&ck.gpt, &gcfg) {
+                bail!(
+                    "checkpoint {} does not fit the config: {problem}",
+                    ck.dir.display()
+                );
+            }
+            if ck.tokenizer.vocab_size() != data.tokenizer.vocab_size() {
+                bail!(
+                    "checkpoint {} was trained with a different tokenizer than data.dir = {:?}",
+                    ck.dir.display(),
+                    cfg.data.dir
+                );
+            }
+            let mut model = Gpt::from_values(
+                backend,
+                gcfg.clone(),
+                recipe.clone(),
+                dropout,
+                &ck.params_for(&recipe),
+            )?
             .with_recompute_gelu(cfg.train.recompute_gelu);
-        let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
-            .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
-        if opts.resume.is_some() {
-            state = runs::load_training_state(backend, &ck.dir, model.specs(), &mut optimizer)?;
-            loader.restore(state.loader.clone())?;
-        }
-        (model, optimizer)
-    } else {
-        let model = Gpt::new(
-            backend,
-            gcfg.clone(),
-            recipe.clone(),
-            dropout,
-            cfg.model.init_std as f32,
-            cfg.train.seed,
-        )?
-        .with_recompute_gelu(cfg.train.recompute_gelu);
-        let optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
-            .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
-        (model, optimizer)
-    };
+            let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
+                .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
+            if opts.resume.is_some() {
+                state = runs::load_training_state(backend, &ck.dir, &mut model, &mut optimizer)?;
+                loader.restore(state.loader.clone())?;
+            }
+            (model, optimizer)
+        } else {
+            let model = Gpt::new(
+                backend,
+                gcfg.clone(),
+                recipe.clone(),
+                dropout,
+                cfg.model.init_std as f32,
+                cfg.train.seed,
+            )?
+            .with_recompute_gelu(cfg.train.recompute_gelu);
+            let optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
+                .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
+            (model, optimizer)
+        };
     let max_steps = cfg.train.max_steps as u64;
     let stop = opts.stop_at.unwrap_or(max_steps).min(max_steps);
 
@@ -363,6 +368,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
             lr,
             state.loss_scaler.as_mut(),
         )?;
+        model.finish_step(backend, &mut acts)?;
         let norm = outcome.grad_norm;
         let scaler_gave_up = state.loss_scaler.as_ref().is_some_and(|s| s.exhausted());
         if !outcome.applied && (state.loss_scaler.is_none() || scaler_gave_up) {

@@ -28,26 +28,77 @@ use anyhow::Result;
 
 use crate::numerics::{DType, TensorStats};
 
-/// How one GEMM of a linear layer runs; the precision recipe decides (see `precision`).
+/// How one GEMM of a linear layer runs; the precision recipe and the model decide (see
+/// `precision`).
 ///
-/// `a` and `b` are the formats the two operands (in the order the op's doc writes the product)
-/// are cast to before multiplying; usually their storage format, so no cast happens. FP8 operands
-/// are scaled per tensor first (current scaling: the scale that maps the operand's amax near the
-/// format's largest value), and the product is unscaled. Accumulation is always f32 or wider; the
-/// output is rounded into its buffer's dtype.
+/// The product is `alpha · op(a) · op(b)`, accumulated in f32 or wider and rounded into the output
+/// buffer's dtype (a bias, where the op has one, is added after `alpha`). Each operand is first
+/// cast to its [`GemmOperand::format`] (usually its storage format, so no cast happens); an FP8
+/// operand is scaled per tensor on the way, `q = satfinite(round(x · s))`, and the product is
+/// unscaled by `1/(s_a·s_b)`, which is exact because scales are powers of two. This is the shape
+/// of a cuBLASLt FP8 matmul: per-tensor scale pointers for A and B, `alpha`, and an amax output.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmSpec {
-    /// Format of the first operand as the GEMM consumes it.
-    pub a: DType,
-    /// Format of the second operand.
-    pub b: DType,
+    /// The first operand (in the order the op's doc writes the product).
+    pub a: GemmOperand,
+    /// The second operand.
+    pub b: GemmOperand,
+    /// Multiplies the product (unit scaling's op scale); 1 otherwise.
+    pub alpha: f32,
 }
 
 impl GemmSpec {
-    /// Both operands in `dtype`.
+    /// Both operands in `dtype`, current scaling if that is FP8, `alpha = 1`.
     pub fn both(dtype: DType) -> Self {
-        Self { a: dtype, b: dtype }
+        Self::new(GemmOperand::plain(dtype), GemmOperand::plain(dtype))
     }
+
+    /// Operands `a` and `b`, `alpha = 1`.
+    pub fn new(a: GemmOperand, b: GemmOperand) -> Self {
+        Self { a, b, alpha: 1.0 }
+    }
+
+    /// The same GEMM with the product multiplied by `alpha`.
+    pub fn with_alpha(self, alpha: f32) -> Self {
+        Self { alpha, ..self }
+    }
+}
+
+/// One operand of a GEMM: the format it is multiplied in, its FP8 scale, and where its amax goes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmOperand {
+    /// Format the operand is cast to before multiplying.
+    pub format: DType,
+    /// How an FP8 operand is scaled (ignored for wider formats, which are rounded unscaled).
+    pub scale: OperandScale,
+    /// Where to record the operand's amax (max |x| before scaling, max-accumulated) in the
+    /// `amax` buffer the linear ops take; `None`: not recorded.
+    pub amax_slot: Option<usize>,
+}
+
+impl GemmOperand {
+    /// `format`, current scaling without margin, amax not recorded.
+    pub fn plain(format: DType) -> Self {
+        Self {
+            format,
+            scale: OperandScale::Current { margin: 0 },
+            amax_slot: None,
+        }
+    }
+}
+
+/// The per-tensor scale of an FP8 GEMM operand.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OperandScale {
+    /// Current scaling: `numerics::scale_from_amax(amax(x), format, margin)` from the operand's
+    /// own amax, computed by the backend before the cast.
+    Current {
+        /// Power-of-two headroom below the format's max.
+        margin: i32,
+    },
+    /// A scale chosen by the caller: delayed scaling's (from the amax history of earlier steps)
+    /// or unit scaling's static 1. Must be a finite, positive power of two.
+    Fixed(f32),
 }
 
 /// Hyper-parameters of one AdamW update.
@@ -88,6 +139,9 @@ pub struct AdamWTensor<'a, Buf> {
     pub compute_copy: Option<&'a mut Buf>,
     /// Whether decoupled weight decay applies (not to biases and norms).
     pub decay: bool,
+    /// This tensor's learning rate is `lr_scale · lr` and its weight decay `weight_decay /
+    /// lr_scale` (so their product stays the same): unit scaling's per-tensor rates; 1 otherwise.
+    pub lr_scale: f32,
 }
 
 /// A compute device: buffers plus the op set of a GPT training step.
@@ -161,15 +215,22 @@ pub trait Backend {
     }
     /// `dst = src`, rounding into `dst`'s dtype (same length).
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
-    /// `out = a + b` (the residual connection).
-    fn residual_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// `out = sa·a + sb·b` with `scales = (sa, sb)`: the residual connection, a weighted add
+    /// under unit scaling and a plain sum (`(1, 1)`) otherwise.
+    fn residual_forward(
+        &self,
+        out: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        scales: (f32, f32),
+    ) -> Result<()>;
     /// `buf *= factor`.
     fn scale(&self, buf: &mut Self::Buf, factor: f32) -> Result<()>;
-    /// `out = gelu(inp)` with the tanh approximation.
-    fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
-    /// `d = gelu'(inp) ⊙ d` in place (`d` holds the output gradient on entry, the input gradient
-    /// on return).
-    fn gelu_backward(&self, d: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
+    /// `out = scale · gelu(inp)` with the tanh approximation (`scale` is 1 outside unit scaling).
+    fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf, scale: f32) -> Result<()>;
+    /// `d = scale · gelu'(inp) ⊙ d` in place (`d` holds the output gradient on entry, the input
+    /// gradient on return): the exact derivative of the forward with the same `scale`.
+    fn gelu_backward(&self, d: &mut Self::Buf, inp: &Self::Buf, scale: f32) -> Result<()>;
     /// Inverted dropout in place with a counter-based mask derived from `seed`.
     fn dropout_forward(&self, x: &mut Self::Buf, p: f32, seed: u64) -> Result<()>;
     /// Backward of [`Backend::dropout_forward`] with the same `p` and `seed`, in place.
@@ -177,7 +238,9 @@ pub trait Backend {
 
     // ---- layers ----------------------------------------------------------------------------
 
-    /// `out[n, oc] = inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` (`gemm.a` is inp's format, `gemm.b` w's).
+    /// `out[n, oc] = alpha · inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` run as `gemm` (a = inp, b = w).
+    /// Operands with an `amax_slot` record their amax into `amax` (an f32 buffer):
+    /// `amax[slot] = max(amax[slot], max|x|)`.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -189,11 +252,13 @@ pub trait Backend {
         ic: usize,
         oc: usize,
         gemm: GemmSpec,
+        amax: Option<&mut Self::Buf>,
     ) -> Result<()>;
 
-    /// Backward of [`Backend::linear_forward`]: `dinp = dout · w` (overwritten; skipped when
-    /// `None`) run as `dinp_gemm` (a = dout, b = w), `dw += doutᵀ · inp` run as `dw_gemm`
-    /// (a = dout, b = inp), `dbias += Σ_rows dout`.
+    /// Backward of [`Backend::linear_forward`]: `dinp = alpha · dout · w` (overwritten; skipped
+    /// when `None`) run as `dinp_gemm` (a = dout, b = w), `dw += alpha · doutᵀ · inp` run as
+    /// `dw_gemm` (a = dout, b = inp), `dbias += dw_gemm.alpha · Σ_rows dout` (the bias is a
+    /// weight column fed by ones). Amax slots as in the forward.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -208,10 +273,12 @@ pub trait Backend {
         oc: usize,
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
+        amax: Option<&mut Self::Buf>,
     ) -> Result<()>;
 
-    /// The MLP's up-projection and its GELU: `pre = inp · wᵀ + bias` and `out = gelu(pre)`
-    /// (both kept: the backward needs `pre`). Backends fuse the GELU into the GEMM's epilogue.
+    /// The MLP's up-projection and its GELU: [`Backend::linear_forward`] into `pre`, then
+    /// `out = gelu_scale · gelu(pre)` (both kept: the backward needs `pre`). Backends fuse the
+    /// GELU into the GEMM's epilogue.
     #[allow(clippy::too_many_arguments)]
     fn linear_gelu_forward(
         &self,
@@ -224,14 +291,17 @@ pub trait Backend {
         ic: usize,
         oc: usize,
         gemm: GemmSpec,
+        amax: Option<&mut Self::Buf>,
+        gelu_scale: f32,
     ) -> Result<()> {
-        self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm)?;
-        self.gelu_forward(out, pre)
+        self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm, amax)?;
+        self.gelu_forward(out, pre, gelu_scale)
     }
 
     /// Backward of `out = linear(gelu(pre))` (the MLP's down-projection): [`Backend::linear_backward`]
     /// with `inp = gelu_out = gelu(pre)`, except that the input gradient is carried through the
-    /// GELU: `dpre = (dout · w) ⊙ gelu'(pre)` (overwritten).
+    /// GELU of [`Backend::linear_gelu_forward`]: `dpre = gelu_scale · gelu'(pre) ⊙ (alpha ·
+    /// dout · w)` (overwritten).
     #[allow(clippy::too_many_arguments)]
     fn linear_gelu_backward(
         &self,
@@ -247,6 +317,8 @@ pub trait Backend {
         oc: usize,
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
+        amax: Option<&mut Self::Buf>,
+        gelu_scale: f32,
     ) -> Result<()> {
         self.linear_backward(
             Some(dpre),
@@ -260,8 +332,9 @@ pub trait Backend {
             oc,
             dinp_gemm,
             dw_gemm,
+            amax,
         )?;
-        self.gelu_backward(dpre, pre)
+        self.gelu_backward(dpre, pre, gelu_scale)
     }
 
     /// LayerNorm over rows of `c`; saves per-row `mean` and `rstd` (f32) for the backward.
@@ -278,8 +351,9 @@ pub trait Backend {
         c: usize,
     ) -> Result<()>;
 
-    /// `resid = a + b`, then [`Backend::layernorm_forward`] of `resid` into `out`: the residual
-    /// add that closes a block's branch, fused with the LayerNorm that opens the next one.
+    /// `resid = sa·a + sb·b` with `scales = (sa, sb)` (see [`Backend::residual_forward`]), then
+    /// [`Backend::layernorm_forward`] of `resid` into `out`: the residual add that closes a
+    /// block's branch, fused with the LayerNorm that opens the next one.
     #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_forward(
         &self,
@@ -289,17 +363,19 @@ pub trait Backend {
         rstd: &mut Self::Buf,
         a: &Self::Buf,
         b: &Self::Buf,
+        scales: (f32, f32),
         weight: &Self::Buf,
         bias: &Self::Buf,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        self.residual_forward(resid, a, b)?;
+        self.residual_forward(resid, a, b, scales)?;
         self.layernorm_forward(out, mean, rstd, resid, weight, bias, n, c)
     }
 
-    /// Backward of LayerNorm. `dinp += …` so it adds straight into the residual-stream gradient;
-    /// `dweight += …`, `dbias += …`.
+    /// Backward of LayerNorm. `dinp += sx · …` so it adds straight into the residual-stream
+    /// gradient; `dweight += sp · …`, `dbias += sp · …`, with `scales = (sx, sp)`: `(1, 1)` gives
+    /// the exact gradients, unit scaling passes its residual-branch and parameter-gradient scales.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
@@ -313,10 +389,12 @@ pub trait Backend {
         rstd: &Self::Buf,
         n: usize,
         c: usize,
+        scales: (f32, f32),
     ) -> Result<()>;
 
-    /// Fused causal self-attention over `qkv[b, t, 3c]` with `nh` heads; writes `out[b, t, c]`
-    /// and the per-row log-sum-exp `lse[b, nh, t]` (f32) that the backward needs.
+    /// Fused causal self-attention over `qkv[b, t, 3c]` with `nh` heads (scores scaled by
+    /// `1/√(c/nh)`); writes `out[b, t, c]` times `out_scale` (1 outside unit scaling) and the
+    /// per-row log-sum-exp `lse[b, nh, t]` (f32) that the backward needs.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
@@ -327,9 +405,11 @@ pub trait Backend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()>;
 
-    /// Backward of attention: overwrites `dqkv`.
+    /// Backward of attention, the exact derivative of the forward with the same `out_scale`
+    /// (which the saved `out` includes): overwrites `dqkv`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -342,9 +422,10 @@ pub trait Backend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()>;
 
-    /// `out[b·t, c] = wte[token] + wpe[position]`.
+    /// `out[b·t, c] = scale · (wte[token] + wpe[position])` (`scale` 1 outside unit scaling).
     #[allow(clippy::too_many_arguments)]
     fn embedding_forward(
         &self,
@@ -355,9 +436,12 @@ pub trait Backend {
         b: usize,
         t: usize,
         c: usize,
+        scale: f32,
     ) -> Result<()>;
 
-    /// Backward of the embeddings: `dwte += …`, `dwpe += …`.
+    /// Backward of the embeddings: `dwte += s_te · Σ dout`, `dwpe += s_pe · Σ dout` with
+    /// `scales = (s_te, s_pe)` (the forward scale times each table's gradient scale; `(1, 1)`
+    /// outside unit scaling).
     #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
@@ -368,6 +452,7 @@ pub trait Backend {
         b: usize,
         t: usize,
         c: usize,
+        scales: (f32, f32),
     ) -> Result<()>;
 
     /// Fused classifier: per-row cross-entropy `losses[n]` (f32) of `logits[n, vp]` against

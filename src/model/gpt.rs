@@ -12,7 +12,9 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::backend::Backend;
+use super::fp8::{self, Fp8State};
+use super::unit::UnitScales;
+use crate::backend::{Backend, GemmSpec};
 use crate::data::Rng;
 use crate::numerics::DType;
 use crate::precision::{GemmRole, Recipe};
@@ -156,6 +158,9 @@ pub struct Activations<B: Backend> {
     gelu_shared: Option<B::Buf>,
     grads: Option<GradScratch<B>>,
     dropout_seed: Option<u64>,
+    /// This step's amax per FP8 operand (delayed scaling, training only), max-accumulated by the
+    /// linear ops over the step's micro-batches.
+    amax: Option<B::Buf>,
 }
 
 impl<B: Backend> Activations<B> {
@@ -189,6 +194,8 @@ pub struct ParamBufs<'a, B: Backend> {
     pub grads: &'a [B::Buf],
     /// Low-precision compute copies (empty when the recipe has none).
     pub compute: &'a mut [B::Buf],
+    /// Per-parameter learning-rate multipliers (see [`Gpt::lr_scales`]).
+    pub lr_scales: &'a [f32],
 }
 
 /// A GPT-2 model on backend `B`.
@@ -201,6 +208,24 @@ pub struct Gpt<B: Backend> {
     compute: Vec<B::Buf>,
     grads: Vec<B::Buf>,
     recompute_gelu: bool,
+    /// Amax histories of the blocks' FP8 operands (delayed scaling only).
+    fp8: Option<Fp8State>,
+    /// Learning-rate multiplier per parameter (unit scaling; else all 1).
+    lr_scales: Vec<f32>,
+}
+
+/// Linear layers of a block, in FP8 slot order.
+const QKV: usize = 0;
+const PROJ: usize = 1;
+const FC: usize = 2;
+const FCPROJ: usize = 3;
+
+/// The three GEMMs of one linear layer.
+#[derive(Clone, Copy)]
+struct LinearGemms {
+    fwd: GemmSpec,
+    dx: GemmSpec,
+    dw: GemmSpec,
 }
 
 impl<B: Backend> Gpt<B> {
@@ -238,7 +263,8 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// A model with GPT-2's initialisation: N(0, 0.02) weights, residual projections scaled by
-    /// 1/√(2L), zero biases, unit LayerNorm gains, zero padded vocabulary rows.
+    /// 1/√(2L), zero biases, unit LayerNorm gains, zero padded vocabulary rows; under unit
+    /// scaling every weight matrix is N(0, 1) instead.
     pub fn new(
         backend: &B,
         cfg: GptConfig,
@@ -263,7 +289,10 @@ impl<B: Backend> Gpt<B> {
                 } else if s.shape.len() == 1 {
                     vec![0.0; n]
                 } else {
-                    let std = if s.name.ends_with("c_proj.weight") {
+                    // Unit scaling starts every weight at unit variance.
+                    let std = if recipe.unit_scaling {
+                        1.0
+                    } else if s.name.ends_with("c_proj.weight") {
                         resid_std
                     } else {
                         init_std
@@ -320,15 +349,102 @@ impl<B: Backend> Gpt<B> {
             grads.push(backend.alloc(recipe.grads, spec.numel())?);
         }
         Ok(Self {
-            cfg,
-            recipe,
             dropout,
             specs,
             master,
             compute,
             grads,
             recompute_gelu: false,
-        })
+            fp8: recipe
+                .delayed_fp8()
+                .then(|| Fp8State::new(cfg.n_layer, recipe.fp8.history, recipe.fp8.margin)),
+            lr_scales: Vec::new(),
+            cfg,
+            recipe,
+        }
+        .with_lr_scales())
+    }
+
+    fn with_lr_scales(mut self) -> Self {
+        self.lr_scales = self.lr_scales();
+        self
+    }
+
+    /// How each GEMM of each block's linear layers runs, indexed `layer · 4 + linear`: the
+    /// recipe's formats, with the amax histories' scales under delayed FP8 scaling.
+    fn block_gemms(&self, us: &UnitScales) -> Vec<LinearGemms> {
+        let mut out = Vec::with_capacity(self.cfg.n_layer * fp8::LINEARS);
+        for l in 0..self.cfg.n_layer {
+            for k in 0..fp8::LINEARS {
+                // Unit scaling: the input-gradient alpha equals the forward's (non-cut edge).
+                let mut g = LinearGemms {
+                    fwd: self.recipe.gemm(GemmRole::Forward).with_alpha(us.linear[k]),
+                    dx: self
+                        .recipe
+                        .gemm(GemmRole::InputGrad)
+                        .with_alpha(us.linear[k]),
+                    dw: self
+                        .recipe
+                        .gemm(GemmRole::WeightGrad)
+                        .with_alpha(us.weight_grad),
+                };
+                if let Some(f) = &self.fp8 {
+                    let op = |o| f.operand(fp8::slot(l, k, o));
+                    (g.fwd.a, g.fwd.b) = (op(fp8::X), op(fp8::W));
+                    (g.dx.a, g.dx.b) = (op(fp8::DY), op(fp8::W));
+                    (g.dw.a, g.dw.b) = (op(fp8::DY), op(fp8::X));
+                }
+                out.push(g);
+            }
+        }
+        out
+    }
+
+    /// The fixed op scales for batches of `b` sequences of `t` tokens: unit scaling's, or all
+    /// ones.
+    pub fn unit_scales(&self, b: usize, t: usize) -> UnitScales {
+        let c = &self.cfg;
+        if self.recipe.unit_scaling {
+            UnitScales::unit(c.n_embd, c.n_layer, c.block_size, c.vocab_size, b, b * t)
+        } else {
+            UnitScales::identity(c.n_layer, b * t)
+        }
+    }
+
+    /// Per-parameter learning-rate multipliers: 1, or under unit scaling `1/σ` for each matrix
+    /// whose standard init std is σ (see `model::unit`).
+    pub fn lr_scales(&self) -> Vec<f32> {
+        let base = self.recipe.base_init_std;
+        let resid = base / (2.0 * self.cfg.n_layer as f32).sqrt();
+        self.specs
+            .iter()
+            .map(|s| match (self.recipe.unit_scaling, s.shape.len()) {
+                (true, 2) if s.name.ends_with("c_proj.weight") => 1.0 / resid,
+                (true, 2) => 1.0 / base,
+                _ => 1.0,
+            })
+            .collect()
+    }
+
+    /// The FP8 amax histories (delayed scaling), if the recipe keeps them.
+    pub fn fp8_state(&self) -> Option<&Fp8State> {
+        self.fp8.as_ref()
+    }
+
+    /// Mutable FP8 amax histories, to restore them from a checkpoint.
+    pub fn fp8_state_mut(&mut self) -> Option<&mut Fp8State> {
+        self.fp8.as_mut()
+    }
+
+    /// End of an optimizer step under delayed FP8 scaling: pushes the step's amaxes (recorded
+    /// in `acts` by every micro-batch) into the histories and clears them for the next step, so
+    /// the next step's scales include this one. A no-op for other recipes.
+    pub fn finish_step(&mut self, backend: &B, acts: &mut Activations<B>) -> Result<()> {
+        let (Some(state), Some(amax)) = (self.fp8.as_mut(), acts.amax.as_mut()) else {
+            return Ok(());
+        };
+        state.record(&backend.download(amax)?)?;
+        backend.fill(amax, 0.0)
     }
 
     /// Recompute the MLP's GELU output in the backward instead of saving it per layer: saves
@@ -364,6 +480,7 @@ impl<B: Backend> Gpt<B> {
             master: &mut self.master,
             grads: &self.grads,
             compute: &mut self.compute,
+            lr_scales: &self.lr_scales,
         }
     }
 
@@ -452,6 +569,10 @@ impl<B: Backend> Gpt<B> {
             },
             grads,
             dropout_seed: None,
+            amax: match &self.fp8 {
+                Some(f) if training => Some(backend.alloc(DType::F32, f.slots())?),
+                _ => None,
+            },
         })
     }
 
@@ -495,9 +616,19 @@ impl<B: Backend> Gpt<B> {
                 &self.compute[i]
             }
         };
-        let fwd = self.recipe.gemm(GemmRole::Forward);
+        let us = self.unit_scales(b, t);
+        let gemms = self.block_gemms(&us);
 
-        backend.embedding_forward(&mut acts.encoded, &acts.tokens, w(WTE), w(WPE), b, t, c)?;
+        backend.embedding_forward(
+            &mut acts.encoded,
+            &acts.tokens,
+            w(WTE),
+            w(WPE),
+            b,
+            t,
+            c,
+            us.embed,
+        )?;
         if let Some(seed) = drop {
             backend.dropout_forward(&mut acts.encoded, p, site_seed(seed, 0, 0))?;
         }
@@ -546,9 +677,19 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 3 * c,
-                fwd,
+                gemms[l * 4 + QKV].fwd,
+                acts.amax.as_mut(),
             )?;
-            backend.attention_forward(&mut la.atty, &mut la.lse, &la.qkv, b, t, c, nh)?;
+            backend.attention_forward(
+                &mut la.atty,
+                &mut la.lse,
+                &la.qkv,
+                b,
+                t,
+                c,
+                nh,
+                us.attention,
+            )?;
             backend.linear_forward(
                 &mut acts.branch,
                 &la.atty,
@@ -557,7 +698,8 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 c,
-                fwd,
+                gemms[l * 4 + PROJ].fwd,
+                acts.amax.as_mut(),
             )?;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 0))?;
@@ -569,6 +711,7 @@ impl<B: Backend> Gpt<B> {
                 &mut la.ln2_rstd,
                 input,
                 &acts.branch,
+                us.residual[2 * l],
                 lp(LN2_W),
                 lp(LN2_B),
                 bt,
@@ -590,7 +733,9 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 4 * c,
-                fwd,
+                gemms[l * 4 + FC].fwd,
+                acts.amax.as_mut(),
+                us.gelu,
             )?;
             backend.linear_forward(
                 &mut acts.branch,
@@ -600,7 +745,8 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 4 * c,
                 c,
-                fwd,
+                gemms[l * 4 + FCPROJ].fwd,
+                acts.amax.as_mut(),
             )?;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
@@ -628,14 +774,25 @@ impl<B: Backend> Gpt<B> {
                 rstd,
                 &la.resid2,
                 &acts.branch,
+                us.residual[2 * l + 1],
                 ln_w,
                 ln_b,
                 bt,
                 c,
             )?;
         }
-        let head = self.recipe.head_gemm(GemmRole::Forward);
-        backend.linear_forward(&mut acts.logits, &acts.lnf, w(WTE), None, bt, c, vp, head)?;
+        let head = self.recipe.head_gemm(GemmRole::Forward).with_alpha(us.head);
+        backend.linear_forward(
+            &mut acts.logits,
+            &acts.lnf,
+            w(WTE),
+            None,
+            bt,
+            c,
+            vp,
+            head,
+            None,
+        )?;
         Ok(())
     }
 
@@ -758,7 +915,13 @@ impl<B: Backend> Gpt<B> {
         let bt = b * t;
         self.check_tokens(targets, "targets")?;
         backend.upload_tokens(&mut acts.targets, targets)?;
-        let dloss = loss_weight / bt as f32;
+        let us = self.unit_scales(b, t);
+        // Unit scaling gives the logit gradient unit variance instead of the mean's 1/N.
+        let dloss = if self.recipe.unit_scaling {
+            loss_weight * us.loss_grad
+        } else {
+            loss_weight / bt as f32
+        };
         backend.crossentropy_forward_backward(
             &mut acts.losses,
             &mut acts.logits,
@@ -772,6 +935,7 @@ impl<B: Backend> Gpt<B> {
         let Some(gs) = acts.grads.as_mut() else {
             bail!("internal error: backward on activations allocated without gradients");
         };
+        let gemms = self.block_gemms(&us);
         let (master, compute, grads) = (&self.master, &self.compute, &mut self.grads);
         let w = |i: usize| {
             if compute.is_empty() {
@@ -780,8 +944,7 @@ impl<B: Backend> Gpt<B> {
                 &compute[i]
             }
         };
-        let dx_spec = self.recipe.gemm(GemmRole::InputGrad);
-        let dw_spec = self.recipe.gemm(GemmRole::WeightGrad);
+
         let p = self.dropout;
         let drop = acts.dropout_seed;
         let nl = self.cfg.n_layer;
@@ -797,8 +960,13 @@ impl<B: Backend> Gpt<B> {
             bt,
             c,
             vp,
-            self.recipe.head_gemm(GemmRole::InputGrad),
-            self.recipe.head_gemm(GemmRole::WeightGrad),
+            self.recipe
+                .head_gemm(GemmRole::InputGrad)
+                .with_alpha(us.head),
+            self.recipe
+                .head_gemm(GemmRole::WeightGrad)
+                .with_alpha(us.weight_grad),
+            None,
         )?;
         backend.fill(&mut gs.dresid, 0.0)?;
         let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
@@ -815,6 +983,7 @@ impl<B: Backend> Gpt<B> {
             &acts.lnf_rstd,
             bt,
             c,
+            (1.0, us.norm_grad),
         )?;
 
         for l in (0..nl).rev() {
@@ -841,7 +1010,7 @@ impl<B: Backend> Gpt<B> {
                         .gelu_shared
                         .as_mut()
                         .ok_or_else(|| anyhow!("internal error: no GELU buffer"))?;
-                    backend.gelu_forward(shared, &la.fch)?;
+                    backend.gelu_forward(shared, &la.fch, us.gelu)?;
                     shared
                 }
             };
@@ -857,8 +1026,10 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 4 * c,
                 c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + FCPROJ].dx,
+                gemms[l * 4 + FCPROJ].dw,
+                acts.amax.as_mut(),
+                us.gelu,
             )?;
             let (dw, db) = pair_mut(grads, lp(FC_W), lp(FC_B));
             backend.linear_backward(
@@ -871,9 +1042,16 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 4 * c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + FC].dx,
+                gemms[l * 4 + FC].dw,
+                acts.amax.as_mut(),
             )?;
+            // Weighted residual: the skip's gradient is scaled by its weight, the branch's by
+            // its weight where it splits off (delayed from the add, see `model::unit`).
+            let (skip, branch) = us.residual[2 * l + 1];
+            if skip != 1.0 {
+                backend.scale(&mut gs.dresid, skip)?;
+            }
             let (dw, db) = pair_mut(grads, lp(LN2_W), lp(LN2_B));
             backend.layernorm_backward(
                 &mut gs.dresid,
@@ -886,6 +1064,7 @@ impl<B: Backend> Gpt<B> {
                 &la.ln2_rstd,
                 bt,
                 c,
+                (branch, us.norm_grad),
             )?;
 
             // Attention branch: resid2 = input + dropout(proj(attn(qkv(ln1(input))))).
@@ -907,8 +1086,9 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + PROJ].dx,
+                gemms[l * 4 + PROJ].dw,
+                acts.amax.as_mut(),
             )?;
             backend.attention_backward(
                 &mut gs.dqkv,
@@ -920,6 +1100,7 @@ impl<B: Backend> Gpt<B> {
                 t,
                 c,
                 nh,
+                us.attention,
             )?;
             let (dw, db) = pair_mut(grads, lp(QKV_W), lp(QKV_B));
             backend.linear_backward(
@@ -932,9 +1113,14 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 3 * c,
-                dx_spec,
-                dw_spec,
+                gemms[l * 4 + QKV].dx,
+                gemms[l * 4 + QKV].dw,
+                acts.amax.as_mut(),
             )?;
+            let (skip, branch) = us.residual[2 * l];
+            if skip != 1.0 {
+                backend.scale(&mut gs.dresid, skip)?;
+            }
             let (dw, db) = pair_mut(grads, lp(LN1_W), lp(LN1_B));
             backend.layernorm_backward(
                 &mut gs.dresid,
@@ -947,6 +1133,7 @@ impl<B: Backend> Gpt<B> {
                 &la.ln1_rstd,
                 bt,
                 c,
+                (branch, us.norm_grad),
             )?;
         }
 
@@ -958,7 +1145,7 @@ impl<B: Backend> Gpt<B> {
             drop.map(|s| site_seed(s, 0, 0)),
         )?;
         let (dwte, dwpe) = pair_mut(grads, WTE, WPE);
-        backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c)?;
+        backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c, us.embed_grads)?;
         // Read the losses back only now: on a GPU the backward is already queued behind them,
         // so the wait does not leave the device idle mid-step.
         Ok(mean(&backend.download(&acts.losses)?))
@@ -1008,7 +1195,7 @@ fn mean(losses: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cpu::{CpuBackend, CpuBuf};
     use crate::config::RecipeName;
 
     fn tiny() -> GptConfig {
@@ -1044,34 +1231,36 @@ mod tests {
 
     /// Every parameter gradient of the whole model against central finite differences in f64.
     fn check_model_gradients(dropout: f32) {
+        check_model_gradients_of(Recipe::new(RecipeName::Fp32), dropout);
+    }
+
+    /// With `recipe`'s op scales; under unit scaling each parameter's gradient is a known
+    /// constant multiple of the true one ([`Gpt::unit_grad_ratios`]), divided out here.
+    fn check_model_gradients_of(recipe: Recipe, dropout: f32) {
         let be = CpuBackend::<f64>::new();
         let cfg = tiny();
         let values = random_values(&cfg, 11);
         let inputs = [1u32, 5, 2, 6, 0, 3, 3, 4];
         let targets = [5u32, 2, 6, 0, 3, 3, 4, 1];
         let seed = 99;
-        let mut model = Gpt::from_values(
-            &be,
-            cfg.clone(),
-            Recipe::new(RecipeName::Fp32),
-            dropout,
-            &values,
-        )
-        .unwrap();
+        let mut model =
+            Gpt::from_values(&be, cfg.clone(), recipe.clone(), dropout, &values).unwrap();
         let mut acts = model.activations(&be, 2, 4, true).unwrap();
         model.zero_grads(&be).unwrap();
         model
             .forward_backward(&be, &mut acts, &inputs, &targets, 1.0, seed)
             .unwrap();
+        let ratios = model.unit_grad_ratios(2, 4);
         let analytic: Vec<Vec<f64>> = model
             .grads()
             .iter()
-            .map(|g| g.as_slice().to_vec())
+            .zip(&ratios)
+            .map(|(g, r)| g.as_slice().iter().map(|x| x / r).collect())
             .collect();
 
         // The loss as a function of the parameters, in f64 throughout.
         let loss_at = |values: &[Vec<f64>]| -> f64 {
-            let model = model_f64(&be, &cfg, dropout, values);
+            let model = model_f64(&be, &cfg, &recipe, dropout, values);
             let mut acts = model.activations(&be, 2, 4, false).unwrap();
             model.forward(&be, &mut acts, &inputs, Some(seed)).unwrap();
             model.loss_f64(&be, &mut acts, &targets)
@@ -1105,19 +1294,13 @@ mod tests {
     fn model_f64(
         be: &CpuBackend<f64>,
         cfg: &GptConfig,
+        recipe: &Recipe,
         dropout: f32,
         values: &[Vec<f64>],
     ) -> Gpt<CpuBackend<f64>> {
         let specs = Gpt::<CpuBackend<f64>>::param_specs(cfg);
         let zeros: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.0; s.numel()]).collect();
-        let mut model = Gpt::from_values(
-            be,
-            cfg.clone(),
-            Recipe::new(RecipeName::Fp32),
-            dropout,
-            &zeros,
-        )
-        .unwrap();
+        let mut model = Gpt::from_values(be, cfg.clone(), recipe.clone(), dropout, &zeros).unwrap();
         for (buf, v) in model.master.iter_mut().zip(values) {
             *buf = be.buf_from(DType::F32, v);
         }
@@ -1125,6 +1308,51 @@ mod tests {
     }
 
     impl Gpt<CpuBackend<f64>> {
+        /// Per parameter, the factor between the gradient the backward computes and the true
+        /// gradient of the mean loss (all 1 outside unit scaling); see `model::unit`.
+        fn unit_grad_ratios(&self, b: usize, t: usize) -> Vec<f64> {
+            let us = self.unit_scales(b, t);
+            if !self.recipe.unit_scaling {
+                return vec![1.0; self.specs.len()];
+            }
+            let f = |x: f32| f64::from(x);
+            // The logit gradient: V/√(V−1) per token instead of the mean's 1/N.
+            let c = f(us.loss_grad) * (b * t) as f64;
+            let wg = f(us.weight_grad);
+            let mut r = vec![0.0; self.specs.len()];
+            r[WTE] = c * wg / f(us.head);
+            // The tied table's two edges carry the same factor (the constraint).
+            assert!((r[WTE] - c * f(us.embed_grads.0) / f(us.embed)).abs() < 1e-6 * r[WTE]);
+            r[WPE] = c * f(us.embed_grads.1) / f(us.embed);
+            for l in 0..self.cfg.n_layer {
+                // Inside a branch the gradient is the stream's over the branch weight.
+                let attn = c / f(us.residual[2 * l].1);
+                let mlp = c / f(us.residual[2 * l + 1].1);
+                let lp = |k| layer_param(l, k);
+                let ng = f(us.norm_grad);
+                for (k, v) in [
+                    (LN1_W, attn * ng),
+                    (LN1_B, attn * ng),
+                    (QKV_W, attn * wg / f(us.linear[QKV])),
+                    (QKV_B, attn * wg),
+                    (PROJ_W, attn * wg / f(us.linear[PROJ])),
+                    (PROJ_B, attn * wg),
+                    (LN2_W, mlp * ng),
+                    (LN2_B, mlp * ng),
+                    (FC_W, mlp * wg / f(us.linear[FC])),
+                    (FC_B, mlp * wg),
+                    (FCPROJ_W, mlp * wg / f(us.linear[FCPROJ])),
+                    (FCPROJ_B, mlp * wg),
+                ] {
+                    r[lp(k)] = v;
+                }
+            }
+            let nl = self.cfg.n_layer;
+            r[layer_param(nl, 0)] = c * f(us.norm_grad);
+            r[layer_param(nl, 1)] = c * f(us.norm_grad);
+            r
+        }
+
         fn loss_f64(
             &self,
             be: &CpuBackend<f64>,
@@ -1154,6 +1382,17 @@ mod tests {
     #[test]
     fn whole_model_gradients_match_finite_differences_with_dropout() {
         check_model_gradients(0.25);
+    }
+
+    /// The unit-scaled graph (in f64, without its FP8/fp16 rounding) computes gradients that
+    /// are per-tensor constant multiples of the true gradients of its own forward, which is
+    /// what makes it train like an unscaled model under Adam (the paper's Theorem 5.2).
+    #[test]
+    fn unit_scaled_gradients_are_scaled_true_gradients() {
+        let mut recipe = Recipe::new(RecipeName::Fp8Unit);
+        (recipe.activations, recipe.compute_weights) = (DType::F32, DType::F32);
+        recipe.fp8_gemms = false;
+        check_model_gradients_of(recipe, 0.0);
     }
 
     #[test]
@@ -1211,6 +1450,313 @@ mod tests {
                 "fp32 {l32} vs {recipe} {low}"
             );
         }
+    }
+
+    #[test]
+    fn delayed_fp8_scales_lag_the_amax_by_exactly_one_step() {
+        use crate::backend::OperandScale;
+        use crate::numerics::scale_from_amax;
+        let be = CpuBackend::<f32>::new();
+        let cfg = tiny();
+        let values = random_values(&cfg, 4);
+        let mut recipe = Recipe::new(RecipeName::Fp8);
+        recipe.fp8.history = 1;
+        let mut m = Gpt::from_values(&be, cfg.clone(), recipe, 0.0, &values).unwrap();
+        let mut a = m.activations(&be, 2, 4, true).unwrap();
+        let (x, dy) = (fp8::slot(0, QKV, fp8::X), fp8::slot(0, QKV, fp8::DY));
+        let amax = |buf: &CpuBuf<f32>| buf.as_slice().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let batches = [
+            ([1u32, 5, 2, 6, 0, 3, 3, 4], [5u32, 2, 6, 0, 3, 3, 4, 1]),
+            ([6, 6, 1, 0, 2, 2, 5, 4], [6, 1, 0, 2, 2, 5, 4, 0]),
+            ([3, 1, 4, 1, 5, 2, 6, 5], [1, 4, 1, 5, 2, 6, 5, 3]),
+        ];
+        let mut previous: Option<(f32, f32)> = None;
+        for (inputs, targets) in batches {
+            let g = m.block_gemms(&m.unit_scales(2, 4))[QKV];
+            let want = |slot: usize, amax: Option<f32>| match amax {
+                None => OperandScale::Current { margin: 0 },
+                Some(a) => OperandScale::Fixed(scale_from_amax(a, Fp8State::format(slot), 0)),
+            };
+            // This step's scales come from the previous step's amaxes only.
+            assert_eq!(g.fwd.a.scale, want(x, previous.map(|p| p.0)));
+            assert_eq!(
+                g.dw.b.scale, g.fwd.a.scale,
+                "x has one scale in both its GEMMs"
+            );
+            assert_eq!(g.dx.a.scale, want(dy, previous.map(|p| p.1)));
+            m.forward_backward(&be, &mut a, &inputs, &targets, 1.0, 0)
+                .unwrap();
+            let now = (
+                amax(&a.layers[0].ln1),
+                amax(&a.grads.as_ref().unwrap().dqkv),
+            );
+            // Nothing is recorded into the histories until the step ends.
+            assert_eq!(
+                g.fwd.a.scale,
+                m.block_gemms(&m.unit_scales(2, 4))[QKV].fwd.a.scale
+            );
+            m.finish_step(&be, &mut a).unwrap();
+            let (shape, hist) = m.fp8_state().unwrap().to_tensor();
+            assert_eq!(shape[1], 1);
+            assert_eq!((hist[x], hist[dy]), now, "the step's own amax is recorded");
+            assert!(
+                previous != Some(now),
+                "batches must differ for the test to mean anything"
+            );
+            previous = Some(now);
+        }
+    }
+
+    fn std_of(values: &[f32]) -> f64 {
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        var.sqrt()
+    }
+
+    /// Unit scaling's promise, op by op at the default model's shapes (width 128, 4 heads,
+    /// context 64, batch 12, 65 characters): with unit-normal inputs and output gradients, each
+    /// scaled op's output and gradients have a standard deviation near 1. Where an op's forward
+    /// and backward scales are tied by the cut-edge rule the geometric mean sits between them,
+    /// so the two can each be off by up to (fan_out/fan_in)^¼ = 1.41 for the 4× MLP.
+    #[test]
+    fn unit_scaled_ops_have_unit_std_at_model_shapes() {
+        use crate::backend::GemmSpec;
+        let be = CpuBackend::<f32>::new();
+        let (b, t, c, nh, v, vp) = (12, 64, 128, 4, 65, 128);
+        let n = b * t;
+        let us = super::UnitScales::unit(c, 4, t, v, b, n);
+        let mut rng = Rng::new(7);
+        let mut normal = |len: usize| {
+            let vals: Vec<f32> = (0..len).map(|_| rng.normal_f32()).collect();
+            be.buf_from(DType::F32, &vals)
+        };
+        let mut seen = Vec::new();
+        let mut check = |what: String, buf: &CpuBuf<f32>| {
+            let s = std_of(buf.as_slice());
+            seen.push(format!("{what} {s:.3}"));
+            assert!((0.6..1.6).contains(&s), "{what}: std {s}");
+        };
+        let f32b = |len| be.alloc(DType::F32, len).unwrap();
+        let linears = [
+            ("qkv", QKV, c, 3 * c),
+            ("proj", PROJ, c, c),
+            ("fc", FC, c, 4 * c),
+            ("fcproj", FCPROJ, 4 * c, c),
+        ];
+        for (name, k, ic, oc) in linears {
+            let (x, w, dy) = (normal(n * ic), normal(oc * ic), normal(n * oc));
+            let fwd = GemmSpec::both(DType::F32).with_alpha(us.linear[k]);
+            let dw_spec = GemmSpec::both(DType::F32).with_alpha(us.weight_grad);
+            let mut y = f32b(n * oc);
+            be.linear_forward(&mut y, &x, &w, None, n, ic, oc, fwd, None)
+                .unwrap();
+            let (mut dx, mut dw, mut db) = (f32b(n * ic), f32b(oc * ic), f32b(oc));
+            be.linear_backward(
+                Some(&mut dx),
+                &mut dw,
+                Some(&mut db),
+                &dy,
+                &x,
+                &w,
+                n,
+                ic,
+                oc,
+                fwd,
+                dw_spec,
+                None,
+            )
+            .unwrap();
+            for (what, buf) in [("out", &y), ("dx", &dx), ("dw", &dw), ("dbias", &db)] {
+                check(format!("{name} {what}"), buf);
+            }
+        }
+        // LM head (tied, no bias): forward and input gradient share V^-½.
+        let (hx, hw, dy) = (normal(n * c), normal(vp * c), normal(n * vp));
+        let head = GemmSpec::both(DType::F32).with_alpha(us.head);
+        let (mut dx, mut dw) = (f32b(n * c), f32b(vp * c));
+        let dw_spec = GemmSpec::both(DType::F32).with_alpha(us.weight_grad);
+        be.linear_backward(
+            Some(&mut dx),
+            &mut dw,
+            None,
+            &dy,
+            &hx,
+            &hw,
+            n,
+            c,
+            vp,
+            head,
+            dw_spec,
+            None,
+        )
+        .unwrap();
+        check("head dx".into(), &dx);
+        check("head dw".into(), &dw);
+        // GELU.
+        let (x, mut dx) = (normal(n * 4 * c), normal(n * 4 * c));
+        let mut y = f32b(n * 4 * c);
+        be.gelu_forward(&mut y, &x, us.gelu).unwrap();
+        be.gelu_backward(&mut dx, &x, us.gelu).unwrap();
+        check("gelu out".into(), &y);
+        check("gelu dx".into(), &dx);
+        // Attention.
+        let (qkv, dy) = (normal(n * 3 * c), normal(n * c));
+        let (mut out, mut lse, mut dqkv) = (f32b(n * c), f32b(b * nh * t), f32b(n * 3 * c));
+        be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh, us.attention)
+            .unwrap();
+        be.attention_backward(&mut dqkv, &dy, &qkv, &out, &lse, b, t, c, nh, us.attention)
+            .unwrap();
+        check("attention out".into(), &out);
+        check("attention dqkv".into(), &dqkv);
+        // Weighted residual adds.
+        for (k, &scales) in us.residual.iter().enumerate() {
+            let (skip, branch) = (normal(n * c), normal(n * c));
+            let mut out = f32b(n * c);
+            be.residual_forward(&mut out, &skip, &branch, scales)
+                .unwrap();
+            check(format!("residual {k} out"), &out);
+        }
+        // Embeddings.
+        let (wte, wpe) = (normal(vp * c), normal(t * c));
+        let tokens: Vec<u32> = (0..n as u32).map(|i| i * 7 % v as u32).collect();
+        let mut out = f32b(n * c);
+        be.embedding_forward(&mut out, &tokens, &wte, &wpe, b, t, c, us.embed)
+            .unwrap();
+        check("embedding out".into(), &out);
+        let (mut dwte, mut dwpe) = (f32b(vp * c), f32b(t * c));
+        be.embedding_backward(&mut dwte, &mut dwpe, &dy, &tokens, b, t, c, us.embed_grads)
+            .unwrap();
+        let used = &dwte.as_slice()[..v * c];
+        let s = std_of(used);
+        assert!((0.6..1.6).contains(&s), "embedding dwte std {s}");
+        check("embedding dwpe".into(), &dwpe);
+        // The loss gradient at the head's unit-scaled initial logits.
+        let mut logits = f32b(n * vp);
+        be.linear_forward(&mut logits, &hx, &hw, None, n, c, vp, head, None)
+            .unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|i| i * 5 % v as u32).collect();
+        let mut losses = f32b(n);
+        be.crossentropy_forward_backward(
+            &mut losses,
+            &mut logits,
+            &targets,
+            n,
+            v,
+            vp,
+            us.loss_grad,
+        )
+        .unwrap();
+        let real: Vec<f32> = logits
+            .as_slice()
+            .chunks(vp)
+            .flat_map(|row| row[..v].to_vec())
+            .collect();
+        let s = std_of(&real);
+        assert!((0.6..1.6).contains(&s), "dlogits std {s}");
+        eprintln!("{}", seen.join(", "));
+    }
+
+    /// The whole fp8-unit model at initialisation (FP8 GEMMs, fp16 tensors): every saved
+    /// activation, the residual-stream and branch gradients, and the weight gradients sit near
+    /// unit scale, so FP8 with scale 1 and fp16 without loss scaling have headroom both ways.
+    #[test]
+    fn fp8_unit_model_is_unit_scaled_at_init() {
+        let be = CpuBackend::<f32>::new();
+        let cfg = GptConfig {
+            n_layer: 2,
+            n_head: 4,
+            n_embd: 128,
+            block_size: 64,
+            vocab_size: 65,
+            padded_vocab_size: 128,
+        };
+        let recipe = Recipe::new(RecipeName::Fp8Unit);
+        let mut m = Gpt::new(&be, cfg, recipe, 0.0, 0.02, 3).unwrap();
+        let (b, t) = (4, 64);
+        let mut rng = Rng::new(9);
+        let mut tokens = || -> Vec<u32> { (0..b * t).map(|_| rng.below(65) as u32).collect() };
+        let (inputs, targets) = (tokens(), tokens());
+        let mut a = m.activations(&be, b, t, true).unwrap();
+        m.forward_backward(&be, &mut a, &inputs, &targets, 1.0, 0)
+            .unwrap();
+        let mut seen = Vec::new();
+        for p in m.probe_tensors(&a) {
+            let s = std_of(p.buf.as_slice());
+            seen.push(format!("{} {} {s:.2}", p.name, p.role));
+            match p.role {
+                "activation" => assert!((0.5..2.0).contains(&s), "{} std {s}", p.name),
+                "grad" if p.name.ends_with("weight") && !p.name.contains("ln_") => {
+                    assert!((0.3..3.0).contains(&s), "{} grad std {s}", p.name)
+                }
+                _ => {}
+            }
+        }
+        let gs = a.grads.as_ref().unwrap();
+        for (name, buf) in [
+            ("d embeddings", &gs.dresid),
+            ("d qkv", &gs.dqkv),
+            ("d attn out", &gs.datty),
+            ("d fc", &gs.dfch),
+        ] {
+            let s = std_of(buf.as_slice());
+            seen.push(format!("{name} {s:.2}"));
+            assert!((0.3..3.0).contains(&s), "{name} std {s}");
+        }
+        eprintln!("{}", seen.join(", "));
+    }
+
+    /// Folding the unit scales into the weights gives a standard GPT-2 with the same logits
+    /// (to LayerNorm-epsilon effects), which is what checkpoints export for Hugging Face.
+    #[test]
+    fn folded_unit_weights_are_the_same_standard_gpt2() {
+        let be = CpuBackend::<f64>::new();
+        let cfg = tiny();
+        let mut unit = Recipe::new(RecipeName::Fp8Unit);
+        (unit.activations, unit.compute_weights) = (DType::F32, DType::F32);
+        unit.fp8_gemms = false;
+        let values = random_values(&cfg, 21);
+        let factors = super::super::unit::fold_factors(
+            cfg.n_embd,
+            cfg.n_layer,
+            cfg.block_size,
+            cfg.vocab_size,
+        );
+        let folded = super::super::unit::fold(&values, &factors);
+        let back = super::super::unit::unfold(&folded, &factors);
+        for (a, b) in back.iter().zip(&values) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+                    "unfold {x} vs {y}"
+                );
+            }
+        }
+        let inputs = [1u32, 5, 2, 6, 0, 3, 3, 4];
+        let logits = |recipe: Recipe, values: &[Vec<f32>]| {
+            let m = Gpt::from_values(&be, cfg.clone(), recipe, 0.0, values).unwrap();
+            let mut a = m.activations(&be, 2, 4, false).unwrap();
+            m.forward(&be, &mut a, &inputs, None).unwrap();
+            (0..8)
+                .flat_map(|r| m.logits_row(&be, &a, r).unwrap())
+                .collect::<Vec<f32>>()
+        };
+        let want = logits(unit, &values);
+        let got = logits(Recipe::new(RecipeName::Fp32), &folded);
+        let err = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err < 1e-4, "folded logits differ by {err}");
+        assert!(
+            factors.iter().any(|&k| (k - 1.0).abs() > 0.1),
+            "folding must do something"
+        );
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! out next to its forward, as in llm.c. That keeps memory planning (which activations are saved,
 //! which gradient buffers are shared) and precision (which format each tensor has) in our hands.
 
+pub mod fp8;
 mod gpt;
+pub mod unit;
 
+pub use fp8::Fp8State;
 pub use gpt::{Activations, Gpt, GptConfig, ParamBufs, ParamSpec, ProbedTensor};

@@ -179,8 +179,9 @@ pub fn matmul<T: Real>(
     }
 }
 
-/// Linear layer forward: `out[n, oc] = inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` (weight stored like
-/// `torch.nn.Linear`).
+/// Linear layer forward: `out[n, oc] = alpha · inp[n, ic] · w[oc, ic]ᵀ + bias[oc]` (weight
+/// stored like `torch.nn.Linear`).
+#[allow(clippy::too_many_arguments)]
 pub fn linear_forward<T: Real>(
     out: &mut [T],
     inp: &[T],
@@ -189,6 +190,7 @@ pub fn linear_forward<T: Real>(
     n: usize,
     ic: usize,
     oc: usize,
+    alpha: T,
 ) {
     debug_assert_eq!(out.len(), n * oc);
     debug_assert_eq!(inp.len(), n * ic);
@@ -204,12 +206,13 @@ pub fn linear_forward<T: Real>(
         }
         None => T::zero(),
     };
-    matmul(out, inp, w, n, oc, ic, false, true, T::one(), beta);
+    matmul(out, inp, w, n, oc, ic, false, true, alpha, beta);
 }
 
-/// Linear layer backward for `out = inp · wᵀ + bias`:
-/// `dinp = dout · w` (added to `dinp` when `accumulate_dinp`, else overwriting it),
-/// `dw += doutᵀ · inp`, `dbias += Σ_rows dout` (deterministic column sums).
+/// Linear layer backward for `out = alpha · inp · wᵀ + bias`, with each gradient scaled on its
+/// own: `dinp = alphas.0 · dout · w` (added to `dinp` when `accumulate_dinp`, else overwriting
+/// it), `dw += alphas.1 · doutᵀ · inp`, `dbias += alphas.1 · Σ_rows dout` (deterministic column
+/// sums). `alphas.0 == alpha` gives the exact input gradient; unit scaling may pick another.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward<T: Real>(
     dinp: &mut [T],
@@ -222,6 +225,7 @@ pub fn linear_backward<T: Real>(
     ic: usize,
     oc: usize,
     accumulate_dinp: bool,
+    alphas: (T, T),
 ) {
     debug_assert_eq!(dinp.len(), n * ic);
     debug_assert_eq!(dw.len(), oc * ic);
@@ -229,17 +233,19 @@ pub fn linear_backward<T: Real>(
     debug_assert_eq!(inp.len(), n * ic);
     debug_assert_eq!(w.len(), oc * ic);
     let dinp_beta = if accumulate_dinp { T::one() } else { T::zero() };
-    matmul(dinp, dout, w, n, ic, oc, false, false, T::one(), dinp_beta);
-    matmul(dw, dout, inp, oc, ic, n, true, false, T::one(), T::one());
+    matmul(dinp, dout, w, n, ic, oc, false, false, alphas.0, dinp_beta);
+    matmul(dw, dout, inp, oc, ic, n, true, false, alphas.1, T::one());
     if let Some(dbias) = dbias {
         debug_assert_eq!(dbias.len(), oc);
-        bias_backward(dbias, dout, n, oc);
+        bias_backward(dbias, dout, n, oc, alphas.1);
     }
 }
 
-/// `dst[j] += Σ_i src[i, j]` over `rows` rows of width `cols`, summing rows in order within fixed
-/// column blocks (parallel over blocks, so the result does not depend on threads).
-pub fn bias_backward<T: Real>(dst: &mut [T], src: &[T], rows: usize, cols: usize) {
+/// `dst[j] += scale · Σ_i src[i, j]` over `rows` rows of width `cols`, summing rows in order
+/// within fixed column blocks (parallel over blocks, so the result does not depend on threads).
+/// With `scale == 1` the rows are added straight into `dst`; otherwise they are summed first and
+/// the sum is scaled once.
+pub fn bias_backward<T: Real>(dst: &mut [T], src: &[T], rows: usize, cols: usize, scale: T) {
     debug_assert_eq!(dst.len(), cols);
     debug_assert_eq!(src.len(), rows * cols);
     dst.par_chunks_mut(COLUMN_BLOCK)
@@ -247,10 +253,28 @@ pub fn bias_backward<T: Real>(dst: &mut [T], src: &[T], rows: usize, cols: usize
         .with_min_len(min_items(rows * COLUMN_BLOCK))
         .for_each(|(block, dst_block)| {
             let c0 = block * COLUMN_BLOCK;
+            let mut sums = vec![
+                T::zero();
+                if scale == T::one() {
+                    0
+                } else {
+                    dst_block.len()
+                }
+            ];
+            let acc: &mut [T] = if sums.is_empty() {
+                &mut *dst_block
+            } else {
+                &mut sums
+            };
             for r in 0..rows {
-                let src_row = &src[r * cols + c0..][..dst_block.len()];
-                for (d, &s) in dst_block.iter_mut().zip(src_row) {
+                let src_row = &src[r * cols + c0..][..acc.len()];
+                for (d, &s) in acc.iter_mut().zip(src_row) {
                     *d += s;
+                }
+            }
+            if !sums.is_empty() {
+                for (d, &s) in dst_block.iter_mut().zip(&sums) {
+                    *d += scale * s;
                 }
             }
         });
@@ -305,8 +329,9 @@ pub fn layernorm_forward<T: Real>(
         });
 }
 
-/// LayerNorm backward: `dinp += ∂L/∂inp` (accumulates into the residual-stream gradient),
-/// `dw += Σ_rows dout·x̂`, `db += Σ_rows dout`, from the `mean`/`rstd` saved by the forward.
+/// LayerNorm backward: `dinp += dinp_scale · ∂L/∂inp` (accumulates into the residual-stream
+/// gradient), `dw += param_scale · Σ_rows dout·x̂`, `db += param_scale · Σ_rows dout`, from the
+/// `mean`/`rstd` saved by the forward. Both scales are 1 outside unit scaling.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward<T: Real>(
     dinp: &mut [T],
@@ -319,6 +344,7 @@ pub fn layernorm_backward<T: Real>(
     rstd: &[T],
     n: usize,
     c: usize,
+    (dinp_scale, param_scale): (T, T),
 ) {
     debug_assert_eq!(dinp.len(), n * c);
     debug_assert_eq!(dw.len(), c);
@@ -350,9 +376,10 @@ pub fn layernorm_backward<T: Real>(
             }
             let mean_dxhat = sum_dxhat * inv_c;
             let mean_dxhat_xhat = sum_dxhat_xhat * inv_c;
+            let rs_scaled = rs * dinp_scale;
             for (((d, &xv), &gv), &wv) in dinp_row.iter_mut().zip(x).zip(g).zip(w) {
                 let xhat = (xv - mu) * rs;
-                *d += (gv * wv - mean_dxhat - xhat * mean_dxhat_xhat) * rs;
+                *d += (gv * wv - mean_dxhat - xhat * mean_dxhat_xhat) * rs_scaled;
             }
         });
     // Parameter gradients: fixed column blocks, rows summed in order.
@@ -363,15 +390,32 @@ pub fn layernorm_backward<T: Real>(
         .for_each(|(block, (dw_block, db_block))| {
             let c0 = block * COLUMN_BLOCK;
             let width = dw_block.len();
+            // With a scale, the column sums are formed first and scaled once.
+            let scaled = param_scale != T::one();
+            let mut sums = vec![T::zero(); if scaled { 2 * width } else { 0 }];
+            let (sw, sb) = sums.split_at_mut(if scaled { width } else { 0 });
+            let (acc_w, acc_b): (&mut [T], &mut [T]) = if scaled {
+                (sw, sb)
+            } else {
+                (&mut *dw_block, &mut *db_block)
+            };
             for i in 0..n {
                 let (mu, rs) = (mean[i], rstd[i]);
                 let x = &inp[i * c + c0..][..width];
                 let g = &dout[i * c + c0..][..width];
-                for (((dwj, dbj), &xv), &gv) in
-                    dw_block.iter_mut().zip(db_block.iter_mut()).zip(x).zip(g)
+                for (((dwj, dbj), &xv), &gv) in acc_w.iter_mut().zip(acc_b.iter_mut()).zip(x).zip(g)
                 {
                     *dwj += gv * ((xv - mu) * rs);
                     *dbj += gv;
+                }
+            }
+            if scaled {
+                let (sw, sb) = sums.split_at(width);
+                for (d, &v) in dw_block.iter_mut().zip(sw) {
+                    *d += param_scale * v;
+                }
+                for (d, &v) in db_block.iter_mut().zip(sb) {
+                    *d += param_scale * v;
                 }
             }
         });
@@ -381,14 +425,16 @@ pub fn layernorm_backward<T: Real>(
 // Elementwise
 // ---------------------------------------------------------------------------------------------
 
-/// `out = a + b`, elementwise (the residual connection).
-pub fn residual_forward<T: Real>(out: &mut [T], a: &[T], b: &[T]) {
+/// `out = sa·a + sb·b`, elementwise (the residual connection; unit scaling weights its two
+/// terms, otherwise both scales are 1 and this is a plain sum).
+pub fn residual_forward<T: Real>(out: &mut [T], a: &[T], b: &[T], (sa, sb): (T, T)) {
     debug_assert_eq!(out.len(), a.len());
     debug_assert_eq!(out.len(), b.len());
+    let plain = sa == T::one() && sb == T::one();
     for_each_chunk(out, |off, chunk| {
         let (a, b) = (&a[off..][..chunk.len()], &b[off..][..chunk.len()]);
         for ((o, &x), &y) in chunk.iter_mut().zip(a).zip(b) {
-            *o = x + y;
+            *o = if plain { x + y } else { sa * x + sb * y };
         }
     });
 }
@@ -425,25 +471,29 @@ fn sigmoid_2x<T: Real>(u: T) -> T {
     T::one() / (T::one() + (-(u + u)).exp())
 }
 
-/// GELU forward with the tanh approximation: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
-pub fn gelu_forward<T: Real>(out: &mut [T], inp: &[T]) {
+/// GELU forward with the tanh approximation, times `scale` (1 outside unit scaling):
+/// `scale·0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub fn gelu_forward<T: Real>(out: &mut [T], inp: &[T], scale: T) {
     debug_assert_eq!(out.len(), inp.len());
     let (s, k) = (cst::<T>(GELU_SCALE), cst::<T>(GELU_CUBIC));
+    let one = scale == T::one();
     for_each_chunk(out, |off, chunk| {
         let inp = &inp[off..][..chunk.len()];
         for (o, &x) in chunk.iter_mut().zip(inp) {
             let u = s * (x + k * x * x * x);
-            *o = x * sigmoid_2x(u);
+            let g = x * sigmoid_2x(u);
+            *o = if one { g } else { scale * g };
         }
     });
 }
 
-/// GELU backward in place: `d = gelu'(inp)·d` (`d` holds the output gradient on entry and the
-/// input gradient on return).
-pub fn gelu_backward<T: Real>(d: &mut [T], inp: &[T]) {
+/// GELU backward in place: `d = scale·gelu'(inp)·d` (`d` holds the output gradient on entry and
+/// the input gradient on return): the exact derivative of [`gelu_forward`] with the same `scale`.
+pub fn gelu_backward<T: Real>(d: &mut [T], inp: &[T], scale: T) {
     debug_assert_eq!(d.len(), inp.len());
     let (s, k, two) = (cst::<T>(GELU_SCALE), cst::<T>(GELU_CUBIC), cst::<T>(2.0));
     let three_k = cst::<T>(3.0 * GELU_CUBIC);
+    let one = scale == T::one();
     for_each_chunk(d, |off, chunk| {
         let x = &inp[off..][..chunk.len()];
         for (dv, &xv) in chunk.iter_mut().zip(x) {
@@ -451,7 +501,11 @@ pub fn gelu_backward<T: Real>(d: &mut [T], inp: &[T]) {
             let sig = sigmoid_2x(s * (xv + k * xv * xv * xv));
             let du_dx = s * (T::one() + three_k * xv * xv);
             let local = sig + two * xv * sig * (T::one() - sig) * du_dx;
-            *dv = local * *dv;
+            *dv = if one {
+                local * *dv
+            } else {
+                scale * local * *dv
+            };
         }
     });
 }
@@ -473,7 +527,8 @@ fn gather_head<T: Real>(src: &[T], rows: usize, stride: usize, col: usize, hs: u
 /// Fused causal multi-head self-attention forward (flash-style: at most one row of scores per
 /// task). For batch `b`, head `h` (`hs = c/nh`) and query `t`, attends over keys `s ≤ t` with
 /// scores `q_t·k_s/√hs`, where q, k, v are the three `c`-wide thirds of `qkv[b, t, 3c]`.
-/// Writes `out[b, t, h·hs..]` and the log-sum-exp of the scores `lse[b, h, t]` for the backward.
+/// Writes `out[b, t, h·hs..]` (times `out_scale`, 1 outside unit scaling) and the log-sum-exp
+/// of the scores `lse[b, h, t]` for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<T: Real>(
     out: &mut [T],
@@ -483,6 +538,7 @@ pub fn attention_forward<T: Real>(
     t: usize,
     c: usize,
     nh: usize,
+    out_scale: T,
 ) {
     debug_assert_eq!(out.len(), b * t * c);
     debug_assert_eq!(lse.len(), b * nh * t);
@@ -521,7 +577,7 @@ pub fn attention_forward<T: Real>(
                     *score = (*score - max).exp();
                     sum += *score;
                 }
-                let inv_sum = T::one() / sum;
+                let inv_sum = out_scale / sum;
                 let o = &mut out_h[ti * hs..][..hs];
                 for (s, &e) in row.iter().enumerate() {
                     axpy(o, e * inv_sum, &v[s * hs..][..hs]);
@@ -546,6 +602,8 @@ pub fn attention_forward<T: Real>(
 /// `p_ts = exp(q_t·k_s/√hs − lse_t)` from the saved log-sum-exp instead of storing them, with
 /// `D_t = dout_t·out_t` and `dS_ts = p_ts·(dout_t·v_s − D_t)`:
 /// `dq_t = Σ_s dS_ts·k_s/√hs`, `dk_s = Σ_t dS_ts·q_t/√hs`, `dv_s = Σ_t p_ts·dout_t`.
+/// With an `out_scale` s (the forward's, which `out` includes) this is the exact derivative of
+/// the scaled forward: `dout` is read as `s·dout`, and `D_t = dout_t·out_t` is unchanged.
 /// Parallel over (batch, head), serial inside, so the sums have a fixed order.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Real>(
@@ -558,6 +616,7 @@ pub fn attention_backward<T: Real>(
     t: usize,
     c: usize,
     nh: usize,
+    out_scale: T,
 ) {
     debug_assert_eq!(dqkv.len(), b * t * 3 * c);
     debug_assert_eq!(dout.len(), b * t * c);
@@ -581,8 +640,15 @@ pub fn attention_backward<T: Real>(
             let q = gather_head(qkv_b, t, 3 * c, h * hs, hs);
             let k = gather_head(qkv_b, t, 3 * c, c + h * hs, hs);
             let v = gather_head(qkv_b, t, 3 * c, 2 * c + h * hs, hs);
-            let dout_h = gather_head(&dout[bi * t * c..][..t * c], t, c, h * hs, hs);
+            let mut dout_h = gather_head(&dout[bi * t * c..][..t * c], t, c, h * hs, hs);
             let out_h = gather_head(&out[bi * t * c..][..t * c], t, c, h * hs, hs);
+            // D_t = dout_t·out_t before dout is scaled (out already carries the scale).
+            let d: Vec<T> = (0..t)
+                .map(|ti| dot(&dout_h[ti * hs..][..hs], &out_h[ti * hs..][..hs]))
+                .collect();
+            if out_scale != T::one() {
+                dout_h.iter_mut().for_each(|g| *g *= out_scale);
+            }
             let lse_row = &lse[bh * t..][..t];
             let mut grads = vec![T::zero(); 3 * t * hs];
             let (dq, dkv) = grads.split_at_mut(t * hs);
@@ -590,7 +656,7 @@ pub fn attention_backward<T: Real>(
             for ti in 0..t {
                 let qt = &q[ti * hs..][..hs];
                 let dot_t = &dout_h[ti * hs..][..hs];
-                let d_t = dot(dot_t, &out_h[ti * hs..][..hs]);
+                let d_t = d[ti];
                 let dq_t = &mut dq[ti * hs..][..hs];
                 for s in 0..=ti {
                     let ks = &k[s * hs..][..hs];
@@ -625,8 +691,10 @@ pub fn attention_backward<T: Real>(
 // Embeddings
 // ---------------------------------------------------------------------------------------------
 
-/// Token + position embedding: `out[b·t + i] = wte[tokens[b·t + i]] + wpe[i]` for rows of width
-/// `c`; `wte` is `[vocab, c]`, `wpe` is `[max_t, c]` with `t ≤ max_t`.
+/// Token + position embedding: `out[b·t + i] = scale·(wte[tokens[b·t + i]] + wpe[i])` for rows
+/// of width `c` (`scale` is 1 outside unit scaling); `wte` is `[vocab, c]`, `wpe` is
+/// `[max_t, c]` with `t ≤ max_t`.
+#[allow(clippy::too_many_arguments)]
 pub fn embedding_forward<T: Real>(
     out: &mut [T],
     tokens: &[u32],
@@ -635,6 +703,7 @@ pub fn embedding_forward<T: Real>(
     b: usize,
     t: usize,
     c: usize,
+    scale: T,
 ) {
     debug_assert_eq!(out.len(), b * t * c);
     debug_assert_eq!(tokens.len(), b * t);
@@ -654,14 +723,20 @@ pub fn embedding_forward<T: Real>(
             );
             let (te, pe) = (&wte[tok * c..][..c], &wpe[(row % t) * c..][..c]);
             for ((o, &x), &y) in out_row.iter_mut().zip(te).zip(pe) {
-                *o = x + y;
+                *o = if scale == T::one() {
+                    x + y
+                } else {
+                    scale * (x + y)
+                };
             }
         });
 }
 
-/// Embedding backward: `dwte[tok] += dout[row]` for every row holding `tok`, and
-/// `dwpe[i] += Σ_b dout[b, i]`. Rows of `dwte` are accumulated in position order, grouped per
-/// token, so repeated tokens give the same bits on every run.
+/// Embedding backward: `dwte[tok] += wte_scale·Σ dout[row]` over the rows holding `tok`, and
+/// `dwpe[i] += wpe_scale·Σ_b dout[b, i]` (scales 1 outside unit scaling, where they are the
+/// forward scale times each table's gradient scale). Rows of `dwte` are accumulated in position
+/// order, grouped per token, so repeated tokens give the same bits on every run.
+#[allow(clippy::too_many_arguments)]
 pub fn embedding_backward<T: Real>(
     dwte: &mut [T],
     dwpe: &mut [T],
@@ -670,6 +745,7 @@ pub fn embedding_backward<T: Real>(
     b: usize,
     t: usize,
     c: usize,
+    (wte_scale, wpe_scale): (T, T),
 ) {
     debug_assert_eq!(dout.len(), b * t * c);
     debug_assert_eq!(tokens.len(), b * t);
@@ -698,19 +774,34 @@ pub fn embedding_backward<T: Real>(
         .enumerate()
         .with_min_len(min_items(c * tokens.len() / vocab.max(1) + 1))
         .for_each(|(tok, grad_row)| {
-            for &row in &rows_by_token[starts[tok]..starts[tok + 1]] {
-                add_slice(grad_row, &dout[row * c..][..c]);
-            }
+            let rows = &rows_by_token[starts[tok]..starts[tok + 1]];
+            scaled_sum_into(
+                grad_row,
+                wte_scale,
+                rows.iter().map(|&r| &dout[r * c..][..c]),
+            );
         });
     dwpe[..t * c]
         .par_chunks_mut(c)
         .enumerate()
         .with_min_len(min_items(b * c))
         .for_each(|(pos, grad_row)| {
-            for bi in 0..b {
-                add_slice(grad_row, &dout[(bi * t + pos) * c..][..c]);
-            }
+            let rows = (0..b).map(|bi| &dout[(bi * t + pos) * c..][..c]);
+            scaled_sum_into(grad_row, wpe_scale, rows);
         });
+}
+
+/// `dst += scale · Σ rows`, summing in order; with `scale == 1` straight into `dst`.
+fn scaled_sum_into<'a, T: Real>(dst: &mut [T], scale: T, rows: impl Iterator<Item = &'a [T]>) {
+    if scale == T::one() {
+        rows.for_each(|r| add_slice(dst, r));
+        return;
+    }
+    let mut sum = vec![T::zero(); dst.len()];
+    rows.for_each(|r| add_slice(&mut sum, r));
+    for (d, &v) in dst.iter_mut().zip(&sum) {
+        *d += scale * v;
+    }
 }
 
 /// `dst += src` on the calling thread.
@@ -816,14 +907,16 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The part of [`rounding_key`] shared by all tensors of one optimizer step.
+pub fn rounding_step_key(seed: u64, step: u64) -> u64 {
+    mix64(seed ^ 0xD1B5_4A32_D192_ED03) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// The key of the stochastic rounding of tensor `tensor`'s compute copy at optimizer step `step`
-/// under `seed` (a different stream of bits per tensor and step).
+/// under `seed` (a different stream of bits per tensor and step):
+/// `mix64(rounding_step_key(seed, step) ^ tensor·0xC2B2AE3D27D4EB4F)` (wrapping).
 pub fn rounding_key(seed: u64, step: u64, tensor: u64) -> u64 {
-    mix64(
-        mix64(seed ^ 0xD1B5_4A32_D192_ED03)
-            ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ tensor.wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
-    )
+    mix64(rounding_step_key(seed, step) ^ tensor.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
 }
 
 /// The 16 random bits that round element `i` under `key` ([`rounding_key`]):

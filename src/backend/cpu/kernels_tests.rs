@@ -271,12 +271,12 @@ fn attention_timings() {
         let reps = 5;
         let start = std::time::Instant::now();
         for _ in 0..reps {
-            attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh);
+            attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh, 1.0);
         }
         let fwd_ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
         let start = std::time::Instant::now();
         for _ in 0..reps {
-            attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh);
+            attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh, 1.0);
         }
         let bwd_ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
         assert!(
@@ -300,7 +300,7 @@ fn linear_out(
     oc: usize,
 ) -> Vec<f64> {
     let mut out = vec![f64::NAN; n * oc];
-    linear_forward(&mut out, x, w, bias, n, ic, oc);
+    linear_forward(&mut out, x, w, bias, n, ic, oc, 1.0);
     out
 }
 
@@ -326,6 +326,7 @@ fn linear_forward_matches_naive_and_f32() {
         n,
         ic,
         oc,
+        1.0,
     );
     assert_close("linear forward f32 vs f64", &from(&out32), &out, 1e-5);
     let no_bias = linear_out(&x, &w, None, n, ic, oc);
@@ -360,6 +361,7 @@ fn linear_backward_matches_finite_differences() {
             ic,
             oc,
             true,
+            (1.0, 1.0),
         );
         let loss = |x: &[f64], w: &[f64], b: &[f64]| {
             weighted_sum(&linear_out(x, w, Some(b), n, ic, oc), &r)
@@ -378,10 +380,61 @@ fn linear_backward_matches_finite_differences() {
         // Overwrite mode must ignore whatever dinp held, NaN included.
         let mut dinp_over = vec![f64::NAN; n * ic];
         let mut dw2 = vec![0.0; oc * ic];
-        linear_backward(&mut dinp_over, &mut dw2, None, &r, &x, &w, n, ic, oc, false);
+        linear_backward(
+            &mut dinp_over,
+            &mut dw2,
+            None,
+            &r,
+            &x,
+            &w,
+            n,
+            ic,
+            oc,
+            false,
+            (1.0, 1.0),
+        );
         assert_close("linear dinp (overwrite)", &dinp_over, &g_x, FD_TOL);
         assert_close("linear dw without bias", &dw2, &g_w, FD_TOL);
     }
+}
+
+/// With a forward scale `alpha` the input gradient scaled by the same `alpha` is the exact
+/// derivative; the weight and bias gradients scaled by `beta` are `beta/alpha` times it.
+#[test]
+fn scaled_linear_matches_finite_differences() {
+    let mut rng = Rng::new(16);
+    let (n, ic, oc) = (4, 6, 5);
+    let (alpha, beta) = (0.3, 1.7);
+    let x = rng.vec(n * ic);
+    let w = rng.vec(oc * ic);
+    let bias = rng.vec(oc);
+    let r = rng.vec(n * oc);
+    let loss = |x: &[f64], w: &[f64], b: &[f64]| {
+        let mut out = vec![f64::NAN; n * oc];
+        linear_forward(&mut out, x, w, Some(b), n, ic, oc, alpha);
+        weighted_sum(&out, &r)
+    };
+    let (mut dinp, mut dw, mut db) = (vec![0.0; n * ic], vec![0.0; oc * ic], vec![0.0; oc]);
+    linear_backward(
+        &mut dinp,
+        &mut dw,
+        Some(&mut db),
+        &r,
+        &x,
+        &w,
+        n,
+        ic,
+        oc,
+        false,
+        (alpha, beta),
+    );
+    let g_x = numeric_grad(&x, |xp| loss(xp, &w, &bias));
+    let g_w = numeric_grad(&w, |wp| loss(&x, wp, &bias));
+    let g_b = numeric_grad(&bias, |bp| loss(&x, &w, bp));
+    let times = |v: &[f64], k: f64| v.iter().map(|x| x * k).collect::<Vec<_>>();
+    assert_close("scaled linear dinp", &dinp, &g_x, FD_TOL);
+    assert_close("scaled linear dw", &dw, &times(&g_w, beta / alpha), FD_TOL);
+    assert_close("scaled linear dbias", &db, &times(&g_b, beta), FD_TOL);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,10 +484,16 @@ fn layernorm_forward_matches_naive_and_f32() {
     assert_close("layernorm forward f32 vs f64", &from(&out32), &out, 1e-5);
 }
 
+/// With `(dinp_scale, param_scale) = (a, p)` the gradients are `a` and `p` times the exact ones.
 #[test]
 fn layernorm_backward_matches_finite_differences() {
     let mut rng = Rng::new(8);
-    for &(n, c) in &[(3, 5), (4, 8), (2, 40)] {
+    for &(n, c, (a, p)) in &[
+        (3, 5, (1.0, 1.0)),
+        (4, 8, (1.0, 1.0)),
+        (2, 40, (1.0, 1.0)),
+        (4, 8, (0.6, 2.5)),
+    ] {
         let x: Vec<f64> = rng.vec(n * c).iter().map(|v| 2.0 * v).collect();
         let w = rng.vec(c);
         let b = rng.vec(c);
@@ -442,25 +501,38 @@ fn layernorm_backward_matches_finite_differences() {
         let (_, mean, rstd) = layernorm_out(&x, &w, &b, n, c);
         let (dinp0, dw0, db0) = (rng.vec(n * c), rng.vec(c), rng.vec(c));
         let (mut dinp, mut dw, mut db) = (dinp0.clone(), dw0.clone(), db0.clone());
-        layernorm_backward(&mut dinp, &mut dw, &mut db, &r, &x, &w, &mean, &rstd, n, c);
+        layernorm_backward(
+            &mut dinp,
+            &mut dw,
+            &mut db,
+            &r,
+            &x,
+            &w,
+            &mean,
+            &rstd,
+            n,
+            c,
+            (a, p),
+        );
         let loss =
             |x: &[f64], w: &[f64], b: &[f64]| weighted_sum(&layernorm_out(x, w, b, n, c).0, &r);
+        let times = |v: Vec<f64>, k: f64| v.into_iter().map(|x| x * k).collect::<Vec<_>>();
         assert_close(
-            &format!("layernorm dinp {n}x{c}"),
+            &format!("layernorm dinp {n}x{c} scale {a}"),
             &sub(&dinp, &dinp0),
-            &numeric_grad(&x, |xp| loss(xp, &w, &b)),
+            &times(numeric_grad(&x, |xp| loss(xp, &w, &b)), a),
             FD_TOL,
         );
         assert_close(
-            &format!("layernorm dw {n}x{c}"),
+            &format!("layernorm dw {n}x{c} scale {p}"),
             &sub(&dw, &dw0),
-            &numeric_grad(&w, |wp| loss(&x, wp, &b)),
+            &times(numeric_grad(&w, |wp| loss(&x, wp, &b)), p),
             FD_TOL,
         );
         assert_close(
-            &format!("layernorm db {n}x{c}"),
+            &format!("layernorm db {n}x{c} scale {p}"),
             &sub(&db, &db0),
-            &numeric_grad(&b, |bp| loss(&x, &w, bp)),
+            &times(numeric_grad(&b, |bp| loss(&x, &w, bp)), p),
             FD_TOL,
         );
     }
@@ -474,29 +546,35 @@ fn layernorm_backward_matches_finite_differences() {
 fn gelu_matches_formula_and_finite_differences() {
     let mut rng = Rng::new(9);
     let x: Vec<f64> = rng.vec_f32_exact(37).iter().map(|v| 4.0 * v).collect();
-    let mut out = vec![f64::NAN; x.len()];
-    gelu_forward(&mut out, &x);
-    let want: Vec<f64> = x
-        .iter()
-        .map(|&v| {
-            0.5 * v
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
-        })
-        .collect();
-    assert_close("gelu forward", &out, &want, 1e-15);
-    let mut out32 = vec![f32::NAN; x.len()];
-    gelu_forward(&mut out32, &to::<f32>(&x));
-    assert_close("gelu forward f32 vs f64", &from(&out32), &out, 1e-6);
+    for scale in [1.0, 1.7] {
+        let mut out = vec![f64::NAN; x.len()];
+        gelu_forward(&mut out, &x, scale);
+        let want: Vec<f64> = x
+            .iter()
+            .map(|&v| {
+                scale
+                    * 0.5
+                    * v
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+            })
+            .collect();
+        assert_close("gelu forward", &out, &want, 1e-15);
+        let mut out32 = vec![f32::NAN; x.len()];
+        gelu_forward(&mut out32, &to::<f32>(&x), scale as f32);
+        assert_close("gelu forward f32 vs f64", &from(&out32), &out, 1e-6);
 
-    let r = rng.vec(x.len());
-    let mut dinp = r.clone();
-    gelu_backward(&mut dinp, &x);
-    let g = numeric_grad(&x, |xp| {
-        let mut o = vec![0.0; xp.len()];
-        gelu_forward(&mut o, xp);
-        weighted_sum(&o, &r)
-    });
-    assert_close("gelu backward", &dinp, &g, FD_TOL);
+        // The scaled backward is the exact derivative of the scaled forward.
+        let r = rng.vec(x.len());
+        let mut dinp = r.clone();
+        gelu_backward(&mut dinp, &x, scale);
+        let g = numeric_grad(&x, |xp| {
+            let mut o = vec![0.0; xp.len()];
+            gelu_forward(&mut o, xp, scale);
+            weighted_sum(&o, &r)
+        });
+        assert_close(&format!("gelu backward scale {scale}"), &dinp, &g, FD_TOL);
+    }
 }
 
 #[test]
@@ -507,10 +585,16 @@ fn residual_and_inplace_helpers() {
     let a = rng.vec_f32_exact(len);
     let b = rng.vec_f32_exact(len);
     let mut out = vec![f64::NAN; len];
-    residual_forward(&mut out, &a, &b);
+    residual_forward(&mut out, &a, &b, (1.0, 1.0));
     assert!(out.iter().enumerate().all(|(i, &o)| o == a[i] + b[i]));
+    let mut weighted = vec![f64::NAN; len];
+    residual_forward(&mut weighted, &a, &b, (0.8, 0.6));
+    assert!(weighted
+        .iter()
+        .enumerate()
+        .all(|(i, &o)| o == 0.8 * a[i] + 0.6 * b[i]));
     let mut out32 = vec![f32::NAN; len];
-    residual_forward(&mut out32, &to::<f32>(&a), &to::<f32>(&b));
+    residual_forward(&mut out32, &to::<f32>(&a), &to::<f32>(&b), (1.0, 1.0));
     assert_close("residual f32 vs f64", &from(&out32), &out, 1e-6);
     let mut acc = a.clone();
     add_inplace(&mut acc, &b);
@@ -552,9 +636,20 @@ fn naive_attention(qkv: &[f64], b: usize, t: usize, c: usize, nh: usize) -> (Vec
 }
 
 fn attention_out<T: Real>(qkv: &[T], b: usize, t: usize, c: usize, nh: usize) -> (Vec<T>, Vec<T>) {
+    attention_out_scaled(qkv, b, t, c, nh, T::one())
+}
+
+fn attention_out_scaled<T: Real>(
+    qkv: &[T],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    scale: T,
+) -> (Vec<T>, Vec<T>) {
     let mut out = vec![T::nan(); b * t * c];
     let mut lse = vec![T::nan(); b * nh * t];
-    attention_forward(&mut out, &mut lse, qkv, b, t, c, nh);
+    attention_forward(&mut out, &mut lse, qkv, b, t, c, nh, scale);
     (out, lse)
 }
 
@@ -594,14 +689,24 @@ fn attention_forward_matches_naive_and_f32() {
 #[test]
 fn attention_backward_matches_finite_differences() {
     let mut rng = Rng::new(12);
-    for &(b, t, c, nh) in &ATTENTION_SHAPES {
+    // The last case scales the output (unit scaling): the backward stays the exact derivative.
+    let cases = ATTENTION_SHAPES
+        .iter()
+        .map(|&shape| (shape, 1.0))
+        .chain([(ATTENTION_SHAPES[1], 2.3)]);
+    for ((b, t, c, nh), scale) in cases {
         let qkv: Vec<f64> = rng.vec(b * t * 3 * c).iter().map(|v| 1.5 * v).collect();
         let r = rng.vec(b * t * c);
-        let (out, lse) = attention_out(&qkv, b, t, c, nh);
+        let (out, lse) = attention_out_scaled(&qkv, b, t, c, nh, scale);
+        if scale != 1.0 {
+            let plain = attention_out(&qkv, b, t, c, nh).0;
+            let want: Vec<f64> = plain.iter().map(|v| v * scale).collect();
+            assert_close("scaled attention forward", &out, &want, 1e-14);
+        }
         let mut dqkv = vec![f64::NAN; qkv.len()];
-        attention_backward(&mut dqkv, &r, &qkv, &out, &lse, b, t, c, nh);
+        attention_backward(&mut dqkv, &r, &qkv, &out, &lse, b, t, c, nh, scale);
         let g = numeric_grad(&qkv, |xp| {
-            weighted_sum(&attention_out(xp, b, t, c, nh).0, &r)
+            weighted_sum(&attention_out_scaled(xp, b, t, c, nh, scale).0, &r)
         });
         // Check q, k and v parts separately so a bug in one cannot hide behind the others.
         for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
@@ -611,7 +716,7 @@ fn attention_backward_matches_finite_differences() {
                     .collect()
             };
             assert_close(
-                &format!("attention {name} {b},{t},{c},{nh}"),
+                &format!("attention {name} {b},{t},{c},{nh} scale {scale}"),
                 &pick(&dqkv),
                 &pick(&g),
                 FD_TOL,
@@ -631,42 +736,58 @@ fn embedding_matches_naive_and_finite_differences() {
     let tokens = [1u32, 3, 1, 1, 0, 3];
     let wte = rng.vec_f32_exact(vocab * c);
     let wpe = rng.vec_f32_exact(max_t * c);
-    let fwd = |wte: &[f64], wpe: &[f64]| {
-        let mut out = vec![f64::NAN; b * t * c];
-        embedding_forward(&mut out, &tokens, wte, wpe, b, t, c);
-        out
-    };
-    let out = fwd(&wte, &wpe);
-    for row in 0..b * t {
-        for j in 0..c {
-            let want = wte[tokens[row] as usize * c + j] + wpe[(row % t) * c + j];
-            assert_eq!(
-                out[row * c + j],
-                want,
-                "embedding forward row {row} col {j}"
-            );
+    // (forward scale, dwte scale, dwpe scale): the gradients are the exact ones times
+    // (dwte scale / forward scale) and (dwpe scale / forward scale).
+    for (s, s_te, s_pe) in [(1.0, 1.0, 1.0), (0.5, 0.25, 2.0)] {
+        let fwd = |wte: &[f64], wpe: &[f64]| {
+            let mut out = vec![f64::NAN; b * t * c];
+            embedding_forward(&mut out, &tokens, wte, wpe, b, t, c, s);
+            out
+        };
+        let out = fwd(&wte, &wpe);
+        for row in 0..b * t {
+            for j in 0..c {
+                let want = s * (wte[tokens[row] as usize * c + j] + wpe[(row % t) * c + j]);
+                assert_eq!(
+                    out[row * c + j],
+                    want,
+                    "embedding forward row {row} col {j}"
+                );
+            }
         }
-    }
-    let mut out32 = vec![f32::NAN; b * t * c];
-    embedding_forward(
-        &mut out32,
-        &tokens,
-        &to::<f32>(&wte),
-        &to::<f32>(&wpe),
-        b,
-        t,
-        c,
-    );
-    assert_close("embedding forward f32 vs f64", &from(&out32), &out, 1e-6);
+        let mut out32 = vec![f32::NAN; b * t * c];
+        embedding_forward(
+            &mut out32,
+            &tokens,
+            &to::<f32>(&wte),
+            &to::<f32>(&wpe),
+            b,
+            t,
+            c,
+            s as f32,
+        );
+        assert_close("embedding forward f32 vs f64", &from(&out32), &out, 1e-6);
 
-    let r = rng.vec(b * t * c);
-    let (dwte0, dwpe0) = (rng.vec(vocab * c), rng.vec(max_t * c));
-    let (mut dwte, mut dwpe) = (dwte0.clone(), dwpe0.clone());
-    embedding_backward(&mut dwte, &mut dwpe, &r, &tokens, b, t, c);
-    let g_wte = numeric_grad(&wte, |wp| weighted_sum(&fwd(wp, &wpe), &r));
-    let g_wpe = numeric_grad(&wpe, |wp| weighted_sum(&fwd(&wte, wp), &r));
-    assert_close("embedding dwte", &sub(&dwte, &dwte0), &g_wte, FD_TOL);
-    assert_close("embedding dwpe", &sub(&dwpe, &dwpe0), &g_wpe, FD_TOL);
+        let r = rng.vec(b * t * c);
+        let (dwte0, dwpe0) = (rng.vec(vocab * c), rng.vec(max_t * c));
+        let (mut dwte, mut dwpe) = (dwte0.clone(), dwpe0.clone());
+        embedding_backward(&mut dwte, &mut dwpe, &r, &tokens, b, t, c, (s_te, s_pe));
+        let times = |v: Vec<f64>, k: f64| v.into_iter().map(|x| x * k).collect::<Vec<_>>();
+        let g_wte = numeric_grad(&wte, |wp| weighted_sum(&fwd(wp, &wpe), &r));
+        let g_wpe = numeric_grad(&wpe, |wp| weighted_sum(&fwd(&wte, wp), &r));
+        assert_close(
+            "embedding dwte",
+            &sub(&dwte, &dwte0),
+            &times(g_wte, s_te / s),
+            FD_TOL,
+        );
+        assert_close(
+            "embedding dwpe",
+            &sub(&dwpe, &dwpe0),
+            &times(g_wpe, s_pe / s),
+            FD_TOL,
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -871,7 +992,7 @@ fn run_all_kernels() -> Vec<Vec<u32>> {
     let bias = to::<f32>(&rng.vec(oc));
     let dout = to::<f32>(&rng.vec(n * oc));
     let mut out = vec![0.0f32; n * oc];
-    linear_forward(&mut out, &x, &w, Some(&bias), n, ic, oc);
+    linear_forward(&mut out, &x, &w, Some(&bias), n, ic, oc, 1.0);
     let (mut dinp, mut dw, mut db) = (
         vec![0.0f32; n * ic],
         vec![0.0f32; oc * ic],
@@ -888,6 +1009,7 @@ fn run_all_kernels() -> Vec<Vec<u32>> {
         ic,
         oc,
         false,
+        (1.0, 1.0),
     );
     results.extend([bits(&out), bits(&dinp), bits(&dw), bits(&db)]);
     // LayerNorm.
@@ -898,14 +1020,40 @@ fn run_all_kernels() -> Vec<Vec<u32>> {
     let dout = to::<f32>(&rng.vec(n * c));
     let (mut dinp, mut dw, mut db) = (vec![0.0f32; n * c], vec![0.0f32; c], vec![0.0f32; c]);
     layernorm_backward(
-        &mut dinp, &mut dw, &mut db, &dout, &x, &lw, &mean, &rstd, n, c,
+        &mut dinp,
+        &mut dw,
+        &mut db,
+        &dout,
+        &x,
+        &lw,
+        &mean,
+        &rstd,
+        n,
+        c,
+        (1.0, 1.0),
     );
     results.extend([bits(&out), bits(&dinp), bits(&dw), bits(&db)]);
+    // The scaled parameter-gradient path (unit scaling) sums per block too.
+    let (mut dw2, mut db2) = (vec![0.0f32; c], vec![0.0f32; c]);
+    layernorm_backward(
+        &mut dinp,
+        &mut dw2,
+        &mut db2,
+        &dout,
+        &x,
+        &lw,
+        &mean,
+        &rstd,
+        n,
+        c,
+        (0.5, 0.25),
+    );
+    results.extend([bits(&dw2), bits(&db2)]);
     // GELU.
     let mut g = vec![0.0f32; n * c];
-    gelu_forward(&mut g, &x);
+    gelu_forward(&mut g, &x, 1.0);
     let mut dg = dout.clone();
-    gelu_backward(&mut dg, &x);
+    gelu_backward(&mut dg, &x, 1.0);
     results.extend([bits(&g), bits(&dg)]);
     // Attention.
     let (b, t, c, nh) = (2, 96, 128, 4);
@@ -913,14 +1061,17 @@ fn run_all_kernels() -> Vec<Vec<u32>> {
     let (out, lse) = attention_out(&qkv, b, t, c, nh);
     let dout = to::<f32>(&rng.vec(b * t * c));
     let mut dqkv = vec![0.0f32; qkv.len()];
-    attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh);
+    attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh, 1.0);
     results.extend([bits(&out), bits(&lse), bits(&dqkv)]);
     // Embedding with many repeated tokens.
     let (b, t, c, vocab) = (8, 64, 128, 50);
     let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(vocab as u32)).collect();
     let dout = to::<f32>(&rng.vec(b * t * c));
     let (mut dwte, mut dwpe) = (vec![0.0f32; vocab * c], vec![0.0f32; t * c]);
-    embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c);
+    embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c, (1.0, 1.0));
+    results.extend([bits(&dwte), bits(&dwpe)]);
+    let (mut dwte, mut dwpe) = (vec![0.0f32; vocab * c], vec![0.0f32; t * c]);
+    embedding_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c, (0.1, 3.0));
     results.extend([bits(&dwte), bits(&dwpe)]);
     // Classifier.
     let (n, v_real, vp) = (64, 1000, 1024);

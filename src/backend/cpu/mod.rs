@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use super::{AdamW, AdamWTensor, Backend, GemmSpec};
+use super::{AdamW, AdamWTensor, Backend, GemmOperand, GemmSpec, OperandScale};
 use crate::numerics::{self, DType};
 use kernels::Real;
 
@@ -142,28 +142,67 @@ impl<T: CpuElem> CpuBackend<T> {
     }
 }
 
-/// An operand as a GEMM consumes it in `format`: as stored when that is its format (or f32),
-/// else rounded through `format`; FP8 with a per-tensor current scale `s` (from the operand's
-/// amax), i.e. the value `round(x·s)/s` that a scaled FP8 GEMM multiplies with. `s` is a power of
-/// two, so the division is exact.
-fn gemm_operand<T: CpuElem>(buf: &CpuBuf<T>, format: DType) -> Cow<'_, [T]> {
-    if format == buf.dtype || format == DType::F32 {
-        return Cow::Borrowed(&buf.data);
+/// An operand as a GEMM consumes it, and its amax (max |x| as stored, before any scaling).
+///
+/// As stored when `format` is its storage format (or f32); else rounded through `format`. FP8
+/// is scaled per tensor by `s` (from the operand's own amax with current scaling, or as given),
+/// i.e. the GEMM multiplies `satfinite(round(x·s))/s`, which is what a scaled FP8 GEMM computes
+/// (the `1/s` is exact: `s` is a power of two). Values beyond the format's max saturate.
+fn gemm_operand<T: CpuElem>(buf: &CpuBuf<T>, op: GemmOperand) -> Result<(Cow<'_, [T]>, f32)> {
+    let amax = || {
+        buf.data
+            .iter()
+            .fold(0.0f32, |m, x| m.max(x.narrow_to_f32().abs()))
+    };
+    if op.format == buf.dtype || op.format == DType::F32 {
+        let a = if op.amax_slot.is_some() { amax() } else { 0.0 };
+        return Ok((Cow::Borrowed(&buf.data), a));
     }
     let mut values = buf.data.clone();
-    if format.is_float8() {
-        let amax = values
-            .iter()
-            .fold(0.0f32, |m, x| m.max(x.narrow_to_f32().abs()));
-        let scale = numerics::scale_from_amax(amax, format, 0);
+    let a = amax();
+    if op.format.is_float8() {
+        let scale = match op.scale {
+            OperandScale::Current { margin } => numerics::scale_from_amax(a, op.format, margin),
+            OperandScale::Fixed(s) => s,
+        };
+        if !(scale.is_finite() && scale > 0.0) {
+            bail!("internal error: FP8 operand scale {scale} is not a positive finite number");
+        }
         let (s, inv) = (T::widen_from(scale), T::widen_from(1.0 / scale));
         values.iter_mut().for_each(|x| *x *= s);
-        T::round_through(format, &mut values);
+        T::round_through(op.format, &mut values);
         values.iter_mut().for_each(|x| *x *= inv);
     } else {
-        T::round_through(format, &mut values);
+        T::round_through(op.format, &mut values);
     }
-    Cow::Owned(values)
+    Ok((Cow::Owned(values), a))
+}
+
+/// Records operand amaxes into the caller's amax buffer: `amax[slot] = max(amax[slot], a)`.
+fn record_amax<T: CpuElem>(
+    amax: &mut Option<&mut CpuBuf<T>>,
+    recs: &[(GemmOperand, f32)],
+) -> Result<()> {
+    for (op, a) in recs {
+        let (Some(slot), Some(buf)) = (op.amax_slot, amax.as_deref_mut()) else {
+            continue;
+        };
+        let Some(cell) = buf.data.get_mut(slot) else {
+            bail!(
+                "internal error: amax slot {slot} outside a buffer of {}",
+                buf.data.len()
+            );
+        };
+        // NaN propagates (an overflowed step shows up in the history, which skips it).
+        let old = cell.narrow_to_f32();
+        let new = if a.is_nan() || old.is_nan() {
+            f32::NAN
+        } else {
+            old.max(*a)
+        };
+        *cell = T::widen_from(new);
+    }
+    Ok(())
 }
 
 fn check_len<T>(what: &str, buf: &CpuBuf<T>, want: usize) -> Result<()> {
@@ -298,10 +337,17 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn residual_forward(&self, out: &mut CpuBuf<T>, a: &CpuBuf<T>, b: &CpuBuf<T>) -> Result<()> {
+    fn residual_forward(
+        &self,
+        out: &mut CpuBuf<T>,
+        a: &CpuBuf<T>,
+        b: &CpuBuf<T>,
+        (sa, sb): (f32, f32),
+    ) -> Result<()> {
         check_len("residual a", a, out.data.len())?;
         check_len("residual b", b, out.data.len())?;
-        kernels::residual_forward(&mut out.data, &a.data, &b.data);
+        let scales = (T::widen_from(sa), T::widen_from(sb));
+        kernels::residual_forward(&mut out.data, &a.data, &b.data, scales);
         Self::round(out);
         Ok(())
     }
@@ -312,16 +358,16 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn gelu_forward(&self, out: &mut CpuBuf<T>, inp: &CpuBuf<T>) -> Result<()> {
+    fn gelu_forward(&self, out: &mut CpuBuf<T>, inp: &CpuBuf<T>, scale: f32) -> Result<()> {
         check_len("gelu input", inp, out.data.len())?;
-        kernels::gelu_forward(&mut out.data, &inp.data);
+        kernels::gelu_forward(&mut out.data, &inp.data, T::widen_from(scale));
         Self::round(out);
         Ok(())
     }
 
-    fn gelu_backward(&self, d: &mut CpuBuf<T>, inp: &CpuBuf<T>) -> Result<()> {
+    fn gelu_backward(&self, d: &mut CpuBuf<T>, inp: &CpuBuf<T>, scale: f32) -> Result<()> {
         check_len("gelu input", inp, d.data.len())?;
-        kernels::gelu_backward(&mut d.data, &inp.data);
+        kernels::gelu_backward(&mut d.data, &inp.data, T::widen_from(scale));
         Self::round(d);
         Ok(())
     }
@@ -348,6 +394,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         ic: usize,
         oc: usize,
         gemm: GemmSpec,
+        mut amax: Option<&mut CpuBuf<T>>,
     ) -> Result<()> {
         check_len("linear output", out, n * oc)?;
         check_len("linear input", inp, n * ic)?;
@@ -355,19 +402,20 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         if let Some(b) = bias {
             check_len("linear bias", b, oc)?;
         }
-        let inp = gemm_operand(inp, gemm.a);
-        let w = gemm_operand(w, gemm.b);
+        let (inp_op, inp_amax) = gemm_operand(inp, gemm.a)?;
+        let (w_op, w_amax) = gemm_operand(w, gemm.b)?;
         kernels::linear_forward(
             &mut out.data,
-            &inp,
-            &w,
+            &inp_op,
+            &w_op,
             bias.map(|b| &b.data[..]),
             n,
             ic,
             oc,
+            T::widen_from(gemm.alpha),
         );
         Self::round(out);
-        Ok(())
+        record_amax(&mut amax, &[(gemm.a, inp_amax), (gemm.b, w_amax)])
     }
 
     fn linear_backward(
@@ -383,6 +431,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         oc: usize,
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
+        mut amax: Option<&mut CpuBuf<T>>,
     ) -> Result<()> {
         check_len("linear dout", dout, n * oc)?;
         check_len("linear input", inp, n * ic)?;
@@ -390,10 +439,8 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         check_len("linear weight grad", dw, oc * ic)?;
         if let Some(dinp) = dinp {
             check_len("linear input grad", dinp, n * ic)?;
-            let (dout_op, w_op) = (
-                gemm_operand(dout, dinp_gemm.a),
-                gemm_operand(w, dinp_gemm.b),
-            );
+            let (dout_op, dout_amax) = gemm_operand(dout, dinp_gemm.a)?;
+            let (w_op, w_amax) = gemm_operand(w, dinp_gemm.b)?;
             kernels::matmul(
                 &mut dinp.data,
                 &dout_op,
@@ -403,12 +450,17 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
                 oc,
                 false,
                 false,
-                T::one(),
+                T::widen_from(dinp_gemm.alpha),
                 T::zero(),
             );
             Self::round(dinp);
+            record_amax(
+                &mut amax,
+                &[(dinp_gemm.a, dout_amax), (dinp_gemm.b, w_amax)],
+            )?;
         }
-        let (dout_op, inp_op) = (gemm_operand(dout, dw_gemm.a), gemm_operand(inp, dw_gemm.b));
+        let (dout_op, dout_amax) = gemm_operand(dout, dw_gemm.a)?;
+        let (inp_op, inp_amax) = gemm_operand(inp, dw_gemm.b)?;
         kernels::matmul(
             &mut dw.data,
             &dout_op,
@@ -418,13 +470,20 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             n,
             true,
             false,
-            T::one(),
+            T::widen_from(dw_gemm.alpha),
             T::one(),
         );
         Self::round(dw);
+        record_amax(&mut amax, &[(dw_gemm.a, dout_amax), (dw_gemm.b, inp_amax)])?;
         if let Some(db) = dbias {
             check_len("linear bias grad", db, oc)?;
-            kernels::bias_backward(&mut db.data, &dout.data, n, oc);
+            kernels::bias_backward(
+                &mut db.data,
+                &dout.data,
+                n,
+                oc,
+                T::widen_from(dw_gemm.alpha),
+            );
             Self::round(db);
         }
         Ok(())
@@ -474,6 +533,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         rstd: &CpuBuf<T>,
         n: usize,
         c: usize,
+        (sx, sp): (f32, f32),
     ) -> Result<()> {
         check_len("layernorm input grad", dinp, n * c)?;
         check_len("layernorm dout", dout, n * c)?;
@@ -489,6 +549,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             &rstd.data,
             n,
             c,
+            (T::widen_from(sx), T::widen_from(sp)),
         );
         Self::round(dinp);
         Self::round(dweight);
@@ -505,11 +566,13 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         check_len("attention output", out, b * t * c)?;
         check_len("attention lse", lse, b * nh * t)?;
         check_len("attention qkv", qkv, b * t * 3 * c)?;
-        kernels::attention_forward(&mut out.data, &mut lse.data, &qkv.data, b, t, c, nh);
+        let s = T::widen_from(out_scale);
+        kernels::attention_forward(&mut out.data, &mut lse.data, &qkv.data, b, t, c, nh, s);
         Self::round(out);
         Self::round(lse);
         Ok(())
@@ -526,6 +589,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         check_len("attention qkv grad", dqkv, b * t * 3 * c)?;
         check_len("attention dout", dout, b * t * c)?;
@@ -539,6 +603,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             t,
             c,
             nh,
+            T::widen_from(out_scale),
         );
         Self::round(dqkv);
         Ok(())
@@ -553,6 +618,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         b: usize,
         t: usize,
         c: usize,
+        scale: f32,
     ) -> Result<()> {
         check_len("embedding output", out, b * t * c)?;
         if tokens.len() != b * t {
@@ -565,7 +631,8 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         if let Some(&bad) = tokens.iter().find(|&&tok| tok as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
-        kernels::embedding_forward(&mut out.data, tokens, &wte.data, &wpe.data, b, t, c);
+        let s = T::widen_from(scale);
+        kernels::embedding_forward(&mut out.data, tokens, &wte.data, &wpe.data, b, t, c, s);
         Self::round(out);
         Ok(())
     }
@@ -579,9 +646,20 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         b: usize,
         t: usize,
         c: usize,
+        (s_te, s_pe): (f32, f32),
     ) -> Result<()> {
         check_len("embedding dout", dout, b * t * c)?;
-        kernels::embedding_backward(&mut dwte.data, &mut dwpe.data, &dout.data, tokens, b, t, c);
+        let scales = (T::widen_from(s_te), T::widen_from(s_pe));
+        kernels::embedding_backward(
+            &mut dwte.data,
+            &mut dwpe.data,
+            &dout.data,
+            tokens,
+            b,
+            t,
+            c,
+            scales,
+        );
         Self::round(dwte);
         Self::round(dwpe);
         Ok(())
@@ -636,12 +714,12 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             check_len("adamw m", t.m, len)?;
             check_len("adamw v", t.v, len)?;
             let hyper = kernels::AdamWHyper {
-                lr: f64::from(hp.lr),
+                lr: f64::from(hp.lr * t.lr_scale),
                 beta1: f64::from(hp.beta1),
                 beta2: f64::from(hp.beta2),
                 eps: f64::from(hp.eps),
                 weight_decay: if t.decay {
-                    f64::from(hp.weight_decay)
+                    f64::from(hp.weight_decay / t.lr_scale)
                 } else {
                     0.0
                 },
@@ -692,7 +770,8 @@ mod tests {
         let buf = be.buf_from(DType::BF16, &[0.001, -3.0, 1.1, 1e-6, 0.0, 2.2]);
         // amax 3 → scale 2^floor(log2(448/3)) = 128 for e4m3, 2^floor(log2(57344/3)) = 16384 for e5m2.
         for (format, scale) in [(DType::F8E4M3, 128.0f32), (DType::F8E5M2, 16384.0)] {
-            let op = gemm_operand(&buf, format);
+            let (op, amax) = gemm_operand(&buf, GemmOperand::plain(format)).unwrap();
+            assert_eq!(amax, 3.0);
             for (&got, &x) in op.iter().zip(buf.as_slice()) {
                 assert_eq!(
                     got,
@@ -700,8 +779,96 @@ mod tests {
                     "{format} {x}"
                 );
             }
+            // A margin of 2 binades divides the scale by 4.
+            let margin = GemmOperand {
+                scale: OperandScale::Current { margin: 2 },
+                ..GemmOperand::plain(format)
+            };
+            let (op, _) = gemm_operand(&buf, margin).unwrap();
+            let s = scale / 4.0;
+            for (&got, &x) in op.iter().zip(buf.as_slice()) {
+                assert_eq!(got, numerics::round_to(format, x * s) / s, "{format} {x}");
+            }
         }
+        // A fixed scale is used as given; what lands beyond the max saturates (satfinite).
+        let fixed = GemmOperand {
+            scale: OperandScale::Fixed(256.0),
+            ..GemmOperand::plain(DType::F8E4M3)
+        };
+        let (op, _) = gemm_operand(&buf, fixed).unwrap();
+        assert_eq!(op[1], -448.0 / 256.0, "-3·256 = -768 saturates to -448");
+        assert_eq!(
+            op[2],
+            numerics::round_to(DType::F8E4M3, 1.1 * 256.0) / 256.0
+        );
+        let bad = GemmOperand {
+            scale: OperandScale::Fixed(0.0),
+            ..fixed
+        };
+        assert!(gemm_operand(&buf, bad).is_err());
         // An operand already in the GEMM's format is used as stored.
-        assert!(matches!(gemm_operand(&buf, DType::BF16), Cow::Borrowed(_)));
+        let (op, _) = gemm_operand(&buf, GemmOperand::plain(DType::BF16)).unwrap();
+        assert!(matches!(op, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn linear_ops_record_operand_amax_and_scale_by_alpha() {
+        let be = CpuBackend::<f32>::new();
+        let (n, ic, oc) = (2, 3, 2);
+        let x = be.buf_from(DType::BF16, &[1.0, -2.0, 0.5, 0.25, 4.0, -1.0]);
+        let w = be.buf_from(DType::BF16, &[0.5, 1.0, -1.5, 2.0, 0.0, 1.0]);
+        let dy = be.buf_from(DType::BF16, &[0.1, -0.3, 0.2, 0.05]);
+        let slot = |format, slot| GemmOperand {
+            amax_slot: Some(slot),
+            ..GemmOperand::plain(format)
+        };
+        let mut amax = be.buf_from(DType::F32, &[0.0, 0.0, 7.0]);
+        let fwd = GemmSpec::new(slot(DType::F8E4M3, 0), slot(DType::F8E4M3, 1));
+        let mut y = be.alloc(DType::F32, n * oc).unwrap();
+        be.linear_forward(&mut y, &x, &w, None, n, ic, oc, fwd, Some(&mut amax))
+            .unwrap();
+        assert_eq!(amax.as_slice(), &[4.0, 2.0, 7.0]);
+        let mut y2 = be.alloc(DType::F32, n * oc).unwrap();
+        be.linear_forward(&mut y2, &x, &w, None, n, ic, oc, fwd.with_alpha(0.25), None)
+            .unwrap();
+        for (a, b) in y.as_slice().iter().zip(y2.as_slice()) {
+            assert_eq!(a * 0.25, *b);
+        }
+        // The gradient's slot keeps the max over the step (7 stays; a NaN would stick).
+        let dx_spec = GemmSpec::new(slot(DType::F8E5M2, 2), slot(DType::F8E4M3, 1));
+        let dw_spec = GemmSpec::new(slot(DType::F8E5M2, 2), slot(DType::F8E4M3, 0)).with_alpha(0.5);
+        let mut dx = be.alloc(DType::F32, n * ic).unwrap();
+        let mut dw = be.alloc(DType::F32, oc * ic).unwrap();
+        let mut db = be.alloc(DType::F32, oc).unwrap();
+        be.linear_backward(
+            Some(&mut dx),
+            &mut dw,
+            Some(&mut db),
+            &dy,
+            &x,
+            &w,
+            n,
+            ic,
+            oc,
+            dx_spec,
+            dw_spec,
+            Some(&mut amax),
+        )
+        .unwrap();
+        assert_eq!(amax.as_slice(), &[4.0, 2.0, 7.0]);
+        // dbias is scaled by the weight gradient's alpha.
+        assert_eq!(
+            db.as_slice()[0],
+            0.5 * (0.1f32.to_bf16_f32() + 0.2f32.to_bf16_f32())
+        );
+    }
+
+    trait Bf16 {
+        fn to_bf16_f32(self) -> f32;
+    }
+    impl Bf16 for f32 {
+        fn to_bf16_f32(self) -> f32 {
+            numerics::round_to(DType::BF16, self)
+        }
     }
 }

@@ -280,7 +280,8 @@ template <typename D> __device__ __forceinline__ D mt_row(const D* table, int co
     return table[lo];
 }
 
-/// One tensor of adamw_multi_T: 64 bytes, laid out by `adamw_update` in mod.rs.
+/// One tensor of adamw_multi_T: 64 bytes, laid out by `adamw_update` in mod.rs. Nothing in it
+/// changes from step to step, so the table is uploaded once per run.
 struct AdamWRow {
     float* param;
     const float* grad;
@@ -288,9 +289,10 @@ struct AdamWRow {
     float* v;
     void* copy;  // T*, or NULL when the tensor has no compute copy
     u64 n;
-    float weight_decay;
+    float lr_scale;      // this tensor's learning rate is lr · lr_scale
+    float weight_decay;  // already divided by lr_scale
     unsigned int first_block;
-    u64 rounding_key;  // stochastic rounding of the copy (rounding_key in the CPU backend)
+    unsigned int index;  // position in the update (keys its stochastic rounding)
 };
 
 /// The compute copy's value of x: round to nearest even, or (bf16 with `stochastic`) up in
@@ -311,12 +313,15 @@ __device__ __forceinline__ bf16 round_copy<bf16>(float x, bool stochastic, u64 k
 /// adamw_multi_T: fp32 master step on param/m/v of every tensor in the table; also writes
 /// round_T(param) into each non-NULL copy.
 template <typename T>
-__device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, float beta1,
+__device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr_base, float beta1,
                                  float beta2, float eps, float inv_bc1, float inv_bc2,
-                                 float grad_scale, int stochastic) {
+                                 float grad_scale, int stochastic, u64 rounding_step_key) {
     const bool sr = stochastic != 0;
     const AdamWRow r = mt_row(table, count);
     const float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2, wd = r.weight_decay;
+    const float lr = lr_base * r.lr_scale;
+    // rounding_key(seed, step, index) of the CPU backend.
+    const u64 key = mix64(rounding_step_key ^ ((u64)r.index * 0xC2B2AE3D27D4EB4Full));
     T* copy = (T*)r.copy;
     const u64 begin = (u64)(blockIdx.x - r.first_block) * MT_CHUNK;
     const u64 end = min(begin + (u64)MT_CHUNK, r.n);
@@ -343,7 +348,7 @@ __device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, flo
             if (copy != nullptr && sr) {
 #pragma unroll
                 for (int k = 0; k < 8; ++k)
-                    copy[i0 + k] = round_copy<T>(fp[k], true, r.rounding_key, i0 + k);
+                    copy[i0 + k] = round_copy<T>(fp[k], true, key, i0 + k);
             }
         }
         start = begin + packs * 8;
@@ -355,16 +360,18 @@ __device__ void adamw_multi_impl(const AdamWRow* table, int count, float lr, flo
         r.param[i] = p;
         r.m[i] = mi;
         r.v[i] = vi;
-        if (copy != nullptr) copy[i] = round_copy<T>(p, sr, r.rounding_key, i);
+        if (copy != nullptr) copy[i] = round_copy<T>(p, sr, key, i);
     }
 }
 #define DEF_ADAMW(S, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                           \
         adamw_multi_##S(const AdamWRow* table, int count, float lr, float beta1, float beta2,   \
                         float eps, float inv_bias_correction1, float inv_bias_correction2,      \
-                        float grad_scale, int stochastic_rounding) {                            \
+                        float grad_scale, int stochastic_rounding,                              \
+                        unsigned long long rounding_step_key) {                                 \
         adamw_multi_impl<T>(table, count, lr, beta1, beta2, eps, inv_bias_correction1,          \
-                            inv_bias_correction2, grad_scale, stochastic_rounding);             \
+                            inv_bias_correction2, grad_scale, stochastic_rounding,              \
+                            rounding_step_key);                                                 \
     }
 FOR_EACH_TYPE(DEF_ADAMW)
 

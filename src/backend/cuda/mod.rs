@@ -55,6 +55,9 @@ impl Drop for CudaBuf {
     }
 }
 
+/// A multi-tensor kernel's table: its contents on the host and its copy on the device.
+type DeviceTable = (Vec<u8>, CudaSlice<u8>);
+
 /// Token ids on the device, plus what the embedding backward needs: the positions of each
 /// distinct token, bucketed on the host when the ids are uploaded (this makes the scatter-add
 /// of the token-embedding gradient deterministic without atomics).
@@ -76,7 +79,7 @@ pub struct CudaBackend {
     lt: RefCell<Lt>,
     scratch: RefCell<Option<CudaSlice<u8>>>,
     /// Multi-tensor kernels' tables by kernel name: contents and device copy (see `table_ptr`).
-    tables: RefCell<HashMap<String, (Vec<u8>, CudaSlice<u8>)>>,
+    tables: RefCell<HashMap<String, DeviceTable>>,
     live: Rc<Cell<u64>>,
     peak: Cell<u64>,
     name: String,
@@ -117,10 +120,27 @@ fn gemm_type(dtype: DType) -> Result<GemmType> {
 
 /// The one operand format of a GEMM: the CUDA backend multiplies operands as they are stored.
 fn gemm_format(spec: GemmSpec) -> Result<DType> {
-    if spec.a != spec.b || spec.a.is_float8() {
-        bail!("the CUDA backend has no FP8 or mixed-format GEMMs yet ({} x {}); the fp8 recipe runs on the CPU only for now", spec.a, spec.b);
+    let (a, b) = (spec.a.format, spec.b.format);
+    if a != b || a.is_float8() {
+        bail!("the CUDA backend has no FP8 or mixed-format GEMMs yet ({a} x {b}); the fp8 recipes run on the CPU only for now");
     }
-    Ok(spec.a)
+    Ok(a)
+}
+
+/// Refuses op scales other than 1, which only unit scaling uses.
+fn unscaled(what: &str, scales: &[f32]) -> Result<()> {
+    if scales.iter().any(|&s| s != 1.0) {
+        bail!("the CUDA backend has no {what} yet; unit scaling (fp8-unit) runs on the CPU only for now");
+    }
+    Ok(())
+}
+
+/// Refuses amax recording, which only FP8 operands ask for.
+fn no_amax(amax: Option<&mut CudaBuf>) -> Result<()> {
+    if amax.is_some() {
+        bail!("the CUDA backend does not record FP8 amax yet; the fp8 recipes run on the CPU only for now");
+    }
+    Ok(())
 }
 
 /// Kernel-name suffix for buffers of `dtype`.
@@ -842,7 +862,14 @@ impl Backend for CudaBackend {
         self.elementwise(&name, n, &[Arg::Ptr(d), Arg::Ptr(s), Arg::Int(int(n)?)])
     }
 
-    fn residual_forward(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
+    fn residual_forward(
+        &self,
+        out: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        (sa, sb): (f32, f32),
+    ) -> Result<()> {
+        unscaled("weighted residual add", &[sa, sb])?;
         let n = out.len;
         self.expect("residual a", a, out.dtype, n)?;
         self.expect("residual b", b, out.dtype, n)?;
@@ -867,7 +894,8 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
+    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf, scale: f32) -> Result<()> {
+        unscaled("scaled GELU", &[scale])?;
         let n = out.len;
         self.expect("gelu input", inp, out.dtype, n)?;
         let name = format!("gelu_forward_{}", suffix(out.dtype)?);
@@ -876,7 +904,8 @@ impl Backend for CudaBackend {
         self.elementwise(&name, n, &[Arg::Ptr(po), Arg::Ptr(pi), Arg::Int(int(n)?)])
     }
 
-    fn gelu_backward(&self, d: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
+    fn gelu_backward(&self, d: &mut CudaBuf, inp: &CudaBuf, scale: f32) -> Result<()> {
+        unscaled("scaled GELU", &[scale])?;
         let n = d.len;
         self.expect("gelu input", inp, d.dtype, n)?;
         let name = format!("gelu_backward_{}", suffix(d.dtype)?);
@@ -921,7 +950,9 @@ impl Backend for CudaBackend {
         ic: usize,
         oc: usize,
         gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        no_amax(amax)?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
         self.expect("linear input", inp, inputs, n * ic)?;
@@ -947,7 +978,7 @@ impl Backend for CudaBackend {
             k: ic,
             trans_a: false,
             trans_b: true,
-            alpha: 1.0,
+            alpha: gemm.alpha,
             beta: 0.0,
             epilogue,
         })
@@ -964,7 +995,11 @@ impl Backend for CudaBackend {
         ic: usize,
         oc: usize,
         gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
     ) -> Result<()> {
+        no_amax(amax)?;
+        unscaled("scaled GELU", &[gelu_scale])?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
         self.expect("linear input", inp, inputs, n * ic)?;
@@ -985,7 +1020,7 @@ impl Backend for CudaBackend {
             k: ic,
             trans_a: false,
             trans_b: true,
-            alpha: 1.0,
+            alpha: gemm.alpha,
             beta: 0.0,
             epilogue: Epilogue::GeluAux {
                 bias: bias.map(|b| self.ptr(b)),
@@ -995,8 +1030,8 @@ impl Backend for CudaBackend {
         if self.fusable(&g) {
             return self.gemm(g);
         }
-        self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm)?;
-        self.gelu_forward(out, pre)
+        self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm, None)?;
+        self.gelu_forward(out, pre, gelu_scale)
     }
 
     fn linear_gelu_backward(
@@ -1013,7 +1048,11 @@ impl Backend for CudaBackend {
         oc: usize,
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
     ) -> Result<()> {
+        no_amax(amax)?;
+        unscaled("scaled GELU", &[gelu_scale])?;
         let dinp_format = gemm_format(dinp_gemm)?;
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
@@ -1031,7 +1070,7 @@ impl Backend for CudaBackend {
             k: oc,
             trans_a: false,
             trans_b: false,
-            alpha: 1.0,
+            alpha: dinp_gemm.alpha,
             beta: 0.0,
             epilogue: Epilogue::DGelu { pre: self.ptr(pre) },
         };
@@ -1048,12 +1087,13 @@ impl Backend for CudaBackend {
                 oc,
                 dinp_gemm,
                 dw_gemm,
+                None,
             )?;
-            return self.gelu_backward(dpre, pre);
+            return self.gelu_backward(dpre, pre, gelu_scale);
         }
         self.gemm(g)?;
         self.linear_backward(
-            None, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm,
+            None, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, None,
         )
     }
 
@@ -1070,8 +1110,13 @@ impl Backend for CudaBackend {
         oc: usize,
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        no_amax(amax)?;
         let (dinp_format, dw_format) = (gemm_format(dinp_gemm)?, gemm_format(dw_gemm)?);
+        if dbias.is_some() && dw_gemm.alpha != 1.0 {
+            bail!("the CUDA backend has no scaled bias gradient yet (unit scaling runs on the CPU only for now)");
+        }
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
         self.expect("linear input", inp, dw_format, n * ic)?;
@@ -1091,7 +1136,7 @@ impl Backend for CudaBackend {
                 k: oc,
                 trans_a: false,
                 trans_b: false,
-                alpha: 1.0,
+                alpha: dinp_gemm.alpha,
                 beta: 0.0,
                 epilogue: Epilogue::None,
             })?;
@@ -1117,7 +1162,7 @@ impl Backend for CudaBackend {
             k: n,
             trans_a: true,
             trans_b: false,
-            alpha: 1.0,
+            alpha: dw_gemm.alpha,
             beta: 1.0,
             epilogue: Epilogue::None,
         };
@@ -1152,11 +1197,13 @@ impl Backend for CudaBackend {
         rstd: &mut CudaBuf,
         a: &CudaBuf,
         b: &CudaBuf,
+        scales: (f32, f32),
         weight: &CudaBuf,
         bias: &CudaBuf,
         n: usize,
         c: usize,
     ) -> Result<()> {
+        unscaled("scaled residual", &[scales.0, scales.1])?;
         let t = out.dtype;
         self.expect("residual output", resid, t, n * c)?;
         self.expect("residual input", a, t, n * c)?;
@@ -1178,7 +1225,9 @@ impl Backend for CudaBackend {
         rstd: &CudaBuf,
         n: usize,
         c: usize,
+        (sx, sp): (f32, f32),
     ) -> Result<()> {
+        unscaled("scaled LayerNorm gradients", &[sx, sp])?;
         let t = dinp.dtype;
         self.expect("layernorm dout", dout, t, n * c)?;
         self.expect("layernorm input", inp, t, n * c)?;
@@ -1254,7 +1303,9 @@ impl Backend for CudaBackend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
+        unscaled("scaled attention", &[out_scale])?;
         let dt = out.dtype;
         self.expect("attention qkv", qkv, dt, b * t * 3 * c)?;
         self.expect("attention output", out, dt, b * t * c)?;
@@ -1276,7 +1327,9 @@ impl Backend for CudaBackend {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
+        unscaled("scaled attention", &[out_scale])?;
         let dt = dqkv.dtype;
         self.expect("attention qkv grad", dqkv, dt, b * t * 3 * c)?;
         self.expect("attention dout", dout, dt, b * t * c)?;
@@ -1294,7 +1347,9 @@ impl Backend for CudaBackend {
         b: usize,
         t: usize,
         c: usize,
+        scale: f32,
     ) -> Result<()> {
+        unscaled("scaled embeddings", &[scale])?;
         let dt = out.dtype;
         self.expect("embedding output", out, dt, b * t * c)?;
         let vocab = wte.len / c;
@@ -1328,7 +1383,9 @@ impl Backend for CudaBackend {
         b: usize,
         t: usize,
         c: usize,
+        (s_te, s_pe): (f32, f32),
     ) -> Result<()> {
+        unscaled("scaled embedding gradients", &[s_te, s_pe])?;
         let sfx = suffix(dout.dtype)?;
         self.expect("embedding dout", dout, dout.dtype, b * t * c)?;
         let pg = self.ptr(dout);
@@ -1463,9 +1520,13 @@ impl Backend for CudaBackend {
                     }
                     None => 0,
                 };
-                let weight_decay = if t.decay { hp.weight_decay } else { 0.0 };
-                // struct AdamWRow in kernels.cu: five pointers, n, weight_decay, first_block,
-                // rounding_key.
+                let weight_decay = if t.decay {
+                    hp.weight_decay / t.lr_scale
+                } else {
+                    0.0
+                };
+                // struct AdamWRow in kernels.cu: five pointers, n, lr_scale, weight_decay,
+                // first_block, index.
                 for ptr in [
                     self.ptr_mut(t.param),
                     self.ptr(t.grad),
@@ -1476,12 +1537,10 @@ impl Backend for CudaBackend {
                     table.extend_from_slice(&ptr.to_le_bytes());
                 }
                 table.extend_from_slice(&(n as u64).to_le_bytes());
+                table.extend_from_slice(&t.lr_scale.to_le_bytes());
                 table.extend_from_slice(&weight_decay.to_le_bytes());
                 table.extend_from_slice(&block_index(blocks)?.to_le_bytes());
-                let key = hp.rounding_seed.map_or(0, |seed| {
-                    crate::backend::cpu::kernels::rounding_key(seed, hp.step, index as u64)
-                });
-                table.extend_from_slice(&key.to_le_bytes());
+                table.extend_from_slice(&block_index(index)?.to_le_bytes());
                 blocks += n.div_ceil(MT_CHUNK);
             }
             if blocks == 0 {
@@ -1510,6 +1569,9 @@ impl Backend for CudaBackend {
                     Arg::Float(inv_bc2),
                     Arg::Float(hp.grad_scale),
                     Arg::Int(i32::from(hp.rounding_seed.is_some())),
+                    Arg::U64(hp.rounding_seed.map_or(0, |seed| {
+                        crate::backend::cpu::kernels::rounding_step_key(seed, hp.step)
+                    })),
                 ],
             )?;
         }
@@ -1717,20 +1779,6 @@ mod attention {
         }
     }
 
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn bf16_geometry_matches_the_attention_cu_header() {
-            assert_eq!(fwd_bf16(64).geometry(), (128, 256, 36_864));
-            assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
-            assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
-            assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
-            assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
-        }
-    }
-
     /// Kernel variant (the largest head size it handles) for head size `hs`.
     fn variant(c: usize, nh: usize) -> Result<(usize, usize)> {
         let hs = if nh > 0 && c % nh == 0 { c / nh } else { 0 };
@@ -1831,6 +1879,20 @@ mod attention {
             shared,
             &args,
         )
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn bf16_geometry_matches_the_attention_cu_header() {
+            assert_eq!(fwd_bf16(64).geometry(), (128, 256, 36_864));
+            assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
+            assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
+            assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
+            assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
+        }
     }
 }
 
