@@ -44,6 +44,8 @@ enum Command {
     Selftest(SelftestArgs),
     /// Numerics of a run trained with precision.monitor_interval > 0: a table and numerics.svg.
     Report(ReportArgs),
+    /// Compare runs (e.g. one per precision recipe): final and best val loss, and one loss plot.
+    Compare(CompareArgs),
 }
 
 #[derive(Args, Debug)]
@@ -167,6 +169,16 @@ struct ReportArgs {
 }
 
 #[derive(Args, Debug)]
+struct CompareArgs {
+    /// Run directories; the first is the baseline the others are measured against.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Where to write the plot of every run's train and val loss (SVG).
+    #[arg(long, default_value = "loss_comparison.svg")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct SelftestArgs {
     /// Seed of the random inputs (default: fresh each run).
     #[arg(long)]
@@ -186,6 +198,7 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => bench_cmd(a),
         Command::Selftest(a) => selftest_cmd(a),
         Command::Report(a) => report_cmd(a),
+        Command::Compare(a) => compare_cmd(a),
     }
 }
 
@@ -383,6 +396,16 @@ fn selftest_cmd(a: SelftestArgs) -> Result<()> {
         bail!("{failed} of {} checks failed", rows.len());
     }
     println!("all {} checks passed", rows.len());
+    Ok(())
+}
+
+fn compare_cmd(a: CompareArgs) -> Result<()> {
+    let runs = crate::metrics::load_runs(&a.runs)?;
+    print!("{}", crate::metrics::comparison_table(&runs));
+    let curves: Vec<(String, Vec<crate::metrics::StepMetrics>)> =
+        runs.into_iter().map(|r| (r.label, r.metrics)).collect();
+    crate::metrics::plot_runs(&curves, &a.out)?;
+    println!("plot: {}", a.out.display());
     Ok(())
 }
 

@@ -265,6 +265,73 @@ pub(crate) struct Curve {
     pub(crate) markers: bool,
 }
 
+/// One run of a comparison (`halfling compare`).
+pub struct ComparedRun {
+    /// The run directory's name and its recipe, e.g. `fp8 (fp8)`.
+    pub label: String,
+    /// Its `summary.json`.
+    pub summary: Summary,
+    /// Its `metrics.jsonl`.
+    pub metrics: Vec<StepMetrics>,
+}
+
+/// Reads `summary.json` and `metrics.jsonl` of each finished run directory.
+pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<ComparedRun>> {
+    dirs.iter()
+        .map(|dir| {
+            let summary_path = dir.join(SUMMARY_FILE);
+            if !summary_path.exists() {
+                bail!(
+                    "{} has no {SUMMARY_FILE}: pass the directories of finished training runs",
+                    dir.display()
+                );
+            }
+            let summary = Summary::read(&summary_path)?;
+            let metrics = read_metrics(dir.join(METRICS_FILE))?;
+            let name = dir
+                .file_name()
+                .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
+            let label = if name == summary.precision {
+                name
+            } else {
+                format!("{name} ({})", summary.precision)
+            };
+            Ok(ComparedRun {
+                label,
+                summary,
+                metrics,
+            })
+        })
+        .collect()
+}
+
+/// A table of each run's final and best validation loss, the final one also relative to the
+/// first run's (the baseline).
+pub fn comparison_table(runs: &[ComparedRun]) -> String {
+    let base = runs.first().and_then(|r| r.summary.final_val_loss);
+    let width = runs.iter().map(|r| r.label.len()).max().unwrap_or(3).max(3);
+    let mut out = format!(
+        "{:<width$}  {:>6}  {:>10}  {:>10}  {:>9}\n",
+        "run", "steps", "final val", "best val", "vs first"
+    );
+    let num = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.4}"));
+    for r in runs {
+        let rel = match (r.summary.final_val_loss, base) {
+            (Some(v), Some(b)) if b != 0.0 => format!("{:+.2}%", 100.0 * (v - b) / b),
+            _ => "-".to_string(),
+        };
+        out.push_str(&format!(
+            "{:<width$}  {:>6}  {:>10}  {:>10}  {:>9}\n",
+            r.label,
+            r.summary.final_step,
+            num(r.summary.final_val_loss),
+            num(r.summary.best_val_loss),
+            rel
+        ));
+    }
+    out
+}
+
 /// Colors for successive runs in [`plot_runs`]; they repeat after the last.
 pub(crate) const RUN_COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -669,6 +736,51 @@ mod tests {
         assert!(svg.matches("<polyline").count() >= 2);
         assert!(svg.matches("<circle").count() >= 11);
         assert!(svg.len() > 5000);
+    }
+
+    #[test]
+    fn comparison_reads_runs_and_measures_against_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dirs = Vec::new();
+        for (name, precision, val) in [("base", "bf16", 2.0), ("fp8", "fp8", 2.02)] {
+            let run = dir.path().join(name);
+            std::fs::create_dir_all(&run).unwrap();
+            let mut log = MetricsWriter::open(&run).unwrap();
+            for m in sample_run(100) {
+                log.write(&m).unwrap();
+            }
+            let summary = Summary {
+                final_step: 100,
+                final_val_loss: Some(val),
+                best_val_loss: Some(val - 0.01),
+                precision: precision.into(),
+                ..Summary::default()
+            };
+            summary.write(run.join(SUMMARY_FILE)).unwrap();
+            dirs.push(run);
+        }
+        let runs = load_runs(&dirs).unwrap();
+        assert_eq!(runs[0].label, "base (bf16)");
+        assert_eq!(runs[1].label, "fp8");
+        assert_eq!(runs[1].metrics.len(), 11);
+        let table = comparison_table(&runs);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].contains("2.0000") && lines[1].ends_with("+0.00%"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("2.0200") && lines[2].ends_with("+1.00%"),
+            "{table}"
+        );
+        // A directory without a summary is named in the error.
+        let missing = dir.path().join("unfinished");
+        std::fs::create_dir_all(&missing).unwrap();
+        let err = load_runs(&[missing]).err().unwrap().to_string();
+        assert!(
+            err.contains("unfinished") && err.contains(SUMMARY_FILE),
+            "{err}"
+        );
     }
 
     #[test]
