@@ -144,6 +144,18 @@ pub struct AdamWTensor<'a, Buf> {
     pub lr_scale: f32,
 }
 
+impl<Buf> AdamWTensor<'_, Buf> {
+    /// This tensor's decoupled weight decay under `hp`: `hp.weight_decay / lr_scale` if it
+    /// decays (so `lr · weight_decay` does not depend on `lr_scale`), else 0.
+    pub fn weight_decay(&self, hp: &AdamW) -> f32 {
+        if self.decay {
+            hp.weight_decay / self.lr_scale
+        } else {
+            0.0
+        }
+    }
+}
+
 /// A compute device: buffers plus the op set of a GPT training step.
 pub trait Backend {
     /// A buffer of floating-point values stored in some [`DType`].

@@ -907,6 +907,14 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The counter-based hash behind dropout masks and stochastic rounding: element `i` of the
+/// stream `key` is `mix64(key + (i + 1)·0x9E3779B97F4A7C15)` (wrapping). GPU kernels match it
+/// bit for bit.
+#[inline]
+fn counter_hash(key: u64, i: u64) -> u64 {
+    mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+}
+
 /// The part of [`rounding_key`] shared by all tensors of one optimizer step.
 pub fn rounding_step_key(seed: u64, step: u64) -> u64 {
     mix64(seed ^ 0xD1B5_4A32_D192_ED03) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -919,22 +927,21 @@ pub fn rounding_key(seed: u64, step: u64, tensor: u64) -> u64 {
     mix64(rounding_step_key(seed, step) ^ tensor.wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
 }
 
-/// The 16 random bits that round element `i` under `key` ([`rounding_key`]):
-/// `mix64(key + (i + 1)·0x9E3779B97F4A7C15) >> 48` (wrapping). GPU kernels match it bit for bit.
+/// The 16 random bits that round element `i` under `key` ([`rounding_key`]): the top 16 bits
+/// of `counter_hash(key, i)`.
 #[inline]
 pub fn rounding_bits(key: u64, i: u64) -> u16 {
-    (mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 48) as u16
+    (counter_hash(key, i) >> 48) as u16
 }
 
 /// The uniform number in `[0, 1)` that decides whether dropout keeps element `i` under `seed`:
-/// `key = mix64(seed ^ 0x5851F42D4C957F2D)`, `h = mix64(key + (i + 1)·0x9E3779B97F4A7C15)`
-/// (wrapping), result = `(h >> 40)·2⁻²⁴`, exact in `f32`. Exposed so GPU kernels can be checked
-/// against it bit for bit.
+/// `key = mix64(seed ^ 0x5851F42D4C957F2D)`, `h = counter_hash(key, i)`, result =
+/// `(h >> 40)·2⁻²⁴`, exact in `f32`. Exposed so GPU kernels can be checked against it bit for
+/// bit.
 #[inline]
 pub fn mask_uniform(seed: u64, i: u64) -> f32 {
     let key = mix64(seed ^ 0x5851_F42D_4C95_7F2D);
-    let h = mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-    (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    (counter_hash(key, i) >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
 /// Applies the dropout mask of `seed` to `x` in place: element `i` is kept iff

@@ -718,11 +718,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
                 beta1: f64::from(hp.beta1),
                 beta2: f64::from(hp.beta2),
                 eps: f64::from(hp.eps),
-                weight_decay: if t.decay {
-                    f64::from(hp.weight_decay / t.lr_scale)
-                } else {
-                    0.0
-                },
+                weight_decay: f64::from(t.weight_decay(hp)),
             };
             kernels::adamw_step(
                 &mut t.param.data,

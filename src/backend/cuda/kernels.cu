@@ -223,11 +223,15 @@ __device__ __forceinline__ u64 mix64(u64 z) {
     return z ^ (z >> 31);
 }
 
+// counter_hash(key, i) of the CPU backend: the bits behind dropout masks and stochastic rounding.
+__device__ __forceinline__ u64 counter_hash(u64 key, u64 i) {
+    return mix64(key + (i + 1ull) * 0x9E3779B97F4A7C15ull);
+}
+
 // mask_uniform(seed, i) of the CPU backend, with key = mix64(seed ^ 0x5851F42D4C957F2D) hoisted.
 // (h >> 40) < 2^24, so the conversion and the scaling by 2^-24 are exact.
 __device__ __forceinline__ float mask_uniform_keyed(u64 key, u64 i) {
-    const u64 h = mix64(key + (i + 1ull) * 0x9E3779B97F4A7C15ull);
-    return (float)(h >> 40) * (1.0f / 16777216.0f);
+    return (float)(counter_hash(key, i) >> 40) * (1.0f / 16777216.0f);
 }
 
 /// dropout_T: in place, keep x[i]·1/(1−p) iff mask_uniform(seed, i) >= p, else +0 (fwd and bwd).
@@ -306,7 +310,7 @@ template <> __device__ __forceinline__ float round_copy<float>(float x, bool, u6
 template <>
 __device__ __forceinline__ bf16 round_copy<bf16>(float x, bool stochastic, u64 key, u64 i) {
     if (!stochastic || isnan(x)) return __float2bfloat16_rn(x);
-    const unsigned r = (unsigned)(mix64(key + (i + 1ull) * 0x9E3779B97F4A7C15ull) >> 48);
+    const unsigned r = (unsigned)(counter_hash(key, i) >> 48);  // rounding_bits(key, i)
     return __ushort_as_bfloat16((unsigned short)((__float_as_uint(x) + r) >> 16));
 }
 

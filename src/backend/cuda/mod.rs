@@ -406,9 +406,11 @@ impl CudaBackend {
     /// fit its rules); otherwise the caller runs the separate kernels instead.
     /// `HALFLING_CUDA_FUSED_EPILOGUES=0` turns fusion off, to compare the two paths.
     fn fusable(&self, g: &Gemm) -> bool {
-        // The GELU input matrix's leading dimension (n) must be a multiple of 8.
+        // The GELU input matrix's leading dimension (n) must be a multiple of 8. DGELU is fused
+        // only at alpha = 1, the case selftest checks (unit scaling's alpha runs unfused).
         let aux_ok = match g.epilogue {
-            Epilogue::GeluAux { .. } | Epilogue::DGelu { .. } => g.n % 8 == 0,
+            Epilogue::GeluAux { .. } => g.n % 8 == 0,
+            Epilogue::DGelu { .. } => g.n % 8 == 0 && g.alpha == 1.0,
             _ => true,
         };
         self.fused_epilogues && aux_ok && self.lt.borrow_mut().supports(g)
@@ -1520,11 +1522,7 @@ impl Backend for CudaBackend {
                     }
                     None => 0,
                 };
-                let weight_decay = if t.decay {
-                    hp.weight_decay / t.lr_scale
-                } else {
-                    0.0
-                };
+                let weight_decay = t.weight_decay(hp);
                 // struct AdamWRow in kernels.cu: five pointers, n, lr_scale, weight_decay,
                 // first_block, index.
                 for ptr in [
