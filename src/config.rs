@@ -266,6 +266,10 @@ pub struct TrainConfig {
     pub sample_top_k: usize,
     /// Recompute the MLP's GELU in the backward pass instead of keeping it (saves memory).
     pub recompute_gelu: bool,
+    /// Largest logits buffer of a training step in MiB where the backend can run the LM head
+    /// and classifier a chunk of rows at a time (CUDA); 0 keeps all `batch · context · vocab`
+    /// logits.
+    pub logits_chunk_mib: usize,
 }
 
 impl Default for TrainConfig {
@@ -284,6 +288,7 @@ impl Default for TrainConfig {
             sample_temperature: 1.0,
             sample_top_k: 0,
             recompute_gelu: false,
+            logits_chunk_mib: 512,
         }
     }
 }
@@ -462,6 +467,7 @@ impl Section for TrainConfig {
         "sample_temperature",
         "sample_top_k",
         "recompute_gelu",
+        "logits_chunk_mib",
     ];
 }
 

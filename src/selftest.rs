@@ -332,6 +332,64 @@ fn case_classifier<B: Backend>(
     ])
 }
 
+/// The LM head with its classifier, with a logits scratch of `chunk` rows (the backend under
+/// test works through the rows a chunk at a time where it can; the reference takes them all).
+fn case_linear_classifier<B: Backend>(
+    be: &B,
+    dt: DType,
+    x: &[Vec<f32>],
+    ids: &[u32],
+    (n, c, v, vp): (usize, usize, usize, usize),
+    chunk: usize,
+) -> Result<Outputs> {
+    let rows = if be.chunks_linear_crossentropy() {
+        chunk
+    } else {
+        n
+    };
+    let spec = GemmSpec::both(dt);
+    let targets = toks(be, ids)?;
+    let (inp, w) = (up(be, dt, &x[0])?, up(be, dt, &x[1])?);
+    let mut logits = be.alloc(dt, rows * vp)?;
+    let mut losses = be.alloc(DType::F32, n)?;
+    be.linear_crossentropy_forward(
+        &mut losses,
+        &mut logits,
+        &inp,
+        &w,
+        &targets,
+        n,
+        c,
+        v,
+        vp,
+        spec,
+    )?;
+    let eval_losses = be.download(&losses)?;
+    let mut dx = be.alloc(dt, n * c)?;
+    let mut dw = up(be, DType::F32, &x[2])?;
+    be.linear_crossentropy_forward_backward(
+        &mut losses,
+        &mut logits,
+        &mut dx,
+        &mut dw,
+        &inp,
+        &w,
+        &targets,
+        n,
+        c,
+        v,
+        vp,
+        [spec; 3],
+        1.0 / n as f32,
+    )?;
+    Ok(vec![
+        ("loss (eval)", eval_losses),
+        ("loss", be.download(&losses)?),
+        ("dx", be.download(&dx)?),
+        ("dw", be.download(&dw)?),
+    ])
+}
+
 /// Sizes of the tensors `case_adamw` splits its inputs into: odd lengths, one spanning several
 /// GPU blocks, one without a compute copy, one without weight decay.
 const ADAMW_SPLIT: [usize; 3] = [17, 20_000, 21_003];
@@ -637,6 +695,28 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 tol,
                 case_classifier(be, dt, &x, &ids, (n, v, vp))?,
                 case_classifier(&reference, dt, &x, &ids, (n, v, vp))?,
+            );
+        }
+        // Logits scratch of fewer rows than the batch: whole chunks and a short last one, a
+        // row width that forces the chunk down to an aligned row count, and a single chunk.
+        for (n, c, v, vp, chunk) in [
+            (150, 40, 250, 256, 64),
+            (77, 20, 65, 72, 40),
+            (64, 64, 1000, 1024, 64),
+        ] {
+            let x = vec![
+                inputs.normal(n * c, 1.0),
+                inputs.normal(vp * c, 0.3),
+                inputs.normal(vp * c, 0.1),
+            ];
+            let ids = inputs.tokens(n, v);
+            push(
+                "linear + classifier",
+                format!("n={n} c={c} v={v} vp={vp} chunk={chunk}"),
+                dt,
+                tol,
+                case_linear_classifier(be, dt, &x, &ids, (n, c, v, vp), chunk)?,
+                case_linear_classifier(&reference, dt, &x, &ids, (n, c, v, vp), n)?,
             );
         }
         let n: usize = ADAMW_SPLIT.iter().sum();

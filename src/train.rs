@@ -263,7 +263,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 dropout,
                 &ck.params_for(&recipe),
             )?
-            .with_recompute_gelu(cfg.train.recompute_gelu);
+            .with_recompute_gelu(cfg.train.recompute_gelu)
+            .with_logits_chunk_bytes(cfg.train.logits_chunk_mib << 20);
             let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
                 .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
             if opts.resume.is_some() {
@@ -280,7 +281,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 cfg.model.init_std as f32,
                 cfg.train.seed,
             )?
-            .with_recompute_gelu(cfg.train.recompute_gelu);
+            .with_recompute_gelu(cfg.train.recompute_gelu)
+            .with_logits_chunk_bytes(cfg.train.logits_chunk_mib << 20);
             let optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
                 .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
             (model, optimizer)
@@ -302,8 +304,8 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
     }
     let mut writer = MetricsWriter::open(&run_dir)?;
 
+    // Evaluation reuses the training activations (no second copy of them on the device).
     let mut acts = model.activations(backend, b, t, true)?;
-    let mut eval_acts = model.activations(backend, b, t, false)?;
     let mut inputs = vec![0u32; b * t];
     let mut targets = vec![0u32; b * t];
     let tokens_per_step = (b * t * accum) as u64;
@@ -394,7 +396,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
             let v = evaluate(
                 backend,
                 &model,
-                &mut eval_acts,
+                &mut acts,
                 &data.val,
                 batches,
                 eval_seed(&cfg),

@@ -24,7 +24,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::numerics::{DType, TensorStats};
 
@@ -154,6 +154,51 @@ impl<Buf> AdamWTensor<'_, Buf> {
             0.0
         }
     }
+}
+
+/// Checks the operands of a linear + classifier op ([`Backend::linear_crossentropy_forward_backward`])
+/// and returns the rows its logits scratch holds: the chunk it works through the `n` rows with.
+/// Its GEMMs must run in the inputs' own format, as the LM head's do (a chunk-wise amax would
+/// not be the tensor's).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_crossentropy_chunk<B: Backend + ?Sized>(
+    backend: &B,
+    logits: &B::Buf,
+    x: &B::Buf,
+    w: &B::Buf,
+    losses: &B::Buf,
+    (n, c, vp): (usize, usize, usize),
+    gemms: &[GemmSpec],
+) -> Result<usize> {
+    let t = backend.dtype(x);
+    if let Some(g) = gemms.iter().find(|g| g.a.format != t || g.b.format != t) {
+        bail!(
+            "internal error: the LM head's inputs are {t}, its GEMMs run in {}",
+            g.a.format
+        );
+    }
+    let sizes = [
+        ("head input", x, t, n * c),
+        ("head weight", w, t, vp * c),
+        ("classifier losses", losses, DType::F32, n),
+    ];
+    for (what, buf, dtype, len) in sizes {
+        if backend.dtype(buf) != dtype || backend.len(buf) != len {
+            bail!(
+                "internal error: {what} is {} x {}, the op expects {dtype} x {len}",
+                backend.dtype(buf),
+                backend.len(buf)
+            );
+        }
+    }
+    let len = backend.len(logits);
+    if backend.dtype(logits) != t || len < vp || len % vp != 0 {
+        bail!(
+            "internal error: logits scratch is {} x {len}, not whole {t} rows of {vp}",
+            backend.dtype(logits)
+        );
+    }
+    Ok((len / vp).min(n).max(1))
 }
 
 /// A compute device: buffers plus the op set of a GPT training step.
@@ -493,6 +538,77 @@ pub trait Backend {
         v: usize,
         vp: usize,
     ) -> Result<()>;
+
+    /// Whether [`Backend::linear_crossentropy_forward_backward`] and
+    /// [`Backend::linear_crossentropy_forward`] take their `logits` scratch a chunk of rows at a
+    /// time, so that it may hold fewer than `n` rows. Backends that do not need all `n · vp`.
+    fn chunks_linear_crossentropy(&self) -> bool {
+        false
+    }
+
+    /// The LM head and its classifier for training, in one op: `logits = x · wᵀ` run as `fwd`
+    /// ([`Backend::linear_forward`] without bias, `x: [n, c]`, `w: [vp, c]`), then
+    /// [`Backend::crossentropy_forward_backward`] with `dloss`, then `dx = dlogits · w`
+    /// (overwritten) and `dw += dlogitsᵀ · x` run as `dinp_gemm` and `dw_gemm`
+    /// ([`Backend::linear_backward`]). `logits` is scratch: a backend that
+    /// [`Backend::chunks_linear_crossentropy`] works through the rows `len(logits) / vp` at a
+    /// time (the full logits are a GPT's largest activation); others need all `n · vp`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_crossentropy_forward_backward(
+        &self,
+        losses: &mut Self::Buf,
+        logits: &mut Self::Buf,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        targets: &Self::Tokens,
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        gemms: [GemmSpec; 3],
+        dloss: f32,
+    ) -> Result<()> {
+        let [fwd, dinp_gemm, dw_gemm] = gemms;
+        self.linear_forward(logits, x, w, None, n, c, vp, fwd, None)?;
+        self.crossentropy_forward_backward(losses, logits, targets, n, v, vp, dloss)?;
+        self.linear_backward(
+            Some(dx),
+            dw,
+            None,
+            logits,
+            x,
+            w,
+            n,
+            c,
+            vp,
+            dinp_gemm,
+            dw_gemm,
+            None,
+        )
+    }
+
+    /// The forward half of [`Backend::linear_crossentropy_forward_backward`] (evaluation):
+    /// per-row cross-entropy `losses` of `x · wᵀ` run as `fwd`, with `logits` as scratch under
+    /// the same rule.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_crossentropy_forward(
+        &self,
+        losses: &mut Self::Buf,
+        logits: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        targets: &Self::Tokens,
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        fwd: GemmSpec,
+    ) -> Result<()> {
+        self.linear_forward(logits, x, w, None, n, c, vp, fwd, None)?;
+        self.crossentropy_forward(losses, logits, targets, n, v, vp)
+    }
 
     // ---- optimizer -------------------------------------------------------------------------
 

@@ -152,7 +152,10 @@ pub struct Activations<B: Backend> {
     lnf: B::Buf,
     lnf_mean: B::Buf,
     lnf_rstd: B::Buf,
+    /// Logits of `head_rows` rows: all `b·t` rows, or a chunk's worth where the LM head and the
+    /// classifier run a chunk at a time ([`Backend::linear_crossentropy_forward_backward`]).
     logits: B::Buf,
+    head_rows: usize,
     losses: B::Buf,
     /// One GELU output buffer shared by all layers, when they do not keep their own.
     gelu_shared: Option<B::Buf>,
@@ -208,6 +211,9 @@ pub struct Gpt<B: Backend> {
     compute: Vec<B::Buf>,
     grads: Vec<B::Buf>,
     recompute_gelu: bool,
+    /// Largest logits scratch of a training pass in bytes, on backends that can work through
+    /// the LM head in chunks of rows; 0 keeps all logits.
+    logits_chunk_bytes: usize,
     /// Amax histories of the blocks' FP8 operands (delayed scaling only).
     fp8: Option<Fp8State>,
     /// Learning-rate multiplier per parameter (unit scaling; else all 1).
@@ -355,6 +361,7 @@ impl<B: Backend> Gpt<B> {
             compute,
             grads,
             recompute_gelu: false,
+            logits_chunk_bytes: 0,
             fp8: recipe
                 .delayed_fp8()
                 .then(|| Fp8State::new(cfg.n_layer, recipe.fp8.history, recipe.fp8.margin)),
@@ -454,6 +461,14 @@ impl<B: Backend> Gpt<B> {
         self
     }
 
+    /// Let a training pass's logits scratch hold at most `bytes` (0: all logits) on backends
+    /// that can work through the LM head and classifier a chunk of rows at a time: the full
+    /// logits (`b·t·vp` values) are the largest activation of a small GPT.
+    pub fn with_logits_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.logits_chunk_bytes = bytes;
+        self
+    }
+
     /// The model's sizes.
     pub fn config(&self) -> &GptConfig {
         &self.cfg
@@ -513,6 +528,16 @@ impl<B: Backend> Gpt<B> {
         let act = self.recipe.activations;
         // The GELU output is saved per layer only when a backward will read it.
         let keep_gelu = training && !self.recompute_gelu;
+        // Training passes may compute the logits a chunk of rows at a time (never the logits of
+        // inference, which sampling reads); chunks are multiples of 128 rows, which keeps every
+        // chunk's first row 256-byte aligned for the GEMMs.
+        let head_rows =
+            if training && self.logits_chunk_bytes > 0 && backend.chunks_linear_crossentropy() {
+                let chunks = (bt * vp * act.size_bytes()).div_ceil(self.logits_chunk_bytes);
+                bt.div_ceil(chunks).next_multiple_of(128).min(bt)
+            } else {
+                bt
+            };
         let f32 = DType::F32;
         let layers = (0..self.cfg.n_layer)
             .map(|_| {
@@ -560,7 +585,8 @@ impl<B: Backend> Gpt<B> {
             lnf: backend.alloc(act, bt * c)?,
             lnf_mean: backend.alloc(f32, bt)?,
             lnf_rstd: backend.alloc(f32, bt)?,
-            logits: backend.alloc(act, bt * vp)?,
+            logits: backend.alloc(act, head_rows * vp)?,
+            head_rows,
             losses: backend.alloc(f32, bt)?,
             gelu_shared: if keep_gelu {
                 None
@@ -588,6 +614,9 @@ impl<B: Backend> Gpt<B> {
 
     /// Forward pass to logits over `inputs` (`b·t` ids). With `dropout_seed` the configured
     /// dropout is applied (training); without it the pass is deterministic (eval, sampling).
+    /// Activations that keep a chunk of logits only (training ones, see
+    /// [`Gpt::with_logits_chunk_bytes`]) get no logits here: [`Gpt::token_losses`] computes
+    /// them a chunk at a time.
     pub fn forward(
         &self,
         backend: &B,
@@ -595,8 +624,39 @@ impl<B: Backend> Gpt<B> {
         inputs: &[u32],
         dropout_seed: Option<u64>,
     ) -> Result<()> {
+        self.forward_blocks(backend, acts, inputs, dropout_seed)?;
+        let bt = acts.b * acts.t;
+        if acts.head_rows < bt {
+            return Ok(());
+        }
+        let us = self.unit_scales(acts.b, acts.t);
+        let head = self.recipe.head_gemm(GemmRole::Forward).with_alpha(us.head);
+        let wte = self.compute.get(WTE).unwrap_or(&self.master[WTE]);
+        let (c, vp) = (self.cfg.n_embd, self.cfg.padded_vocab_size);
+        backend.linear_forward(
+            &mut acts.logits,
+            &acts.lnf,
+            wte,
+            None,
+            bt,
+            c,
+            vp,
+            head,
+            None,
+        )
+    }
+
+    /// The forward pass up to the final LayerNorm (`acts.lnf`). A training pass (one with
+    /// `dropout_seed`) records the FP8 operands' amaxes; evaluation leaves them alone.
+    fn forward_blocks(
+        &self,
+        backend: &B,
+        acts: &mut Activations<B>,
+        inputs: &[u32],
+        dropout_seed: Option<u64>,
+    ) -> Result<()> {
         let (b, t) = (acts.b, acts.t);
-        let (c, nh, vp) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.padded_vocab_size);
+        let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let bt = b * t;
         if inputs.len() != bt {
             bail!(
@@ -618,6 +678,7 @@ impl<B: Backend> Gpt<B> {
         };
         let us = self.unit_scales(b, t);
         let gemms = self.block_gemms(&us);
+        let mut amax = acts.amax.as_mut().filter(|_| dropout_seed.is_some());
 
         backend.embedding_forward(
             &mut acts.encoded,
@@ -678,7 +739,7 @@ impl<B: Backend> Gpt<B> {
                 c,
                 3 * c,
                 gemms[l * 4 + QKV].fwd,
-                acts.amax.as_mut(),
+                amax.as_deref_mut(),
             )?;
             backend.attention_forward(
                 &mut la.atty,
@@ -699,7 +760,7 @@ impl<B: Backend> Gpt<B> {
                 c,
                 c,
                 gemms[l * 4 + PROJ].fwd,
-                acts.amax.as_mut(),
+                amax.as_deref_mut(),
             )?;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 0))?;
@@ -734,7 +795,7 @@ impl<B: Backend> Gpt<B> {
                 c,
                 4 * c,
                 gemms[l * 4 + FC].fwd,
-                acts.amax.as_mut(),
+                amax.as_deref_mut(),
                 us.gelu,
             )?;
             backend.linear_forward(
@@ -746,7 +807,7 @@ impl<B: Backend> Gpt<B> {
                 4 * c,
                 c,
                 gemms[l * 4 + FCPROJ].fwd,
-                acts.amax.as_mut(),
+                amax.as_deref_mut(),
             )?;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
@@ -781,27 +842,17 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
         }
-        let head = self.recipe.head_gemm(GemmRole::Forward).with_alpha(us.head);
-        backend.linear_forward(
-            &mut acts.logits,
-            &acts.lnf,
-            w(WTE),
-            None,
-            bt,
-            c,
-            vp,
-            head,
-            None,
-        )?;
         Ok(())
     }
 
-    /// Mean cross-entropy of the last forward's logits against `targets` (logits kept).
+    /// Mean cross-entropy of the last forward pass against `targets` (logits kept, when the
+    /// activations hold them all).
     pub fn loss(&self, backend: &B, acts: &mut Activations<B>, targets: &[u32]) -> Result<f32> {
         Ok(mean(&self.token_losses(backend, acts, targets)?))
     }
 
-    /// Per-token cross-entropy of the last forward's logits against `targets` (logits kept).
+    /// Per-token cross-entropy of the last forward pass against `targets` (logits kept, when
+    /// the activations hold them all).
     pub fn token_losses(
         &self,
         backend: &B,
@@ -809,16 +860,39 @@ impl<B: Backend> Gpt<B> {
         targets: &[u32],
     ) -> Result<Vec<f32>> {
         let bt = acts.b * acts.t;
-        self.check_tokens(targets, "targets")?;
-        backend.upload_tokens(&mut acts.targets, targets)?;
-        backend.crossentropy_forward(
-            &mut acts.losses,
-            &acts.logits,
-            &acts.targets,
-            bt,
+        let (c, v, vp) = (
+            self.cfg.n_embd,
             self.cfg.vocab_size,
             self.cfg.padded_vocab_size,
-        )?;
+        );
+        self.check_tokens(targets, "targets")?;
+        backend.upload_tokens(&mut acts.targets, targets)?;
+        if acts.head_rows == bt {
+            backend.crossentropy_forward(
+                &mut acts.losses,
+                &acts.logits,
+                &acts.targets,
+                bt,
+                v,
+                vp,
+            )?;
+        } else {
+            let us = self.unit_scales(acts.b, acts.t);
+            let head = self.recipe.head_gemm(GemmRole::Forward).with_alpha(us.head);
+            let wte = self.compute.get(WTE).unwrap_or(&self.master[WTE]);
+            backend.linear_crossentropy_forward(
+                &mut acts.losses,
+                &mut acts.logits,
+                &acts.lnf,
+                wte,
+                &acts.targets,
+                bt,
+                c,
+                v,
+                vp,
+                head,
+            )?;
+        }
         backend.download(&acts.losses)
     }
 
@@ -889,6 +963,9 @@ impl<B: Backend> Gpt<B> {
     /// Logits of row `row` (a position in the flattened batch) of the last forward pass.
     pub fn logits_row(&self, backend: &B, acts: &Activations<B>, row: usize) -> Result<Vec<f32>> {
         let vp = self.cfg.padded_vocab_size;
+        if acts.head_rows < acts.b * acts.t {
+            bail!("internal error: logits of a training pass are not kept (sample with inference activations)");
+        }
         backend.download_range(&acts.logits, row * vp, self.cfg.vocab_size)
     }
 
@@ -904,7 +981,7 @@ impl<B: Backend> Gpt<B> {
         loss_weight: f32,
         dropout_seed: u64,
     ) -> Result<f32> {
-        self.forward(backend, acts, inputs, Some(dropout_seed))?;
+        self.forward_blocks(backend, acts, inputs, Some(dropout_seed))?;
         let (b, t) = (acts.b, acts.t);
         let (c, nh, v, vp) = (
             self.cfg.n_embd,
@@ -922,16 +999,6 @@ impl<B: Backend> Gpt<B> {
         } else {
             loss_weight / bt as f32
         };
-        backend.crossentropy_forward_backward(
-            &mut acts.losses,
-            &mut acts.logits,
-            &acts.targets,
-            bt,
-            v,
-            vp,
-            dloss,
-        )?;
-
         let Some(gs) = acts.grads.as_mut() else {
             bail!("internal error: backward on activations allocated without gradients");
         };
@@ -949,24 +1016,28 @@ impl<B: Backend> Gpt<B> {
         let drop = acts.dropout_seed;
         let nl = self.cfg.n_layer;
 
-        // LM head (tied): dlnf = dlogits · wte; dwte += dlogitsᵀ · lnf.
-        backend.linear_backward(
-            Some(&mut gs.dln),
+        // LM head (tied) and classifier: logits = lnf · wteᵀ, the loss and dlogits, dlnf =
+        // dlogits · wte, dwte += dlogitsᵀ · lnf (a chunk of rows at a time where the backend
+        // can, so the full logits never exist).
+        let head = |role| self.recipe.head_gemm(role);
+        backend.linear_crossentropy_forward_backward(
+            &mut acts.losses,
+            &mut acts.logits,
+            &mut gs.dln,
             &mut grads[WTE],
-            None,
-            &acts.logits,
             &acts.lnf,
             w(WTE),
+            &acts.targets,
             bt,
             c,
+            v,
             vp,
-            self.recipe
-                .head_gemm(GemmRole::InputGrad)
-                .with_alpha(us.head),
-            self.recipe
-                .head_gemm(GemmRole::WeightGrad)
-                .with_alpha(us.weight_grad),
-            None,
+            [
+                head(GemmRole::Forward).with_alpha(us.head),
+                head(GemmRole::InputGrad).with_alpha(us.head),
+                head(GemmRole::WeightGrad).with_alpha(us.weight_grad),
+            ],
+            dloss,
         )?;
         backend.fill(&mut gs.dresid, 0.0)?;
         let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
@@ -1421,6 +1492,54 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(grads(false), grads(true));
+    }
+
+    /// A training pass whose LM head runs in chunks of rows (three here: 128, 128, 64) gives the
+    /// losses and gradients of one that keeps all logits, and evaluates on its own activations.
+    #[test]
+    fn chunked_logits_match_whole_logits() {
+        let be = CpuBackend::<f64>::new();
+        let cfg = GptConfig {
+            block_size: 64,
+            ..tiny()
+        };
+        let values = random_values(&cfg, 3);
+        let (b, t) = (5, 64);
+        let mut rng = Rng::new(4);
+        let mut tokens = || (0..b * t).map(|_| rng.below(7) as u32).collect::<Vec<_>>();
+        let (inputs, targets) = (tokens(), tokens());
+        let run = |chunk_bytes: usize| {
+            let recipe = Recipe::new(RecipeName::Fp32);
+            let mut m = Gpt::from_values(&be, cfg.clone(), recipe, 0.0, &values)
+                .unwrap()
+                .with_logits_chunk_bytes(chunk_bytes);
+            let mut a = m.activations(&be, b, t, true).unwrap();
+            let loss = m
+                .forward_backward(&be, &mut a, &inputs, &targets, 1.0, 7)
+                .unwrap();
+            m.forward(&be, &mut a, &inputs, None).unwrap();
+            let eval = m.token_losses(&be, &mut a, &targets).unwrap();
+            let grads: Vec<f32> = m
+                .grads()
+                .iter()
+                .flat_map(|g| be.download(g).unwrap())
+                .collect();
+            (
+                a.head_rows,
+                loss,
+                eval,
+                grads,
+                m.logits_row(&be, &a, 0).is_ok(),
+            )
+        };
+        let whole = run(0);
+        // 128 rows of 8 logits stored as f32 (the recipe's activations); 320 rows make three.
+        let chunked = run(128 * 8 * 4);
+        assert_eq!((whole.0, chunked.0), (b * t, 128));
+        assert!((whole.1 - chunked.1).abs() < 1e-6 * whole.1);
+        assert!(crate::selftest::rel_err(&chunked.2, &whole.2) < 1e-6);
+        assert!(crate::selftest::rel_err(&chunked.3, &whole.3) < 1e-6);
+        assert!(whole.4 && !chunked.4, "only whole logits can be read back");
     }
 
     #[test]

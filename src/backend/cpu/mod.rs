@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use super::{AdamW, AdamWTensor, Backend, GemmOperand, GemmSpec, OperandScale};
+use super::{
+    linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GemmOperand, GemmSpec, OperandScale,
+};
 use crate::numerics::{self, DType};
 use kernels::Real;
 
@@ -704,6 +706,91 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         check_len("classifier losses", losses, n)?;
         kernels::crossentropy_forward(&mut losses.data, &logits.data, targets, n, v, vp);
         Self::round(losses);
+        Ok(())
+    }
+
+    fn chunks_linear_crossentropy(&self) -> bool {
+        true
+    }
+
+    fn linear_crossentropy_forward_backward(
+        &self,
+        losses: &mut CpuBuf<T>,
+        logits: &mut CpuBuf<T>,
+        dx: &mut CpuBuf<T>,
+        dw: &mut CpuBuf<T>,
+        x: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        targets: &Vec<u32>,
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        gemms: [GemmSpec; 3],
+        dloss: f32,
+    ) -> Result<()> {
+        let [fwd, dinp_gemm, dw_gemm] = gemms.map(|g| T::widen_from(g.alpha));
+        let rows = linear_crossentropy_chunk(self, logits, x, w, losses, (n, c, vp), &gemms)?;
+        check_len("head input grad", dx, n * c)?;
+        check_len("head weight grad", dw, vp * c)?;
+        for start in (0..n).step_by(rows) {
+            let r = rows.min(n - start);
+            let (x_rows, lg) = (&x.data[start * c..][..r * c], &mut logits.data[..r * vp]);
+            kernels::linear_forward(lg, x_rows, &w.data, None, r, c, vp, fwd);
+            T::round_through(logits.dtype, lg);
+            let chunk_losses = &mut losses.data[start..start + r];
+            let chunk_targets = &targets[start..start + r];
+            let dl = T::widen_from(dloss);
+            kernels::crossentropy_forward_backward(chunk_losses, lg, chunk_targets, r, v, vp, dl);
+            T::round_through(losses.dtype, chunk_losses);
+            T::round_through(logits.dtype, lg);
+            let dx_rows = &mut dx.data[start * c..][..r * c];
+            let zero = T::zero();
+            kernels::matmul(
+                dx_rows, lg, &w.data, r, c, vp, false, false, dinp_gemm, zero,
+            );
+            T::round_through(dx.dtype, dx_rows);
+            kernels::matmul(
+                &mut dw.data,
+                lg,
+                x_rows,
+                vp,
+                c,
+                r,
+                true,
+                false,
+                dw_gemm,
+                T::one(),
+            );
+            Self::round(dw);
+        }
+        Ok(())
+    }
+
+    fn linear_crossentropy_forward(
+        &self,
+        losses: &mut CpuBuf<T>,
+        logits: &mut CpuBuf<T>,
+        x: &CpuBuf<T>,
+        w: &CpuBuf<T>,
+        targets: &Vec<u32>,
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        fwd: GemmSpec,
+    ) -> Result<()> {
+        let rows = linear_crossentropy_chunk(self, logits, x, w, losses, (n, c, vp), &[fwd])?;
+        for start in (0..n).step_by(rows) {
+            let r = rows.min(n - start);
+            let (x_rows, lg) = (&x.data[start * c..][..r * c], &mut logits.data[..r * vp]);
+            let alpha = T::widen_from(fwd.alpha);
+            kernels::linear_forward(lg, x_rows, &w.data, None, r, c, vp, alpha);
+            T::round_through(logits.dtype, lg);
+            let chunk_losses = &mut losses.data[start..start + r];
+            kernels::crossentropy_forward(chunk_losses, lg, &targets[start..start + r], r, v, vp);
+            T::round_through(losses.dtype, chunk_losses);
+        }
         Ok(())
     }
 

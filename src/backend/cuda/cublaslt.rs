@@ -99,6 +99,96 @@ pub struct Gemm {
     pub epilogue: Epilogue,
 }
 
+impl Gemm {
+    /// `out[n, oc] = alpha · inp[n, ic] · w[oc, ic]ᵀ` (a linear layer's forward, no bias), all
+    /// of type `t`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_forward(
+        out: u64,
+        inp: u64,
+        w: u64,
+        t: GemmType,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        alpha: f32,
+    ) -> Gemm {
+        Gemm {
+            out,
+            out_type: t,
+            a: inp,
+            b: w,
+            inputs: t,
+            m: n,
+            n: oc,
+            k: ic,
+            trans_a: false,
+            trans_b: true,
+            alpha,
+            beta: 0.0,
+            epilogue: Epilogue::None,
+        }
+    }
+
+    /// `dinp[n, ic] = alpha · dout[n, oc] · w[oc, ic]` (overwritten), all of type `t`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_input_grad(
+        dinp: u64,
+        dout: u64,
+        w: u64,
+        t: GemmType,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        alpha: f32,
+    ) -> Gemm {
+        Gemm {
+            out: dinp,
+            out_type: t,
+            a: dout,
+            b: w,
+            inputs: t,
+            m: n,
+            n: ic,
+            k: oc,
+            trans_a: false,
+            trans_b: false,
+            alpha,
+            beta: 0.0,
+            epilogue: Epilogue::None,
+        }
+    }
+
+    /// `dw[oc, ic] += alpha · dout[n, oc]ᵀ · inp[n, ic]` into an f32 gradient, inputs of type `t`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_weight_grad(
+        dw: u64,
+        dout: u64,
+        inp: u64,
+        t: GemmType,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        alpha: f32,
+    ) -> Gemm {
+        Gemm {
+            out: dw,
+            out_type: GemmType::F32,
+            a: dout,
+            b: inp,
+            inputs: t,
+            m: oc,
+            n: ic,
+            k: n,
+            trans_a: true,
+            trans_b: false,
+            alpha,
+            beta: 1.0,
+            epilogue: Epilogue::None,
+        }
+    }
+}
+
 /// A fused epilogue of a [`Gemm`] (cuBLASLt's `CUBLASLT_EPILOGUE_*`), in row-major terms. Each
 /// saves a pass over a matrix that a separate kernel would read and write again.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -27,7 +27,7 @@ use cudarc::driver::{
     DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
-use super::{AdamW, AdamWTensor, Backend, GemmSpec};
+use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GemmSpec};
 use crate::numerics::{self, DType};
 use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
@@ -595,6 +595,67 @@ impl CudaBackend {
             ],
         )
     }
+}
+
+/// The rows one classifier launch works on: device addresses of their losses (f32), logits and
+/// targets (u32), and how many there are.
+struct ClassifierRows {
+    losses: u64,
+    logits: u64,
+    targets: u64,
+    n: usize,
+}
+
+impl CudaBackend {
+    /// The fused classifier over `rows`: losses only (`dloss = None`) or losses and the logit
+    /// gradient in place of the logits.
+    fn classifier_launch(
+        &self,
+        rows: ClassifierRows,
+        dtype: DType,
+        v: usize,
+        vp: usize,
+        dloss: Option<f32>,
+    ) -> Result<()> {
+        let mut args = vec![
+            Arg::Ptr(rows.losses),
+            Arg::Ptr(rows.logits),
+            Arg::Ptr(rows.targets),
+            Arg::Int(int(rows.n)?),
+            Arg::Int(int(v)?),
+            Arg::Int(int(vp)?),
+        ];
+        let sfx = suffix(dtype)?;
+        match dloss {
+            Some(d) => {
+                args.push(Arg::Float(d));
+                let name = format!("crossentropy_forward_backward_{sfx}");
+                self.launch(&name, (block_index(rows.n)?, 1, 1), 512, 0, &args)
+            }
+            None => {
+                let name = format!("crossentropy_forward_{sfx}");
+                self.launch(&name, (block_index(rows.n)?, 1, 1), 512, 0, &args)
+            }
+        }
+    }
+}
+
+/// The largest chunk of at most `rows` rows (of `row_bytes` each) whose every start is a row
+/// cuBLASLt may begin an operand at (256-byte aligned; see `cublaslt::REQUIRED_ALIGN`), or all
+/// `n` rows when the chunk covers them.
+fn aligned_rows(rows: usize, n: usize, row_bytes: usize) -> Result<usize> {
+    if rows >= n {
+        return Ok(n.max(1));
+    }
+    let (mut a, mut b) = (row_bytes, 256);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    let granule = 256 / a;
+    if rows < granule {
+        bail!("internal error: a logits chunk of {rows} rows is below the {granule} rows that keep chunks 256-byte aligned");
+    }
+    Ok(rows / granule * granule)
 }
 
 fn oom(e: cudarc::driver::DriverError, bytes: usize, live: u64) -> anyhow::Error {
@@ -1442,25 +1503,14 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.expect("classifier losses", losses, DType::F32, n)?;
         self.expect("classifier logits", logits, logits.dtype, n * vp)?;
-        let name = format!("crossentropy_forward_backward_{}", suffix(logits.dtype)?);
-        let pt = self.ptr_tokens(targets);
-        let pl = self.ptr_mut(losses);
-        let pg = self.ptr_mut(logits);
-        self.launch(
-            &name,
-            (block_index(n)?, 1, 1),
-            512,
-            0,
-            &[
-                Arg::Ptr(pl),
-                Arg::Ptr(pg),
-                Arg::Ptr(pt),
-                Arg::Int(int(n)?),
-                Arg::Int(int(v)?),
-                Arg::Int(int(vp)?),
-                Arg::Float(dloss),
-            ],
-        )
+        let (pl, pg) = (self.ptr_mut(losses), self.ptr_mut(logits));
+        let rows = ClassifierRows {
+            losses: pl,
+            logits: pg,
+            targets: self.ptr_tokens(targets),
+            n,
+        };
+        self.classifier_launch(rows, logits.dtype, v, vp, Some(dloss))
     }
 
     fn crossentropy_forward(
@@ -1474,23 +1524,115 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.expect("classifier losses", losses, DType::F32, n)?;
         self.expect("classifier logits", logits, logits.dtype, n * vp)?;
-        let name = format!("crossentropy_forward_{}", suffix(logits.dtype)?);
-        let (pg, pt) = (self.ptr(logits), self.ptr_tokens(targets));
-        let pl = self.ptr_mut(losses);
-        self.launch(
-            &name,
-            (n as u32, 1, 1),
-            512,
-            0,
-            &[
-                Arg::Ptr(pl),
-                Arg::Ptr(pg),
-                Arg::Ptr(pt),
-                Arg::Int(int(n)?),
-                Arg::Int(int(v)?),
-                Arg::Int(int(vp)?),
-            ],
-        )
+        let rows = ClassifierRows {
+            losses: self.ptr_mut(losses),
+            logits: self.ptr(logits),
+            targets: self.ptr_tokens(targets),
+            n,
+        };
+        self.classifier_launch(rows, logits.dtype, v, vp, None)
+    }
+
+    fn chunks_linear_crossentropy(&self) -> bool {
+        true
+    }
+
+    fn linear_crossentropy_forward_backward(
+        &self,
+        losses: &mut CudaBuf,
+        logits: &mut CudaBuf,
+        dx: &mut CudaBuf,
+        dw: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        targets: &CudaTokens,
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        gemms: [GemmSpec; 3],
+        dloss: f32,
+    ) -> Result<()> {
+        let [fwd, dinp_gemm, dw_gemm] = gemms;
+        let chunk = linear_crossentropy_chunk(self, logits, x, w, losses, (n, c, vp), &gemms)?;
+        let chunk = aligned_rows(chunk, n, c * x.dtype.size_bytes())?;
+        self.expect("head input grad", dx, x.dtype, n * c)?;
+        self.expect("head weight grad", dw, DType::F32, vp * c)?;
+        let (px, pw, pg) = (self.ptr(x), self.ptr(w), self.ptr_mut(logits));
+        let (pl, pdx, pdw) = (self.ptr_mut(losses), self.ptr_mut(dx), self.ptr_mut(dw));
+        let pt = self.ptr_tokens(targets);
+        let (t, elem) = (gemm_type(x.dtype)?, x.dtype.size_bytes() as u64);
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let x_rows = px + (start * c) as u64 * elem;
+            self.gemm(Gemm::linear_forward(
+                pg, x_rows, pw, t, rows, c, vp, fwd.alpha,
+            ))?;
+            let chunk_rows = ClassifierRows {
+                losses: pl + 4 * start as u64,
+                logits: pg,
+                targets: pt + 4 * start as u64,
+                n: rows,
+            };
+            self.classifier_launch(chunk_rows, x.dtype, v, vp, Some(dloss))?;
+            let dx_rows = pdx + (start * c) as u64 * elem;
+            self.gemm(Gemm::linear_input_grad(
+                dx_rows,
+                pg,
+                pw,
+                t,
+                rows,
+                c,
+                vp,
+                dinp_gemm.alpha,
+            ))?;
+            self.gemm(Gemm::linear_weight_grad(
+                pdw,
+                pg,
+                x_rows,
+                t,
+                rows,
+                c,
+                vp,
+                dw_gemm.alpha,
+            ))?;
+        }
+        Ok(())
+    }
+
+    fn linear_crossentropy_forward(
+        &self,
+        losses: &mut CudaBuf,
+        logits: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        targets: &CudaTokens,
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        fwd: GemmSpec,
+    ) -> Result<()> {
+        let chunk = linear_crossentropy_chunk(self, logits, x, w, losses, (n, c, vp), &[fwd])?;
+        let chunk = aligned_rows(chunk, n, c * x.dtype.size_bytes())?;
+        let (px, pw, pg) = (self.ptr(x), self.ptr(w), self.ptr_mut(logits));
+        let (pl, pt) = (self.ptr_mut(losses), self.ptr_tokens(targets));
+        let (t, elem) = (gemm_type(x.dtype)?, x.dtype.size_bytes() as u64);
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let x_rows = px + (start * c) as u64 * elem;
+            self.gemm(Gemm::linear_forward(
+                pg, x_rows, pw, t, rows, c, vp, fwd.alpha,
+            ))?;
+            let chunk_rows = ClassifierRows {
+                losses: pl + 4 * start as u64,
+                logits: pg,
+                targets: pt + 4 * start as u64,
+                n: rows,
+            };
+            self.classifier_launch(chunk_rows, x.dtype, v, vp, None)?;
+        }
+        Ok(())
     }
 
     fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, CudaBuf>], hp: &AdamW) -> Result<()> {
