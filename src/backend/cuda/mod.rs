@@ -1746,7 +1746,12 @@ mod attention {
         /// for sequence length `t`.
         fn geometry(&self, t: usize) -> (usize, usize, u32, u32) {
             let (br, hsp, bcp) = (16 * self.mt * self.nw, self.hs + 8, self.bc + 8);
-            let smem = 2 * (2 * br * hsp + 4 * self.bc * hsp + br * bcp) + 4 * 4 * self.bc;
+            // dQ pieces per warp: n8 tiles of the (bc x hs) output over the warps of an m16 tile
+            let npw = self.hs / 8 / (self.nw / (self.bc / 16));
+            let (staged, fetched) = (self.nw * npw * 4 * 32, self.nw * 16 * (8 * npw + 4));
+            let smem = 2 * (2 * br * hsp + 4 * self.bc * hsp + br * bcp)
+                + 4 * (staged + fetched)
+                + 4 * 4 * self.bc;
             (
                 t.div_ceil(br),
                 t.div_ceil(self.bc),
@@ -1887,7 +1892,13 @@ mod attention {
                     Arg::Ptr(d),
                 ];
                 let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
-                be.launch(&name, (bh as u32, key_blocks as u32, 1), block, shared, &args)
+                be.launch(
+                    &name,
+                    (bh as u32, key_blocks as u32, 1),
+                    block,
+                    shared,
+                    &args,
+                )
             }
             None => {
                 let main = [
@@ -1911,9 +1922,9 @@ mod attention {
         fn bf16_geometry_matches_the_attention_cu_header() {
             assert_eq!(fwd_bf16(64).geometry(), (128, 256, 36_864));
             assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
-            assert_eq!(bwd_bf16(64).geometry(1024), (8, 32, 256, 66_048));
-            assert_eq!(bwd_bf16(128).geometry(1024), (16, 64, 128, 55_552));
-            assert_eq!(bwd_bf16(64).geometry(1), (1, 1, 256, 66_048));
+            assert_eq!(bwd_bf16(64).geometry(1024), (8, 32, 256, 84_480));
+            assert_eq!(bwd_bf16(128).geometry(1024), (16, 64, 128, 72_960));
+            assert_eq!(bwd_bf16(64).geometry(1), (1, 1, 256, 84_480));
         }
     }
 }
