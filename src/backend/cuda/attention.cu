@@ -30,32 +30,25 @@
 //         grid = (BH, ceil(T_/32), 1),  block = 128, dyn smem = 0     [CUDA cores, fp32]
 //
 //   Backward (two launches, in this order):
-//     1) attention_backward_preprocess_bf16(float* D, int* cnt, int ncnt, const bf16* dout,
-//                                           const bf16* out, int B, int T_, int C, int NH)
-//        attention_backward_preprocess_f32 (float* D, int* cnt, int ncnt, const float* dout,
-//                                           const float* out, same ints)
+//     1) attention_backward_preprocess_bf16(float* D, const bf16* dout, const bf16* out,
+//                                           int B, int T_, int C, int NH)
+//        attention_backward_preprocess_f32 (float* D, const float* dout, const float* out, same ints)
 //         grid = (ceil(BH*T_/32), 1, 1), block = 256, dyn smem = 0
-//         also zeroes cnt[0 .. ncnt) (ncnt <= BH*T_*8, one thread each; the f32 path passes 0).
-//     2) attention_backward_hs64_bf16 (bf16* dqkv, float* dq_acc, int* cnt, const bf16* dout,
-//                                      const bf16* qkv, const float* lse, const float* D,
-//                                      int B, int T_, int C, int NH)
-//         grid = (BH, ceil(T_/128), 1), block = 256, dyn smem = 84,480 B
+//     2) attention_backward_hs64_bf16 (bf16* dqkv, const bf16* dout, const bf16* qkv,
+//                                      const float* lse, const float* D, int B, int T_, int C, int NH)
+//         grid = (BH, ceil(T_/128), 2), block = 256, dyn smem = 55,808 B
 //        attention_backward_hs128_bf16(same signature)
-//         grid = (BH, ceil(T_/64), 1),  block = 128, dyn smem = 72,960 B
-//         one block per key block (blockIdx.y); each computes dK, dV of its keys and adds its
-//         share of dQ in a fixed key-block order (see the kernel). Scratch: dq_acc, B*NH*T_*hs
-//         floats ([B*NH][T_][hs]); cnt, B*NH*ceil(T_/BC) ints (BC = 32 at hs64, 16 at hs128),
-//         zeroed by launch 1. Neither needs initial contents beyond that.
+//         grid = (BH, ceil(T_/64), 2),  block = 128, dyn smem = 69,632 B
 //          -> every bf16 kernel uses DYNAMIC shared memory, most of them > 48 KB: the host raises
 //             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES and passes the byte count at launch.
 //             The host (mod.rs, `mod attention`) derives these numbers from the tilings instantiated
-//             at the end of this file (AttFwd / AttBwd): change both together.
+//             at the end of this file (AttFwd / AttKV / AttQ): change both together.
 //        attention_backward_hs64_f32  (float* dqkv, const float* dout, const float* qkv,
 //                                      const float* lse, const float* D, int B, int T_, int C, int NH)
 //        attention_backward_hs128_f32 (same signature)
 //         grid = (BH, ceil(T_/32), 2), block = 128, dyn smem = 0
-//        (f32: blockIdx.z == 0 blocks compute dK,dV over key blocks; blockIdx.z == 1 blocks compute
-//         dQ over query blocks; together they overwrite every element of dqkv.)
+//        (blockIdx.z == 0 blocks compute dK,dV over key blocks; blockIdx.z == 1 blocks compute dQ
+//         over query blocks; together they overwrite every element of dqkv.)
 //     Scratch: D, B*NH*T_ floats (written by 1, read by 2). `out` is read only by 1.
 //   grid.y (= ceil(T_/tile)) must be <= 65535: always true for T_ <= 2,097,120.
 //
@@ -63,14 +56,19 @@
 //   forward hs64 : 8 warps x 16 queries = 128 queries/block, key tiles of 64, Q in registers
 //   forward hs128: 4 warps x 32 queries = 128 queries/block, key tiles of 32, Q re-read from smem
 //                  (at hs128 two m16 tiles per warp halve the ldmatrix traffic per mma and win)
-//   backward hs64 : 8 warps x 16 keys = 128 keys per block, query tiles of 32
-//   backward hs128: 4 warps x 16 keys = 64 keys per block, query tiles of 16
+//   backward hs64 : 8 warps x 16 rows = 128 keys (dK,dV) / queries (dQ) per block, tiles of 32
+//   backward hs128: 4 warps x 16 rows = 64 keys / queries per block, tiles of 16 (dK,dV) / 32 (dQ)
 //   K/V (resp. Q/dO) tiles are double buffered with cp.async; only tiles crossing a warp's
 //   diagonal (or the end of the sequence) are masked; warps skip tiles wholly in their future;
 //   blocks are ordered so the longest causal rows start first. Measured on the H100 (GPT-2 124M
 //   and 0.91B shapes), resident warps per SM mattered more than fragment reuse: the tilings above
 //   are the fastest of ~25 measured (smaller tiles with more blocks per SM beat 2-tile warps at
 //   hs64; 32-row warps only paid for the hs128 forward).
+//   Folding dQ into the dK/dV half (5 matmuls instead of 7; dQ summed over key blocks in fp32
+//   global scratch in a fixed key-block order through per-query-tile counters, so still no
+//   atomics) was built, passed the selftest bit-reproducibly, and measured SLOWER on the H100:
+//   0.91B backward 1.21 ms/call (with the hand-off pipelined one step) against 1.00 ms here,
+//   124M 0.71 against 0.60 (unpipelined). Kept in the git history of the `attn` branch.
 //
 // NUMERICS: float accumulation everywhere; softmax in the log2 domain: bf16 kernels fold
 // scale*log2(e) into one FFMA per score and use ex2.approx (MUFU, ~2 ulp; the f32 path uses the
@@ -127,10 +125,8 @@ __device__ __forceinline__ float att_dot8(const __nv_bfloat16* a, const __nv_bfl
 }
 
 template <typename T>
-__device__ __forceinline__ void attn_bwd_pre(float* D, int* cnt, int ncnt, const T* dout, const T* out,
-                                             int B, int T_, int C, int NH) {
-    const int gid = blockIdx.x * 256 + (int)threadIdx.x;
-    if (gid < ncnt) cnt[gid] = 0;  // the bf16 backward's dQ hand-off counters
+__device__ __forceinline__ void attn_bwd_pre(float* D, const T* dout, const T* out, int B, int T_,
+                                             int C, int NH) {
     const int hs = C / NH;
     const int row = blockIdx.x * 32 + (threadIdx.x >> 3);  // (b*NH + h)*T_ + t
     const int u = threadIdx.x & 7;
@@ -152,14 +148,14 @@ __device__ __forceinline__ void attn_bwd_pre(float* D, int* cnt, int ncnt, const
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-attention_backward_preprocess_f32(float* D, int* cnt, int ncnt, const float* dout, const float* out,
-                                  int B, int T_, int C, int NH) {
-    attn_bwd_pre<float>(D, cnt, ncnt, dout, out, B, T_, C, NH);
+attention_backward_preprocess_f32(float* D, const float* dout, const float* out, int B, int T_,
+                                  int C, int NH) {
+    attn_bwd_pre<float>(D, dout, out, B, T_, C, NH);
 }
 extern "C" __global__ void __launch_bounds__(256)
-attention_backward_preprocess_bf16(float* D, int* cnt, int ncnt, const __nv_bfloat16* dout,
-                                   const __nv_bfloat16* out, int B, int T_, int C, int NH) {
-    attn_bwd_pre<__nv_bfloat16>(D, cnt, ncnt, dout, out, B, T_, C, NH);
+attention_backward_preprocess_bf16(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
+                                   int B, int T_, int C, int NH) {
+    attn_bwd_pre<__nv_bfloat16>(D, dout, out, B, T_, C, NH);
 }
 
 // ============================================================================================
@@ -875,80 +871,46 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, bf16: one launch. A block owns a key block (BR = WR*NW keys; warp w owns the MT m16
-// tiles of keys k0 + WR*w ..) and walks the query tiles (BC rows) that see it, from the last tile
-// down to the diagonal. Per tile it recomputes S^T = K Q^T and dP^T = V dO^T (keys x queries),
-// accumulates dV += P^T dO and dK += dS^T Q in registers, stages dS^T (bf16, the same values the
-// dK product uses) in shared memory and computes the tile's dQ contribution dS K (the warps split
-// the BC x HS output; key rows wholly after the tile are skipped). Column tiles are double
-// buffered with cp.async. Dynamic smem: AttBwd::SMEM bytes.
-//
-// dQ is summed over key blocks in a global fp32 scratch (dq_acc, [B*NH][T_][hs]) in a FIXED
-// order: key block j adds to query tile qi only after key block j-1 has (cnt[bh*nqt + qi] == j,
-// acquire/release; the counters are zeroed by the preprocess kernel); block 0 stores instead of
-// adding, and the diagonal block (the last contributor) writes scale * dQ as bf16 straight into
-// dqkv. No atomics on data, a fixed summation order: bit-identical reruns. The hand-off is
-// software-pipelined by one step so that none of its global-memory round trips sits between two
-// products: the dQ piece of step i is staged in shared memory; step i+1 waits for the counter,
-// starts loading the earlier blocks' sum (cp.async) before its own products, adds and stores
-// after them, and fences before its closing barrier, after which thread 0 releases the counter.
-// (Measured on the H100: an unpipelined hand-off, each step waiting, loading, storing and fencing
-// in turn, made the backward 20% (hs64) and 49% (hs128) slower than the former two-half kernel.)
-// Deadlock freedom: a block waits only on blocks of the same (b,h) with a smaller blockIdx.y, i.e.
-// a smaller linear block index; blocks of one grid are dispatched in linear order, so the
-// waited-for block is resident or done. Walking the tiles from the end brings every block of a
-// (b,h) to tile qi after the same number of steps, so blocks of lower j (started earlier) are
-// normally ahead and waits are short.
+// Backward, bf16: one launch, blockIdx.z = 0 blocks compute dK, dV (a block owns a key block and
+// loops over query tiles), blockIdx.z = 1 blocks compute dQ (a block owns a query block and loops
+// over key tiles). dQ recomputes S and dP instead of accumulating across key blocks: no atomics,
+// fixed summation order, bit-identical reruns. Both halves use NW warps; warp w owns MT m16 row
+// tiles (keys for dK/dV, queries for dQ), so each shared-memory fragment feeds MT mma. Column
+// tiles of BC rows are double buffered with cp.async. Dynamic smem = max of the two halves.
 // ---------------------------------------------------------------------------------------------
 template <int HS, int NW, int MT, int BC>
-struct AttBwd {
-    static constexpr int WR = 16 * MT, BR = WR * NW, HSP = HS + 8, NTH = 32 * NW, BCP = BC + 8;
-    // K [BR][HSP], V [BR][HSP]; stage s: Q [BC][HSP], dO [BC][HSP]; dS^T [BR][BCP] (the +8 pad
-    // keeps its 4-byte stores and ldmatrix reads conflict-free); floats: stage s: L[BC], D[BC]
-    // dQ output split: MQ m16 tiles of queries, each shared by WPM warps owning NPW n8 tiles
-    static constexpr int MQ = BC / 16, WPM = NW / MQ, NPW = (HS / 8) / WPM;
-    // after dS^T: each thread's staged dQ piece, [warp][NPW*4][32 lanes] floats (= BC*HS), then
-    // the fetched sum of the earlier key blocks, [warp][16 rows][OLDP] floats (+4: fewer conflicts)
-    static constexpr int STG = NW * NPW * 4 * 32, OLDP = 8 * NPW + 4, OLD = NW * 16 * OLDP;
-    static constexpr int SMEM = (2 * BR * HSP + 4 * BC * HSP + BR * BCP) * 2 + (STG + OLD) * 4 + 4 * BC * 4;
+struct AttKV {  // dK, dV half
+    static constexpr int WR = 16 * MT, BR = WR * NW, HSP = HS + 8, NTH = 32 * NW;
+    // K [BR][HSP], V [BR][HSP]; stage s: Q [BC][HSP], dO [BC][HSP]; floats: stage s: L[BC], D[BC]
+    static constexpr int SMEM = (2 * BR * HSP + 4 * BC * HSP) * 2 + 4 * BC * 4;
+};
+template <int HS, int NW, int MT, int BC>
+struct AttQ {  // dQ half
+    static constexpr int WR = 16 * MT, BR = WR * NW, HSP = HS + 8, NTH = 32 * NW;
+    // Q [BR][HSP], dO [BR][HSP]; stage s: K [BC][HSP], V [BC][HSP]
+    static constexpr int SMEM = (2 * BR * HSP + 4 * BC * HSP) * 2;
 };
 
-__device__ __forceinline__ int att_ld_acquire(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ void att_fence_acq_rel() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
-__device__ __forceinline__ void att_st_release(int* p, int v) {
-    asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-
+// dK, dV for keys k0 .. k0+BR-1 (warp w: keys k0+WR*w ..), loop over query tiles t >= k0.
 template <int HS, int NW, int MT, int BC>
-__device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc, int* cnt,
-                                             const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
-                                             const float* lse, const float* D, int B, int T_, int C,
-                                             int NH) {
-    typedef AttBwd<HS, NW, MT, BC> Cf;
-    constexpr int HSP = Cf::HSP, BR = Cf::BR, WR = Cf::WR, NTH = Cf::NTH, BCP = Cf::BCP;
-    constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8, WPM = Cf::WPM, NPW = Cf::NPW;
+__device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                                                  const __nv_bfloat16* qkv, const float* lse,
+                                                  const float* D, int B, int T_, int C, int NH) {
+    typedef AttKV<HS, NW, MT, BC> Cf;
+    constexpr int HSP = Cf::HSP, BR = Cf::BR, WR = Cf::WR, NTH = Cf::NTH;
+    constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
     static_assert(BR % BC == 0, "key blocks start on a query-tile boundary");
-    static_assert(BC % 16 == 0 && NW % Cf::MQ == 0 && (HS / 8) % WPM == 0 && NPW % 2 == 0,
-                  "the dQ output tile must split into whole m16 x n16 pieces per warp");
     __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
     __nv_bfloat16* Ks = buf;
     __nv_bfloat16* Vs = buf + BR * HSP;
     __nv_bfloat16* st0 = buf + 2 * BR * HSP;  // stage s: Q at st0 + 2s*BC*HSP, dO right after
-    __nv_bfloat16* dSt = st0 + 4 * BC * HSP;  // dS^T [BR keys][BCP]
-    float* stg = reinterpret_cast<float*>(dSt + BR * BCP);
-    float* oldb = stg + Cf::STG;
-    float* fbuf = oldb + Cf::OLD;
+    float* fbuf = reinterpret_cast<float*>(buf + 2 * BR * HSP + 4 * BC * HSP);
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
-    const int kb = (int)blockIdx.y;  // key block; small ones (most work) are dispatched first
-    const int k0 = kb * BR;
-    if (k0 >= T_) return;  // block-uniform; such a block contributes to no query tile
+    if ((int)blockIdx.y * BR >= T_) return;  // block-uniform (grid.y covers the larger half)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int k0 = (int)blockIdx.y * BR;  // small key blocks (most work) first
     const int ws0 = k0 + warp * WR;
     const int C3 = 3 * C;
     const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
@@ -958,77 +920,14 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc,
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
     const float cs = scale * ATT_LOG2E;
-    const int nqt = (T_ + BC - 1) / BC;  // query tiles of the sequence
-    const int ntiles = nqt - k0 / BC;    // tiles nqt-1 down to the diagonal one (>= 1)
-    const int mq = warp / WPM, nw0 = (warp % WPM) * NPW * 8;  // this warp's piece of a dQ tile
-    int* tcnt = cnt + (long long)bh * nqt;
-    float* qacc = dq_acc + (long long)bh * T_ * hs;
-    __nv_bfloat16* dbh = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
-    const bool ovec = (((size_t)dqkv) & 3) == 0;
-    float* my_stg = stg + warp * NPW * 4 * 32 + lane;  // this thread's staged dQ: my_stg[32 * k]
-
-    constexpr int OLDP = Cf::OLDP;
-    float* my_old = oldb + warp * 16 * OLDP;  // this warp's fetched piece [16][OLDP]
-
-    // Ordered hand-off of the dQ piece of query tile pqi, staged one step earlier: fetch waits
-    // until key blocks 0 .. kb-1 have added theirs and starts loading their sum into my_old
-    // (cp.async, one commit group; the next products hide it); finish adds the staged piece and
-    // stores the sum, or scale * the sum as bf16 into dqkv when this block is the tile's last
-    // contributor.
-    auto fetch = [&](int pqi) {
-        if (kb > 0) {
-            if (att_ld_acquire(tcnt + pqi) != kb) {
-                while (att_ld_acquire(tcnt + pqi) != kb) __nanosleep(32);
-            }
-#pragma unroll
-            for (int k = 0; k < NPW; k++) {  // 16 rows x 2*NPW chunks of 4 floats, NPW per lane
-                const int e = lane + 32 * k, rr = e / (2 * NPW), cc = 4 * (e % (2 * NPW));
-                const int r = pqi * BC + mq * 16 + rr, d = nw0 + cc;
-                const bool ok = r < T_ && d < hs;  // hs is a multiple of 8: whole chunks
-                att_cp16(my_old + rr * OLDP + cc, ok ? qacc + (long long)r * hs + d : qacc, ok);
-            }
-        }
-        att_cp_commit();
-    };
-    auto finish = [&](int pqi) {
-        const bool last = (pqi * BC) / BR == kb;  // the diagonal block is the last contributor
-        if (kb > 0) {
-            att_cp_wait<0>();
-            __syncwarp();  // chunks fetched by the other lanes of the warp
-        }
-#pragma unroll
-        for (int c = 0; c < NPW; c++) {
-            const int d = nw0 + c * 8 + 2 * t4;
-#pragma unroll
-            for (int hh = 0; hh < 2; hh++) {
-                const int rr = g + 8 * hh, r = pqi * BC + mq * 16 + rr;
-                if (d < hs && r < T_) {
-                    float2 v = make_float2(my_stg[32 * (4 * c + 2 * hh)], my_stg[32 * (4 * c + 2 * hh + 1)]);
-                    if (kb > 0) {
-                        const float2 o = *reinterpret_cast<const float2*>(my_old + rr * OLDP + c * 8 + 2 * t4);
-                        v.x = o.x + v.x;
-                        v.y = o.y + v.y;
-                    }
-                    if (last) {
-                        __nv_bfloat16* p = dbh + (long long)r * C3 + d;
-                        const __nv_bfloat162 w = __floats2bfloat162_rn(v.x * scale, v.y * scale);
-                        if (ovec) *reinterpret_cast<__nv_bfloat162*>(p) = w;
-                        else { p[0] = w.x; p[1] = w.y; }
-                    } else {
-                        __stcg(reinterpret_cast<float2*>(qacc + (long long)r * hs + d), v);
-                    }
-                }
-            }
-        }
-        __syncwarp();  // my_old is refilled by the next fetch
-    };
+    const int ntiles = (T_ - k0 + BC - 1) / BC;  // >= 1 (k0 < T_)
 
     att_tile_async<HS, BR, NTH>(Ks, base + C, C3, k0, T_, hs, hs16, vec);
     att_tile_async<HS, BR, NTH>(Vs, base + 2 * C, C3, k0, T_, hs, hs16, vec);
     att_cp_commit();
-    // issue step i (query tile nqt-1-i) into stage (i & 1)
+    // issue query tile i into stage (i & 1); L is stored pre-scaled by log2(e) after the wait
     auto issue = [&](int i_) {
-        const int s_ = i_ & 1, qq = (nqt - 1 - i_) * BC;
+        const int s_ = i_ & 1, qq = k0 + i_ * BC;
         att_tile_async<HS, BC, NTH>(st0 + 2 * s_ * BC * HSP, base, C3, qq, T_, hs, hs16, vec);
         att_tile_async<HS, BC, NTH>(st0 + (2 * s_ + 1) * BC * HSP, dbase, C, qq, T_, hs, hs16, vec);
         for (int j = threadIdx.x; j < BC; j += NTH) {
@@ -1052,7 +951,7 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc,
     }
 
     for (int i = 0; i < ntiles; i++) {
-        const int qi = nqt - 1 - i, q0 = qi * BC;
+        const int q0 = k0 + i * BC;
         if (i + 1 < ntiles) {
             issue(i + 1);
             att_cp_wait<1>();
@@ -1064,7 +963,6 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc,
         const __nv_bfloat16* dOs = Qs + BC * HSP;
         const float* Ls = fbuf + (i & 1) * 2 * BC;
         const float* Ds = Ls + BC;
-        if (i > 0) fetch(qi + 1);  // the previous step's tile
         if (q0 + BC - 1 >= ws0) {  // warp-uniform: some query of the tile sees some key of the warp
             float st[MT][NTC][4], dpt[MT][NTC][4];
 #pragma unroll
@@ -1128,10 +1026,7 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc,
                     }
                 }
             }
-            // the previous tile's dQ hand-off, midway: its load has had the products above to
-            // land, and its stores get the rest of the step to drain before the fence
-            // dV += P^T dO ; dK += dS^T Q   (A from registers, B = [queries][d] tiles, trans);
-            // dS^T also goes to shared memory for the dQ product
+            // dV += P^T dO ; dK += dS^T Q   (A from registers, B = [queries][d] tiles, trans)
 #pragma unroll
             for (int kk = 0; kk < BC / 16; kk++) {
                 att_u32 pa[MT][4], da[MT][4];
@@ -1145,12 +1040,6 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc,
                     da[mt][1] = att_pack(dpt[mt][2 * kk][2], dpt[mt][2 * kk][3]);
                     da[mt][2] = att_pack(dpt[mt][2 * kk + 1][0], dpt[mt][2 * kk + 1][1]);
                     da[mt][3] = att_pack(dpt[mt][2 * kk + 1][2], dpt[mt][2 * kk + 1][3]);
-                    // C-fragment layout: (key row g / g+8 of the m-tile, query cols 2t4, 2t4+1)
-                    __nv_bfloat16* drow = dSt + (warp * WR + mt * 16 + g) * BCP + kk * 16 + 2 * t4;
-                    *reinterpret_cast<att_u32*>(drow) = da[mt][0];
-                    *reinterpret_cast<att_u32*>(drow + 8 * BCP) = da[mt][1];
-                    *reinterpret_cast<att_u32*>(drow + 8) = da[mt][2];
-                    *reinterpret_cast<att_u32*>(drow + 8 * BCP + 8) = da[mt][3];
                 }
 #pragma unroll
                 for (int dp = 0; dp < HS / 16; dp++) {
@@ -1172,45 +1061,10 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc,
                 }
             }
         }
-        if (i > 0) finish(qi + 1);
-        __syncthreads();  // dS^T complete
-        // dQ piece (queries q0 + mq*16 .., dims nw0 ..) = dS K over the block's keys; key rows
-        // k0 + 16*kk past the tile's last query are all zero (or never written) and skipped:
-        // exactly the rows of warps that skipped the tile. Staged for the next step's hand-off.
-        float dqp[NPW][4];
-#pragma unroll
-        for (int c = 0; c < NPW; c++) { dqp[c][0] = 0.f; dqp[c][1] = 0.f; dqp[c][2] = 0.f; dqp[c][3] = 0.f; }
-        const int nkk = min(BR, q0 + BC - k0) / 16;  // q0 + BC - k0 is a positive multiple of 16
-#pragma unroll
-        for (int kk = 0; kk < BR / 16; kk++) {
-            if (kk < nkk) {
-                att_u32 a[4];
-                att_ldsm_x4_t(a, att_bn_ptr<BCP>(dSt, kk * 16, mq * 16, lane));
-#pragma unroll
-                for (int np = 0; np < NPW / 2; np++) {
-                    if (nw0 + np * 16 < hs16) {
-                        att_u32 bb[4];
-                        att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Ks, kk * 16, nw0 + np * 16, lane));
-                        att_mma(dqp[2 * np], a, bb[0], bb[1]);
-                        att_mma(dqp[2 * np + 1], a, bb[2], bb[3]);
-                    }
-                }
-            }
-        }
-#pragma unroll
-        for (int c = 0; c < NPW; c++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) my_stg[32 * (4 * c + e)] = dqp[c][e];
-        }
-        // the previous tile's sum was stored before the dQ product, unless it was final
-        const bool signal = i > 0 && ((qi + 1) * BC) / BR != kb;  // block-uniform
-        if (signal) att_fence_acq_rel();
-        __syncthreads();  // the stage just read is refilled by the next prefetch; dS^T is rewritten
-        if (signal && threadIdx.x == 0) att_st_release(tcnt + qi + 1, kb + 1);
+        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
-    // the diagonal tile (k0 / BC), staged by the last step: this block is its last contributor
-    fetch(nqt - ntiles);
-    finish(nqt - ntiles);
+    const bool ovec = (((size_t)dqkv) & 3) == 0;
+    __nv_bfloat16* dbh = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
         att_store_frag_bf16<HS>(dbh + C, C3, ws0 + mt * 16 + g, T_, hs, dk[mt], scale, scale, ovec, t4);
@@ -1218,23 +1072,180 @@ __device__ __forceinline__ void att_bwd_bf16(__nv_bfloat16* dqkv, float* dq_acc,
     }
 }
 
-// Kernel entry points: forward <HS, NW, MT, BK, QREG>; backward <HS, NW, MT, BC>; MINB = blocks
-// per SM the register allocation must allow. The host's launch geometry (mod.rs,
-// `mod attention`) must match these numbers.
+// dQ for queries q0 .. q0+BR-1 (warp w: queries q0+WR*w ..), loop over key tiles s <= t.
+template <int HS, int NW, int MT, int BC>
+__device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
+                                                const __nv_bfloat16* qkv, const float* lse,
+                                                const float* D, int B, int T_, int C, int NH) {
+    typedef AttQ<HS, NW, MT, BC> Cf;
+    constexpr int HSP = Cf::HSP, BR = Cf::BR, WR = Cf::WR, NTH = Cf::NTH;
+    constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
+    __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
+    __nv_bfloat16* Qs = buf;
+    __nv_bfloat16* dOs = buf + BR * HSP;
+    __nv_bfloat16* st0 = buf + 2 * BR * HSP;  // stage s: K at st0 + 2s*BC*HSP, V right after
+
+    const int hs = C / NH, hs16 = (hs + 15) & ~15;
+    const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
+    const int nqb = (T_ + BR - 1) / BR;
+    if ((int)blockIdx.y >= nqb) return;  // block-uniform (grid.y covers the larger half)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int q0 = (nqb - 1 - (int)blockIdx.y) * BR;  // heaviest first
+    const int wq0 = q0 + warp * WR;
+    const int C3 = 3 * C;
+    const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
+    const __nv_bfloat16* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
+    const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
+    const float scale = 1.0f / sqrtf((float)hs);
+    const float cs = scale * ATT_LOG2E;
+    const int kend = min(q0 + BR, T_);
+    const int ntiles = (kend + BC - 1) / BC;
+
+    att_tile_async<HS, BR, NTH>(Qs, base, C3, q0, T_, hs, hs16, vec);
+    att_tile_async<HS, BR, NTH>(dOs, dbase, C, q0, T_, hs, hs16, vec);
+    att_cp_commit();
+    att_tile_async<HS, BC, NTH>(st0, base + C, C3, 0, T_, hs, hs16, vec);
+    att_tile_async<HS, BC, NTH>(st0 + BC * HSP, base + 2 * C, C3, 0, T_, hs, hs16, vec);
+    att_cp_commit();
+    float L[MT][2], Dr[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const int r = wq0 + mt * 16 + g + 8 * hh;
+            L[mt][hh] = r < T_ ? lse[(long long)bh * T_ + r] * ATT_LOG2E : 0.f;
+            Dr[mt][hh] = r < T_ ? D[(long long)bh * T_ + r] : 0.f;
+        }
+    }
+
+    float dq[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) { dq[mt][dt][0] = 0.f; dq[mt][dt][1] = 0.f; dq[mt][dt][2] = 0.f; dq[mt][dt][3] = 0.f; }
+    }
+
+    for (int i = 0; i < ntiles; i++) {
+        const int k0 = i * BC;
+        if (i + 1 < ntiles) {
+            __nv_bfloat16* nx = st0 + 2 * ((i + 1) & 1) * BC * HSP;
+            att_tile_async<HS, BC, NTH>(nx, base + C, C3, k0 + BC, T_, hs, hs16, vec);
+            att_tile_async<HS, BC, NTH>(nx + BC * HSP, base + 2 * C, C3, k0 + BC, T_, hs, hs16, vec);
+            att_cp_commit();
+            att_cp_wait<1>();
+        } else {
+            att_cp_wait<0>();
+        }
+        __syncthreads();
+        const __nv_bfloat16* Ks = st0 + 2 * (i & 1) * BC * HSP;
+        const __nv_bfloat16* Vs = Ks + BC * HSP;
+        if (k0 <= wq0 + WR - 1) {  // warp-uniform
+            float s[MT][NTC][4], dps[MT][NTC][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int nt = 0; nt < NTC; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) { s[mt][nt][e] = 0.f; dps[mt][nt][e] = 0.f; }
+                }
+            }
+            // S = Q K^T, then dP = dO V^T  (WR queries x BC keys per warp)
+#pragma unroll
+            for (int pass = 0; pass < 2; pass++) {
+                const __nv_bfloat16* As = pass ? dOs : Qs;
+                const __nv_bfloat16* Bs = pass ? Vs : Ks;
+#pragma unroll
+                for (int kt = 0; kt < KT; kt++) {
+                    if (kt * 16 < hs16) {
+                        att_u32 a[MT][4];
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++)
+                            att_ldsm_x4(a[mt], att_a_ptr<HSP>(As, warp * WR + mt * 16, kt * 16, lane));
+#pragma unroll
+                        for (int np = 0; np < NTC / 2; np++) {
+                            att_u32 bb[4];
+                            att_ldsm_x4(bb, att_bn_ptr<HSP>(Bs, np * 16, kt * 16, lane));
+#pragma unroll
+                            for (int mt = 0; mt < MT; mt++) {
+                                float(&c0)[4] = pass ? dps[mt][2 * np] : s[mt][2 * np];
+                                float(&c1)[4] = pass ? dps[mt][2 * np + 1] : s[mt][2 * np + 1];
+                                att_mma(c0, a[mt], bb[0], bb[1]);
+                                att_mma(c1, a[mt], bb[2], bb[3]);
+                            }
+                        }
+                    }
+                }
+            }
+            const bool need_mask = (k0 + BC - 1 > wq0) || (k0 + BC > T_);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int nt = 0; nt < NTC; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float p = att_ex2(fmaf(s[mt][nt][e], cs, -L[mt][e >> 1]));
+                        if (need_mask) {
+                            const int sk = k0 + nt * 8 + 2 * t4 + (e & 1);
+                            const int tq = wq0 + mt * 16 + g + (e >> 1) * 8;
+                            if (sk > tq || sk >= T_) p = 0.f;
+                        }
+                        s[mt][nt][e] = p * (dps[mt][nt][e] - Dr[mt][e >> 1]);  // dS
+                    }
+                }
+            }
+            // dQ += dS K  (B = K tile [keys][d], trans)
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; kk++) {
+                att_u32 da[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    da[mt][0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    da[mt][1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    da[mt][2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    da[mt][3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < HS / 16; dp++) {
+                    if (dp * 16 < hs16) {
+                        att_u32 bb[4];
+                        att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Ks, kk * 16, dp * 16, lane));
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            att_mma(dq[mt][2 * dp], da[mt], bb[0], bb[1]);
+                            att_mma(dq[mt][2 * dp + 1], da[mt], bb[2], bb[3]);
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
+    }
+    const bool ovec = (((size_t)dqkv) & 3) == 0;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        att_store_frag_bf16<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, wq0 + mt * 16 + g, T_,
+                                hs, dq[mt], scale, scale, ovec, t4);
+    }
+}
+
+// Kernel entry points: forward <HS, NW, MT, BK, QREG>; backward <HS, NW, MT(dK,dV), BC(dK,dV),
+// MT(dQ), BC(dQ)>; MINB = blocks per SM the register allocation must allow. The host's launch
+// geometry (mod.rs, `mod attention`) must match these numbers.
 #define ATT_FWD_KERNEL(name, HS, NW, MT, BK, QR, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                         \
     name(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T_, int C, int NH) {    \
         att_fwd_bf16<HS, NW, MT, BK, QR>(out, lse, qkv, B, T_, C, NH);                                 \
     }
-#define ATT_BWD_KERNEL(name, HS, NW, MT, BC, MINB)                                                       \
+#define ATT_BWD_KERNEL(name, HS, NW, MK, BCK, MQ, BCQ, MINB)                                             \
     extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                         \
-    name(__nv_bfloat16* dqkv, float* dq_acc, int* cnt, const __nv_bfloat16* dout,                      \
-         const __nv_bfloat16* qkv, const float* lse, const float* D, int B, int T_, int C, int NH) {   \
-        att_bwd_bf16<HS, NW, MT, BC>(dqkv, dq_acc, cnt, dout, qkv, lse, D, B, T_, C, NH);              \
+    name(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse,   \
+         const float* D, int B, int T_, int C, int NH) {                                               \
+        if (blockIdx.z == 0) att_bwd_dkdv_bf16<HS, NW, MK, BCK>(dqkv, dout, qkv, lse, D, B, T_, C, NH); \
+        else att_bwd_dq_bf16<HS, NW, MQ, BCQ>(dqkv, dout, qkv, lse, D, B, T_, C, NH);                  \
     }
 
 ATT_FWD_KERNEL(attention_forward_hs64_bf16, 64, 8, 1, 64, true, 2)
 ATT_FWD_KERNEL(attention_forward_hs128_bf16, 128, 4, 2, 32, false, 2)
-ATT_BWD_KERNEL(attention_backward_hs64_bf16, 64, 8, 1, 32, 2)
-ATT_BWD_KERNEL(attention_backward_hs128_bf16, 128, 4, 1, 16, 3)
+ATT_BWD_KERNEL(attention_backward_hs64_bf16, 64, 8, 1, 32, 1, 32, 2)
+ATT_BWD_KERNEL(attention_backward_hs128_bf16, 128, 4, 1, 16, 1, 32, 3)
 

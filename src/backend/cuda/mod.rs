@@ -1732,32 +1732,27 @@ mod attention {
         }
     }
 
-    /// bf16 backward tiling, as instantiated at the end of attention.cu: `nw` warps, each owning
-    /// `mt` 16-row key tiles; query tiles of `bc` rows.
+    /// bf16 backward tiling, as instantiated at the end of attention.cu: `nw` warps in both
+    /// halves; the dK,dV half has warps of `mt_kv` 16-row key tiles and query tiles of `bc_kv`,
+    /// the dQ half warps of `mt_q` 16-row query tiles and key tiles of `bc_q`.
     struct BwdTiling {
         hs: usize,
         nw: usize,
-        mt: usize,
-        bc: usize,
+        mt_kv: usize,
+        bc_kv: usize,
+        mt_q: usize,
+        bc_q: usize,
     }
 
     impl BwdTiling {
-        /// (grid.y = key blocks, query tiles, threads per block, dynamic shared memory bytes)
-        /// for sequence length `t`.
-        fn geometry(&self, t: usize) -> (usize, usize, u32, u32) {
-            let (br, hsp, bcp) = (16 * self.mt * self.nw, self.hs + 8, self.bc + 8);
-            // dQ pieces per warp: n8 tiles of the (bc x hs) output over the warps of an m16 tile
-            let npw = self.hs / 8 / (self.nw / (self.bc / 16));
-            let (staged, fetched) = (self.nw * npw * 4 * 32, self.nw * 16 * (8 * npw + 4));
-            let smem = 2 * (2 * br * hsp + 4 * self.bc * hsp + br * bcp)
-                + 4 * (staged + fetched)
-                + 4 * 4 * self.bc;
-            (
-                t.div_ceil(br),
-                t.div_ceil(self.bc),
-                32 * self.nw as u32,
-                smem as u32,
-            )
+        /// (grid.y, threads per block, dynamic shared memory bytes) for sequence length `t`.
+        fn geometry(&self, t: usize) -> (usize, u32, u32) {
+            let hsp = self.hs + 8;
+            let (br_kv, br_q) = (16 * self.mt_kv * self.nw, 16 * self.mt_q * self.nw);
+            let kv = 2 * (2 * br_kv * hsp + 4 * self.bc_kv * hsp) + 4 * 4 * self.bc_kv;
+            let q = 2 * (2 * br_q * hsp + 4 * self.bc_q * hsp);
+            let tiles = t.div_ceil(br_kv).max(t.div_ceil(br_q));
+            (tiles, 32 * self.nw as u32, kv.max(q) as u32)
         }
     }
 
@@ -1766,14 +1761,18 @@ mod attention {
             64 => BwdTiling {
                 hs: 64,
                 nw: 8,
-                mt: 1,
-                bc: 32,
+                mt_kv: 1,
+                bc_kv: 32,
+                mt_q: 1,
+                bc_q: 32,
             },
             _ => BwdTiling {
                 hs: 128,
                 nw: 4,
-                mt: 1,
-                bc: 16,
+                mt_kv: 1,
+                bc_kv: 16,
+                mt_q: 1,
+                bc_q: 32,
             },
         }
     }
@@ -1840,38 +1839,18 @@ mod attention {
         c: usize,
         nh: usize,
     ) -> Result<()> {
-        let (hs, hs_max) = variant(c, nh)?;
+        let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let bh = b * nh;
+        let d = be.scratch_ptr(bh * t * 4)?;
         let ints = [
             Arg::Int(int(b)?),
             Arg::Int(int(t)?),
             Arg::Int(int(c)?),
             Arg::Int(int(nh)?),
         ];
-        // Scratch, sized per shape (grown once, reused every step): bf16: dQ accumulator
-        // [B*NH][T][hs] f32, then D [B*NH][T] f32, then the per-query-tile hand-off counters
-        // [B*NH][query tiles] i32; f32: D alone.
-        let (bwd_geometry, acc_bytes, counters) = match dt {
-            DType::BF16 => {
-                let geo = bwd_bf16(hs_max).geometry(t);
-                (Some(geo), bh * t * hs * 4, bh * geo.1)
-            }
-            _ => (None, 0, 0),
-        };
-        let d_bytes = bh * t * 4;
-        let scratch = be.scratch_ptr(acc_bytes + d_bytes + counters * 4)?;
-        let (acc, d) = (scratch, scratch + acc_bytes as u64);
-        let cnt = d + d_bytes as u64;
-        let pre = [
-            Arg::Ptr(d),
-            Arg::Ptr(cnt),
-            Arg::Int(int(counters)?),
-            Arg::Ptr(dout),
-            Arg::Ptr(out),
-        ];
+        let pre = [Arg::Ptr(d), Arg::Ptr(dout), Arg::Ptr(out)];
         let pre_args: Vec<Arg> = pre.into_iter().chain(ints.iter().copied()).collect();
-        // The preprocess grid (8 threads per row of D) always has a thread per counter.
         be.launch(
             &format!("attention_backward_preprocess_{sfx}"),
             ((bh * t).div_ceil(PRE_ROWS) as u32, 1, 1),
@@ -1879,39 +1858,25 @@ mod attention {
             0,
             &pre_args,
         )?;
-        let name = format!("attention_backward_hs{hs_max}_{sfx}");
-        match bwd_geometry {
-            Some((key_blocks, _, block, shared)) => {
-                let main = [
-                    Arg::Ptr(dqkv),
-                    Arg::Ptr(acc),
-                    Arg::Ptr(cnt),
-                    Arg::Ptr(dout),
-                    Arg::Ptr(qkv),
-                    Arg::Ptr(lse),
-                    Arg::Ptr(d),
-                ];
-                let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
-                be.launch(
-                    &name,
-                    (bh as u32, key_blocks as u32, 1),
-                    block,
-                    shared,
-                    &args,
-                )
-            }
-            None => {
-                let main = [
-                    Arg::Ptr(dqkv),
-                    Arg::Ptr(dout),
-                    Arg::Ptr(qkv),
-                    Arg::Ptr(lse),
-                    Arg::Ptr(d),
-                ];
-                let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
-                be.launch(&name, (bh as u32, t.div_ceil(32) as u32, 2), 128, 0, &args)
-            }
-        }
+        let (tiles, block, shared) = match dt {
+            DType::BF16 => bwd_bf16(hs_max).geometry(t),
+            _ => (t.div_ceil(32), 128, 0),
+        };
+        let main = [
+            Arg::Ptr(dqkv),
+            Arg::Ptr(dout),
+            Arg::Ptr(qkv),
+            Arg::Ptr(lse),
+            Arg::Ptr(d),
+        ];
+        let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
+        be.launch(
+            &format!("attention_backward_hs{hs_max}_{sfx}"),
+            (bh as u32, tiles as u32, 2),
+            block,
+            shared,
+            &args,
+        )
     }
 
     #[cfg(test)]
@@ -1922,9 +1887,9 @@ mod attention {
         fn bf16_geometry_matches_the_attention_cu_header() {
             assert_eq!(fwd_bf16(64).geometry(), (128, 256, 36_864));
             assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
-            assert_eq!(bwd_bf16(64).geometry(1024), (8, 32, 256, 84_480));
-            assert_eq!(bwd_bf16(128).geometry(1024), (16, 64, 128, 72_960));
-            assert_eq!(bwd_bf16(64).geometry(1), (1, 1, 256, 84_480));
+            assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
+            assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
+            assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
         }
     }
 }
