@@ -645,6 +645,8 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             (1, 300, 128, 2),
             (1, 150, 144, 2),
             (1, 257, 256, 2),
+            (1, 1024, 128, 2),
+            (1, 640, 256, 2),
         ] {
             let x = vec![
                 inputs.normal(b * t * 3 * c, 1.0),
@@ -659,6 +661,27 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 case_attention(be, dt, &x, s)?,
                 case_attention(&reference, dt, &x, s)?,
             );
+        }
+        // Bit-reproducibility at training shapes: the CUDA backward sums dQ over key blocks
+        // through a fixed-order hand-off between blocks, here with more blocks than are resident
+        // at once. Same inputs twice, tolerance 0 (CUDA only; the CPU backend is sequential).
+        if be.kind() == "cuda" {
+            for (b, t, c, nh) in [(8, 1024, 768, 12), (4, 1024, 1024, 8)] {
+                let x = vec![
+                    inputs.normal(b * t * 3 * c, 1.0),
+                    inputs.normal(b * t * c, 1.0),
+                ];
+                let s = (b, t, c, nh);
+                let first = case_attention(be, dt, &x, s)?;
+                push(
+                    "attention rerun",
+                    format!("b={b} t={t} c={c} nh={nh}"),
+                    dt,
+                    0.0,
+                    case_attention(be, dt, &x, s)?,
+                    first,
+                );
+            }
         }
         for (b, t, c, v) in [(2, 5, 8, 11), (3, 17, 40, 67)] {
             let x = vec![

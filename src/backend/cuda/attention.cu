@@ -64,6 +64,11 @@
 //   and 0.91B shapes), resident warps per SM mattered more than fragment reuse: the tilings above
 //   are the fastest of ~25 measured (smaller tiles with more blocks per SM beat 2-tile warps at
 //   hs64; 32-row warps only paid for the hs128 forward).
+//   Folding dQ into the dK/dV half (5 matmuls instead of 7; dQ summed over key blocks in fp32
+//   global scratch in a fixed key-block order through per-query-tile counters, so still no
+//   atomics) was built, passed the selftest bit-reproducibly, and measured SLOWER on the H100:
+//   0.91B backward 1.21 ms/call (with the hand-off pipelined one step) against 1.00 ms here,
+//   124M 0.71 against 0.60 (unpipelined). Kept in the git history of the `attn` branch.
 //
 // NUMERICS: float accumulation everywhere; softmax in the log2 domain: bf16 kernels fold
 // scale*log2(e) into one FFMA per score and use ex2.approx (MUFU, ~2 ulp; the f32 path uses the
