@@ -7,9 +7,13 @@
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
 //!   driver version.
-//! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in an
-//!   `_f32` and a `_bf16` flavour, picked by the activations' dtype. Parameter gradients, optimizer
-//!   state, LayerNorm statistics, log-sum-exps and losses are always f32.
+//! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in
+//!   `_f32`, `_bf16` and `_f16` flavours, picked by the activations' dtype. Parameter gradients,
+//!   optimizer state, LayerNorm statistics, log-sum-exps and losses are always f32.
+//! - Unit scaling's op scales (weighted residual adds, GELU, attention and embedding scales,
+//!   LayerNorm and bias gradient scales, GEMM `alpha`) are kernel arguments; the fused GELU
+//!   epilogues run only where they compute the same thing (scale 1), the separate kernels
+//!   otherwise. FP8 GEMMs are not here yet, so `fp8` and `fp8-unit` are refused.
 //! - Everything runs on one stream. No kernel uses floating-point atomics, so results are
 //!   bitwise reproducible run to run.
 
@@ -114,7 +118,8 @@ fn gemm_type(dtype: DType) -> Result<GemmType> {
     match dtype {
         DType::F32 => Ok(GemmType::F32),
         DType::BF16 => Ok(GemmType::BF16),
-        other => bail!("the CUDA backend has no {other} matrix products yet (recipes fp32 and bf16 run on CUDA)"),
+        DType::F16 => Ok(GemmType::F16),
+        other => bail!("the CUDA backend has no {other} matrix products yet (recipes fp32, bf16 and fp16 run on CUDA)"),
     }
 }
 
@@ -127,12 +132,12 @@ fn gemm_format(spec: GemmSpec) -> Result<DType> {
     Ok(a)
 }
 
-/// Refuses op scales other than 1, which only unit scaling uses.
-fn unscaled(what: &str, scales: &[f32]) -> Result<()> {
-    if scales.iter().any(|&s| s != 1.0) {
-        bail!("the CUDA backend has no {what} yet; unit scaling (fp8-unit) runs on the CPU only for now");
+/// An op scale as a kernel argument: finite and non-zero (the attention backward divides by it).
+fn op_scale(what: &str, scale: f32) -> Result<Arg> {
+    if !scale.is_finite() || scale == 0.0 {
+        bail!("internal error: {what} scale {scale} must be finite and non-zero");
     }
-    Ok(())
+    Ok(Arg::Float(scale))
 }
 
 /// Refuses amax recording, which only FP8 operands ask for.
@@ -148,7 +153,8 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
         DType::BF16 => Ok("bf16"),
-        other => bail!("the CUDA backend has no kernels for {other} activations yet (recipes fp32 and bf16 run on CUDA)"),
+        DType::F16 => Ok("f16"),
+        other => bail!("the CUDA backend has no kernels for {other} activations yet (recipes fp32, bf16 and fp16 run on CUDA)"),
     }
 }
 
@@ -407,7 +413,8 @@ impl CudaBackend {
     /// `HALFLING_CUDA_FUSED_EPILOGUES=0` turns fusion off, to compare the two paths.
     fn fusable(&self, g: &Gemm) -> bool {
         // The GELU input matrix's leading dimension (n) must be a multiple of 8. DGELU is fused
-        // only at alpha = 1, the case selftest checks (unit scaling's alpha runs unfused).
+        // only at alpha = 1, the case selftest checks (unit scaling's alpha runs unfused; so does
+        // a GELU scale other than 1, which no epilogue applies: the callers check that).
         let aux_ok = match g.epilogue {
             Epilogue::GeluAux { .. } => g.n % 8 == 0,
             Epilogue::DGelu { .. } => g.n % 8 == 0 && g.alpha == 1.0,
@@ -510,7 +517,7 @@ impl CudaBackend {
         self.launch(name, (grid_for(n), 1, 1), BLOCK, 0, args)
     }
 
-    /// `layernorm_forward_T` on rows `x` (made first as `add.0 + add.1` when given).
+    /// `layernorm_forward_T` on rows `x` (made first as `add.2·add.0 + add.3·add.1` when given).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward_launch(
         &self,
@@ -518,7 +525,7 @@ impl CudaBackend {
         mean: &mut CudaBuf,
         rstd: &mut CudaBuf,
         x: u64,
-        add: Option<(u64, u64)>,
+        add: Option<(u64, u64, f32, f32)>,
         weight: &CudaBuf,
         bias: &CudaBuf,
         n: usize,
@@ -530,7 +537,7 @@ impl CudaBackend {
         self.expect("layernorm bias", bias, t, c)?;
         self.expect("layernorm mean", mean, DType::F32, n)?;
         self.expect("layernorm rstd", rstd, DType::F32, n)?;
-        let (add_a, add_b) = add.unwrap_or((0, 0));
+        let (add_a, add_b, sa, sb) = add.unwrap_or((0, 0, 1.0, 1.0));
         let (pw, pb) = (self.ptr(weight), self.ptr(bias));
         let (pm, pr) = (self.ptr_mut(mean), self.ptr_mut(rstd));
         let po = self.ptr_mut(out);
@@ -547,6 +554,8 @@ impl CudaBackend {
                 Arg::Ptr(x),
                 Arg::Ptr(add_a),
                 Arg::Ptr(add_b),
+                op_scale("residual", sa)?,
+                op_scale("residual", sb)?,
                 Arg::Ptr(pw),
                 Arg::Ptr(pb),
                 Arg::Int(int(n)?),
@@ -555,13 +564,15 @@ impl CudaBackend {
         )
     }
 
-    /// Column sums of `dout[n, oc]` added into `dbias` (f32), deterministically in two passes.
+    /// Column sums of `dout[n, oc]` times `scale` added into `dbias` (f32), deterministically in
+    /// two passes.
     fn bias_backward(
         &self,
         dbias: &mut CudaBuf,
         dout: &CudaBuf,
         n: usize,
         oc: usize,
+        scale: f32,
     ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
         let (grid, rows_per_block) = column_sums_grid(n, oc)?;
@@ -590,6 +601,7 @@ impl CudaBackend {
             &[
                 Arg::Ptr(db),
                 Arg::Ptr(partials),
+                op_scale("bias gradient", scale)?,
                 Arg::Int(int(g)?),
                 Arg::Int(int(oc)?),
             ],
@@ -760,7 +772,7 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, dtype: DType) -> bool {
-        matches!(dtype, DType::F32 | DType::BF16)
+        matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
@@ -800,6 +812,7 @@ impl Backend for CudaBackend {
         let _ = &self.ctx;
         match dtype {
             DType::F32 => H100_F32_PEAK,
+            // Dense fp16 tensor-core peak equals bf16's on Hopper.
             _ => H100_BF16_PEAK,
         }
     }
@@ -854,10 +867,8 @@ impl Backend for CudaBackend {
         }
         let n = dst.len;
         let name = match (src.dtype, dst.dtype) {
-            (DType::F32, DType::BF16) => "copy_f32_to_bf16".to_string(),
-            (DType::BF16, DType::F32) => "copy_bf16_to_f32".to_string(),
             (a, b) if a == b => format!("copy_{}", suffix(a)?),
-            (a, b) => bail!("the CUDA backend cannot convert {a} to {b} yet"),
+            (a, b) => format!("copy_{}_to_{}", suffix(a)?, suffix(b)?),
         };
         let s = self.ptr(src);
         let d = self.ptr_mut(dst);
@@ -871,7 +882,6 @@ impl Backend for CudaBackend {
         b: &CudaBuf,
         (sa, sb): (f32, f32),
     ) -> Result<()> {
-        unscaled("weighted residual add", &[sa, sb])?;
         let n = out.len;
         self.expect("residual a", a, out.dtype, n)?;
         self.expect("residual b", b, out.dtype, n)?;
@@ -881,7 +891,14 @@ impl Backend for CudaBackend {
         self.elementwise(
             &name,
             n,
-            &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::Int(int(n)?)],
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pa),
+                Arg::Ptr(pb),
+                op_scale("residual", sa)?,
+                op_scale("residual", sb)?,
+                Arg::Int(int(n)?),
+            ],
         )
     }
 
@@ -897,17 +914,24 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf, scale: f32) -> Result<()> {
-        unscaled("scaled GELU", &[scale])?;
         let n = out.len;
         self.expect("gelu input", inp, out.dtype, n)?;
         let name = format!("gelu_forward_{}", suffix(out.dtype)?);
         let pi = self.ptr(inp);
         let po = self.ptr_mut(out);
-        self.elementwise(&name, n, &[Arg::Ptr(po), Arg::Ptr(pi), Arg::Int(int(n)?)])
+        self.elementwise(
+            &name,
+            n,
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pi),
+                op_scale("GELU", scale)?,
+                Arg::Int(int(n)?),
+            ],
+        )
     }
 
     fn gelu_backward(&self, d: &mut CudaBuf, inp: &CudaBuf, scale: f32) -> Result<()> {
-        unscaled("scaled GELU", &[scale])?;
         let n = d.len;
         self.expect("gelu input", inp, d.dtype, n)?;
         let name = format!("gelu_backward_{}", suffix(d.dtype)?);
@@ -917,7 +941,13 @@ impl Backend for CudaBackend {
         self.elementwise(
             &name,
             n,
-            &[Arg::Ptr(pd), Arg::Ptr(pi), Arg::Ptr(pd), Arg::Int(int(n)?)],
+            &[
+                Arg::Ptr(pd),
+                Arg::Ptr(pi),
+                Arg::Ptr(pd),
+                op_scale("GELU", scale)?,
+                Arg::Int(int(n)?),
+            ],
         )
     }
 
@@ -1001,7 +1031,6 @@ impl Backend for CudaBackend {
         gelu_scale: f32,
     ) -> Result<()> {
         no_amax(amax)?;
-        unscaled("scaled GELU", &[gelu_scale])?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
         self.expect("linear input", inp, inputs, n * ic)?;
@@ -1029,7 +1058,8 @@ impl Backend for CudaBackend {
                 pre: self.ptr_mut(pre),
             },
         };
-        if self.fusable(&g) {
+        // The epilogue computes gelu(pre) unscaled.
+        if gelu_scale == 1.0 && self.fusable(&g) {
             return self.gemm(g);
         }
         self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm, None)?;
@@ -1054,7 +1084,6 @@ impl Backend for CudaBackend {
         gelu_scale: f32,
     ) -> Result<()> {
         no_amax(amax)?;
-        unscaled("scaled GELU", &[gelu_scale])?;
         let dinp_format = gemm_format(dinp_gemm)?;
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
@@ -1076,7 +1105,8 @@ impl Backend for CudaBackend {
             beta: 0.0,
             epilogue: Epilogue::DGelu { pre: self.ptr(pre) },
         };
-        if !self.fusable(&g) {
+        // The epilogue multiplies by gelu'(pre) unscaled.
+        if gelu_scale != 1.0 || !self.fusable(&g) {
             self.linear_backward(
                 Some(dpre),
                 dw,
@@ -1116,9 +1146,6 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         no_amax(amax)?;
         let (dinp_format, dw_format) = (gemm_format(dinp_gemm)?, gemm_format(dw_gemm)?);
-        if dbias.is_some() && dw_gemm.alpha != 1.0 {
-            bail!("the CUDA backend has no scaled bias gradient yet (unit scaling runs on the CPU only for now)");
-        }
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
         self.expect("linear input", inp, dw_format, n * ic)?;
@@ -1170,7 +1197,7 @@ impl Backend for CudaBackend {
         };
         self.gemm(g)?;
         if let Some(db) = dbias {
-            self.bias_backward(db, dout, n, oc)?;
+            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
         }
         Ok(())
     }
@@ -1205,13 +1232,12 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        unscaled("scaled residual", &[scales.0, scales.1])?;
         let t = out.dtype;
         self.expect("residual output", resid, t, n * c)?;
         self.expect("residual input", a, t, n * c)?;
         self.expect("residual input", b, t, n * c)?;
         let x = self.ptr_mut(resid);
-        let add = (self.ptr(a), self.ptr(b));
+        let add = (self.ptr(a), self.ptr(b), scales.0, scales.1);
         self.layernorm_forward_launch(out, mean, rstd, x, Some(add), weight, bias, n, c)
     }
 
@@ -1229,7 +1255,6 @@ impl Backend for CudaBackend {
         c: usize,
         (sx, sp): (f32, f32),
     ) -> Result<()> {
-        unscaled("scaled LayerNorm gradients", &[sx, sp])?;
         let t = dinp.dtype;
         self.expect("layernorm dout", dout, t, n * c)?;
         self.expect("layernorm input", inp, t, n * c)?;
@@ -1257,6 +1282,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(pw),
                 Arg::Ptr(pm),
                 Arg::Ptr(pr),
+                op_scale("LayerNorm input gradient", sx)?,
                 Arg::Int(int(n)?),
                 Arg::Int(int(c)?),
             ],
@@ -1290,6 +1316,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(pdw),
                 Arg::Ptr(pdb),
                 Arg::Ptr(partials),
+                op_scale("LayerNorm parameter gradient", sp)?,
                 Arg::Int(int(g)?),
                 Arg::Int(int(c)?),
             ],
@@ -1307,7 +1334,6 @@ impl Backend for CudaBackend {
         nh: usize,
         out_scale: f32,
     ) -> Result<()> {
-        unscaled("scaled attention", &[out_scale])?;
         let dt = out.dtype;
         self.expect("attention qkv", qkv, dt, b * t * 3 * c)?;
         self.expect("attention output", out, dt, b * t * c)?;
@@ -1315,7 +1341,7 @@ impl Backend for CudaBackend {
         let pq = self.ptr(qkv);
         let pl = self.ptr_mut(lse);
         let po = self.ptr_mut(out);
-        attention::forward(self, dt, po, pl, pq, b, t, c, nh)
+        attention::forward(self, dt, po, pl, pq, b, t, c, nh, out_scale)
     }
 
     fn attention_backward(
@@ -1331,13 +1357,12 @@ impl Backend for CudaBackend {
         nh: usize,
         out_scale: f32,
     ) -> Result<()> {
-        unscaled("scaled attention", &[out_scale])?;
         let dt = dqkv.dtype;
         self.expect("attention qkv grad", dqkv, dt, b * t * 3 * c)?;
         self.expect("attention dout", dout, dt, b * t * c)?;
         let (pg, pq, po, pl) = (self.ptr(dout), self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let pd = self.ptr_mut(dqkv);
-        attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh)
+        attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh, out_scale)
     }
 
     fn embedding_forward(
@@ -1351,7 +1376,6 @@ impl Backend for CudaBackend {
         c: usize,
         scale: f32,
     ) -> Result<()> {
-        unscaled("scaled embeddings", &[scale])?;
         let dt = out.dtype;
         self.expect("embedding output", out, dt, b * t * c)?;
         let vocab = wte.len / c;
@@ -1369,6 +1393,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(pt),
                 Arg::Ptr(pw),
                 Arg::Ptr(pp),
+                op_scale("embedding", scale)?,
                 Arg::Int(int(b)?),
                 Arg::Int(int(t)?),
                 Arg::Int(int(c)?),
@@ -1387,7 +1412,6 @@ impl Backend for CudaBackend {
         c: usize,
         (s_te, s_pe): (f32, f32),
     ) -> Result<()> {
-        unscaled("scaled embedding gradients", &[s_te, s_pe])?;
         let sfx = suffix(dout.dtype)?;
         self.expect("embedding dout", dout, dout.dtype, b * t * c)?;
         let pg = self.ptr(dout);
@@ -1398,6 +1422,7 @@ impl Backend for CudaBackend {
             &[
                 Arg::Ptr(pdp),
                 Arg::Ptr(pg),
+                op_scale("position embedding gradient", s_pe)?,
                 Arg::Int(int(b)?),
                 Arg::Int(int(t)?),
                 Arg::Int(int(c)?),
@@ -1424,6 +1449,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(bt),
                 Arg::Ptr(bs),
                 Arg::Ptr(bp),
+                op_scale("token embedding gradient", s_te)?,
                 Arg::Int(int(tokens.num_buckets)?),
                 Arg::Int(int(c)?),
             ],
@@ -1713,6 +1739,7 @@ mod attention {
         }
     }
 
+    /// The 16-bit (bf16 and f16) forward tiling.
     fn fwd_bf16(hs_max: usize) -> FwdTiling {
         match hs_max {
             64 => FwdTiling {
@@ -1799,11 +1826,12 @@ mod attention {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let (tile, block, shared) = match dt {
-            DType::BF16 => fwd_bf16(hs_max).geometry(),
+            DType::BF16 | DType::F16 => fwd_bf16(hs_max).geometry(),
             _ => (32, 128, 0),
         };
         let grid = ((b * nh) as u32, t.div_ceil(tile) as u32, 1);
@@ -1815,6 +1843,7 @@ mod attention {
             Arg::Int(int(t)?),
             Arg::Int(int(c)?),
             Arg::Int(int(nh)?),
+            op_scale("attention output", out_scale)?,
         ];
         be.launch(
             &format!("attention_forward_hs{hs_max}_{sfx}"),
@@ -1838,16 +1867,19 @@ mod attention {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let bh = b * nh;
         let d = be.scratch_ptr(bh * t * 4)?;
+        // Both kernels end with the same arguments: the sizes and the output scale.
         let ints = [
             Arg::Int(int(b)?),
             Arg::Int(int(t)?),
             Arg::Int(int(c)?),
             Arg::Int(int(nh)?),
+            op_scale("attention output", out_scale)?,
         ];
         let pre = [Arg::Ptr(d), Arg::Ptr(dout), Arg::Ptr(out)];
         let pre_args: Vec<Arg> = pre.into_iter().chain(ints.iter().copied()).collect();
@@ -1859,7 +1891,7 @@ mod attention {
             &pre_args,
         )?;
         let (tiles, block, shared) = match dt {
-            DType::BF16 => bwd_bf16(hs_max).geometry(t),
+            DType::BF16 | DType::F16 => bwd_bf16(hs_max).geometry(t),
             _ => (t.div_ceil(32), 128, 0),
         };
         let main = [
