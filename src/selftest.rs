@@ -475,24 +475,28 @@ fn case_zero<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
     Ok(vec![("zeroed", zeroed), ("kept", be.download(&kept)?)])
 }
 
-/// The numerics monitor's statistics of a tensor with zeros, subnormals and large values.
+/// The numerics monitor's statistics of a tensor with zeros, subnormals, large values and NaNs
+/// (several chunks of a multi-tensor launch), a short one of the same format and an f32 one.
+/// Outputs named `counts` must match exactly.
 fn case_tensor_stats<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
     let a = up(be, dt, &x[0])?;
+    let short = up(be, dt, &x[0][..17])?;
     let b = up(be, DType::F32, &x[1])?;
-    let stats = be.tensor_stats(&[&a, &b])?;
-    let flat = |s: &crate::numerics::TensorStats| {
-        vec![
-            s.amax as f32,
-            s.rms() as f32,
-            s.zero as f32,
-            s.subnormal as f32,
-            s.saturated as f32,
-            s.nan as f32,
-        ]
+    let stats = be.tensor_stats(&[&a, &b, &short])?;
+    let values = |s: &crate::numerics::TensorStats| vec![s.amax as f32, s.rms() as f32];
+    let counts = |s: &crate::numerics::TensorStats| {
+        [s.len, s.finite, s.zero, s.subnormal, s.saturated, s.nan]
+            .iter()
+            .map(|&c| c as f32)
+            .collect::<Vec<f32>>()
     };
     Ok(vec![
-        ("stats", flat(&stats[0])),
-        ("stats f32", flat(&stats[1])),
+        ("amax, rms", values(&stats[0])),
+        ("counts", counts(&stats[0])),
+        ("amax, rms f32", values(&stats[1])),
+        ("counts f32", counts(&stats[1])),
+        ("amax, rms n=17", values(&stats[2])),
+        ("counts n=17", counts(&stats[2])),
     ])
 }
 
@@ -820,17 +824,36 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 2 => *v *= 1e37,
                 3 => *v *= 1e-6,
                 4 => *v *= 1e5,
+                5 if i % 3 == 0 => *v = f32::NAN,
+                6 if i % 5 == 0 => *v = f32::NEG_INFINITY,
                 _ => {}
             }
         }
         let x = vec![special, inputs.normal(333, 2.0)];
-        push(
-            "tensor_stats",
-            "n=70001 (0, tiny, huge), n=333".into(),
-            dt,
-            tol,
+        let (got, want) = (
             case_tensor_stats(be, dt, &x)?,
             case_tensor_stats(&reference, dt, &x)?,
+        );
+        // Counts are exact; amax and RMS within the format's tolerance.
+        let exact = |o: &(&str, Vec<f32>)| o.0.starts_with("counts");
+        let split = |v: Outputs| -> (Outputs, Outputs) { v.into_iter().partition(exact) };
+        let ((got_counts, got_values), (want_counts, want_values)) = (split(got), split(want));
+        let shape = "n=70001 (0, tiny, huge, nan, inf), 333, 17";
+        push(
+            "tensor_stats",
+            shape.into(),
+            dt,
+            tol,
+            got_values,
+            want_values,
+        );
+        push(
+            "tensor_stats",
+            shape.into(),
+            dt,
+            0.0,
+            got_counts,
+            want_counts,
         );
         let x = vec![inputs.normal(5000, 1.0), inputs.normal(5000, 1.0)];
         push(

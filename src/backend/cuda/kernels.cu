@@ -482,6 +482,104 @@ __device__ void sum_squares_multi_impl(const TensorRow* table, int count, double
     }
 FOR_EACH_TYPE(DEF_SUMSQ)
 
+/// One block's statistics of its chunk (tensor_stats_multi_T): 32 bytes, read by
+/// `tensor_stats` in mod.rs. Counts: finite, zero, subnormal, saturated, NaN.
+struct StatsPartial {
+    double sum_sq;
+    float amax;
+    unsigned int counts[5];
+};
+
+/// tensor_stats_multi_T: the numerics monitor's statistics (numerics::TensorStats::of on the CPU)
+/// of block b's chunk of its tensor, in the tensor's storage format T: Σ x² (double) and max |x|
+/// over finite values, and exact counts of finite, zero, subnormal (nonzero, |x| < min_normal),
+/// saturated (|x| >= max_finite, infinities included) and NaN values. Deterministic: fixed
+/// per-thread loops, fixed butterflies; the host adds the partials in block order.
+template <typename T>
+__device__ void tensor_stats_multi_impl(const TensorRow* table, int count, float min_normal,
+                                        float max_finite, StatsPartial* partials) {
+    __shared__ double w_sq[32];
+    __shared__ float w_amax[32];
+    __shared__ unsigned int w_cnt[5][32];
+    const TensorRow r = mt_row(table, count);
+    const T* x = (const T*)r.x;
+    const u64 begin = (u64)(blockIdx.x - r.first_block) * MT_CHUNK;
+    const u64 end = min(begin + (u64)MT_CHUNK, r.n);
+    double sq = 0.0;
+    float amax = 0.0f;
+    unsigned int cnt[5] = {0u, 0u, 0u, 0u, 0u};
+    auto add = [&](float v) {
+        if (isnan(v)) {
+            ++cnt[4];
+            return;
+        }
+        const float a = fabsf(v);
+        if (a >= max_finite) ++cnt[3];
+        if (isfinite(a)) {
+            ++cnt[0];
+            amax = fmaxf(amax, a);
+            sq += (double)a * (double)a;
+        }
+        if (a == 0.0f) ++cnt[1];
+        else if (a < min_normal) ++cnt[2];
+    };
+    u64 start = begin;
+    if (aligned16(x)) {
+        const u64 packs = (end - begin) / 8;
+        for (u64 pk = threadIdx.x; pk < packs; pk += blockDim.x) {
+            float f[8];
+            load8(x + begin + pk * 8, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) add(f[k]);
+        }
+        start = begin + packs * 8;
+    }
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) add(to_float(x[i]));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    sq = warp_sum(sq);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+#pragma unroll
+        for (int k = 0; k < 5; ++k) cnt[k] += __shfl_xor_sync(0xffffffffu, cnt[k], o);
+    }
+    if (lane == 0) {
+        w_sq[warp] = sq;
+        w_amax[warp] = amax;
+#pragma unroll
+        for (int k = 0; k < 5; ++k) w_cnt[k][warp] = cnt[k];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        sq = lane < nwarps ? w_sq[lane] : 0.0;
+        amax = lane < nwarps ? w_amax[lane] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < 5; ++k) cnt[k] = lane < nwarps ? w_cnt[k][lane] : 0u;
+        sq = warp_sum(sq);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+#pragma unroll
+            for (int k = 0; k < 5; ++k) cnt[k] += __shfl_xor_sync(0xffffffffu, cnt[k], o);
+        }
+        if (lane == 0) {
+            StatsPartial p;
+            p.sum_sq = sq;
+            p.amax = amax;
+#pragma unroll
+            for (int k = 0; k < 5; ++k) p.counts[k] = cnt[k];
+            partials[blockIdx.x] = p;
+        }
+    }
+}
+#define DEF_STATS(S, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        tensor_stats_multi_##S(const TensorRow* table, int count, float min_normal,              \
+                               float max_finite, StatsPartial* partials) {                      \
+        tensor_stats_multi_impl<T>(table, count, min_normal, max_finite, partials);              \
+    }
+FOR_EACH_TYPE(DEF_STATS)
+
 // ---------------------------------------------------------------------------------------------
 // LayerNorm (forward and input gradient: one warp per row, grid = ceil(N/8), block = 256)
 // ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ use cudarc::driver::{
 };
 
 use super::{AdamW, AdamWTensor, Backend, GemmSpec};
-use crate::numerics::{self, DType};
+use crate::numerics::{self, DType, TensorStats};
 use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -773,6 +773,93 @@ impl Backend for CudaBackend {
 
     fn supports(&self, dtype: DType) -> bool {
         matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+    }
+
+    fn tensor_stats(&self, bufs: &[&CudaBuf]) -> Result<Vec<TensorStats>> {
+        // One launch per storage format over a table of the buffers; block b writes the
+        // statistics of its chunk to partial slot b (`StatsPartial` in kernels.cu, 32 bytes);
+        // one read-back; each tensor's partials are combined in block order (deterministic).
+        const PARTIAL: usize = 32;
+        let mut formats: Vec<DType> = bufs.iter().map(|b| b.dtype).collect();
+        formats.sort_by_key(|d| d.to_string());
+        formats.dedup();
+        let mut first_slot = vec![0usize; bufs.len()];
+        let mut launches = Vec::new();
+        let mut slots = 0usize;
+        for &dtype in &formats {
+            let members: Vec<usize> = (0..bufs.len())
+                .filter(|&i| bufs[i].dtype == dtype)
+                .collect();
+            let rows = members.iter().map(|&i| (self.ptr(bufs[i]), bufs[i].len));
+            let (table, blocks) = tensor_table(rows, MT_CHUNK)?;
+            // The same block layout as `tensor_table`: each tensor's chunks in order.
+            let mut next = slots;
+            for &i in &members {
+                first_slot[i] = next;
+                next += bufs[i].len.div_ceil(MT_CHUNK);
+            }
+            launches.push((dtype, table, slots, blocks));
+            slots += blocks;
+        }
+        let mut host = vec![0u8; slots * PARTIAL];
+        if slots > 0 {
+            let partials = self.scratch_ptr(slots * PARTIAL)?;
+            for (dtype, table, slot, blocks) in launches {
+                if blocks == 0 {
+                    continue;
+                }
+                let name = format!("tensor_stats_multi_{}", suffix(dtype)?);
+                let rows = table.len() / 24;
+                let table = self.table_ptr(&name, &table)?;
+                self.launch(
+                    &name,
+                    (block_index(blocks)?, 1, 1),
+                    BLOCK,
+                    0,
+                    &[
+                        Arg::Ptr(table),
+                        Arg::Int(int(rows)?),
+                        Arg::Float(dtype.min_normal()),
+                        Arg::Float(dtype.max_finite()),
+                        Arg::Ptr(partials + (slot * PARTIAL) as u64),
+                    ],
+                )?;
+            }
+            let scratch = self.scratch.borrow();
+            let s = scratch
+                .as_ref()
+                .ok_or_else(|| anyhow!("internal error: no scratch"))?;
+            self.stream
+                .memcpy_dtoh(&s.slice(..slots * PARTIAL), &mut host)
+                .map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
+        }
+        let word =
+            |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        Ok(bufs
+            .iter()
+            .zip(&first_slot)
+            .map(|(buf, &first)| {
+                let mut st = TensorStats {
+                    len: buf.len as u64,
+                    ..TensorStats::default()
+                };
+                for p in host[first * PARTIAL..]
+                    .chunks_exact(PARTIAL)
+                    .take(buf.len.div_ceil(MT_CHUNK))
+                {
+                    let mut sq = [0u8; 8];
+                    sq.copy_from_slice(&p[..8]);
+                    st.sum_sq += f64::from_le_bytes(sq);
+                    st.amax = st.amax.max(f64::from(f32::from_bits(word(p, 8))));
+                    st.finite += u64::from(word(p, 12));
+                    st.zero += u64::from(word(p, 16));
+                    st.subnormal += u64::from(word(p, 20));
+                    st.saturated += u64::from(word(p, 24));
+                    st.nan += u64::from(word(p, 28));
+                }
+                st
+            })
+            .collect())
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
