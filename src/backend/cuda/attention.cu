@@ -9,7 +9,11 @@
 //   out  [B, T_, C]  : out[(b*T_+t)*C + h*hs + d]
 //   lse  [B, NH, T_] (float): lse[(b*NH+h)*T_+t] = ln sum_{s<=t} exp(q_t.k_s / sqrt(hs))
 //   dqkv [B, T_, 3C] : same layout as qkv; fully overwritten by the backward pass.
-//   D    [B, NH, T_] (float scratch, B*NH*T_ floats): D[(b*NH+h)*T_+t] = sum_d dout*out.
+//   D    [B, NH, T_] (float scratch, B*NH*T_ floats): D[(b*NH+h)*T_+t] = sum_d dout*out / out_scale.
+//   out_scale (every kernel's last argument; 1 outside unit scaling): the forward writes
+//        out_scale * softmax(q k^T / sqrt(hs)) v, the backward is its exact derivative.
+//   Element types: every kernel named _bf16 has an _f16 twin (__half instead of __nv_bfloat16,
+//   same geometry; the tensor-core path is templated on the element type E).
 //
 // SUPPORTED HEAD SIZES: hs = C/NH must be a multiple of 8 with 8 <= hs <= 128 (C % NH == 0).
 //   The host picks the variant by head size:  HS = 64 if hs <= 64, else HS = 128 (hs <= 128).
@@ -21,21 +25,24 @@
 // EXTERN NAMES AND EXACT LAUNCH GEOMETRY. Let BH = B*NH. All launches on one stream.
 //
 //   Forward (one launch):
-//     attention_forward_hs64_bf16 (bf16* out, float* lse, const bf16* qkv, int B, int T_, int C, int NH)
+//     attention_forward_hs64_bf16 (bf16* out, float* lse, const bf16* qkv, int B, int T_, int C, int NH,
+//                                  float out_scale)
 //         grid = (BH, ceil(T_/128), 1), block = 256, dyn smem = 36,864 B    [tensor cores, mma.sync]
 //     attention_forward_hs128_bf16(same signature)
 //         grid = (BH, ceil(T_/128), 1), block = 128, dyn smem = 69,632 B
-//     attention_forward_hs64_f32  (float* out, float* lse, const float* qkv, int B, int T_, int C, int NH)
+//     attention_forward_hs64_f32  (float* out, float* lse, const float* qkv, int B, int T_, int C, int NH,
+//                                  float out_scale)
 //     attention_forward_hs128_f32 (same signature)
 //         grid = (BH, ceil(T_/32), 1),  block = 128, dyn smem = 0     [CUDA cores, fp32]
 //
 //   Backward (two launches, in this order):
 //     1) attention_backward_preprocess_bf16(float* D, const bf16* dout, const bf16* out,
-//                                           int B, int T_, int C, int NH)
-//        attention_backward_preprocess_f32 (float* D, const float* dout, const float* out, same ints)
+//                                           int B, int T_, int C, int NH, float out_scale)
+//        attention_backward_preprocess_f32 (float* D, const float* dout, const float* out, same ints, out_scale)
 //         grid = (ceil(BH*T_/32), 1, 1), block = 256, dyn smem = 0
 //     2) attention_backward_hs64_bf16 (bf16* dqkv, const bf16* dout, const bf16* qkv,
-//                                      const float* lse, const float* D, int B, int T_, int C, int NH)
+//                                      const float* lse, const float* D, int B, int T_, int C, int NH,
+//                                      float out_scale)
 //         grid = (BH, ceil(T_/128), 2), block = 256, dyn smem = 55,808 B
 //        attention_backward_hs128_bf16(same signature)
 //         grid = (BH, ceil(T_/64), 2),  block = 128, dyn smem = 69,632 B
@@ -44,7 +51,8 @@
 //             The host (mod.rs, `mod attention`) derives these numbers from the tilings instantiated
 //             at the end of this file (AttFwd / AttKV / AttQ): change both together.
 //        attention_backward_hs64_f32  (float* dqkv, const float* dout, const float* qkv,
-//                                      const float* lse, const float* D, int B, int T_, int C, int NH)
+//                                      const float* lse, const float* D, int B, int T_, int C, int NH,
+//                                      float out_scale)
 //        attention_backward_hs128_f32 (same signature)
 //         grid = (BH, ceil(T_/32), 2), block = 128, dyn smem = 0
 //        (blockIdx.z == 0 blocks compute dK,dV over key blocks; blockIdx.z == 1 blocks compute dQ
@@ -78,6 +86,7 @@
 // ---------------------------------------------------------------------------------------------
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 typedef unsigned int att_u32;
 
@@ -87,6 +96,7 @@ typedef unsigned int att_u32;
 
 __device__ __forceinline__ float att_to_f(float x) { return x; }
 __device__ __forceinline__ float att_to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float att_to_f(__half x) { return __half2float(x); }
 
 // ============================================================================================
 // Backward preprocess: D = rowsum(dout * out) per (b, h, t). 8 lanes per row (32 rows per
@@ -123,10 +133,30 @@ __device__ __forceinline__ float att_dot8(const __nv_bfloat16* a, const __nv_bfl
     }
     return acc;
 }
+__device__ __forceinline__ float att_dot8(const __half* a, const __half* b, bool vec) {
+    float acc = 0.f;
+    if (vec) {
+        const uint4 ua = *reinterpret_cast<const uint4*>(a), ub = *reinterpret_cast<const uint4*>(b);
+        const __half2* pa = reinterpret_cast<const __half2*>(&ua);
+        const __half2* pb = reinterpret_cast<const __half2*>(&ub);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float2 fa = __half22float2(pa[e]), fb = __half22float2(pb[e]);
+            acc += fa.x * fb.x + fa.y * fb.y;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc += __half2float(a[e]) * __half2float(b[e]);
+    }
+    return acc;
+}
 
+// D is stored divided by the forward's out_scale s (which `out` includes): the main kernels then
+// form dS / s = P (dP − D/s) with the unscaled dout and multiply s back in when they store dQ, dK
+// and dV, which is the derivative of the scaled forward (the CPU reads dout as s·dout instead).
 template <typename T>
 __device__ __forceinline__ void attn_bwd_pre(float* D, const T* dout, const T* out, int B, int T_,
-                                             int C, int NH) {
+                                             int C, int NH, float out_scale) {
     const int hs = C / NH;
     const int row = blockIdx.x * 32 + (threadIdx.x >> 3);  // (b*NH + h)*T_ + t
     const int u = threadIdx.x & 7;
@@ -144,18 +174,23 @@ __device__ __forceinline__ void attn_bwd_pre(float* D, const T* dout, const T* o
     acc += __shfl_xor_sync(0xffffffffu, acc, 4);
     acc += __shfl_xor_sync(0xffffffffu, acc, 2);
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    if (ok && u == 0) D[row] = acc;
+    if (ok && u == 0) D[row] = acc / out_scale;
 }
 
 extern "C" __global__ void __launch_bounds__(256)
 attention_backward_preprocess_f32(float* D, const float* dout, const float* out, int B, int T_,
-                                  int C, int NH) {
-    attn_bwd_pre<float>(D, dout, out, B, T_, C, NH);
+                                  int C, int NH, float out_scale) {
+    attn_bwd_pre<float>(D, dout, out, B, T_, C, NH, out_scale);
 }
 extern "C" __global__ void __launch_bounds__(256)
 attention_backward_preprocess_bf16(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
-                                   int B, int T_, int C, int NH) {
-    attn_bwd_pre<__nv_bfloat16>(D, dout, out, B, T_, C, NH);
+                                   int B, int T_, int C, int NH, float out_scale) {
+    attn_bwd_pre<__nv_bfloat16>(D, dout, out, B, T_, C, NH, out_scale);
+}
+extern "C" __global__ void __launch_bounds__(256)
+attention_backward_preprocess_f16(float* D, const __half* dout, const __half* out, int B, int T_,
+                                  int C, int NH, float out_scale) {
+    attn_bwd_pre<__half>(D, dout, out, B, T_, C, NH, out_scale);
 }
 
 // ============================================================================================
@@ -194,7 +229,7 @@ __device__ __forceinline__ void att_load_tile_f32(float* sm, const float* g, int
 
 template <int HS>
 __device__ __forceinline__ void att_fwd_f32(float* out, float* lse, const float* qkv, int B, int T_,
-                                            int C, int NH) {
+                                            int C, int NH, float out_scale) {
     constexpr int R = ATT_F32_R;
     constexpr int NCH = HS / 16;
     __shared__ __align__(16) float Ks[R * HS];
@@ -276,7 +311,7 @@ __device__ __forceinline__ void att_fwd_f32(float* out, float* lse, const float*
         }
     }
     if (t < T_) {
-        const float inv = 1.0f / l;
+        const float inv = out_scale / l;
         float* op = out + ((long long)b * T_ + t) * C + (long long)h * hs;
         const bool ovec = (((size_t)out) & 15) == 0;
 #pragma unroll
@@ -299,7 +334,7 @@ __device__ __forceinline__ void att_fwd_f32(float* out, float* lse, const float*
 template <int HS>
 __device__ __forceinline__ void att_bwd_dkdv_f32(float* smem, float* dqkv, const float* dout,
                                                  const float* qkv, const float* lse, const float* D,
-                                                 int B, int T_, int C, int NH) {
+                                                 int B, int T_, int C, int NH, float out_scale) {
     constexpr int R = ATT_F32_R;
     constexpr int NCH = HS / 16;
     float* Qs = smem;
@@ -387,8 +422,8 @@ __device__ __forceinline__ void att_bwd_dkdv_f32(float* smem, float* dqkv, const
             if (d < hs) {
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    dp[C + d + e] = dk[i][e] * scale;
-                    dp[2 * C + d + e] = dv[i][e];
+                    dp[C + d + e] = dk[i][e] * (scale * out_scale);
+                    dp[2 * C + d + e] = dv[i][e] * out_scale;
                 }
             }
         }
@@ -399,7 +434,7 @@ __device__ __forceinline__ void att_bwd_dkdv_f32(float* smem, float* dqkv, const
 template <int HS>
 __device__ __forceinline__ void att_bwd_dq_f32(float* smem, float* dqkv, const float* dout,
                                                const float* qkv, const float* lse, const float* D,
-                                               int B, int T_, int C, int NH) {
+                                               int B, int T_, int C, int NH, float out_scale) {
     constexpr int R = ATT_F32_R;
     constexpr int NCH = HS / 16;
     float* Ks = smem;
@@ -480,7 +515,7 @@ __device__ __forceinline__ void att_bwd_dq_f32(float* smem, float* dqkv, const f
             const int d = 16 * i + 4 * u;
             if (d < hs) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) dp[d + e] = dq[i][e] * scale;
+                for (int e = 0; e < 4; e++) dp[d + e] = dq[i][e] * (scale * out_scale);
             }
         }
     }
@@ -489,35 +524,38 @@ __device__ __forceinline__ void att_bwd_dq_f32(float* smem, float* dqkv, const f
 template <int HS>
 __device__ __forceinline__ void att_bwd_f32(float* dqkv, const float* dout, const float* qkv,
                                             const float* lse, const float* D, int B, int T_, int C,
-                                            int NH) {
+                                            int NH, float out_scale) {
     __shared__ __align__(16) float smem[2 * ATT_F32_R * HS + 2 * ATT_F32_R];
     if (blockIdx.z == 0)
-        att_bwd_dkdv_f32<HS>(smem, dqkv, dout, qkv, lse, D, B, T_, C, NH);
+        att_bwd_dkdv_f32<HS>(smem, dqkv, dout, qkv, lse, D, B, T_, C, NH, out_scale);
     else
-        att_bwd_dq_f32<HS>(smem, dqkv, dout, qkv, lse, D, B, T_, C, NH);
+        att_bwd_dq_f32<HS>(smem, dqkv, dout, qkv, lse, D, B, T_, C, NH, out_scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-attention_forward_hs64_f32(float* out, float* lse, const float* qkv, int B, int T_, int C, int NH) {
-    att_fwd_f32<64>(out, lse, qkv, B, T_, C, NH);
+attention_forward_hs64_f32(float* out, float* lse, const float* qkv, int B, int T_, int C, int NH,
+                           float out_scale) {
+    att_fwd_f32<64>(out, lse, qkv, B, T_, C, NH, out_scale);
 }
 extern "C" __global__ void __launch_bounds__(128)
-attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int B, int T_, int C, int NH) {
-    att_fwd_f32<128>(out, lse, qkv, B, T_, C, NH);
+attention_forward_hs128_f32(float* out, float* lse, const float* qkv, int B, int T_, int C, int NH,
+                            float out_scale) {
+    att_fwd_f32<128>(out, lse, qkv, B, T_, C, NH, out_scale);
 }
 extern "C" __global__ void __launch_bounds__(128)
 attention_backward_hs64_f32(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                            const float* D, int B, int T_, int C, int NH) {
-    att_bwd_f32<64>(dqkv, dout, qkv, lse, D, B, T_, C, NH);
+                            const float* D, int B, int T_, int C, int NH, float out_scale) {
+    att_bwd_f32<64>(dqkv, dout, qkv, lse, D, B, T_, C, NH, out_scale);
 }
 extern "C" __global__ void __launch_bounds__(128)
 attention_backward_hs128_f32(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                             const float* D, int B, int T_, int C, int NH) {
-    att_bwd_f32<128>(dqkv, dout, qkv, lse, D, B, T_, C, NH);
+                             const float* D, int B, int T_, int C, int NH, float out_scale) {
+    att_bwd_f32<128>(dqkv, dout, qkv, lse, D, B, T_, C, NH, out_scale);
 }
 
 // ============================================================================================
-// bf16 path: tensor cores via mma.sync.m16n8k16 (bf16 in, fp32 accumulate), ldmatrix from
+// bf16 path (and f16: every function below is templated on the element type E, bf16 or f16; the
+// names keep "bf16"): tensor cores via mma.sync.m16n8k16 (E in, fp32 accumulate), ldmatrix from
 // shared memory tiles [rows][HS+8] (the +8 bf16 pad makes ldmatrix conflict-free).
 // Each warp owns 16 rows (queries in forward / dQ, keys in dK,dV). Fragment layout
 // (g = lane>>2, t4 = lane&3): C/D c0,c1 = (row g, cols 2t4, 2t4+1), c2,c3 = (row g+8, same).
@@ -540,16 +578,39 @@ __device__ __forceinline__ void att_ldsm_x4_t(att_u32 (&r)[4], const void* p) {
                  : "r"(att_smem_addr(p))
                  : "memory");
 }
-__device__ __forceinline__ void att_mma(float (&c)[4], const att_u32 (&a)[4], att_u32 b0, att_u32 b1) {
+// D += A·B on the tensor cores, A and B in E (bf16 or f16), D in f32.
+template <typename E>
+__device__ __forceinline__ void att_mma(float (&c)[4], const att_u32 (&a)[4], att_u32 b0, att_u32 b1);
+template <>
+__device__ __forceinline__ void att_mma<__nv_bfloat16>(float (&c)[4], const att_u32 (&a)[4], att_u32 b0, att_u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ att_u32 att_pack(float lo, float hi) {
+template <>
+__device__ __forceinline__ void att_mma<__half>(float (&c)[4], const att_u32 (&a)[4], att_u32 b0, att_u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two floats rounded to E (nearest even) in one register, lo in the low 16 bits.
+template <typename E> __device__ __forceinline__ att_u32 att_pack(float lo, float hi);
+template <> __device__ __forceinline__ att_u32 att_pack<__nv_bfloat16>(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
     return *reinterpret_cast<att_u32*>(&v);
+}
+template <> __device__ __forceinline__ att_u32 att_pack<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<att_u32*>(&v);
+}
+// The two 16-bit halves of v to p[0] (low) and p[1], for a p that is not 4-byte aligned.
+template <typename E> __device__ __forceinline__ void att_st2(E* p, att_u32 v) {
+    reinterpret_cast<unsigned short*>(p)[0] = (unsigned short)(v & 0xffffu);
+    reinterpret_cast<unsigned short*>(p)[1] = (unsigned short)(v >> 16);
 }
 
 // Address (per lane) for an A fragment (16 rows x 16 cols, rows m0.., cols k0..) of a
@@ -559,16 +620,16 @@ __device__ __forceinline__ att_u32 att_pack(float lo, float hi) {
 //                 col k0 + ((lane>>3)&1)*8  -> {b0,b1} of n-tile n0, {b0,b1} of n-tile n0+8
 //   B (trans, tile stored [k][n]):    row k0 + (lane&7) + ((lane>>3)&1)*8,
 //                 col n0 + (lane>>4)*8      -> {b0,b1} of n-tile n0, {b0,b1} of n-tile n0+8
-template <int HSP>
-__device__ __forceinline__ const __nv_bfloat16* att_a_ptr(const __nv_bfloat16* s, int m0, int k0, int lane) {
+template <int HSP, typename E>
+__device__ __forceinline__ const E* att_a_ptr(const E* s, int m0, int k0, int lane) {
     return s + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * HSP + k0 + (lane >> 4) * 8;
 }
-template <int HSP>
-__device__ __forceinline__ const __nv_bfloat16* att_bn_ptr(const __nv_bfloat16* s, int n0, int k0, int lane) {
+template <int HSP, typename E>
+__device__ __forceinline__ const E* att_bn_ptr(const E* s, int n0, int k0, int lane) {
     return s + (n0 + (lane & 7) + (lane >> 4) * 8) * HSP + k0 + ((lane >> 3) & 1) * 8;
 }
-template <int HSP>
-__device__ __forceinline__ const __nv_bfloat16* att_bt_ptr(const __nv_bfloat16* s, int k0, int n0, int lane) {
+template <int HSP, typename E>
+__device__ __forceinline__ const E* att_bt_ptr(const E* s, int k0, int n0, int lane) {
     return s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * HSP + n0 + (lane >> 4) * 8;
 }
 
@@ -594,8 +655,8 @@ __device__ __forceinline__ void att_cp_wait() {
 // Rows row0 .. row0+NROWS-1 of a [T_, stride] bf16 matrix (g = the head's column 0 of row 0) into
 // sm[NROWS][HS+8], columns [0, hs16): zero for rows >= T_ or columns >= hs. Asynchronous (cp.async,
 // caller commits/waits) when the tensor base is 16-byte aligned (vec), synchronous otherwise.
-template <int HS, int NROWS, int NTH>
-__device__ __forceinline__ void att_tile_async(__nv_bfloat16* sm, const __nv_bfloat16* g, int stride,
+template <int HS, int NROWS, int NTH, typename E>
+__device__ __forceinline__ void att_tile_async(E* sm, const E* g, int stride,
                                                int row0, int T_, int hs, int hs16, bool vec) {
     constexpr int HSP = HS + 8, CH = HS / 8, TOTAL = NROWS * CH, ITERS = (TOTAL + NTH - 1) / NTH;
 #pragma unroll 1
@@ -606,8 +667,8 @@ __device__ __forceinline__ void att_tile_async(__nv_bfloat16* sm, const __nv_bfl
             if (c < hs16) {
                 const int t = row0 + r;
                 const bool ok = (t < T_) && (c < hs);
-                __nv_bfloat16* dst = sm + r * HSP + c;
-                const __nv_bfloat16* src = ok ? g + (long long)t * stride + c : g;
+                E* dst = sm + r * HSP + c;
+                const E* src = ok ? g + (long long)t * stride + c : g;
                 if (vec) {
                     att_cp16(dst, src, ok);
                 } else {
@@ -628,8 +689,8 @@ __device__ __forceinline__ void att_tile_async(__nv_bfloat16* sm, const __nv_bfl
 
 // Store a [16 rows][HS] fp32 accumulator fragment set (rows r0 = base_row+g, r1 = r0+8) times mul
 // into dst[row*stride + d] for d < hs and row < T_.
-template <int HS>
-__device__ __forceinline__ void att_store_frag_bf16(__nv_bfloat16* dst, long long stride, int r0, int T_,
+template <int HS, typename E>
+__device__ __forceinline__ void att_store_frag_bf16(E* dst, long long stride, int r0, int T_,
                                                     int hs, const float (&acc)[HS / 8][4], float mul0,
                                                     float mul1, bool vec2, int t4) {
     const int r1 = r0 + 8;
@@ -638,16 +699,16 @@ __device__ __forceinline__ void att_store_frag_bf16(__nv_bfloat16* dst, long lon
         const int d = dt * 8 + 2 * t4;
         if (d < hs) {
             if (r0 < T_) {
-                __nv_bfloat16* p = dst + (long long)r0 * stride + d;
-                const __nv_bfloat162 v = __floats2bfloat162_rn(acc[dt][0] * mul0, acc[dt][1] * mul0);
-                if (vec2) *reinterpret_cast<__nv_bfloat162*>(p) = v;
-                else { p[0] = v.x; p[1] = v.y; }
+                E* p = dst + (long long)r0 * stride + d;
+                const att_u32 v = att_pack<E>(acc[dt][0] * mul0, acc[dt][1] * mul0);
+                if (vec2) *reinterpret_cast<att_u32*>(p) = v;
+                else { att_st2(p, v); }
             }
             if (r1 < T_) {
-                __nv_bfloat16* p = dst + (long long)r1 * stride + d;
-                const __nv_bfloat162 v = __floats2bfloat162_rn(acc[dt][2] * mul1, acc[dt][3] * mul1);
-                if (vec2) *reinterpret_cast<__nv_bfloat162*>(p) = v;
-                else { p[0] = v.x; p[1] = v.y; }
+                E* p = dst + (long long)r1 * stride + d;
+                const att_u32 v = att_pack<E>(acc[dt][2] * mul1, acc[dt][3] * mul1);
+                if (vec2) *reinterpret_cast<att_u32*>(p) = v;
+                else { att_st2(p, v); }
             }
         }
     }
@@ -682,16 +743,16 @@ struct AttFwd {
     static constexpr int SMEM = (2 * STAGE + (QIN1 ? 0 : BQ * HSP)) * 2;
 };
 
-template <int HS, int NW, int MT, int BK, bool QREG>
-__device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv,
-                                             int B, int T_, int C, int NH) {
+template <int HS, int NW, int MT, int BK, bool QREG, typename E>
+__device__ __forceinline__ void att_fwd_bf16(E* out, float* lse, const E* qkv,
+                                             int B, int T_, int C, int NH, float out_scale) {
     typedef AttFwd<HS, NW, MT, BK, QREG> Cf;
     constexpr int HSP = Cf::HSP, BQ = Cf::BQ, WR = Cf::WR, NTH = Cf::NTH, STAGE = Cf::STAGE;
     constexpr int KT = HS / 16;  // k-steps over the head dim
     constexpr int NT = BK / 8;   // n-tiles of S
     constexpr int DT = HS / 8;   // n-tiles of O
-    __nv_bfloat16* kv = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
-    __nv_bfloat16* Qs = kv + (Cf::QIN1 ? STAGE : 2 * STAGE);
+    E* kv = reinterpret_cast<E*>(att_dyn_smem);
+    E* Qs = kv + (Cf::QIN1 ? STAGE : 2 * STAGE);
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
@@ -700,7 +761,7 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int q0 = qb * BQ, wq0 = q0 + warp * WR;
     const int C3 = 3 * C;
-    const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
+    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const bool vec = (((size_t)qkv) & 15) == 0;
     const float cs = (1.0f / sqrtf((float)hs)) * ATT_LOG2E;
     const int kend = min(q0 + BQ, T_);
@@ -737,7 +798,7 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
     for (int i = 0; i < ntiles; i++) {
         const int k0 = i * BK;
         if (i + 1 < ntiles) {
-            __nv_bfloat16* nx = kv + ((i + 1) & 1) * STAGE;
+            E* nx = kv + ((i + 1) & 1) * STAGE;
             att_tile_async<HS, BK, NTH>(nx, base + C, C3, k0 + BK, T_, hs, hs16, vec);
             att_tile_async<HS, BK, NTH>(nx + BK * HSP, base + 2 * C, C3, k0 + BK, T_, hs, hs16, vec);
             att_cp_commit();
@@ -746,8 +807,8 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
             att_cp_wait<0>();
         }
         __syncthreads();
-        const __nv_bfloat16* Ks = kv + (i & 1) * STAGE;
-        const __nv_bfloat16* Vs = Ks + BK * HSP;
+        const E* Ks = kv + (i & 1) * STAGE;
+        const E* Vs = Ks + BK * HSP;
         if (k0 <= wq0 + WR - 1) {  // warp-uniform: otherwise every key of the tile is in this warp's future
             float s[MT][NT][4];
 #pragma unroll
@@ -771,8 +832,8 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
                         att_ldsm_x4(bb, att_bn_ptr<HSP>(Ks, np * 16, kt * 16, lane));
 #pragma unroll
                         for (int mt = 0; mt < MT; mt++) {
-                            att_mma(s[mt][2 * np], a[mt], bb[0], bb[1]);
-                            att_mma(s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+                            att_mma<E>(s[mt][2 * np], a[mt], bb[0], bb[1]);
+                            att_mma<E>(s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
                         }
                     }
                 }
@@ -831,10 +892,10 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
                 att_u32 pa[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    pa[mt][0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    pa[mt][1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    pa[mt][2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    pa[mt][3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    pa[mt][0] = att_pack<E>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][1] = att_pack<E>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][2] = att_pack<E>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][3] = att_pack<E>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
                 }
 #pragma unroll
                 for (int dp = 0; dp < HS / 16; dp++) {
@@ -843,8 +904,8 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Vs, kk * 16, dp * 16, lane));
 #pragma unroll
                         for (int mt = 0; mt < MT; mt++) {
-                            att_mma(o[mt][2 * dp], pa[mt], bb[0], bb[1]);
-                            att_mma(o[mt][2 * dp + 1], pa[mt], bb[2], bb[3]);
+                            att_mma<E>(o[mt][2 * dp], pa[mt], bb[0], bb[1]);
+                            att_mma<E>(o[mt][2 * dp + 1], pa[mt], bb[2], bb[3]);
                         }
                     }
                 }
@@ -862,7 +923,7 @@ __device__ __forceinline__ void att_fwd_bf16(__nv_bfloat16* out, float* lse, con
         l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
         const int r0 = wq0 + mt * 16 + g, r1 = r0 + 8;
         att_store_frag_bf16<HS>(out + (long long)b * T_ * C + (long long)h * hs, C, r0, T_, hs, o[mt],
-                                1.0f / l0, 1.0f / l1, ovec, t4);
+                                out_scale / l0, out_scale / l1, ovec, t4);
         if (t4 == 0) {
             if (r0 < T_) lse[(long long)bh * T_ + r0] = (m[mt][0] + log2f(l0)) * ATT_LN2;
             if (r1 < T_) lse[(long long)bh * T_ + r1] = (m[mt][1] + log2f(l1)) * ATT_LN2;
@@ -892,18 +953,19 @@ struct AttQ {  // dQ half
 };
 
 // dK, dV for keys k0 .. k0+BR-1 (warp w: keys k0+WR*w ..), loop over query tiles t >= k0.
-template <int HS, int NW, int MT, int BC>
-__device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                                                  const __nv_bfloat16* qkv, const float* lse,
-                                                  const float* D, int B, int T_, int C, int NH) {
+template <int HS, int NW, int MT, int BC, typename E>
+__device__ __noinline__ void att_bwd_dkdv_bf16(E* dqkv, const E* dout,
+                                                  const E* qkv, const float* lse,
+                                                  const float* D, int B, int T_, int C, int NH,
+                                                  float out_scale) {
     typedef AttKV<HS, NW, MT, BC> Cf;
     constexpr int HSP = Cf::HSP, BR = Cf::BR, WR = Cf::WR, NTH = Cf::NTH;
     constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
     static_assert(BR % BC == 0, "key blocks start on a query-tile boundary");
-    __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
-    __nv_bfloat16* Ks = buf;
-    __nv_bfloat16* Vs = buf + BR * HSP;
-    __nv_bfloat16* st0 = buf + 2 * BR * HSP;  // stage s: Q at st0 + 2s*BC*HSP, dO right after
+    E* buf = reinterpret_cast<E*>(att_dyn_smem);
+    E* Ks = buf;
+    E* Vs = buf + BR * HSP;
+    E* st0 = buf + 2 * BR * HSP;  // stage s: Q at st0 + 2s*BC*HSP, dO right after
     float* fbuf = reinterpret_cast<float*>(buf + 2 * BR * HSP + 4 * BC * HSP);
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
@@ -913,8 +975,8 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_b
     const int k0 = (int)blockIdx.y * BR;  // small key blocks (most work) first
     const int ws0 = k0 + warp * WR;
     const int C3 = 3 * C;
-    const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
-    const __nv_bfloat16* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
+    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
+    const E* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
     const float* lbase = lse + (long long)bh * T_;
     const float* Dbase = D + (long long)bh * T_;
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
@@ -959,8 +1021,8 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_b
             att_cp_wait<0>();
         }
         __syncthreads();
-        const __nv_bfloat16* Qs = st0 + 2 * (i & 1) * BC * HSP;
-        const __nv_bfloat16* dOs = Qs + BC * HSP;
+        const E* Qs = st0 + 2 * (i & 1) * BC * HSP;
+        const E* dOs = Qs + BC * HSP;
         const float* Ls = fbuf + (i & 1) * 2 * BC;
         const float* Ds = Ls + BC;
         if (q0 + BC - 1 >= ws0) {  // warp-uniform: some query of the tile sees some key of the warp
@@ -977,8 +1039,8 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_b
             // time keeps only one set of A fragments live)
 #pragma unroll
             for (int pass = 0; pass < 2; pass++) {
-                const __nv_bfloat16* As = pass ? Vs : Ks;
-                const __nv_bfloat16* Bs = pass ? dOs : Qs;
+                const E* As = pass ? Vs : Ks;
+                const E* Bs = pass ? dOs : Qs;
 #pragma unroll
                 for (int kt = 0; kt < KT; kt++) {
                     if (kt * 16 < hs16) {
@@ -994,8 +1056,8 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_b
                             for (int mt = 0; mt < MT; mt++) {
                                 float(&c0)[4] = pass ? dpt[mt][2 * np] : st[mt][2 * np];
                                 float(&c1)[4] = pass ? dpt[mt][2 * np + 1] : st[mt][2 * np + 1];
-                                att_mma(c0, a[mt], bb[0], bb[1]);
-                                att_mma(c1, a[mt], bb[2], bb[3]);
+                                att_mma<E>(c0, a[mt], bb[0], bb[1]);
+                                att_mma<E>(c1, a[mt], bb[2], bb[3]);
                             }
                         }
                     }
@@ -1032,14 +1094,14 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_b
                 att_u32 pa[MT][4], da[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    pa[mt][0] = att_pack(st[mt][2 * kk][0], st[mt][2 * kk][1]);
-                    pa[mt][1] = att_pack(st[mt][2 * kk][2], st[mt][2 * kk][3]);
-                    pa[mt][2] = att_pack(st[mt][2 * kk + 1][0], st[mt][2 * kk + 1][1]);
-                    pa[mt][3] = att_pack(st[mt][2 * kk + 1][2], st[mt][2 * kk + 1][3]);
-                    da[mt][0] = att_pack(dpt[mt][2 * kk][0], dpt[mt][2 * kk][1]);
-                    da[mt][1] = att_pack(dpt[mt][2 * kk][2], dpt[mt][2 * kk][3]);
-                    da[mt][2] = att_pack(dpt[mt][2 * kk + 1][0], dpt[mt][2 * kk + 1][1]);
-                    da[mt][3] = att_pack(dpt[mt][2 * kk + 1][2], dpt[mt][2 * kk + 1][3]);
+                    pa[mt][0] = att_pack<E>(st[mt][2 * kk][0], st[mt][2 * kk][1]);
+                    pa[mt][1] = att_pack<E>(st[mt][2 * kk][2], st[mt][2 * kk][3]);
+                    pa[mt][2] = att_pack<E>(st[mt][2 * kk + 1][0], st[mt][2 * kk + 1][1]);
+                    pa[mt][3] = att_pack<E>(st[mt][2 * kk + 1][2], st[mt][2 * kk + 1][3]);
+                    da[mt][0] = att_pack<E>(dpt[mt][2 * kk][0], dpt[mt][2 * kk][1]);
+                    da[mt][1] = att_pack<E>(dpt[mt][2 * kk][2], dpt[mt][2 * kk][3]);
+                    da[mt][2] = att_pack<E>(dpt[mt][2 * kk + 1][0], dpt[mt][2 * kk + 1][1]);
+                    da[mt][3] = att_pack<E>(dpt[mt][2 * kk + 1][2], dpt[mt][2 * kk + 1][3]);
                 }
 #pragma unroll
                 for (int dp = 0; dp < HS / 16; dp++) {
@@ -1048,14 +1110,14 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_b
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(dOs, kk * 16, dp * 16, lane));
 #pragma unroll
                         for (int mt = 0; mt < MT; mt++) {
-                            att_mma(dv[mt][2 * dp], pa[mt], bb[0], bb[1]);
-                            att_mma(dv[mt][2 * dp + 1], pa[mt], bb[2], bb[3]);
+                            att_mma<E>(dv[mt][2 * dp], pa[mt], bb[0], bb[1]);
+                            att_mma<E>(dv[mt][2 * dp + 1], pa[mt], bb[2], bb[3]);
                         }
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Qs, kk * 16, dp * 16, lane));
 #pragma unroll
                         for (int mt = 0; mt < MT; mt++) {
-                            att_mma(dk[mt][2 * dp], da[mt], bb[0], bb[1]);
-                            att_mma(dk[mt][2 * dp + 1], da[mt], bb[2], bb[3]);
+                            att_mma<E>(dk[mt][2 * dp], da[mt], bb[0], bb[1]);
+                            att_mma<E>(dk[mt][2 * dp + 1], da[mt], bb[2], bb[3]);
                         }
                     }
                 }
@@ -1064,26 +1126,28 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(__nv_bfloat16* dqkv, const __nv_b
         __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
     const bool ovec = (((size_t)dqkv) & 3) == 0;
-    __nv_bfloat16* dbh = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
+    const float gs = scale * out_scale;  // D was divided by out_scale (attn_bwd_pre)
+    E* dbh = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
-        att_store_frag_bf16<HS>(dbh + C, C3, ws0 + mt * 16 + g, T_, hs, dk[mt], scale, scale, ovec, t4);
-        att_store_frag_bf16<HS>(dbh + 2 * C, C3, ws0 + mt * 16 + g, T_, hs, dv[mt], 1.0f, 1.0f, ovec, t4);
+        att_store_frag_bf16<HS>(dbh + C, C3, ws0 + mt * 16 + g, T_, hs, dk[mt], gs, gs, ovec, t4);
+        att_store_frag_bf16<HS>(dbh + 2 * C, C3, ws0 + mt * 16 + g, T_, hs, dv[mt], out_scale, out_scale, ovec, t4);
     }
 }
 
 // dQ for queries q0 .. q0+BR-1 (warp w: queries q0+WR*w ..), loop over key tiles s <= t.
-template <int HS, int NW, int MT, int BC>
-__device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfloat16* dout,
-                                                const __nv_bfloat16* qkv, const float* lse,
-                                                const float* D, int B, int T_, int C, int NH) {
+template <int HS, int NW, int MT, int BC, typename E>
+__device__ __noinline__ void att_bwd_dq_bf16(E* dqkv, const E* dout,
+                                                const E* qkv, const float* lse,
+                                                const float* D, int B, int T_, int C, int NH,
+                                                float out_scale) {
     typedef AttQ<HS, NW, MT, BC> Cf;
     constexpr int HSP = Cf::HSP, BR = Cf::BR, WR = Cf::WR, NTH = Cf::NTH;
     constexpr int KT = HS / 16, NTC = BC / 8, DT = HS / 8;
-    __nv_bfloat16* buf = reinterpret_cast<__nv_bfloat16*>(att_dyn_smem);
-    __nv_bfloat16* Qs = buf;
-    __nv_bfloat16* dOs = buf + BR * HSP;
-    __nv_bfloat16* st0 = buf + 2 * BR * HSP;  // stage s: K at st0 + 2s*BC*HSP, V right after
+    E* buf = reinterpret_cast<E*>(att_dyn_smem);
+    E* Qs = buf;
+    E* dOs = buf + BR * HSP;
+    E* st0 = buf + 2 * BR * HSP;  // stage s: K at st0 + 2s*BC*HSP, V right after
 
     const int hs = C / NH, hs16 = (hs + 15) & ~15;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
@@ -1093,8 +1157,8 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
     const int q0 = (nqb - 1 - (int)blockIdx.y) * BR;  // heaviest first
     const int wq0 = q0 + warp * WR;
     const int C3 = 3 * C;
-    const __nv_bfloat16* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
-    const __nv_bfloat16* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
+    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
+    const E* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
     const float cs = scale * ATT_LOG2E;
@@ -1128,7 +1192,7 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
     for (int i = 0; i < ntiles; i++) {
         const int k0 = i * BC;
         if (i + 1 < ntiles) {
-            __nv_bfloat16* nx = st0 + 2 * ((i + 1) & 1) * BC * HSP;
+            E* nx = st0 + 2 * ((i + 1) & 1) * BC * HSP;
             att_tile_async<HS, BC, NTH>(nx, base + C, C3, k0 + BC, T_, hs, hs16, vec);
             att_tile_async<HS, BC, NTH>(nx + BC * HSP, base + 2 * C, C3, k0 + BC, T_, hs, hs16, vec);
             att_cp_commit();
@@ -1137,8 +1201,8 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
             att_cp_wait<0>();
         }
         __syncthreads();
-        const __nv_bfloat16* Ks = st0 + 2 * (i & 1) * BC * HSP;
-        const __nv_bfloat16* Vs = Ks + BC * HSP;
+        const E* Ks = st0 + 2 * (i & 1) * BC * HSP;
+        const E* Vs = Ks + BC * HSP;
         if (k0 <= wq0 + WR - 1) {  // warp-uniform
             float s[MT][NTC][4], dps[MT][NTC][4];
 #pragma unroll
@@ -1152,8 +1216,8 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
             // S = Q K^T, then dP = dO V^T  (WR queries x BC keys per warp)
 #pragma unroll
             for (int pass = 0; pass < 2; pass++) {
-                const __nv_bfloat16* As = pass ? dOs : Qs;
-                const __nv_bfloat16* Bs = pass ? Vs : Ks;
+                const E* As = pass ? dOs : Qs;
+                const E* Bs = pass ? Vs : Ks;
 #pragma unroll
                 for (int kt = 0; kt < KT; kt++) {
                     if (kt * 16 < hs16) {
@@ -1169,8 +1233,8 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
                             for (int mt = 0; mt < MT; mt++) {
                                 float(&c0)[4] = pass ? dps[mt][2 * np] : s[mt][2 * np];
                                 float(&c1)[4] = pass ? dps[mt][2 * np + 1] : s[mt][2 * np + 1];
-                                att_mma(c0, a[mt], bb[0], bb[1]);
-                                att_mma(c1, a[mt], bb[2], bb[3]);
+                                att_mma<E>(c0, a[mt], bb[0], bb[1]);
+                                att_mma<E>(c1, a[mt], bb[2], bb[3]);
                             }
                         }
                     }
@@ -1199,10 +1263,10 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
                 att_u32 da[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    da[mt][0] = att_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    da[mt][1] = att_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    da[mt][2] = att_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    da[mt][3] = att_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    da[mt][0] = att_pack<E>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    da[mt][1] = att_pack<E>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    da[mt][2] = att_pack<E>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    da[mt][3] = att_pack<E>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
                 }
 #pragma unroll
                 for (int dp = 0; dp < HS / 16; dp++) {
@@ -1211,8 +1275,8 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
                         att_ldsm_x4_t(bb, att_bt_ptr<HSP>(Ks, kk * 16, dp * 16, lane));
 #pragma unroll
                         for (int mt = 0; mt < MT; mt++) {
-                            att_mma(dq[mt][2 * dp], da[mt], bb[0], bb[1]);
-                            att_mma(dq[mt][2 * dp + 1], da[mt], bb[2], bb[3]);
+                            att_mma<E>(dq[mt][2 * dp], da[mt], bb[0], bb[1]);
+                            att_mma<E>(dq[mt][2 * dp + 1], da[mt], bb[2], bb[3]);
                         }
                     }
                 }
@@ -1224,28 +1288,34 @@ __device__ __noinline__ void att_bwd_dq_bf16(__nv_bfloat16* dqkv, const __nv_bfl
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
         att_store_frag_bf16<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, wq0 + mt * 16 + g, T_,
-                                hs, dq[mt], scale, scale, ovec, t4);
+                                hs, dq[mt], scale * out_scale, scale * out_scale, ovec, t4);
     }
 }
 
 // Kernel entry points: forward <HS, NW, MT, BK, QREG>; backward <HS, NW, MT(dK,dV), BC(dK,dV),
 // MT(dQ), BC(dQ)>; MINB = blocks per SM the register allocation must allow. The host's launch
 // geometry (mod.rs, `mod attention`) must match these numbers.
-#define ATT_FWD_KERNEL(name, HS, NW, MT, BK, QR, MINB)                                                   \
+#define ATT_FWD_KERNEL(name, E, HS, NW, MT, BK, QR, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                         \
-    name(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, int B, int T_, int C, int NH) {    \
-        att_fwd_bf16<HS, NW, MT, BK, QR>(out, lse, qkv, B, T_, C, NH);                                 \
+    name(E* out, float* lse, const E* qkv, int B, int T_, int C, int NH, float out_scale) {             \
+        att_fwd_bf16<HS, NW, MT, BK, QR>(out, lse, qkv, B, T_, C, NH, out_scale);                      \
     }
-#define ATT_BWD_KERNEL(name, HS, NW, MK, BCK, MQ, BCQ, MINB)                                             \
+#define ATT_BWD_KERNEL(name, E, HS, NW, MK, BCK, MQ, BCQ, MINB)                                          \
     extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                         \
-    name(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv, const float* lse,   \
-         const float* D, int B, int T_, int C, int NH) {                                               \
-        if (blockIdx.z == 0) att_bwd_dkdv_bf16<HS, NW, MK, BCK>(dqkv, dout, qkv, lse, D, B, T_, C, NH); \
-        else att_bwd_dq_bf16<HS, NW, MQ, BCQ>(dqkv, dout, qkv, lse, D, B, T_, C, NH);                  \
+    name(E* dqkv, const E* dout, const E* qkv, const float* lse, const float* D, int B, int T_, int C,  \
+         int NH, float out_scale) {                                                                    \
+        if (blockIdx.z == 0)                                                                           \
+            att_bwd_dkdv_bf16<HS, NW, MK, BCK>(dqkv, dout, qkv, lse, D, B, T_, C, NH, out_scale);       \
+        else                                                                                           \
+            att_bwd_dq_bf16<HS, NW, MQ, BCQ>(dqkv, dout, qkv, lse, D, B, T_, C, NH, out_scale);         \
     }
 
-ATT_FWD_KERNEL(attention_forward_hs64_bf16, 64, 8, 1, 64, true, 2)
-ATT_FWD_KERNEL(attention_forward_hs128_bf16, 128, 4, 2, 32, false, 2)
-ATT_BWD_KERNEL(attention_backward_hs64_bf16, 64, 8, 1, 32, 1, 32, 2)
-ATT_BWD_KERNEL(attention_backward_hs128_bf16, 128, 4, 1, 16, 1, 32, 3)
-
+// bf16 and f16 share the tilings (same element size, same mma shape).
+ATT_FWD_KERNEL(attention_forward_hs64_bf16, __nv_bfloat16, 64, 8, 1, 64, true, 2)
+ATT_FWD_KERNEL(attention_forward_hs128_bf16, __nv_bfloat16, 128, 4, 2, 32, false, 2)
+ATT_BWD_KERNEL(attention_backward_hs64_bf16, __nv_bfloat16, 64, 8, 1, 32, 1, 32, 2)
+ATT_BWD_KERNEL(attention_backward_hs128_bf16, __nv_bfloat16, 128, 4, 1, 16, 1, 32, 3)
+ATT_FWD_KERNEL(attention_forward_hs64_f16, __half, 64, 8, 1, 64, true, 2)
+ATT_FWD_KERNEL(attention_forward_hs128_f16, __half, 128, 4, 2, 32, false, 2)
+ATT_BWD_KERNEL(attention_backward_hs64_f16, __half, 64, 8, 1, 32, 1, 32, 2)
+ATT_BWD_KERNEL(attention_backward_hs128_f16, __half, 128, 4, 1, 16, 1, 32, 3)

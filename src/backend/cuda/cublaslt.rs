@@ -7,10 +7,10 @@
 //! - **Cached plans.** A training step issues the same few dozen GEMM shapes over and over. The
 //!   matmul descriptor, the matrix layouts and the heuristic's chosen algorithm are built once per
 //!   shape/type/epilogue key and reused; a call then only sets the per-call pointers and launches.
-//! - **Mixed output types.** bf16 inputs with an f32 output (and `beta = 1`) let weight-gradient
+//! - **Mixed output types.** bf16 (or f16) inputs with an f32 output (and `beta = 1`) let weight-gradient
 //!   GEMMs accumulate straight into fp32 gradient buffers.
 //! - **Exact fp32.** The compute type is `CUBLAS_COMPUTE_32F` (not the TF32 fast path), so f32 GEMMs
-//!   match the CPU reference, and bf16 GEMMs accumulate in f32.
+//!   match the CPU reference, and bf16 and f16 GEMMs accumulate in f32.
 //! - **Fused epilogues.** Bias, GELU with its input saved (forward) and the GELU derivative
 //!   (backward) ([`Epilogue`]) are part of the plan key; their pointers are
 //!   per-call attributes. [`Lt::supports`] says whether cuBLASLt has an algorithm for one, so
@@ -45,6 +45,7 @@ const CUBLAS_OP_T: i32 = 1;
 pub enum GemmType {
     F32,
     BF16,
+    F16,
 }
 
 impl GemmType {
@@ -52,6 +53,7 @@ impl GemmType {
         match self {
             GemmType::F32 => sys::cudaDataType::CUDA_R_32F,
             GemmType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+            GemmType::F16 => sys::cudaDataType::CUDA_R_16F,
         }
     }
 
@@ -59,6 +61,7 @@ impl GemmType {
         match self {
             GemmType::F32 => "f32",
             GemmType::BF16 => "bf16",
+            GemmType::F16 => "f16",
         }
     }
 }
@@ -67,7 +70,7 @@ impl GemmType {
 /// stored k×m row-major when `trans_a`); op(b) is k×n (b stored n×k when `trans_b`). `inputs` is
 /// the type of both a and b; `out_type` the type of out (and of every epilogue vector and
 /// matrix). beta == 0 does not read `out`. Supported (inputs, out_type): (F32, F32),
-/// (BF16, BF16), (BF16, F32); accumulation is f32. Pointers are raw device addresses, 256-byte
+/// (BF16, BF16), (BF16, F32), (F16, F16), (F16, F32); accumulation is f32. Pointers are raw device addresses, 256-byte
 /// aligned (whole allocations are).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
@@ -471,10 +474,12 @@ impl Lt {
         match (inputs, out_type) {
             (GemmType::F32, GemmType::F32)
             | (GemmType::BF16, GemmType::BF16)
-            | (GemmType::BF16, GemmType::F32) => {}
+            | (GemmType::BF16, GemmType::F32)
+            | (GemmType::F16, GemmType::F16)
+            | (GemmType::F16, GemmType::F32) => {}
             _ => bail!(
                 "cuBLASLt matmul {key}: unsupported type combination (supported: f32 -> f32, \
-                 bf16 -> bf16, bf16 -> f32)"
+                 bf16 -> bf16, bf16 -> f32, f16 -> f16, f16 -> f32)"
             ),
         }
         if m == 0 || n == 0 {

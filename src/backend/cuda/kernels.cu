@@ -4,9 +4,10 @@
 // launches against (attention lives in attention.cu).
 //
 // Conventions that hold for every kernel here:
-// - Each templated kernel exists as `<name>_f32` (T = float) and `<name>_bf16`
-//   (T = __nv_bfloat16). Arithmetic is always in float; results are rounded to T once, to nearest
-//   even. Parameter gradients, optimizer state, mean/rstd, losses and partials are float (double
+// - Each templated kernel exists as `<name>_f32` (T = float), `<name>_bf16` (T = __nv_bfloat16)
+//   and `<name>_f16` (T = __half), instantiated by FOR_EACH_TYPE. Arithmetic is always in float;
+//   results are rounded to T once, to nearest even (f16 overflows to ±inf, as the CPU's rounding
+//   does, so fp16 loss scaling sees the overflow). Parameter gradients, optimizer state, mean/rstd, losses and partials are float (double
 //   for the squared-norm partials).
 // - Deterministic: no atomics. Every output is produced by one fixed sequence of operations:
 //   fixed per-thread loops plus fixed xor-butterfly / shared-memory trees, whose shape depends only
@@ -19,9 +20,11 @@
 // - Block-reduction kernels need blockDim.x to be a multiple of 32 (at most 1024).
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 typedef unsigned long long u64;
 typedef __nv_bfloat16 bf16;
+typedef __half f16;
 
 // ---------------------------------------------------------------------------------------------
 // Conversions, packed accesses, reductions
@@ -29,10 +32,12 @@ typedef __nv_bfloat16 bf16;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(f16 x) { return __half2float(x); }
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ f16 from_float<f16>(float x) { return __float2half_rn(x); }
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
@@ -59,6 +64,16 @@ template <> __device__ __forceinline__ void load8<bf16>(const bf16* p, float* f)
         f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
     }
 }
+template <> __device__ __forceinline__ void load8<f16>(const f16* p, float* f) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 v = __half22float2(h[k]);  // .x is the low half, element 2k
+        f[2 * k] = v.x;
+        f[2 * k + 1] = v.y;
+    }
+}
 
 // Stores 8 floats rounded to T; p must be 16-byte aligned.
 template <typename T> __device__ __forceinline__ void store8(T* p, const float* f);
@@ -75,6 +90,13 @@ template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float* f
         w[k] = lo | (hi << 16);
     }
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <> __device__ __forceinline__ void store8<f16>(f16* p, const float* f) {
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(f[2 * k], f[2 * k + 1]);  // .x = low half
+    *reinterpret_cast<uint4*>(p) = u;
 }
 
 // Xor butterflies: a + b is commutative bit for bit, so every lane ends with the same value.
@@ -120,7 +142,7 @@ __device__ __forceinline__ void map_elements(TO* out, const TA* a, const TB* b, 
 }
 
 // Instantiates one extern "C" wrapper per storage type: M(suffix, T).
-#define FOR_EACH_TYPE(M) M(f32, float) M(bf16, bf16)
+#define FOR_EACH_TYPE(M) M(f32, float) M(bf16, bf16) M(f16, f16)
 
 // ---------------------------------------------------------------------------------------------
 // Elementwise (grid-stride; grid = min(ceil(n/256), 4224), block = 256; any geometry works)
@@ -134,15 +156,18 @@ template <typename T> __device__ void fill_impl(T* x, float v, int n) {
     extern "C" __global__ void fill_##S(T* x, float v, int n) { fill_impl<T>(x, v, n); }
 FOR_EACH_TYPE(DEF_FILL)
 
-/// copy_f32_to_bf16: dst = round_bf16(src).
-extern "C" __global__ void copy_f32_to_bf16(bf16* dst, const float* src, int n) {
-    map_elements<1>(dst, src, src, n, [](float x, float, u64) { return x; });
-}
-
-/// copy_bf16_to_f32: dst = float(src) (exact).
-extern "C" __global__ void copy_bf16_to_f32(float* dst, const bf16* src, int n) {
-    map_elements<1>(dst, src, src, n, [](float x, float, u64) { return x; });
-}
+/// copy_A_to_B: dst = round_B(float(src)) between two storage types (widening is exact; bf16 <->
+/// f16 goes through float, which holds both exactly, so it is one rounding).
+#define DEF_CONVERT(SA, TA, SB, TB)                                                        \
+    extern "C" __global__ void copy_##SA##_to_##SB(TB* dst, const TA* src, int n) {         \
+        map_elements<1>(dst, src, src, n, [](float x, float, u64) { return x; });           \
+    }
+DEF_CONVERT(f32, float, bf16, bf16)
+DEF_CONVERT(bf16, bf16, f32, float)
+DEF_CONVERT(f32, float, f16, f16)
+DEF_CONVERT(f16, f16, f32, float)
+DEF_CONVERT(bf16, bf16, f16, f16)
+DEF_CONVERT(f16, f16, bf16, bf16)
 
 /// copy_T: bit-exact copy (NaN payloads included), 16 bytes at a time when aligned.
 template <typename T> __device__ void copy_impl(T* dst, const T* src, int n) {
@@ -163,13 +188,16 @@ template <typename T> __device__ void copy_impl(T* dst, const T* src, int n) {
     extern "C" __global__ void copy_##S(T* dst, const T* src, int n) { copy_impl<T>(dst, src, n); }
 FOR_EACH_TYPE(DEF_COPY)
 
-/// residual_forward_T: out = a + b (out may alias a or b).
-template <typename T> __device__ void residual_impl(T* out, const T* a, const T* b, int n) {
-    map_elements<2>(out, a, b, n, [](float x, float y, u64) { return x + y; });
+/// residual_forward_T: out = sa·a + sb·b (out may alias a or b); unit scaling's weighted add,
+/// a plain sum at sa = sb = 1 (1·x is exact, so the bits are those of a + b).
+template <typename T>
+__device__ void residual_impl(T* out, const T* a, const T* b, float sa, float sb, int n) {
+    map_elements<2>(out, a, b, n, [=](float x, float y, u64) { return sa * x + sb * y; });
 }
 #define DEF_RESIDUAL(S, T)                                                                   \
-    extern "C" __global__ void residual_forward_##S(T* out, const T* a, const T* b, int n) { \
-        residual_impl<T>(out, a, b, n);                                                      \
+    extern "C" __global__ void residual_forward_##S(T* out, const T* a, const T* b, float sa, \
+                                                    float sb, int n) {                       \
+        residual_impl<T>(out, a, b, sa, sb, n);                                              \
     }
 FOR_EACH_TYPE(DEF_RESIDUAL)
 
@@ -187,32 +215,36 @@ FOR_EACH_TYPE(DEF_SCALE)
 // ½(1 + tanh u) as the logistic 1/(1 + e^(−2u)): one expf, and it saturates to 0 or 1 without NaN.
 __device__ __forceinline__ float sigmoid_2x(float u) { return 1.0f / (1.0f + expf(-(u + u))); }
 
-/// gelu_forward_T: tanh-approximation GELU, x·σ(2u) with u = √(2/π)(x + 0.044715x³).
-template <typename T> __device__ void gelu_forward_impl(T* out, const T* inp, int n) {
-    map_elements<1>(out, inp, inp, n, [](float x, float, u64) {
+/// gelu_forward_T: tanh-approximation GELU times `scale` (1 outside unit scaling),
+/// scale·x·σ(2u) with u = √(2/π)(x + 0.044715x³).
+template <typename T> __device__ void gelu_forward_impl(T* out, const T* inp, float scale, int n) {
+    map_elements<1>(out, inp, inp, n, [=](float x, float, u64) {
         const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-        return x * sigmoid_2x(u);
+        return scale * (x * sigmoid_2x(u));
     });
 }
-#define DEF_GELU_FWD(S, T)                                                         \
-    extern "C" __global__ void gelu_forward_##S(T* out, const T* inp, int n) {     \
-        gelu_forward_impl<T>(out, inp, n);                                         \
+#define DEF_GELU_FWD(S, T)                                                                    \
+    extern "C" __global__ void gelu_forward_##S(T* out, const T* inp, float scale, int n) {   \
+        gelu_forward_impl<T>(out, inp, scale, n);                                             \
     }
 FOR_EACH_TYPE(DEF_GELU_FWD)
 
-/// gelu_backward_T: dinp = gelu'(inp)·dout (overwrites dinp; dinp may alias dout).
-template <typename T> __device__ void gelu_backward_impl(T* dinp, const T* inp, const T* dout, int n) {
-    map_elements<2>(dinp, inp, dout, n, [](float x, float g, u64) {
+/// gelu_backward_T: dinp = scale·gelu'(inp)·dout, the derivative of gelu_forward_T with the same
+/// scale (overwrites dinp; dinp may alias dout).
+template <typename T>
+__device__ void gelu_backward_impl(T* dinp, const T* inp, const T* dout, float scale, int n) {
+    map_elements<2>(dinp, inp, dout, n, [=](float x, float g, u64) {
         // With σ = ½(1 + tanh u): d(xσ)/dx = σ + x·2σ(1 − σ)·du/dx.
         const float sig = sigmoid_2x(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
         const float du_dx = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x);
         const float local = sig + 2.0f * x * sig * (1.0f - sig) * du_dx;
-        return local * g;
+        return (scale * local) * g;
     });
 }
 #define DEF_GELU_BWD(S, T)                                                                     \
-    extern "C" __global__ void gelu_backward_##S(T* dinp, const T* inp, const T* dout, int n) { \
-        gelu_backward_impl<T>(dinp, inp, dout, n);                                             \
+    extern "C" __global__ void gelu_backward_##S(T* dinp, const T* inp, const T* dout,         \
+                                                 float scale, int n) {                         \
+        gelu_backward_impl<T>(dinp, inp, dout, scale, n);                                      \
     }
 FOR_EACH_TYPE(DEF_GELU_BWD)
 
@@ -312,6 +344,11 @@ __device__ __forceinline__ bf16 round_copy<bf16>(float x, bool stochastic, u64 k
     if (!stochastic || isnan(x)) return __float2bfloat16_rn(x);
     const unsigned r = (unsigned)(counter_hash(key, i) >> 48);  // rounding_bits(key, i)
     return __ushort_as_bfloat16((unsigned short)((__float_as_uint(x) + r) >> 16));
+}
+// f16 compute copies are always rounded to nearest even (the CPU backend rounds only bf16 copies
+// stochastically).
+template <> __device__ __forceinline__ f16 round_copy<f16>(float x, bool, u64, u64) {
+    return __float2half_rn(x);
 }
 
 /// adamw_multi_T: fp32 master step on param/m/v of every tensor in the table; also writes
@@ -445,6 +482,104 @@ __device__ void sum_squares_multi_impl(const TensorRow* table, int count, double
     }
 FOR_EACH_TYPE(DEF_SUMSQ)
 
+/// One block's statistics of its chunk (tensor_stats_multi_T): 32 bytes, read by
+/// `tensor_stats` in mod.rs. Counts: finite, zero, subnormal, saturated, NaN.
+struct StatsPartial {
+    double sum_sq;
+    float amax;
+    unsigned int counts[5];
+};
+
+/// tensor_stats_multi_T: the numerics monitor's statistics (numerics::TensorStats::of on the CPU)
+/// of block b's chunk of its tensor, in the tensor's storage format T: Σ x² (double) and max |x|
+/// over finite values, and exact counts of finite, zero, subnormal (nonzero, |x| < min_normal),
+/// saturated (|x| >= max_finite, infinities included) and NaN values. Deterministic: fixed
+/// per-thread loops, fixed butterflies; the host adds the partials in block order.
+template <typename T>
+__device__ void tensor_stats_multi_impl(const TensorRow* table, int count, float min_normal,
+                                        float max_finite, StatsPartial* partials) {
+    __shared__ double w_sq[32];
+    __shared__ float w_amax[32];
+    __shared__ unsigned int w_cnt[5][32];
+    const TensorRow r = mt_row(table, count);
+    const T* x = (const T*)r.x;
+    const u64 begin = (u64)(blockIdx.x - r.first_block) * MT_CHUNK;
+    const u64 end = min(begin + (u64)MT_CHUNK, r.n);
+    double sq = 0.0;
+    float amax = 0.0f;
+    unsigned int cnt[5] = {0u, 0u, 0u, 0u, 0u};
+    auto add = [&](float v) {
+        if (isnan(v)) {
+            ++cnt[4];
+            return;
+        }
+        const float a = fabsf(v);
+        if (a >= max_finite) ++cnt[3];
+        if (isfinite(a)) {
+            ++cnt[0];
+            amax = fmaxf(amax, a);
+            sq += (double)a * (double)a;
+        }
+        if (a == 0.0f) ++cnt[1];
+        else if (a < min_normal) ++cnt[2];
+    };
+    u64 start = begin;
+    if (aligned16(x)) {
+        const u64 packs = (end - begin) / 8;
+        for (u64 pk = threadIdx.x; pk < packs; pk += blockDim.x) {
+            float f[8];
+            load8(x + begin + pk * 8, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) add(f[k]);
+        }
+        start = begin + packs * 8;
+    }
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) add(to_float(x[i]));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    sq = warp_sum(sq);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+#pragma unroll
+        for (int k = 0; k < 5; ++k) cnt[k] += __shfl_xor_sync(0xffffffffu, cnt[k], o);
+    }
+    if (lane == 0) {
+        w_sq[warp] = sq;
+        w_amax[warp] = amax;
+#pragma unroll
+        for (int k = 0; k < 5; ++k) w_cnt[k][warp] = cnt[k];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        sq = lane < nwarps ? w_sq[lane] : 0.0;
+        amax = lane < nwarps ? w_amax[lane] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < 5; ++k) cnt[k] = lane < nwarps ? w_cnt[k][lane] : 0u;
+        sq = warp_sum(sq);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+#pragma unroll
+            for (int k = 0; k < 5; ++k) cnt[k] += __shfl_xor_sync(0xffffffffu, cnt[k], o);
+        }
+        if (lane == 0) {
+            StatsPartial p;
+            p.sum_sq = sq;
+            p.amax = amax;
+#pragma unroll
+            for (int k = 0; k < 5; ++k) p.counts[k] = cnt[k];
+            partials[blockIdx.x] = p;
+        }
+    }
+}
+#define DEF_STATS(S, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        tensor_stats_multi_##S(const TensorRow* table, int count, float min_normal,              \
+                               float max_finite, StatsPartial* partials) {                      \
+        tensor_stats_multi_impl<T>(table, count, min_normal, max_finite, partials);              \
+    }
+FOR_EACH_TYPE(DEF_STATS)
+
 // ---------------------------------------------------------------------------------------------
 // LayerNorm (forward and input gradient: one warp per row, grid = ceil(N/8), block = 256)
 // ---------------------------------------------------------------------------------------------
@@ -452,12 +587,13 @@ FOR_EACH_TYPE(DEF_SUMSQ)
 #define LN_EPS 1e-5f
 
 /// layernorm_forward_T: out = (x−mean)·rstd·w + b per row, biased variance; saves mean and rstd.
-/// With `add_a` non-NULL the row is first made: x = round_T(add_a + add_b), stored into `x_io`
-/// (the residual add that closes a block's branch, fused with the LayerNorm that follows it).
+/// With `add_a` non-NULL the row is first made: x = round_T(sa·add_a + sb·add_b), stored into
+/// `x_io` (the residual add that closes a block's branch, fused with the LayerNorm that follows
+/// it; sa = sb = 1 outside unit scaling).
 template <typename T>
 __device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, T* x_io,
-                                       const T* add_a, const T* add_b, const T* weight,
-                                       const T* bias, int N, int C) {
+                                       const T* add_a, const T* add_b, float sa, float sb,
+                                       const T* weight, const T* bias, int N, int C) {
     const int lane = threadIdx.x & 31;
     const int row = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
     if (row >= N || C <= 0) return;  // no block barriers below, so whole warps may leave
@@ -480,7 +616,7 @@ __device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, T* x_io
                 load8(a + c, f);
                 load8(b + c, fb);
 #pragma unroll
-                for (int k = 0; k < 8; ++k) f[k] = to_float(from_float<T>(f[k] + fb[k]));
+                for (int k = 0; k < 8; ++k) f[k] = to_float(from_float<T>(sa * f[k] + sb * fb[k]));
                 store8(x + c, f);
             } else {
                 load8(x + c, f);
@@ -490,7 +626,7 @@ __device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, T* x_io
         }
     } else {
         for (int c = lane; c < C; c += 32) {
-            if (add) x[c] = from_float<T>(to_float(a[c]) + to_float(b[c]));
+            if (add) x[c] = from_float<T>(sa * to_float(a[c]) + sb * to_float(b[c]));
             sum += to_float(x[c]);
         }
     }
@@ -537,15 +673,19 @@ __device__ void layernorm_forward_impl(T* out, float* mean, float* rstd, T* x_io
 #define DEF_LN_FWD(S, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                           \
     layernorm_forward_##S(T* out, float* mean, float* rstd, T* x_io, const T* add_a,            \
-                          const T* add_b, const T* weight, const T* bias, int N, int C) {       \
-        layernorm_forward_impl<T>(out, mean, rstd, x_io, add_a, add_b, weight, bias, N, C);     \
+                          const T* add_b, float sa, float sb, const T* weight, const T* bias,   \
+                          int N, int C) {                                                       \
+        layernorm_forward_impl<T>(out, mean, rstd, x_io, add_a, add_b, sa, sb, weight, bias, N,  \
+                                  C);                                                           \
     }
 FOR_EACH_TYPE(DEF_LN_FWD)
 
-/// layernorm_backward_dinp_T: dinp += rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)).
+/// layernorm_backward_dinp_T: dinp += sx·rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm))
+/// (sx = 1 outside unit scaling).
 template <typename T>
 __device__ void layernorm_backward_dinp_impl(T* dinp, const T* dout, const T* inp, const T* weight,
-                                             const float* mean, const float* rstd, int N, int C) {
+                                             const float* mean, const float* rstd, float sx, int N,
+                                             int C) {
     const int lane = threadIdx.x & 31;
     const int row = (int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
     if (row >= N || C <= 0) return;
@@ -553,7 +693,7 @@ __device__ void layernorm_backward_dinp_impl(T* dinp, const T* dout, const T* in
     const T* x = inp + base;
     const T* g = dout + base;
     T* d = dinp + base;
-    const float mu = mean[row], rs = rstd[row];
+    const float mu = mean[row], rs = rstd[row], rs_scaled = rs * sx;
     const bool vec = (C % 8 == 0) && aligned16(dinp) && aligned16(dout) && aligned16(inp) &&
                      aligned16(weight);
     float s_dn = 0.0f, s_dn_n = 0.0f;
@@ -589,7 +729,7 @@ __device__ void layernorm_backward_dinp_impl(T* dinp, const T* dout, const T* in
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
                 const float nrm = (fx[k] - mu) * rs;
-                fd[k] = fd[k] + rs * (fg[k] * fw[k] - m_dn - nrm * m_dn_n);
+                fd[k] = fd[k] + rs_scaled * (fg[k] * fw[k] - m_dn - nrm * m_dn_n);
             }
             store8(d + c, fd);
         }
@@ -597,15 +737,15 @@ __device__ void layernorm_backward_dinp_impl(T* dinp, const T* dout, const T* in
         for (int c = lane; c < C; c += 32) {
             const float nrm = (to_float(x[c]) - mu) * rs;
             const float dn = to_float(g[c]) * to_float(weight[c]);
-            d[c] = from_float<T>(to_float(d[c]) + rs * (dn - m_dn - nrm * m_dn_n));
+            d[c] = from_float<T>(to_float(d[c]) + rs_scaled * (dn - m_dn - nrm * m_dn_n));
         }
     }
 }
 #define DEF_LN_BWD_DINP(S, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(256)                                            \
     layernorm_backward_dinp_##S(T* dinp, const T* dout, const T* inp, const T* weight,           \
-                                const float* mean, const float* rstd, int N, int C) {            \
-        layernorm_backward_dinp_impl<T>(dinp, dout, inp, weight, mean, rstd, N, C);              \
+                                const float* mean, const float* rstd, float sx, int N, int C) {  \
+        layernorm_backward_dinp_impl<T>(dinp, dout, inp, weight, mean, rstd, sx, N, C);          \
     }
 FOR_EACH_TYPE(DEF_LN_BWD_DINP)
 
@@ -704,9 +844,12 @@ FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
 #define REDUCE_COLS 32
 #define REDUCE_GROUPS 8
 
-/// layernorm_backward_params_reduce: dweight[c] += Σ_g dw partials, dbias[c] += Σ_g db partials.
+/// layernorm_backward_params_reduce: dweight[c] += scale·Σ_g dw partials, dbias[c] += scale·Σ_g
+/// db partials (the sums are formed first and scaled once, as on the CPU; scale = 1 outside unit
+/// scaling).
 extern "C" __global__ void layernorm_backward_params_reduce(float* dweight, float* dbias,
-                                                            const float* partials, int G, int C) {
+                                                            const float* partials, float scale,
+                                                            int G, int C) {
     __shared__ float sw_s[REDUCE_GROUPS][REDUCE_COLS];
     __shared__ float sb_s[REDUCE_GROUPS][REDUCE_COLS];
     const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
@@ -727,13 +870,15 @@ extern "C" __global__ void layernorm_backward_params_reduce(float* dweight, floa
             tw += sw_s[j][x];
             tb += sb_s[j][x];
         }
-        dweight[c] += tw;
-        dbias[c] += tb;
+        dweight[c] += scale * tw;
+        dbias[c] += scale * tb;
     }
 }
 
-/// bias_backward_reduce: dbias[oc] += Σ_g partials[g, oc] (row groups as above).
-extern "C" __global__ void bias_backward_reduce(float* dbias, const float* partials, int G, int OC) {
+/// bias_backward_reduce: dbias[oc] += scale·Σ_g partials[g, oc] (row groups as above; scale is the
+/// weight gradient's alpha, 1 outside unit scaling).
+extern "C" __global__ void bias_backward_reduce(float* dbias, const float* partials, float scale,
+                                                int G, int OC) {
     __shared__ float s_s[REDUCE_GROUPS][REDUCE_COLS];
     const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
     const int c = (int)blockIdx.x * REDUCE_COLS + x;
@@ -746,7 +891,7 @@ extern "C" __global__ void bias_backward_reduce(float* dbias, const float* parti
     if (y == 0 && c < OC) {
         float t = 0.0f;
         for (int j = 0; j < REDUCE_GROUPS; ++j) t += s_s[j][x];
-        dbias[c] += t;
+        dbias[c] += scale * t;
     }
 }
 
@@ -762,10 +907,11 @@ __device__ __forceinline__ u64 mod_u64(u64 a, unsigned b, bool small) {
     return small ? (u64)((unsigned)a % b) : a % b;
 }
 
-/// embedding_forward_T: out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:] (grid-stride over B·T_·C).
+/// embedding_forward_T: out[b,t,:] = scale·(wte[tokens[b,t],:] + wpe[t,:]) (grid-stride over
+/// B·T_·C; scale = 1 outside unit scaling).
 template <typename T>
 __device__ void embedding_forward_impl(T* out, const unsigned* tokens, const T* wte, const T* wpe,
-                                       int B, int T_, int C) {
+                                       float scale, int B, int T_, int C) {
     if (B <= 0 || T_ <= 0 || C <= 0) return;
     const u64 total = (u64)B * T_ * C;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -784,7 +930,7 @@ __device__ void embedding_forward_impl(T* out, const unsigned* tokens, const T* 
             load8(wte + (u64)tokens[row] * C + c, a);
             load8(wpe + t * C + c, b);
 #pragma unroll
-            for (int k = 0; k < 8; ++k) a[k] += b[k];
+            for (int k = 0; k < 8; ++k) a[k] = scale * (a[k] + b[k]);
             store8(out + i0, a);
         }
         start = packs * 8;
@@ -792,20 +938,23 @@ __device__ void embedding_forward_impl(T* out, const unsigned* tokens, const T* 
     for (u64 i = start + tid; i < total; i += stride) {
         const u64 row = div_u64(i, (unsigned)C, small), c = i - row * (unsigned)C;
         const u64 t = mod_u64(row, (unsigned)T_, small);
-        out[i] = from_float<T>(to_float(wte[(u64)tokens[row] * C + c]) + to_float(wpe[t * C + c]));
+        out[i] = from_float<T>(scale *
+                               (to_float(wte[(u64)tokens[row] * C + c]) + to_float(wpe[t * C + c])));
     }
 }
 #define DEF_EMB_FWD(S, T)                                                                      \
     extern "C" __global__ void embedding_forward_##S(T* out, const unsigned int* tokens,      \
-                                                     const T* wte, const T* wpe, int B, int T_, \
-                                                     int C) {                                  \
-        embedding_forward_impl<T>(out, tokens, wte, wpe, B, T_, C);                            \
+                                                     const T* wte, const T* wpe, float scale,   \
+                                                     int B, int T_, int C) {                    \
+        embedding_forward_impl<T>(out, tokens, wte, wpe, scale, B, T_, C);                     \
     }
 FOR_EACH_TYPE(DEF_EMB_FWD)
 
-/// embedding_backward_wpe_T: dwpe[t,c] += Σ_b dout[b,t,c], b in order (grid-stride over T_·C).
+/// embedding_backward_wpe_T: dwpe[t,c] += scale·Σ_b dout[b,t,c], b in order (grid-stride over
+/// T_·C; the sum is scaled once, scale = 1 outside unit scaling).
 template <typename T>
-__device__ void embedding_backward_wpe_impl(float* dwpe, const T* dout, int B, int T_, int C) {
+__device__ void embedding_backward_wpe_impl(float* dwpe, const T* dout, float scale, int B, int T_,
+                                            int C) {
     if (B <= 0 || T_ <= 0 || C <= 0) return;
     const u64 tc = (u64)T_ * C;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -827,7 +976,7 @@ __device__ void embedding_backward_wpe_impl(float* dwpe, const T* dout, int B, i
             float d[8];
             load8(dwpe + i0, d);
 #pragma unroll
-            for (int k = 0; k < 8; ++k) d[k] += acc[k];
+            for (int k = 0; k < 8; ++k) d[k] += scale * acc[k];
             store8(dwpe + i0, d);
         }
         start = packs * 8;
@@ -835,22 +984,23 @@ __device__ void embedding_backward_wpe_impl(float* dwpe, const T* dout, int B, i
     for (u64 i = start + tid; i < tc; i += stride) {
         float acc = 0.0f;
         for (int b = 0; b < B; ++b) acc += to_float(dout[(u64)b * tc + i]);
-        dwpe[i] += acc;
+        dwpe[i] += scale * acc;
     }
 }
 #define DEF_EMB_BWD_WPE(S, T)                                                                 \
-    extern "C" __global__ void embedding_backward_wpe_##S(float* dwpe, const T* dout, int B, \
-                                                          int T_, int C) {                   \
-        embedding_backward_wpe_impl<T>(dwpe, dout, B, T_, C);                                 \
+    extern "C" __global__ void embedding_backward_wpe_##S(float* dwpe, const T* dout,        \
+                                                          float scale, int B, int T_, int C) { \
+        embedding_backward_wpe_impl<T>(dwpe, dout, scale, B, T_, C);                          \
     }
 FOR_EACH_TYPE(DEF_EMB_BWD_WPE)
 
-/// embedding_backward_wte_T: block k adds Σ dout[pos,:] over bucket k's positions (in order) into
-/// dwte[bucket_tokens[k],:]; buckets hold distinct tokens, so blocks never share a row.
+/// embedding_backward_wte_T: block k adds scale·Σ dout[pos,:] over bucket k's positions (in order)
+/// into dwte[bucket_tokens[k],:]; buckets hold distinct tokens, so blocks never share a row.
 template <typename T>
 __device__ void embedding_backward_wte_impl(float* dwte, const T* dout,
                                             const unsigned* bucket_tokens, const int* bucket_starts,
-                                            const int* positions, int num_buckets, int C) {
+                                            const int* positions, float scale, int num_buckets,
+                                            int C) {
     const int k = blockIdx.x;
     if (k >= num_buckets || C <= 0) return;
     const u64 tok = bucket_tokens[k];
@@ -869,16 +1019,16 @@ __device__ void embedding_backward_wte_impl(float* dwte, const T* dout,
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int c = c0 + q * bd;
-            if (c < C) dwte[tok * C + c] += acc[q];
+            if (c < C) dwte[tok * C + c] += scale * acc[q];
         }
     }
 }
 #define DEF_EMB_BWD_WTE(S, T)                                                                   \
     extern "C" __global__ void embedding_backward_wte_##S(                                     \
         float* dwte, const T* dout, const unsigned int* bucket_tokens, const int* bucket_starts, \
-        const int* positions, int num_buckets, int C) {                                         \
+        const int* positions, float scale, int num_buckets, int C) {                            \
         embedding_backward_wte_impl<T>(dwte, dout, bucket_tokens, bucket_starts, positions,     \
-                                       num_buckets, C);                                         \
+                                       scale, num_buckets, C);                                  \
     }
 FOR_EACH_TYPE(DEF_EMB_BWD_WTE)
 

@@ -7,9 +7,13 @@
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
 //!   driver version.
-//! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in an
-//!   `_f32` and a `_bf16` flavour, picked by the activations' dtype. Parameter gradients, optimizer
-//!   state, LayerNorm statistics, log-sum-exps and losses are always f32.
+//! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in
+//!   `_f32`, `_bf16` and `_f16` flavours, picked by the activations' dtype. Parameter gradients,
+//!   optimizer state, LayerNorm statistics, log-sum-exps and losses are always f32.
+//! - Unit scaling's op scales (weighted residual adds, GELU, attention and embedding scales,
+//!   LayerNorm and bias gradient scales, GEMM `alpha`) are kernel arguments; the fused GELU
+//!   epilogues run only where they compute the same thing (scale 1), the separate kernels
+//!   otherwise. FP8 GEMMs are not here yet, so `fp8` and `fp8-unit` are refused.
 //! - Everything runs on one stream. No kernel uses floating-point atomics, so results are
 //!   bitwise reproducible run to run.
 
@@ -28,7 +32,7 @@ use cudarc::driver::{
 };
 
 use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GemmSpec};
-use crate::numerics::{self, DType};
+use crate::numerics::{self, DType, TensorStats};
 use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -114,7 +118,8 @@ fn gemm_type(dtype: DType) -> Result<GemmType> {
     match dtype {
         DType::F32 => Ok(GemmType::F32),
         DType::BF16 => Ok(GemmType::BF16),
-        other => bail!("the CUDA backend has no {other} matrix products yet (recipes fp32 and bf16 run on CUDA)"),
+        DType::F16 => Ok(GemmType::F16),
+        other => bail!("the CUDA backend has no {other} matrix products yet (recipes fp32, bf16 and fp16 run on CUDA)"),
     }
 }
 
@@ -127,12 +132,12 @@ fn gemm_format(spec: GemmSpec) -> Result<DType> {
     Ok(a)
 }
 
-/// Refuses op scales other than 1, which only unit scaling uses.
-fn unscaled(what: &str, scales: &[f32]) -> Result<()> {
-    if scales.iter().any(|&s| s != 1.0) {
-        bail!("the CUDA backend has no {what} yet; unit scaling (fp8-unit) runs on the CPU only for now");
+/// An op scale as a kernel argument: finite and non-zero (the attention backward divides by it).
+fn op_scale(what: &str, scale: f32) -> Result<Arg> {
+    if !scale.is_finite() || scale == 0.0 {
+        bail!("internal error: {what} scale {scale} must be finite and non-zero");
     }
-    Ok(())
+    Ok(Arg::Float(scale))
 }
 
 /// Refuses amax recording, which only FP8 operands ask for.
@@ -148,7 +153,8 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
         DType::BF16 => Ok("bf16"),
-        other => bail!("the CUDA backend has no kernels for {other} activations yet (recipes fp32 and bf16 run on CUDA)"),
+        DType::F16 => Ok("f16"),
+        other => bail!("the CUDA backend has no kernels for {other} activations yet (recipes fp32, bf16 and fp16 run on CUDA)"),
     }
 }
 
@@ -407,7 +413,8 @@ impl CudaBackend {
     /// `HALFLING_CUDA_FUSED_EPILOGUES=0` turns fusion off, to compare the two paths.
     fn fusable(&self, g: &Gemm) -> bool {
         // The GELU input matrix's leading dimension (n) must be a multiple of 8. DGELU is fused
-        // only at alpha = 1, the case selftest checks (unit scaling's alpha runs unfused).
+        // only at alpha = 1, the case selftest checks (unit scaling's alpha runs unfused; so does
+        // a GELU scale other than 1, which no epilogue applies: the callers check that).
         let aux_ok = match g.epilogue {
             Epilogue::GeluAux { .. } => g.n % 8 == 0,
             Epilogue::DGelu { .. } => g.n % 8 == 0 && g.alpha == 1.0,
@@ -510,7 +517,7 @@ impl CudaBackend {
         self.launch(name, (grid_for(n), 1, 1), BLOCK, 0, args)
     }
 
-    /// `layernorm_forward_T` on rows `x` (made first as `add.0 + add.1` when given).
+    /// `layernorm_forward_T` on rows `x` (made first as `add.2·add.0 + add.3·add.1` when given).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward_launch(
         &self,
@@ -518,7 +525,7 @@ impl CudaBackend {
         mean: &mut CudaBuf,
         rstd: &mut CudaBuf,
         x: u64,
-        add: Option<(u64, u64)>,
+        add: Option<(u64, u64, f32, f32)>,
         weight: &CudaBuf,
         bias: &CudaBuf,
         n: usize,
@@ -530,7 +537,7 @@ impl CudaBackend {
         self.expect("layernorm bias", bias, t, c)?;
         self.expect("layernorm mean", mean, DType::F32, n)?;
         self.expect("layernorm rstd", rstd, DType::F32, n)?;
-        let (add_a, add_b) = add.unwrap_or((0, 0));
+        let (add_a, add_b, sa, sb) = add.unwrap_or((0, 0, 1.0, 1.0));
         let (pw, pb) = (self.ptr(weight), self.ptr(bias));
         let (pm, pr) = (self.ptr_mut(mean), self.ptr_mut(rstd));
         let po = self.ptr_mut(out);
@@ -547,6 +554,8 @@ impl CudaBackend {
                 Arg::Ptr(x),
                 Arg::Ptr(add_a),
                 Arg::Ptr(add_b),
+                op_scale("residual", sa)?,
+                op_scale("residual", sb)?,
                 Arg::Ptr(pw),
                 Arg::Ptr(pb),
                 Arg::Int(int(n)?),
@@ -555,13 +564,15 @@ impl CudaBackend {
         )
     }
 
-    /// Column sums of `dout[n, oc]` added into `dbias` (f32), deterministically in two passes.
+    /// Column sums of `dout[n, oc]` times `scale` added into `dbias` (f32), deterministically in
+    /// two passes.
     fn bias_backward(
         &self,
         dbias: &mut CudaBuf,
         dout: &CudaBuf,
         n: usize,
         oc: usize,
+        scale: f32,
     ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
         let (grid, rows_per_block) = column_sums_grid(n, oc)?;
@@ -590,6 +601,7 @@ impl CudaBackend {
             &[
                 Arg::Ptr(db),
                 Arg::Ptr(partials),
+                op_scale("bias gradient", scale)?,
                 Arg::Int(int(g)?),
                 Arg::Int(int(oc)?),
             ],
@@ -821,7 +833,94 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, dtype: DType) -> bool {
-        matches!(dtype, DType::F32 | DType::BF16)
+        matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+    }
+
+    fn tensor_stats(&self, bufs: &[&CudaBuf]) -> Result<Vec<TensorStats>> {
+        // One launch per storage format over a table of the buffers; block b writes the
+        // statistics of its chunk to partial slot b (`StatsPartial` in kernels.cu, 32 bytes);
+        // one read-back; each tensor's partials are combined in block order (deterministic).
+        const PARTIAL: usize = 32;
+        let mut formats: Vec<DType> = bufs.iter().map(|b| b.dtype).collect();
+        formats.sort_by_key(|d| d.to_string());
+        formats.dedup();
+        let mut first_slot = vec![0usize; bufs.len()];
+        let mut launches = Vec::new();
+        let mut slots = 0usize;
+        for &dtype in &formats {
+            let members: Vec<usize> = (0..bufs.len())
+                .filter(|&i| bufs[i].dtype == dtype)
+                .collect();
+            let rows = members.iter().map(|&i| (self.ptr(bufs[i]), bufs[i].len));
+            let (table, blocks) = tensor_table(rows, MT_CHUNK)?;
+            // The same block layout as `tensor_table`: each tensor's chunks in order.
+            let mut next = slots;
+            for &i in &members {
+                first_slot[i] = next;
+                next += bufs[i].len.div_ceil(MT_CHUNK);
+            }
+            launches.push((dtype, table, slots, blocks));
+            slots += blocks;
+        }
+        let mut host = vec![0u8; slots * PARTIAL];
+        if slots > 0 {
+            let partials = self.scratch_ptr(slots * PARTIAL)?;
+            for (dtype, table, slot, blocks) in launches {
+                if blocks == 0 {
+                    continue;
+                }
+                let name = format!("tensor_stats_multi_{}", suffix(dtype)?);
+                let rows = table.len() / 24;
+                let table = self.table_ptr(&name, &table)?;
+                self.launch(
+                    &name,
+                    (block_index(blocks)?, 1, 1),
+                    BLOCK,
+                    0,
+                    &[
+                        Arg::Ptr(table),
+                        Arg::Int(int(rows)?),
+                        Arg::Float(dtype.min_normal()),
+                        Arg::Float(dtype.max_finite()),
+                        Arg::Ptr(partials + (slot * PARTIAL) as u64),
+                    ],
+                )?;
+            }
+            let scratch = self.scratch.borrow();
+            let s = scratch
+                .as_ref()
+                .ok_or_else(|| anyhow!("internal error: no scratch"))?;
+            self.stream
+                .memcpy_dtoh(&s.slice(..slots * PARTIAL), &mut host)
+                .map_err(|e| anyhow!("download from the GPU failed: {e:?}"))?;
+        }
+        let word =
+            |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        Ok(bufs
+            .iter()
+            .zip(&first_slot)
+            .map(|(buf, &first)| {
+                let mut st = TensorStats {
+                    len: buf.len as u64,
+                    ..TensorStats::default()
+                };
+                for p in host[first * PARTIAL..]
+                    .chunks_exact(PARTIAL)
+                    .take(buf.len.div_ceil(MT_CHUNK))
+                {
+                    let mut sq = [0u8; 8];
+                    sq.copy_from_slice(&p[..8]);
+                    st.sum_sq += f64::from_le_bytes(sq);
+                    st.amax = st.amax.max(f64::from(f32::from_bits(word(p, 8))));
+                    st.finite += u64::from(word(p, 12));
+                    st.zero += u64::from(word(p, 16));
+                    st.subnormal += u64::from(word(p, 20));
+                    st.saturated += u64::from(word(p, 24));
+                    st.nan += u64::from(word(p, 28));
+                }
+                st
+            })
+            .collect())
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
@@ -861,6 +960,7 @@ impl Backend for CudaBackend {
         let _ = &self.ctx;
         match dtype {
             DType::F32 => H100_F32_PEAK,
+            // Dense fp16 tensor-core peak equals bf16's on Hopper.
             _ => H100_BF16_PEAK,
         }
     }
@@ -915,10 +1015,8 @@ impl Backend for CudaBackend {
         }
         let n = dst.len;
         let name = match (src.dtype, dst.dtype) {
-            (DType::F32, DType::BF16) => "copy_f32_to_bf16".to_string(),
-            (DType::BF16, DType::F32) => "copy_bf16_to_f32".to_string(),
             (a, b) if a == b => format!("copy_{}", suffix(a)?),
-            (a, b) => bail!("the CUDA backend cannot convert {a} to {b} yet"),
+            (a, b) => format!("copy_{}_to_{}", suffix(a)?, suffix(b)?),
         };
         let s = self.ptr(src);
         let d = self.ptr_mut(dst);
@@ -932,7 +1030,6 @@ impl Backend for CudaBackend {
         b: &CudaBuf,
         (sa, sb): (f32, f32),
     ) -> Result<()> {
-        unscaled("weighted residual add", &[sa, sb])?;
         let n = out.len;
         self.expect("residual a", a, out.dtype, n)?;
         self.expect("residual b", b, out.dtype, n)?;
@@ -942,7 +1039,14 @@ impl Backend for CudaBackend {
         self.elementwise(
             &name,
             n,
-            &[Arg::Ptr(po), Arg::Ptr(pa), Arg::Ptr(pb), Arg::Int(int(n)?)],
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pa),
+                Arg::Ptr(pb),
+                op_scale("residual", sa)?,
+                op_scale("residual", sb)?,
+                Arg::Int(int(n)?),
+            ],
         )
     }
 
@@ -958,17 +1062,24 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf, scale: f32) -> Result<()> {
-        unscaled("scaled GELU", &[scale])?;
         let n = out.len;
         self.expect("gelu input", inp, out.dtype, n)?;
         let name = format!("gelu_forward_{}", suffix(out.dtype)?);
         let pi = self.ptr(inp);
         let po = self.ptr_mut(out);
-        self.elementwise(&name, n, &[Arg::Ptr(po), Arg::Ptr(pi), Arg::Int(int(n)?)])
+        self.elementwise(
+            &name,
+            n,
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(pi),
+                op_scale("GELU", scale)?,
+                Arg::Int(int(n)?),
+            ],
+        )
     }
 
     fn gelu_backward(&self, d: &mut CudaBuf, inp: &CudaBuf, scale: f32) -> Result<()> {
-        unscaled("scaled GELU", &[scale])?;
         let n = d.len;
         self.expect("gelu input", inp, d.dtype, n)?;
         let name = format!("gelu_backward_{}", suffix(d.dtype)?);
@@ -978,7 +1089,13 @@ impl Backend for CudaBackend {
         self.elementwise(
             &name,
             n,
-            &[Arg::Ptr(pd), Arg::Ptr(pi), Arg::Ptr(pd), Arg::Int(int(n)?)],
+            &[
+                Arg::Ptr(pd),
+                Arg::Ptr(pi),
+                Arg::Ptr(pd),
+                op_scale("GELU", scale)?,
+                Arg::Int(int(n)?),
+            ],
         )
     }
 
@@ -1062,7 +1179,6 @@ impl Backend for CudaBackend {
         gelu_scale: f32,
     ) -> Result<()> {
         no_amax(amax)?;
-        unscaled("scaled GELU", &[gelu_scale])?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
         self.expect("linear input", inp, inputs, n * ic)?;
@@ -1090,7 +1206,8 @@ impl Backend for CudaBackend {
                 pre: self.ptr_mut(pre),
             },
         };
-        if self.fusable(&g) {
+        // The epilogue computes gelu(pre) unscaled.
+        if gelu_scale == 1.0 && self.fusable(&g) {
             return self.gemm(g);
         }
         self.linear_forward(pre, inp, w, bias, n, ic, oc, gemm, None)?;
@@ -1115,7 +1232,6 @@ impl Backend for CudaBackend {
         gelu_scale: f32,
     ) -> Result<()> {
         no_amax(amax)?;
-        unscaled("scaled GELU", &[gelu_scale])?;
         let dinp_format = gemm_format(dinp_gemm)?;
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
@@ -1137,7 +1253,8 @@ impl Backend for CudaBackend {
             beta: 0.0,
             epilogue: Epilogue::DGelu { pre: self.ptr(pre) },
         };
-        if !self.fusable(&g) {
+        // The epilogue multiplies by gelu'(pre) unscaled.
+        if gelu_scale != 1.0 || !self.fusable(&g) {
             self.linear_backward(
                 Some(dpre),
                 dw,
@@ -1177,9 +1294,6 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         no_amax(amax)?;
         let (dinp_format, dw_format) = (gemm_format(dinp_gemm)?, gemm_format(dw_gemm)?);
-        if dbias.is_some() && dw_gemm.alpha != 1.0 {
-            bail!("the CUDA backend has no scaled bias gradient yet (unit scaling runs on the CPU only for now)");
-        }
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
         self.expect("linear input", inp, dw_format, n * ic)?;
@@ -1231,7 +1345,7 @@ impl Backend for CudaBackend {
         };
         self.gemm(g)?;
         if let Some(db) = dbias {
-            self.bias_backward(db, dout, n, oc)?;
+            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
         }
         Ok(())
     }
@@ -1266,13 +1380,12 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        unscaled("scaled residual", &[scales.0, scales.1])?;
         let t = out.dtype;
         self.expect("residual output", resid, t, n * c)?;
         self.expect("residual input", a, t, n * c)?;
         self.expect("residual input", b, t, n * c)?;
         let x = self.ptr_mut(resid);
-        let add = (self.ptr(a), self.ptr(b));
+        let add = (self.ptr(a), self.ptr(b), scales.0, scales.1);
         self.layernorm_forward_launch(out, mean, rstd, x, Some(add), weight, bias, n, c)
     }
 
@@ -1290,7 +1403,6 @@ impl Backend for CudaBackend {
         c: usize,
         (sx, sp): (f32, f32),
     ) -> Result<()> {
-        unscaled("scaled LayerNorm gradients", &[sx, sp])?;
         let t = dinp.dtype;
         self.expect("layernorm dout", dout, t, n * c)?;
         self.expect("layernorm input", inp, t, n * c)?;
@@ -1318,6 +1430,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(pw),
                 Arg::Ptr(pm),
                 Arg::Ptr(pr),
+                op_scale("LayerNorm input gradient", sx)?,
                 Arg::Int(int(n)?),
                 Arg::Int(int(c)?),
             ],
@@ -1351,6 +1464,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(pdw),
                 Arg::Ptr(pdb),
                 Arg::Ptr(partials),
+                op_scale("LayerNorm parameter gradient", sp)?,
                 Arg::Int(int(g)?),
                 Arg::Int(int(c)?),
             ],
@@ -1368,7 +1482,6 @@ impl Backend for CudaBackend {
         nh: usize,
         out_scale: f32,
     ) -> Result<()> {
-        unscaled("scaled attention", &[out_scale])?;
         let dt = out.dtype;
         self.expect("attention qkv", qkv, dt, b * t * 3 * c)?;
         self.expect("attention output", out, dt, b * t * c)?;
@@ -1376,7 +1489,7 @@ impl Backend for CudaBackend {
         let pq = self.ptr(qkv);
         let pl = self.ptr_mut(lse);
         let po = self.ptr_mut(out);
-        attention::forward(self, dt, po, pl, pq, b, t, c, nh)
+        attention::forward(self, dt, po, pl, pq, b, t, c, nh, out_scale)
     }
 
     fn attention_backward(
@@ -1392,13 +1505,12 @@ impl Backend for CudaBackend {
         nh: usize,
         out_scale: f32,
     ) -> Result<()> {
-        unscaled("scaled attention", &[out_scale])?;
         let dt = dqkv.dtype;
         self.expect("attention qkv grad", dqkv, dt, b * t * 3 * c)?;
         self.expect("attention dout", dout, dt, b * t * c)?;
         let (pg, pq, po, pl) = (self.ptr(dout), self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let pd = self.ptr_mut(dqkv);
-        attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh)
+        attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh, out_scale)
     }
 
     fn embedding_forward(
@@ -1412,7 +1524,6 @@ impl Backend for CudaBackend {
         c: usize,
         scale: f32,
     ) -> Result<()> {
-        unscaled("scaled embeddings", &[scale])?;
         let dt = out.dtype;
         self.expect("embedding output", out, dt, b * t * c)?;
         let vocab = wte.len / c;
@@ -1430,6 +1541,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(pt),
                 Arg::Ptr(pw),
                 Arg::Ptr(pp),
+                op_scale("embedding", scale)?,
                 Arg::Int(int(b)?),
                 Arg::Int(int(t)?),
                 Arg::Int(int(c)?),
@@ -1448,7 +1560,6 @@ impl Backend for CudaBackend {
         c: usize,
         (s_te, s_pe): (f32, f32),
     ) -> Result<()> {
-        unscaled("scaled embedding gradients", &[s_te, s_pe])?;
         let sfx = suffix(dout.dtype)?;
         self.expect("embedding dout", dout, dout.dtype, b * t * c)?;
         let pg = self.ptr(dout);
@@ -1459,6 +1570,7 @@ impl Backend for CudaBackend {
             &[
                 Arg::Ptr(pdp),
                 Arg::Ptr(pg),
+                op_scale("position embedding gradient", s_pe)?,
                 Arg::Int(int(b)?),
                 Arg::Int(int(t)?),
                 Arg::Int(int(c)?),
@@ -1485,6 +1597,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(bt),
                 Arg::Ptr(bs),
                 Arg::Ptr(bp),
+                op_scale("token embedding gradient", s_te)?,
                 Arg::Int(int(tokens.num_buckets)?),
                 Arg::Int(int(c)?),
             ],
@@ -1855,6 +1968,7 @@ mod attention {
         }
     }
 
+    /// The 16-bit (bf16 and f16) forward tiling.
     fn fwd_bf16(hs_max: usize) -> FwdTiling {
         match hs_max {
             64 => FwdTiling {
@@ -1941,11 +2055,12 @@ mod attention {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let (tile, block, shared) = match dt {
-            DType::BF16 => fwd_bf16(hs_max).geometry(),
+            DType::BF16 | DType::F16 => fwd_bf16(hs_max).geometry(),
             _ => (32, 128, 0),
         };
         let grid = ((b * nh) as u32, t.div_ceil(tile) as u32, 1);
@@ -1957,6 +2072,7 @@ mod attention {
             Arg::Int(int(t)?),
             Arg::Int(int(c)?),
             Arg::Int(int(nh)?),
+            op_scale("attention output", out_scale)?,
         ];
         be.launch(
             &format!("attention_forward_hs{hs_max}_{sfx}"),
@@ -1980,16 +2096,19 @@ mod attention {
         t: usize,
         c: usize,
         nh: usize,
+        out_scale: f32,
     ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let bh = b * nh;
         let d = be.scratch_ptr(bh * t * 4)?;
+        // Both kernels end with the same arguments: the sizes and the output scale.
         let ints = [
             Arg::Int(int(b)?),
             Arg::Int(int(t)?),
             Arg::Int(int(c)?),
             Arg::Int(int(nh)?),
+            op_scale("attention output", out_scale)?,
         ];
         let pre = [Arg::Ptr(d), Arg::Ptr(dout), Arg::Ptr(out)];
         let pre_args: Vec<Arg> = pre.into_iter().chain(ints.iter().copied()).collect();
@@ -2001,7 +2120,7 @@ mod attention {
             &pre_args,
         )?;
         let (tiles, block, shared) = match dt {
-            DType::BF16 => bwd_bf16(hs_max).geometry(t),
+            DType::BF16 | DType::F16 => bwd_bf16(hs_max).geometry(t),
             _ => (t.div_ceil(32), 128, 0),
         };
         let main = [
