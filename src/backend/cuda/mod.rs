@@ -14,6 +14,7 @@
 //!   bitwise reproducible run to run.
 
 mod cublaslt;
+mod fp8;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
+const FP8_CU: &str = include_str!("fp8.cu");
 
 /// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
 const H100_BF16_PEAK: f64 = 989.4e12;
@@ -90,6 +92,13 @@ pub struct CudaBackend {
     fused_epilogues: bool,
     /// `HALFLING_CUDA_PROFILE=1`: events around every kernel and GEMM, summed by name.
     profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
+    /// Scratch of the FP8 linear ops (`fp8.rs`).
+    fp8: RefCell<fp8::Fp8Scratch>,
+    /// Whether FP8 operands may run as FP8 GEMMs; `HALFLING_CUDA_FP8=0` runs them as bf16 GEMMs
+    /// of the dequantized operands instead (same quantization, to compare).
+    fp8_enabled: bool,
+    /// Which FP8 GEMMs use cuBLASLt's fast accumulation (`HALFLING_CUDA_FP8_FAST_ACCUM`).
+    fp8_fast_accum: fp8::FastAccum,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -118,11 +127,12 @@ fn gemm_type(dtype: DType) -> Result<GemmType> {
     }
 }
 
-/// The one operand format of a GEMM: the CUDA backend multiplies operands as they are stored.
+/// The one operand format of a GEMM without FP8 operands or amax slots (those go to `fp8.rs`):
+/// the CUDA backend multiplies such operands as they are stored.
 fn gemm_format(spec: GemmSpec) -> Result<DType> {
     let (a, b) = (spec.a.format, spec.b.format);
-    if a != b || a.is_float8() {
-        bail!("the CUDA backend has no FP8 or mixed-format GEMMs yet ({a} x {b}); the fp8 recipes run on the CPU only for now");
+    if a != b {
+        bail!("the CUDA backend has no mixed-format GEMMs ({a} x {b}) outside FP8");
     }
     Ok(a)
 }
@@ -135,11 +145,10 @@ fn unscaled(what: &str, scales: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// Refuses amax recording, which only FP8 operands ask for.
+/// An amax buffer given to a GEMM whose operands record no amax (their specs name no slot, so
+/// they reach this path): nothing to record, as on the CPU.
 fn no_amax(amax: Option<&mut CudaBuf>) -> Result<()> {
-    if amax.is_some() {
-        bail!("the CUDA backend does not record FP8 amax yet; the fp8 recipes run on the CPU only for now");
-    }
+    let _ = amax;
     Ok(())
 }
 
@@ -286,7 +295,11 @@ impl CudaBackend {
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
         let arch = arch_name(major, minor);
         let mut modules = Vec::new();
-        for (file, src) in [("kernels", KERNELS_CU), ("attention", ATTENTION_CU)] {
+        for (file, src) in [
+            ("kernels", KERNELS_CU),
+            ("attention", ATTENTION_CU),
+            ("fp8", FP8_CU),
+        ] {
             let ptx = compile_cached(file, src, arch, &include, driver_version)?;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -311,6 +324,9 @@ impl CudaBackend {
             profile: std::env::var("HALFLING_CUDA_PROFILE")
                 .is_ok_and(|v| v == "1")
                 .then(|| RefCell::new(Vec::new())),
+            fp8: RefCell::new(fp8::Fp8Scratch::default()),
+            fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
+            fp8_fast_accum: fp8::FastAccum::from_env(),
         })
     }
 
@@ -760,7 +776,11 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, dtype: DType) -> bool {
-        matches!(dtype, DType::F32 | DType::BF16)
+        // FP8 is a GEMM operand format here (cast from bf16 tensors by the linear ops).
+        matches!(
+            dtype,
+            DType::F32 | DType::BF16 | DType::F8E4M3 | DType::F8E5M2
+        )
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
@@ -954,6 +974,9 @@ impl Backend for CudaBackend {
         gemm: GemmSpec,
         amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        if fp8::involved(&[gemm]) {
+            return self.fp8_op_linear_forward(out, inp, w, bias, n, ic, oc, gemm, amax);
+        }
         no_amax(amax)?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
@@ -1000,6 +1023,11 @@ impl Backend for CudaBackend {
         amax: Option<&mut CudaBuf>,
         gelu_scale: f32,
     ) -> Result<()> {
+        if fp8::involved(&[gemm]) {
+            return self.fp8_op_linear_gelu_forward(
+                out, pre, inp, w, bias, n, ic, oc, gemm, amax, gelu_scale,
+            );
+        }
         no_amax(amax)?;
         unscaled("scaled GELU", &[gelu_scale])?;
         let t = out.dtype;
@@ -1053,6 +1081,12 @@ impl Backend for CudaBackend {
         amax: Option<&mut CudaBuf>,
         gelu_scale: f32,
     ) -> Result<()> {
+        if fp8::involved(&[dinp_gemm, dw_gemm]) {
+            return self.fp8_op_linear_gelu_backward(
+                dpre, dw, dbias, dout, gelu_out, pre, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+                gelu_scale,
+            );
+        }
         no_amax(amax)?;
         unscaled("scaled GELU", &[gelu_scale])?;
         let dinp_format = gemm_format(dinp_gemm)?;
@@ -1114,6 +1148,11 @@ impl Backend for CudaBackend {
         dw_gemm: GemmSpec,
         amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        if fp8::involved(&[dinp_gemm, dw_gemm]) {
+            return self.fp8_op_linear_backward(
+                dinp, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            );
+        }
         no_amax(amax)?;
         let (dinp_format, dw_format) = (gemm_format(dinp_gemm)?, gemm_format(dw_gemm)?);
         if dbias.is_some() && dw_gemm.alpha != 1.0 {
