@@ -620,6 +620,14 @@ impl Lt {
         }
     }
 
+    /// Forgets `g`'s plan (as an FP8 GEMM with `fp8`) and refuses it from now on: for a GEMM
+    /// that cuBLASLt planned but then would not run, so callers take their fallback instead.
+    pub fn refuse(&mut self, g: &Gemm, fp8: Option<&Fp8Scales>) {
+        let key = PlanKey::new(g, fp8);
+        self.plans.remove(&key);
+        self.refused.insert(key);
+    }
+
     /// Builds the descriptor, layouts and algorithm for `key`.
     ///
     /// Row-major → column-major mapping. A row-major r×c matrix X with leading dimension c is,
@@ -711,6 +719,21 @@ impl Lt {
                 .map_err(|e| err("setting the bias data type", e))?;
             }
             if key.scaled {
+                // The heuristic must see a scaled FP8 problem (a null scale pointer means
+                // "unscaled", which may select kernels that take no scales): any device address
+                // stands in until each call sets the real ones.
+                for attr in [
+                    Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                    Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                ] {
+                    result::set_matmul_desc_attribute(
+                        plan.desc,
+                        attr,
+                        &self.workspace_ptr as *const u64 as *const c_void,
+                        size_of::<u64>(),
+                    )
+                    .map_err(|e| err("setting a placeholder scale pointer", e))?;
+                }
                 let fast_accum = i8::from(key.fast_accum);
                 result::set_matmul_desc_attribute(
                     plan.desc,

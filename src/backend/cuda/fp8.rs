@@ -340,12 +340,20 @@ impl CudaBackend {
         self.fp8_enabled && epilogue_ok && self.lt.borrow_mut().supports_scaled(g, Some(f))
     }
 
-    /// A cuBLASLt FP8 product on our stream (profiled like [`CudaBackend::gemm`]).
-    fn gemm_fp8(&self, g: Gemm, f: Fp8Scales) -> Result<()> {
+    /// A cuBLASLt FP8 product on our stream (profiled like [`CudaBackend::gemm`]). `false`
+    /// when cuBLASLt refused to run it although it had planned it (it is refused from then on,
+    /// with a note on stderr, and the caller takes the dequantized path).
+    fn gemm_fp8(&self, g: Gemm, f: Fp8Scales) -> Result<bool> {
         let start = self.profile_event()?;
-        self.lt
+        let ran = self
+            .lt
             .borrow_mut()
-            .matmul_scaled(&self.stream, &g, Some(&f))?;
+            .matmul_scaled(&self.stream, &g, Some(&f));
+        if let Err(e) = ran {
+            eprintln!("note: {e:#}; this GEMM runs as bf16 on dequantized FP8 operands instead");
+            self.lt.borrow_mut().refuse(&g, Some(&f));
+            return Ok(false);
+        }
         if start.is_some() {
             let tag = match g.epilogue {
                 Epilogue::None => "",
@@ -365,7 +373,7 @@ impl CudaBackend {
                 anyhow!("cuBLASLt FP8 matmul {}x{}x{} failed: {e:?}", g.m, g.n, g.k)
             })?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The amax buffer's base address and length (0 and 0 without one).
@@ -444,10 +452,12 @@ impl CudaBackend {
             g.a = px.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
             g.b = pw.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
             (f.a_scale, f.b_scale) = (sx, sw);
-            return self.gemm_fp8(g, f);
+            if self.gemm_fp8(g, f)? {
+                return Ok(());
+            }
         }
-        if matches!(epilogue, Epilogue::GeluAux { .. }) {
-            bail!("internal error: unfused FP8 GEMM asked for a GELU epilogue");
+        if matches!(epilogue, Epilogue::GeluAux { .. }) && !self.fusable(&g) {
+            bail!("cuBLASLt runs this linear+GELU ({n}x{oc}x{ic}) neither in FP8 nor in bf16");
         }
         g.a = self.fp8_fallback_operand(inp, n, ic, &gemm.a, Role::X, amax)?;
         g.b = self.fp8_fallback_operand(w, oc, ic, &gemm.b, Role::W, amax)?;
@@ -568,9 +578,12 @@ impl CudaBackend {
         }
         let cell = |op: &GemmOperand| self.amax_cell(amax.0, amax.1, op);
         let shared_dy = g_dx.is_some() && dinp_gemm.a == dw_gemm.a;
+        // dout's transposed codes and scale cell, when the dx cast wrote them for the dw GEMM.
+        let mut dyt_ready: Option<(u64, u64)> = None;
 
         // ---- dx = dout · w ----
         if let Some(mut g) = g_dx {
+            let mut done = false;
             if let (true, Some(mut f)) = (dx_direct, f_dx) {
                 let both = shared_dy && dw_direct;
                 let (pd, pdt, sd) = self.fp8_cast(
@@ -584,6 +597,9 @@ impl CudaBackend {
                     Role::Dy,
                     cell(&dinp_gemm.a)?,
                 )?;
+                if let (true, Some(p)) = (both, pdt) {
+                    dyt_ready = Some((p, sd));
+                }
                 let (_, pwt, swt) = self.fp8_cast(
                     w,
                     oc,
@@ -598,32 +614,16 @@ impl CudaBackend {
                 g.a = pd.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
                 g.b = pwt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
                 (f.a_scale, f.b_scale) = (sd, swt);
-                self.gemm_fp8(g, f)?;
-                if both {
-                    // dout's transposed codes and scale are already there.
-                    let (_, pxt, sxt) = self.fp8_cast(
-                        inp,
-                        n,
-                        ic,
-                        &dw_gemm.b,
-                        None,
-                        Some(Role::XT),
-                        false,
-                        Role::XT,
-                        cell(&dw_gemm.b)?,
-                    )?;
-                    let mut f = f_dw.ok_or_else(|| anyhow!("internal error: FP8 scales"))?;
-                    g_dw.a = pdt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-                    g_dw.b = pxt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-                    (f.a_scale, f.b_scale) = (sd, sxt);
-                    self.gemm_fp8(g_dw, f)?;
-                    return Ok(fused);
-                }
-            } else {
+                done = self.gemm_fp8(g, f)?;
+            }
+            if !done {
+                // As bf16 GEMM of the dequantized operands (b = w as stored: not transposed).
+                fused = false;
+                g.epilogue = Epilogue::None;
                 g.a = self.fp8_fallback_operand(dout, n, oc, &dinp_gemm.a, Role::Dy, amax)?;
                 g.b = self.fp8_fallback_operand(w, oc, ic, &dinp_gemm.b, Role::WT, amax)?;
                 g.trans_b = false;
-                if let (Some(pre), true) = (dgelu_pre, self.fused_epilogues) {
+                if let Some(pre) = dgelu_pre {
                     let with = Gemm {
                         epilogue: Epilogue::DGelu { pre },
                         ..g
@@ -638,18 +638,25 @@ impl CudaBackend {
         }
 
         // ---- dw += doutᵀ · inp ----
+        let mut done = false;
         if let (true, Some(mut f)) = (dw_direct, f_dw) {
-            let (_, pdt, sd) = self.fp8_cast(
-                dout,
-                n,
-                oc,
-                &dw_gemm.a,
-                None,
-                Some(Role::DyT),
-                false,
-                Role::DyT,
-                cell(&dw_gemm.a)?,
-            )?;
+            let (pdt, sd) = match dyt_ready {
+                Some(ready) => ready,
+                None => {
+                    let (_, pdt, sd) = self.fp8_cast(
+                        dout,
+                        n,
+                        oc,
+                        &dw_gemm.a,
+                        None,
+                        Some(Role::DyT),
+                        false,
+                        Role::DyT,
+                        cell(&dw_gemm.a)?,
+                    )?;
+                    (pdt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, sd)
+                }
+            };
             let (_, pxt, sxt) = self.fp8_cast(
                 inp,
                 n,
@@ -661,11 +668,14 @@ impl CudaBackend {
                 Role::XT,
                 cell(&dw_gemm.b)?,
             )?;
-            g_dw.a = pdt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-            g_dw.b = pxt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+            let mut g = g_dw;
+            g.a = pdt;
+            g.b = pxt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
             (f.a_scale, f.b_scale) = (sd, sxt);
-            self.gemm_fp8(g_dw, f)?;
-        } else {
+            done = self.gemm_fp8(g, f)?;
+        }
+        if !done {
+            // As bf16 GEMM of the dequantized operands, as stored: dout read transposed.
             g_dw.a = self.fp8_fallback_operand(dout, n, oc, &dw_gemm.a, Role::DyT, amax)?;
             g_dw.b = self.fp8_fallback_operand(inp, n, ic, &dw_gemm.b, Role::XT, amax)?;
             g_dw.trans_a = true;
