@@ -96,6 +96,9 @@ pub struct Fp8Scales {
     pub a_scale: u64,
     /// Device address of an f32: the factor that dequantizes `b`.
     pub b_scale: u64,
+    /// Whether the scale pointers are used. `false`: both must be 0 and cuBLASLt takes the
+    /// scales as 1 (the caller folded known scales into `alpha` instead).
+    pub device_scales: bool,
     /// `CUBLASLT_MATMUL_DESC_FAST_ACCUM`: let the tensor cores keep partial sums in their own
     /// reduced-precision accumulator instead of promoting them to f32 every few k-steps.
     /// Faster, less exact; Transformer Engine uses it for forward GEMMs only.
@@ -236,8 +239,10 @@ struct PlanKey {
     b_type: GemmType,
     out_type: GemmType,
     epilogue: EpilogueKind,
-    /// FP8 scale pointers are set (FP8 GEMM).
+    /// FP8 GEMM.
     scaled: bool,
+    /// FP8 GEMM with scale pointers.
+    device_scales: bool,
     fast_accum: bool,
 }
 
@@ -254,6 +259,7 @@ impl PlanKey {
             out_type: g.out_type,
             epilogue: g.epilogue.kind(),
             scaled: fp8.is_some(),
+            device_scales: fp8.is_some_and(|f| f.device_scales),
             fast_accum: fp8.is_some_and(|f| f.fast_accum),
         }
     }
@@ -276,6 +282,9 @@ impl std::fmt::Display for PlanKey {
         write!(f, " -> {}", self.out_type.name())?;
         if self.fast_accum {
             f.write_str(", fast accum")?;
+        }
+        if self.scaled && !self.device_scales {
+            f.write_str(", scales in alpha")?;
         }
         if self.trans_a {
             f.write_str(", trans_a")?;
@@ -506,8 +515,9 @@ impl Lt {
         }
 
         if let Some(f) = fp8 {
-            if f.a_scale == 0 || f.b_scale == 0 {
-                bail!("cuBLASLt FP8 matmul {key}: null scale pointer");
+            let (a, b) = (f.a_scale != 0, f.b_scale != 0);
+            if (f.device_scales && !(a && b)) || (!f.device_scales && (a || b)) {
+                bail!("cuBLASLt FP8 matmul {key}: scale pointers do not match device_scales");
             }
         }
         stream
@@ -525,7 +535,8 @@ impl Lt {
             .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
         type Attr = sys::cublasLtMatmulDescAttributes_t;
         // cuBLASLt's A is our b: its scale is b's.
-        let (lt_a_scale, lt_b_scale) = (fp8.map(|f| f.b_scale), fp8.map(|f| f.a_scale));
+        let device = fp8.filter(|f| f.device_scales);
+        let (lt_a_scale, lt_b_scale) = (device.map(|f| f.b_scale), device.map(|f| f.a_scale));
         for (attr, ptr, what) in [
             (Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, vector, "vector"),
             (
@@ -718,7 +729,7 @@ impl Lt {
                 )
                 .map_err(|e| err("setting the bias data type", e))?;
             }
-            if key.scaled {
+            if key.device_scales {
                 // The heuristic must see a scaled FP8 problem (a null scale pointer means
                 // "unscaled", which may select kernels that take no scales): any device address
                 // stands in until each call sets the real ones.
@@ -734,6 +745,8 @@ impl Lt {
                     )
                     .map_err(|e| err("setting a placeholder scale pointer", e))?;
                 }
+            }
+            if key.scaled {
                 let fast_accum = i8::from(key.fast_accum);
                 result::set_matmul_desc_attribute(
                     plan.desc,

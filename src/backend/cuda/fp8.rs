@@ -22,7 +22,13 @@
 //! A linear op whose GEMMs cuBLASLt cannot run in FP8 (a dimension not a multiple of 16, a
 //! format pair it lacks, an epilogue it has no FP8 kernel for) runs the same arithmetic as bf16
 //! GEMMs of the dequantized operands `q/s`, which bf16 holds exactly: same quantization, same
-//! f32 accumulation, only slower. `HALFLING_CUDA_FP8=0` forces that path (to compare).
+//! f32 accumulation, only slower. `HALFLING_CUDA_FP8=0` forces that path (to compare). A GEMM
+//! cuBLASLt planned but then refuses to run takes that path too, with a note on stderr.
+//!
+//! Scales reach cuBLASLt as device pointers (each in its own 256-byte aligned cell), so current
+//! scaling needs no host round trip; `HALFLING_CUDA_FP8_SCALES=host` folds two `Fixed` scales
+//! into the GEMM's `alpha` instead (delayed scaling's steady state), a second route to the same
+//! product.
 //!
 //! The casts write into scratch buffers kept per role and grown to the largest shape seen, so a
 //! training step allocates nothing after its first.
@@ -37,6 +43,11 @@ use crate::numerics::DType;
 
 /// Blocks of `fp8_amax_partial_bf16` at most (the partials the cast kernel reduces).
 const PARTIALS: usize = 1024;
+
+/// Bytes between scale cells: cuBLASLt checks the alignment of every pointer it reads at run
+/// time (a 4-byte-aligned scale pointer is a suspect for the `NOT_SUPPORTED` its FP8 GEMMs
+/// returned on the H100), so each dequantization scale gets a 256-byte aligned cell of its own.
+const CELL_STRIDE: usize = 256;
 
 /// A scratch buffer of the FP8 path; each operand copy of one linear op has its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,12 +73,14 @@ const ROLES: usize = 6;
 #[derive(Default)]
 pub(super) struct Fp8Scratch {
     bufs: [Option<CudaSlice<u8>>; ROLES],
-    /// `PARTIALS` f32 amax partials, then one f32 dequantization scale per role.
+    /// `PARTIALS` f32 amax partials, then one f32 dequantization scale per role, each at the
+    /// start of its own `CELL_STRIDE` bytes.
     cells: Option<CudaSlice<u8>>,
 }
 
-/// Which backward GEMMs take FP8 at all: `HALFLING_CUDA_FP8_FAST_ACCUM` = `fwd` (default, as
-/// Transformer Engine does), `all` or `0`.
+/// Which FP8 GEMMs use cuBLASLt's fast accumulation: `HALFLING_CUDA_FP8_FAST_ACCUM` = `fwd`
+/// (default: the forward GEMMs, as Transformer Engine does), `all` or `0`. The CPU reference
+/// accumulates exactly; fast accumulation keeps fewer bits in the tensor cores' partial sums.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum FastAccum {
     None,
@@ -103,6 +116,22 @@ fn fp8_type(format: DType) -> Option<GemmType> {
     }
 }
 
+/// `1/(s_a·s_b)` when both operands have `Fixed` scales and it is a normal f32 (powers of two,
+/// so it is exact): what `HALFLING_CUDA_FP8_SCALES=host` folds into the GEMM's `alpha` instead
+/// of passing scale pointers.
+fn host_factor(spec: &GemmSpec) -> Option<f32> {
+    let (OperandScale::Fixed(sa), OperandScale::Fixed(sb)) = (spec.a.scale, spec.b.scale) else {
+        return None;
+    };
+    let factor = (1.0 / (f64::from(sa) * f64::from(sb))) as f32;
+    factor.is_normal().then_some(factor)
+}
+
+/// Byte offset of role `role`'s scale cell from the partials (256-byte aligned).
+fn scale_cell(role: usize) -> u64 {
+    (PARTIALS * 4 + role * CELL_STRIDE) as u64
+}
+
 /// `format` code of `fp8.cu`.
 fn format_code(format: DType) -> Result<i32> {
     match format {
@@ -132,11 +161,11 @@ impl CudaBackend {
         Ok(p)
     }
 
-    /// Device address of the partials; `+ 4·(PARTIALS + role)` is `role`'s scale cell.
+    /// Device address of the partials; [`scale_cell`] bytes further is a role's scale cell.
     fn fp8_cells(&self) -> Result<u64> {
         let mut scratch = self.fp8.borrow_mut();
         if scratch.cells.is_none() {
-            let bytes = (PARTIALS + ROLES) * 4;
+            let bytes = scale_cell(ROLES) as usize;
             scratch.cells = Some(
                 self.stream
                     .alloc_zeros::<u8>(bytes)
@@ -225,7 +254,7 @@ impl CudaBackend {
             Some(r) => Some(self.fp8_buf(r, rows * cols)?),
             None => None,
         };
-        let scale_cell = self.fp8_cells()? + 4 * (PARTIALS + cell as usize) as u64;
+        let scale_ptr = self.fp8_cells()? + scale_cell(cell as usize);
         let grid_y = u32::try_from(rows.div_ceil(32))
             .ok()
             .filter(|&g| g <= 65535)
@@ -248,10 +277,10 @@ impl CudaBackend {
                 Arg::Float(fixed),
                 Arg::Int(margin),
                 Arg::Ptr(amax_cell),
-                Arg::Ptr(scale_cell),
+                Arg::Ptr(scale_ptr),
             ],
         )?;
-        Ok((out, out_t, scale_cell))
+        Ok((out, out_t, scale_ptr))
     }
 
     /// Records `max |x|` into `amax_cell` for an operand that is not cast.
@@ -310,7 +339,7 @@ impl CudaBackend {
     }
 
     /// The [`Fp8Scales`] of a GEMM of `spec` if both its operands are FP8 (scale pointers are
-    /// filled in later).
+    /// filled in later by [`CudaBackend::fp8_bind_scales`]).
     fn fp8_scales(&self, spec: &GemmSpec, forward: bool) -> Option<Fp8Scales> {
         let fast_accum = match self.fp8_fast_accum {
             FastAccum::None => false,
@@ -322,8 +351,19 @@ impl CudaBackend {
             b_type: fp8_type(spec.b.format)?,
             a_scale: 0,
             b_scale: 0,
+            device_scales: !(self.fp8_host_scales && host_factor(spec).is_some()),
             fast_accum,
         })
+    }
+
+    /// Gives `g` and `f` the operands' dequantization: the scale cells `(sa, sb)` the casts
+    /// wrote, or, with host scales, `1/(s_a·s_b)` folded into `alpha`.
+    fn fp8_bind_scales(&self, g: &mut Gemm, f: &mut Fp8Scales, spec: &GemmSpec, sa: u64, sb: u64) {
+        if f.device_scales {
+            (f.a_scale, f.b_scale) = (sa, sb);
+        } else if let Some(factor) = host_factor(spec) {
+            g.alpha *= factor;
+        }
     }
 
     /// Whether `g` can run as an FP8 GEMM with `f` (FP8 not turned off, cuBLASLt has a kernel).
@@ -451,7 +491,7 @@ impl CudaBackend {
             )?;
             g.a = px.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
             g.b = pw.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-            (f.a_scale, f.b_scale) = (sx, sw);
+            self.fp8_bind_scales(&mut g, &mut f, &gemm, sx, sw);
             if self.gemm_fp8(g, f)? {
                 return Ok(());
             }
@@ -613,7 +653,7 @@ impl CudaBackend {
                 )?;
                 g.a = pd.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
                 g.b = pwt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-                (f.a_scale, f.b_scale) = (sd, swt);
+                self.fp8_bind_scales(&mut g, &mut f, &dinp_gemm, sd, swt);
                 done = self.gemm_fp8(g, f)?;
             }
             if !done {
@@ -671,7 +711,7 @@ impl CudaBackend {
             let mut g = g_dw;
             g.a = pdt;
             g.b = pxt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-            (f.a_scale, f.b_scale) = (sd, sxt);
+            self.fp8_bind_scales(&mut g, &mut f, &dw_gemm, sd, sxt);
             done = self.gemm_fp8(g, f)?;
         }
         if !done {

@@ -4,6 +4,7 @@
 //!   machines without CUDA; [`CudaBackend::new`] checks for the driver, NVRTC and cuBLASLt before
 //!   cudarc could panic, and says what is missing.
 //! - Matrix products go through our cuBLASLt layer ([`cublaslt`]) with cached plans.
+//! - FP8 linear layers (`fp8.rs`): FP8 casts with amax (`fp8.cu`) feeding cuBLASLt FP8 GEMMs.
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
 //!   driver version.
@@ -99,6 +100,9 @@ pub struct CudaBackend {
     fp8_enabled: bool,
     /// Which FP8 GEMMs use cuBLASLt's fast accumulation (`HALFLING_CUDA_FP8_FAST_ACCUM`).
     fp8_fast_accum: fp8::FastAccum,
+    /// `HALFLING_CUDA_FP8_SCALES=host`: FP8 GEMMs whose operands both have `Fixed` scales get
+    /// them folded into `alpha` instead of cuBLASLt scale pointers (same result).
+    fp8_host_scales: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -327,6 +331,7 @@ impl CudaBackend {
             fp8: RefCell::new(fp8::Fp8Scratch::default()),
             fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
             fp8_fast_accum: fp8::FastAccum::from_env(),
+            fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
         })
     }
 
