@@ -862,3 +862,37 @@ impl CudaBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_cells_are_aligned_and_past_the_partials() {
+        for role in 0..=ROLES {
+            let at = scale_cell(role);
+            assert_eq!(at % 256, 0);
+            assert!(at >= (PARTIALS * 4) as u64);
+        }
+    }
+
+    #[test]
+    fn host_factor_folds_two_fixed_scales_exactly() {
+        let op = |scale| GemmOperand {
+            scale,
+            ..GemmOperand::plain(DType::F8E4M3)
+        };
+        let fixed = |a, b| GemmSpec::new(op(OperandScale::Fixed(a)), op(OperandScale::Fixed(b)));
+        assert_eq!(host_factor(&fixed(32.0, 1024.0)), Some(2f32.powi(-15)));
+        // 2^252 is no f32: the scale pointers stay.
+        let tiny = 2f32.powi(-126);
+        assert_eq!(host_factor(&fixed(tiny, tiny)), None);
+        let current = GemmSpec::new(
+            op(OperandScale::Current { margin: 0 }),
+            op(OperandScale::Fixed(1.0)),
+        );
+        assert_eq!(host_factor(&current), None);
+        assert!(involved(&[current]));
+        assert!(!involved(&[GemmSpec::both(DType::BF16)]));
+    }
+}
