@@ -176,6 +176,18 @@ impl Recipe {
                 );
             }
         }
+        let operands = gemms.iter().flat_map(|g| [g.a.format, g.b.format]);
+        for operand in operands.filter(|&f| f != self.activations && f != self.compute_weights) {
+            for tensors in [self.activations, self.compute_weights] {
+                if !backend.casts_for_gemm(tensors, operand) {
+                    anyhow::bail!(
+                        "precision.recipe = {} runs {operand} GEMMs on {tensors} tensors, which the {} backend cannot cast yet; use --device cpu or another recipe",
+                        self.name,
+                        backend.kind()
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

@@ -251,6 +251,13 @@ pub trait Backend {
         true
     }
 
+    /// Whether the backend can cast `tensors` (a storage format it supports) to the narrower
+    /// GEMM operand format `operand` (FP8) inside the linear ops.
+    fn casts_for_gemm(&self, tensors: DType, operand: DType) -> bool {
+        let _ = (tensors, operand);
+        true
+    }
+
     /// Per-kernel device time since the last call, as a table, when the backend was asked to
     /// profile (`HALFLING_CUDA_PROFILE=1` for CUDA); `None` otherwise.
     fn profile_report(&self) -> Result<Option<String>> {

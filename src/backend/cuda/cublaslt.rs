@@ -14,8 +14,10 @@
 //! - **Fused epilogues.** Bias, GELU with its input saved (forward) and the GELU derivative
 //!   (backward) ([`Epilogue`]) are part of the plan key; their pointers are
 //!   per-call attributes. [`Lt::supports`] says whether cuBLASLt has an algorithm for one, so
-//!   callers can fall back to separate kernels. FP8 scale pointers and amax-of-D will fit the
-//!   same way.
+//!   callers can fall back to separate kernels.
+//! - **FP8.** [`Lt::matmul_scaled`] runs e4m3/e5m2 operands with per-tensor dequantization
+//!   scales read from device memory ([`Fp8Scales`]), bf16 or f32 output, and the same epilogues
+//!   where cuBLASLt has them for FP8 (plans keyed by both operand types and fast accumulation).
 //!
 //! Pointers are raw `CUdeviceptr`s (`u64`); the caller owns the memory and keeps it alive until the
 //! work on the stream is done.
@@ -46,6 +48,10 @@ pub enum GemmType {
     F32,
     BF16,
     F16,
+    /// FP8 E4M3 (operands of [`Lt::matmul_scaled`] only).
+    F8E4M3,
+    /// FP8 E5M2 (operands of [`Lt::matmul_scaled`] only).
+    F8E5M2,
 }
 
 impl GemmType {
@@ -54,6 +60,8 @@ impl GemmType {
             GemmType::F32 => sys::cudaDataType::CUDA_R_32F,
             GemmType::BF16 => sys::cudaDataType::CUDA_R_16BF,
             GemmType::F16 => sys::cudaDataType::CUDA_R_16F,
+            GemmType::F8E4M3 => sys::cudaDataType::CUDA_R_8F_E4M3,
+            GemmType::F8E5M2 => sys::cudaDataType::CUDA_R_8F_E5M2,
         }
     }
 
@@ -62,8 +70,42 @@ impl GemmType {
             GemmType::F32 => "f32",
             GemmType::BF16 => "bf16",
             GemmType::F16 => "f16",
+            GemmType::F8E4M3 => "e4m3",
+            GemmType::F8E5M2 => "e5m2",
         }
     }
+
+    fn is_fp8(self) -> bool {
+        matches!(self, GemmType::F8E4M3 | GemmType::F8E5M2)
+    }
+}
+
+/// What turns a [`Gemm`] into an FP8 GEMM: the operands' FP8 types (replacing `inputs`) and
+/// their dequantization scales, read from device memory when the GEMM runs (so a scale computed
+/// on the device by an earlier kernel needs no host round trip). The product becomes
+/// `alpha · a_scale · b_scale · op(a) · op(b)` (cuBLASLt's `A_SCALE_POINTER`/`B_SCALE_POINTER`).
+///
+/// cuBLASLt's FP8 rules (Hopper): both operands K-major ("TN": in our row-major terms `trans_a
+/// = false`, `trans_b = true`), not both E5M2, leading dimensions multiples of 16 bytes (we
+/// require m, n, k multiples of 16), f32 accumulation (`CUBLAS_COMPUTE_32F`), output bf16 or f32
+/// (f32 with `beta = 1` accumulates weight gradients).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fp8Scales {
+    /// FP8 type of `a`.
+    pub a_type: GemmType,
+    /// FP8 type of `b`.
+    pub b_type: GemmType,
+    /// Device address of an f32: the factor that dequantizes `a` (1 / its scale).
+    pub a_scale: u64,
+    /// Device address of an f32: the factor that dequantizes `b`.
+    pub b_scale: u64,
+    /// Whether the scale pointers are used. `false`: both must be 0 and cuBLASLt takes the
+    /// scales as 1 (the caller folded known scales into `alpha` instead).
+    pub device_scales: bool,
+    /// `CUBLASLT_MATMUL_DESC_FAST_ACCUM`: let the tensor cores keep partial sums in their own
+    /// reduced-precision accumulator instead of promoting them to f32 every few k-steps.
+    /// Faster, less exact; Transformer Engine uses it for forward GEMMs only.
+    pub fast_accum: bool,
 }
 
 /// One row-major GEMM: `out[m×n] = epilogue(alpha·op(a)·op(b) + beta·out)`. op(a) is m×k (a
@@ -284,9 +326,36 @@ struct PlanKey {
     k: usize,
     trans_a: bool,
     trans_b: bool,
+    /// Type of `a`.
     inputs: GemmType,
+    /// Type of `b` (differs from `inputs` only in FP8 GEMMs).
+    b_type: GemmType,
     out_type: GemmType,
     epilogue: EpilogueKind,
+    /// FP8 GEMM.
+    scaled: bool,
+    /// FP8 GEMM with scale pointers.
+    device_scales: bool,
+    fast_accum: bool,
+}
+
+impl PlanKey {
+    fn new(g: &Gemm, fp8: Option<&Fp8Scales>) -> Self {
+        PlanKey {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            inputs: fp8.map_or(g.inputs, |f| f.a_type),
+            b_type: fp8.map_or(g.inputs, |f| f.b_type),
+            out_type: g.out_type,
+            epilogue: g.epilogue.kind(),
+            scaled: fp8.is_some(),
+            device_scales: fp8.is_some_and(|f| f.device_scales),
+            fast_accum: fp8.is_some_and(|f| f.fast_accum),
+        }
+    }
 }
 
 impl std::fmt::Display for PlanKey {
@@ -294,13 +363,22 @@ impl std::fmt::Display for PlanKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}x{}x{} ({} -> {}",
+            "{}x{}x{} ({}",
             self.m,
             self.n,
             self.k,
-            self.inputs.name(),
-            self.out_type.name()
+            self.inputs.name()
         )?;
+        if self.b_type != self.inputs {
+            write!(f, " x {}", self.b_type.name())?;
+        }
+        write!(f, " -> {}", self.out_type.name())?;
+        if self.fast_accum {
+            f.write_str(", fast accum")?;
+        }
+        if self.scaled && !self.device_scales {
+            f.write_str(", scales in alpha")?;
+        }
         if self.trans_a {
             f.write_str(", trans_a")?;
         }
@@ -446,6 +524,35 @@ impl Lt {
 
     /// Runs `g` on `stream` (see [`Gemm`] for the product and the supported types).
     pub fn matmul(&mut self, stream: &CudaStream, g: &Gemm) -> Result<()> {
+        self.matmul_scaled(stream, g, None)
+    }
+
+    /// The checks an FP8 GEMM must pass (see [`Fp8Scales`]); `Err` says which rule fails.
+    fn check_fp8(key: &PlanKey) -> Result<()> {
+        let (a, b) = (key.inputs, key.b_type);
+        if !(a.is_fp8() && b.is_fp8()) || (a == GemmType::F8E5M2 && b == GemmType::F8E5M2) {
+            bail!("cuBLASLt FP8 matmul {key}: operands must be FP8, not both e5m2");
+        }
+        if !matches!(key.out_type, GemmType::BF16 | GemmType::F32) {
+            bail!("cuBLASLt FP8 matmul {key}: the output must be bf16 or f32");
+        }
+        if key.trans_a || !key.trans_b {
+            bail!("cuBLASLt FP8 matmul {key}: both operands must be K-major (trans_a = false, trans_b = true)");
+        }
+        if key.m % 16 != 0 || key.n % 16 != 0 || key.k % 16 != 0 {
+            bail!("cuBLASLt FP8 matmul {key}: m, n and k must be multiples of 16");
+        }
+        Ok(())
+    }
+
+    /// Runs `g` on `stream`, as an FP8 GEMM when `fp8` is given (its types replace `g.inputs`;
+    /// see [`Fp8Scales`] for the rules, which are checked).
+    pub fn matmul_scaled(
+        &mut self,
+        stream: &CudaStream,
+        g: &Gemm,
+        fp8: Option<&Fp8Scales>,
+    ) -> Result<()> {
         let Gemm {
             out,
             out_type,
@@ -461,26 +568,22 @@ impl Lt {
             beta,
             epilogue,
         } = *g;
-        let key = PlanKey {
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            inputs,
-            out_type,
-            epilogue: epilogue.kind(),
-        };
-        match (inputs, out_type) {
-            (GemmType::F32, GemmType::F32)
-            | (GemmType::BF16, GemmType::BF16)
-            | (GemmType::BF16, GemmType::F32)
-            | (GemmType::F16, GemmType::F16)
-            | (GemmType::F16, GemmType::F32) => {}
-            _ => bail!(
-                "cuBLASLt matmul {key}: unsupported type combination (supported: f32 -> f32, \
-                 bf16 -> bf16, bf16 -> f32, f16 -> f16, f16 -> f32)"
-            ),
+        let _ = (inputs, trans_a, trans_b);
+        let key = PlanKey::new(g, fp8);
+        if fp8.is_some() {
+            Self::check_fp8(&key)?;
+        } else {
+            match (key.inputs, out_type) {
+                (GemmType::F32, GemmType::F32)
+                | (GemmType::BF16, GemmType::BF16)
+                | (GemmType::BF16, GemmType::F32)
+                | (GemmType::F16, GemmType::F16)
+                | (GemmType::F16, GemmType::F32) => {}
+                _ => bail!(
+                    "cuBLASLt matmul {key}: unsupported type combination (supported: f32 -> f32, \
+                     bf16 -> bf16, bf16 -> f32, f16 -> f16, f16 -> f32; FP8 through matmul_scaled)"
+                ),
+            }
         }
         if m == 0 || n == 0 {
             return Ok(());
@@ -506,6 +609,12 @@ impl Lt {
             }
         }
 
+        if let Some(f) = fp8 {
+            let (a, b) = (f.a_scale != 0, f.b_scale != 0);
+            if (f.device_scales && !(a && b)) || (!f.device_scales && (a || b)) {
+                bail!("cuBLASLt FP8 matmul {key}: scale pointers do not match device_scales");
+            }
+        }
         stream
             .context()
             .bind_to_thread()
@@ -520,12 +629,25 @@ impl Lt {
             .get(&key)
             .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
         type Attr = sys::cublasLtMatmulDescAttributes_t;
+        // cuBLASLt's A is our b: its scale is b's.
+        let device = fp8.filter(|f| f.device_scales);
+        let (lt_a_scale, lt_b_scale) = (device.map(|f| f.b_scale), device.map(|f| f.a_scale));
         for (attr, ptr, what) in [
             (Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, vector, "vector"),
             (
                 Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
                 aux,
                 "matrix",
+            ),
+            (
+                Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                lt_a_scale,
+                "b scale",
+            ),
+            (
+                Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                lt_b_scale,
+                "a scale",
             ),
         ] {
             let Some(ptr) = ptr else { continue };
@@ -540,7 +662,7 @@ impl Lt {
             }
             .map_err(|e| {
                 anyhow!(
-                    "cuBLASLt matmul {key}: setting the epilogue {what} pointer failed: {}",
+                    "cuBLASLt matmul {key}: setting the {what} pointer failed: {}",
                     status(e)
                 )
             })?;
@@ -576,16 +698,16 @@ impl Lt {
     /// and cached on the way; a refusal is remembered too). Fused epilogues are not available
     /// for every shape, so callers ask before choosing them over separate kernels.
     pub fn supports(&mut self, g: &Gemm) -> bool {
-        let key = PlanKey {
-            m: g.m,
-            n: g.n,
-            k: g.k,
-            trans_a: g.trans_a,
-            trans_b: g.trans_b,
-            inputs: g.inputs,
-            out_type: g.out_type,
-            epilogue: g.epilogue.kind(),
-        };
+        self.supports_scaled(g, None)
+    }
+
+    /// [`Lt::supports`] for `g` run as an FP8 GEMM with `fp8` (false also when it breaks
+    /// cuBLASLt's FP8 rules, see [`Fp8Scales`]).
+    pub fn supports_scaled(&mut self, g: &Gemm, fp8: Option<&Fp8Scales>) -> bool {
+        let key = PlanKey::new(g, fp8);
+        if fp8.is_some() && Self::check_fp8(&key).is_err() {
+            return false;
+        }
         if self.plans.contains_key(&key) {
             return true;
         }
@@ -602,6 +724,14 @@ impl Lt {
                 false
             }
         }
+    }
+
+    /// Forgets `g`'s plan (as an FP8 GEMM with `fp8`) and refuses it from now on: for a GEMM
+    /// that cuBLASLt planned but then would not run, so callers take their fallback instead.
+    pub fn refuse(&mut self, g: &Gemm, fp8: Option<&Fp8Scales>) {
+        let key = PlanKey::new(g, fp8);
+        self.plans.remove(&key);
+        self.refused.insert(key);
     }
 
     /// Builds the descriptor, layouts and algorithm for `key`.
@@ -694,6 +824,43 @@ impl Lt {
                 )
                 .map_err(|e| err("setting the bias data type", e))?;
             }
+            if key.device_scales {
+                // The heuristic must see a scaled FP8 problem (a null scale pointer means
+                // "unscaled", which may select kernels that take no scales): any device address
+                // stands in until each call sets the real ones.
+                for attr in [
+                    Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                    Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                ] {
+                    result::set_matmul_desc_attribute(
+                        plan.desc,
+                        attr,
+                        &self.workspace_ptr as *const u64 as *const c_void,
+                        size_of::<u64>(),
+                    )
+                    .map_err(|e| err("setting a placeholder scale pointer", e))?;
+                }
+            }
+            if key.scaled {
+                let fast_accum = i8::from(key.fast_accum);
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    Attr::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+                    &fast_accum as *const i8 as *const c_void,
+                    size_of::<i8>(),
+                )
+                .map_err(|e| err("setting FAST_ACCUM", e))?;
+                if key.epilogue.has_aux() {
+                    let aux_type = key.out_type.cuda();
+                    result::set_matmul_desc_attribute(
+                        plan.desc,
+                        Attr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE,
+                        &aux_type as *const sys::cudaDataType as *const c_void,
+                        size_of::<sys::cudaDataType>(),
+                    )
+                    .map_err(|e| err("setting the epilogue matrix's data type", e))?;
+                }
+            }
             if key.epilogue.has_aux() {
                 let aux_ld = ld(n)?;
                 result::set_matmul_desc_attribute(
@@ -708,7 +875,7 @@ impl Lt {
 
         // Column-major layouts: stored row-major (rows, cols) reversed, ld = stored cols.
         plan.lt_a_layout = result::create_matrix_layout(
-            key.inputs.cuda(),
+            key.b_type.cuda(),
             dim(b_cols)?,
             dim(b_rows)?,
             ld(b_cols)?,

@@ -4,6 +4,7 @@
 //!   machines without CUDA; [`CudaBackend::new`] checks for the driver, NVRTC and cuBLASLt before
 //!   cudarc could panic, and says what is missing.
 //! - Matrix products go through our cuBLASLt layer ([`cublaslt`]) with cached plans.
+//! - FP8 linear layers (`fp8.rs`): FP8 casts with amax (`fp8.cu`) feeding cuBLASLt FP8 GEMMs.
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
 //!   driver version.
@@ -13,11 +14,12 @@
 //! - Unit scaling's op scales (weighted residual adds, GELU, attention and embedding scales,
 //!   LayerNorm and bias gradient scales, GEMM `alpha`) are kernel arguments; the fused GELU
 //!   epilogues run only where they compute the same thing (scale 1), the separate kernels
-//!   otherwise. FP8 GEMMs are not here yet, so `fp8` and `fp8-unit` are refused.
+//!   otherwise. The FP8 casts read bf16 only, so `fp8-unit` (fp16 tensors) is refused for now.
 //! - Everything runs on one stream. No kernel uses floating-point atomics, so results are
 //!   bitwise reproducible run to run.
 
 mod cublaslt;
+mod fp8;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -37,6 +39,7 @@ use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
+const FP8_CU: &str = include_str!("fp8.cu");
 
 /// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
 const H100_BF16_PEAK: f64 = 989.4e12;
@@ -94,6 +97,16 @@ pub struct CudaBackend {
     fused_epilogues: bool,
     /// `HALFLING_CUDA_PROFILE=1`: events around every kernel and GEMM, summed by name.
     profile: Option<RefCell<Vec<(String, CudaEvent, CudaEvent)>>>,
+    /// Scratch of the FP8 linear ops (`fp8.rs`).
+    fp8: RefCell<fp8::Fp8Scratch>,
+    /// Whether FP8 operands may run as FP8 GEMMs; `HALFLING_CUDA_FP8=0` runs them as bf16 GEMMs
+    /// of the dequantized operands instead (same quantization, to compare).
+    fp8_enabled: bool,
+    /// Which FP8 GEMMs use cuBLASLt's fast accumulation (`HALFLING_CUDA_FP8_FAST_ACCUM`).
+    fp8_fast_accum: fp8::FastAccum,
+    /// `HALFLING_CUDA_FP8_SCALES=host`: FP8 GEMMs whose operands both have `Fixed` scales get
+    /// them folded into `alpha` instead of cuBLASLt scale pointers (same result).
+    fp8_host_scales: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -123,11 +136,12 @@ fn gemm_type(dtype: DType) -> Result<GemmType> {
     }
 }
 
-/// The one operand format of a GEMM: the CUDA backend multiplies operands as they are stored.
+/// The one operand format of a GEMM without FP8 operands or amax slots (those go to `fp8.rs`):
+/// the CUDA backend multiplies such operands as they are stored.
 fn gemm_format(spec: GemmSpec) -> Result<DType> {
     let (a, b) = (spec.a.format, spec.b.format);
-    if a != b || a.is_float8() {
-        bail!("the CUDA backend has no FP8 or mixed-format GEMMs yet ({a} x {b}); the fp8 recipes run on the CPU only for now");
+    if a != b {
+        bail!("the CUDA backend has no mixed-format GEMMs ({a} x {b}) outside FP8");
     }
     Ok(a)
 }
@@ -140,11 +154,10 @@ fn op_scale(what: &str, scale: f32) -> Result<Arg> {
     Ok(Arg::Float(scale))
 }
 
-/// Refuses amax recording, which only FP8 operands ask for.
+/// An amax buffer given to a GEMM whose operands record no amax (their specs name no slot, so
+/// they reach this path): nothing to record, as on the CPU.
 fn no_amax(amax: Option<&mut CudaBuf>) -> Result<()> {
-    if amax.is_some() {
-        bail!("the CUDA backend does not record FP8 amax yet; the fp8 recipes run on the CPU only for now");
-    }
+    let _ = amax;
     Ok(())
 }
 
@@ -292,7 +305,11 @@ impl CudaBackend {
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
         let arch = arch_name(major, minor);
         let mut modules = Vec::new();
-        for (file, src) in [("kernels", KERNELS_CU), ("attention", ATTENTION_CU)] {
+        for (file, src) in [
+            ("kernels", KERNELS_CU),
+            ("attention", ATTENTION_CU),
+            ("fp8", FP8_CU),
+        ] {
             let ptx = compile_cached(file, src, arch, &include, driver_version)?;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -317,6 +334,10 @@ impl CudaBackend {
             profile: std::env::var("HALFLING_CUDA_PROFILE")
                 .is_ok_and(|v| v == "1")
                 .then(|| RefCell::new(Vec::new())),
+            fp8: RefCell::new(fp8::Fp8Scratch::default()),
+            fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
+            fp8_fast_accum: fp8::FastAccum::from_env(),
+            fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
         })
     }
 
@@ -833,7 +854,11 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, dtype: DType) -> bool {
-        matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        // FP8 is a GEMM operand format here (cast from bf16 tensors by the linear ops).
+        matches!(
+            dtype,
+            DType::F32 | DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2
+        )
     }
 
     fn tensor_stats(&self, bufs: &[&CudaBuf]) -> Result<Vec<TensorStats>> {
@@ -921,6 +946,11 @@ impl Backend for CudaBackend {
                 st
             })
             .collect())
+    }
+
+    fn casts_for_gemm(&self, tensors: DType, operand: DType) -> bool {
+        // The FP8 casts of `fp8.cu` read bf16.
+        !operand.is_float8() || tensors == DType::BF16
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
@@ -1132,6 +1162,9 @@ impl Backend for CudaBackend {
         gemm: GemmSpec,
         amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        if fp8::involved(&[gemm]) {
+            return self.fp8_op_linear_forward(out, inp, w, bias, n, ic, oc, gemm, amax);
+        }
         no_amax(amax)?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
@@ -1178,6 +1211,11 @@ impl Backend for CudaBackend {
         amax: Option<&mut CudaBuf>,
         gelu_scale: f32,
     ) -> Result<()> {
+        if fp8::involved(&[gemm]) {
+            return self.fp8_op_linear_gelu_forward(
+                out, pre, inp, w, bias, n, ic, oc, gemm, amax, gelu_scale,
+            );
+        }
         no_amax(amax)?;
         let t = out.dtype;
         let inputs = gemm_format(gemm)?;
@@ -1231,6 +1269,12 @@ impl Backend for CudaBackend {
         amax: Option<&mut CudaBuf>,
         gelu_scale: f32,
     ) -> Result<()> {
+        if fp8::involved(&[dinp_gemm, dw_gemm]) {
+            return self.fp8_op_linear_gelu_backward(
+                dpre, dw, dbias, dout, gelu_out, pre, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+                gelu_scale,
+            );
+        }
         no_amax(amax)?;
         let dinp_format = gemm_format(dinp_gemm)?;
         self.expect("linear dout", dout, dinp_format, n * oc)?;
@@ -1292,6 +1336,11 @@ impl Backend for CudaBackend {
         dw_gemm: GemmSpec,
         amax: Option<&mut CudaBuf>,
     ) -> Result<()> {
+        if fp8::involved(&[dinp_gemm, dw_gemm]) {
+            return self.fp8_op_linear_backward(
+                dinp, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            );
+        }
         no_amax(amax)?;
         let (dinp_format, dw_format) = (gemm_format(dinp_gemm)?, gemm_format(dw_gemm)?);
         self.expect("linear dout", dout, dinp_format, n * oc)?;

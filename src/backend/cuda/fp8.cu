@@ -1,0 +1,235 @@
+// halfling FP8 kernels: the amax of a bf16 tensor, and its per-tensor scaled cast to FP8
+// (e4m3 or e5m2), optionally transposed, for cuBLASLt's FP8 matmuls. Compiled at run time by
+// NVRTC for sm_90 (no fast math); names, parameters and launch geometries follow the kernel ABI
+// that src/backend/cuda/fp8.rs launches against.
+//
+// Semantics are those of the CPU reference (`gemm_operand` in src/backend/cpu/mod.rs and
+// `numerics`), bit for bit:
+// - amax = max |x| over the tensor as stored, NaN ignored (fmaxf, like f32::max); 0 when empty.
+// - scale: `Current` scaling is `numerics::scale_from_amax(amax, format, margin)`, computed on
+//   the device from the amax (no host round trip); `Fixed` scales come from the host.
+// - cast: q = satfinite(RNE(x · scale)), ±inf saturates to ±max, NaN becomes the canonical NaN
+//   code (0x7F e4m3, 0x7E e5m2) with its sign. x · scale is exact in f32 (scale is a power of
+//   two) unless it leaves f32's range, which rounds to 0 / saturates the same way on the CPU.
+// - the GEMM multiplies q / scale: cuBLASLt gets `1/scale` (exact) as the operand's scale.
+//
+// Determinism: recording an amax into the model's amax buffer uses an integer atomicMax on the
+// f32 bits. For non-negative floats the unsigned bit order is the numeric order, and max is
+// exact, associative and commutative, so the result does not depend on which block gets there
+// first: it is the same bits every run (a NaN already in the slot has larger bits than any number
+// and stays, as in the CPU's record). No floating-point atomics anywhere.
+//
+// Formats: `format` 0 = e4m3 (max 448), 1 = e5m2 (max 57344).
+
+#include <cuda_bf16.h>
+
+typedef unsigned long long u64;
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float fp8_max_finite(int format) { return format == 0 ? 448.0f : 57344.0f; }
+
+// numerics::scale_from_amax: 2^(floor(log2(max / amax)) - margin), exponent clamped to
+// [-126, 64]; 1 for amax 0, NaN or inf. The quotient is formed in double, where it cannot round
+// across a power of two, so the floor read from its exponent bits is exact.
+__device__ __forceinline__ float fp8_scale_from_amax(float amax, int format, int margin) {
+    amax = fabsf(amax);
+    if (amax == 0.0f || !isfinite(amax)) return 1.0f;
+    const double ratio = (double)fp8_max_finite(format) / (double)amax;
+    long long e = (long long)((__double_as_longlong(ratio) >> 52) & 0x7FF) - 1023;
+    e -= margin;
+    e = e < -126 ? -126 : (e > 64 ? 64 : e);
+    return ldexpf(1.0f, (int)e);
+}
+
+// Saturating RNE f32 -> FP8 code (the hardware's .satfinite conversion), NaN made canonical.
+__device__ __forceinline__ unsigned char fp8_encode(float v, int format) {
+    if (isnan(v)) return (unsigned char)((signbit(v) ? 0x80 : 0) | (format == 0 ? 0x7F : 0x7E));
+    unsigned short packed;
+    if (format == 0) {
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(0.0f), "f"(v));
+    } else {
+        asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(0.0f), "f"(v));
+    }
+    return (unsigned char)(packed & 0xFF);
+}
+
+// Exact value of an FP8 code.
+__device__ __forceinline__ float fp8_decode(unsigned char code, int format) {
+    const bool neg = code & 0x80;
+    float v;
+    if (format == 0) {
+        const int e = (code >> 3) & 15, m = code & 7;
+        if (e == 15 && m == 7) return __int_as_float(0x7fc00000);
+        v = e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(8 + m), e - 10);
+    } else {
+        const int e = (code >> 2) & 31, m = code & 3;
+        if (e == 31) return m == 0 ? __int_as_float(neg ? 0xff800000u : 0x7f800000u) : __int_as_float(0x7fc00000);
+        v = e == 0 ? ldexpf((float)m, -16) : ldexpf((float)(4 + m), e - 17);
+    }
+    return neg ? -v : v;
+}
+
+// Max over the block (blockDim.x a multiple of 32, at most 256); every thread gets the result.
+// fmaxf ignores NaN, and max is exact, so the tree's shape does not matter for the bits.
+__device__ __forceinline__ float block_max256(float m, float* red /* [8] */) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
+    return m;
+}
+
+__device__ __forceinline__ void load8_bf16(const bf16* p, float* f) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = __uint_as_float(w[k] << 16);
+        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+
+// fp8_amax_partial_bf16: partials[blockIdx.x] = max |x[i]| over the elements this block visits
+// (grid-stride, 8 elements per thread and step, then the tail one by one).
+// Launch: grid (G, 1, 1) with 1 <= G <= 1024, block (256, 1, 1); x is 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256)
+fp8_amax_partial_bf16(float* partials, const bf16* x, long long n) {
+    __shared__ float red[8];
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long n8 = n / 8;
+    float m = 0.0f;
+    for (long long i = tid; i < n8; i += stride) {
+        float f[8];
+        load8_bf16(x + 8 * i, f);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(f[k]));
+    }
+    for (long long i = 8 * n8 + tid; i < n; i += stride) m = fmaxf(m, fabsf(__bfloat162float(x[i])));
+    m = block_max256(m, red);
+    if (threadIdx.x == 0) partials[blockIdx.x] = m;
+}
+
+// fp8_amax_record: slot = max(slot, max(partials[0..num])) (an operand whose amax is recorded
+// but which is not cast). Launch: grid (1, 1, 1), block (256, 1, 1).
+extern "C" __global__ void __launch_bounds__(256)
+fp8_amax_record(unsigned* slot, const float* partials, int num) {
+    __shared__ float red[8];
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < num; i += blockDim.x) m = fmaxf(m, partials[i]);
+    m = block_max256(m, red);
+    if (threadIdx.x == 0) atomicMax(slot, __float_as_uint(m));
+}
+
+// fp8_cast_bf16: x[rows, cols] (bf16) scaled and cast to FP8.
+//   out   [rows, cols]: the FP8 codes, or (dequant = 1) the bf16 values q / scale (exact), for
+//         GEMMs that cannot run in FP8; null: not written.
+//   out_t [cols, rows]: the FP8 codes transposed (the K-major copy a backward GEMM needs); null:
+//         not written.
+//   scale: partials != null: current scaling from amax = max(partials[0..num_partials]) (from
+//          fp8_amax_partial_bf16 over the same x) with `margin`; else `fixed_scale`.
+//   amax_slot: null, or the model's amax cell to max-accumulate max |x| into (the partials' amax
+//          with current scaling, else this kernel's own).
+//   inv_scale_out: null, or where 1 / scale goes (cuBLASLt's scale pointer for this operand).
+// Launch: grid (ceil(cols / 64), ceil(rows / 32), 1), block (256, 1, 1): one 32 x 64 tile per
+// block. Full tiles of a tensor whose rows and cols are multiples of 8 move 8 elements per thread
+// (16-byte loads, 8-byte stores); the rest go element by element. Same bits either way.
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_bf16(void* out, unsigned char* out_t, const bf16* x, int rows, int cols, int format,
+              int dequant, const float* partials, int num_partials, float fixed_scale,
+              int margin, unsigned* amax_slot, float* inv_scale_out) {
+    __shared__ unsigned char tile[64][32 + 4];
+    __shared__ float red[8];
+    float scale = fixed_scale;
+    if (partials != nullptr) {
+        float m = 0.0f;
+        for (int i = threadIdx.x; i < num_partials; i += blockDim.x) m = fmaxf(m, partials[i]);
+        m = block_max256(m, red);
+        scale = fp8_scale_from_amax(m, format, margin);
+        if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && amax_slot != nullptr)
+            atomicMax(amax_slot, __float_as_uint(m));
+    }
+    const float inv = 1.0f / scale;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && inv_scale_out != nullptr)
+        *inv_scale_out = inv;
+
+    const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 64;
+    const bool vec = rows % 8 == 0 && cols % 8 == 0 && r0 + 32 <= rows && c0 + 64 <= cols;
+    unsigned char* codes = reinterpret_cast<unsigned char*>(out);
+    bf16* values = reinterpret_cast<bf16*>(out);
+    float local = 0.0f;
+    if (vec) {
+        const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
+        const size_t at = (size_t)(r0 + r) * cols + c0 + c;
+        float f[8];
+        load8_bf16(x + at, f);
+        unsigned char q[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            local = fmaxf(local, fabsf(f[k]));
+            q[k] = fp8_encode(f[k] * scale, format);
+        }
+        if (out != nullptr) {
+            if (dequant) {
+                unsigned w[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(fp8_decode(q[2 * k], format) * inv));
+                    const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(fp8_decode(q[2 * k + 1], format) * inv));
+                    w[k] = lo | (hi << 16);
+                }
+                *reinterpret_cast<uint4*>(values + at) = make_uint4(w[0], w[1], w[2], w[3]);
+            } else {
+                const unsigned lo = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned)q[3] << 24);
+                const unsigned hi = q[4] | (q[5] << 8) | (q[6] << 16) | ((unsigned)q[7] << 24);
+                *reinterpret_cast<uint2*>(codes + at) = make_uint2(lo, hi);
+            }
+        }
+        if (out_t != nullptr) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) tile[c + k][r] = q[k];
+        }
+    } else {
+        for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) {
+            const int r = i / 64, c = i % 64, gr = r0 + r, gc = c0 + c;
+            unsigned char q = 0;
+            if (gr < rows && gc < cols) {
+                const size_t at = (size_t)gr * cols + gc;
+                const float v = __bfloat162float(x[at]);
+                local = fmaxf(local, fabsf(v));
+                q = fp8_encode(v * scale, format);
+                if (out != nullptr) {
+                    if (dequant) values[at] = __float2bfloat16_rn(fp8_decode(q, format) * inv);
+                    else codes[at] = q;
+                }
+            }
+            if (out_t != nullptr) tile[c][r] = q;
+        }
+    }
+    if (out_t != nullptr) {
+        __syncthreads();
+        if (vec) {
+            const int c = threadIdx.x >> 2, r = (threadIdx.x & 3) * 8;
+            unsigned lo = 0, hi = 0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                lo |= (unsigned)tile[c][r + k] << (8 * k);
+                hi |= (unsigned)tile[c][r + 4 + k] << (8 * k);
+            }
+            *reinterpret_cast<uint2*>(out_t + (size_t)(c0 + c) * rows + r0 + r) = make_uint2(lo, hi);
+        } else {
+            for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) {
+                const int c = i / 32, r = i % 32, gr = r0 + r, gc = c0 + c;
+                if (gr < rows && gc < cols) out_t[(size_t)gc * rows + gr] = tile[c][r];
+            }
+        }
+    }
+    if (partials == nullptr && amax_slot != nullptr) {
+        local = block_max256(local, red);
+        if (threadIdx.x == 0) atomicMax(amax_slot, __float_as_uint(local));
+    }
+}

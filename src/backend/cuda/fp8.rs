@@ -1,0 +1,892 @@
+//! FP8 linear layers on the GPU: the CUDA side of `GemmSpec`s with FP8 operands and amax slots.
+//!
+//! The semantics are the CPU reference's (`gemm_operand` in `backend/cpu`): an FP8 operand is
+//! multiplied as `satfinite(round(x·s))/s`, with `s` from its own amax (`Current`) or given
+//! (`Fixed`), and operands with an amax slot max-accumulate `max |x|` into the caller's amax
+//! buffer. Per operand, the kernels of `fp8.cu` do:
+//!
+//! - `Current` scaling: `fp8_amax_partial_bf16` (per-block maxima), then `fp8_cast_bf16`, which
+//!   reduces those maxima itself, derives the scale on the device (no host round trip) and writes
+//!   `1/s` where cuBLASLt reads the operand's dequantization scale;
+//! - `Fixed` scaling: one `fp8_cast_bf16` pass that casts and records the amax at once.
+//!
+//! cuBLASLt's FP8 GEMMs want both operands K-major, so the backward's operands are cast
+//! transposed (`dy` once into both layouts when its two GEMMs read it the same way):
+//!
+//! | GEMM | a (K-major)        | b (K-major)         |
+//! |------|--------------------|---------------------|
+//! | `y = x·Wᵀ`   | x [n, ic]  | W [oc, ic]          |
+//! | `dx = dy·W`  | dy [n, oc] | Wᵀ [ic, oc]         |
+//! | `dW += dyᵀ·x`| dyᵀ [oc, n]| xᵀ [ic, n]          |
+//!
+//! A linear op whose GEMMs cuBLASLt cannot run in FP8 (a dimension not a multiple of 16, a
+//! format pair it lacks, an epilogue it has no FP8 kernel for) runs the same arithmetic as bf16
+//! GEMMs of the dequantized operands `q/s`, which bf16 holds exactly: same quantization, same
+//! f32 accumulation, only slower. `HALFLING_CUDA_FP8=0` forces that path (to compare). A GEMM
+//! cuBLASLt planned but then refuses to run takes that path too, with a note on stderr.
+//!
+//! Scales reach cuBLASLt as device pointers (each in its own 256-byte aligned cell), so current
+//! scaling needs no host round trip; `HALFLING_CUDA_FP8_SCALES=host` folds two `Fixed` scales
+//! into the GEMM's `alpha` instead (delayed scaling's steady state), a second route to the same
+//! product.
+//!
+//! The casts write into scratch buffers kept per role and grown to the largest shape seen, so a
+//! training step allocates nothing after its first.
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+use super::cublaslt::{Epilogue, Fp8Scales, Gemm, GemmType};
+use super::{gemm_type, int, oom, Arg, CudaBackend, CudaBuf};
+use crate::backend::{GemmOperand, GemmSpec, OperandScale};
+use crate::numerics::DType;
+
+/// Blocks of `fp8_amax_partial_bf16` at most (the partials the cast kernel reduces).
+const PARTIALS: usize = 1024;
+
+/// Bytes between scale cells: cuBLASLt checks the alignment of every pointer it reads at run
+/// time (a 4-byte-aligned scale pointer is a suspect for the `NOT_SUPPORTED` its FP8 GEMMs
+/// returned on the H100), so each dequantization scale gets a 256-byte aligned cell of its own.
+const CELL_STRIDE: usize = 256;
+
+/// A scratch buffer of the FP8 path; each operand copy of one linear op has its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// The forward's input (or the backward's, dequantized).
+    X,
+    /// The forward's weight.
+    W,
+    /// The output gradient, row-major.
+    Dy,
+    /// The output gradient transposed (or, dequantized, a second copy when the two backward
+    /// GEMMs scale it differently).
+    DyT,
+    /// The weight transposed (or dequantized).
+    WT,
+    /// The input transposed (or dequantized).
+    XT,
+}
+
+const ROLES: usize = 6;
+
+/// Scratch memory of the FP8 path (see the module doc).
+#[derive(Default)]
+pub(super) struct Fp8Scratch {
+    bufs: [Option<CudaSlice<u8>>; ROLES],
+    /// `PARTIALS` f32 amax partials, then one f32 dequantization scale per role, each at the
+    /// start of its own `CELL_STRIDE` bytes.
+    cells: Option<CudaSlice<u8>>,
+}
+
+/// Which FP8 GEMMs use cuBLASLt's fast accumulation: `HALFLING_CUDA_FP8_FAST_ACCUM` = `fwd`
+/// (default: the forward GEMMs, as Transformer Engine does), `all` or `0`. The CPU reference
+/// accumulates exactly; fast accumulation keeps fewer bits in the tensor cores' partial sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FastAccum {
+    None,
+    Forward,
+    All,
+}
+
+impl FastAccum {
+    pub(super) fn from_env() -> Self {
+        match std::env::var("HALFLING_CUDA_FP8_FAST_ACCUM").as_deref() {
+            Ok("0") | Ok("none") => FastAccum::None,
+            Ok("all") => FastAccum::All,
+            _ => FastAccum::Forward,
+        }
+    }
+}
+
+/// Whether a linear op's spec needs the FP8 path: an FP8 operand or an amax to record.
+pub(super) fn involved(specs: &[GemmSpec]) -> bool {
+    specs.iter().any(|s| {
+        [s.a, s.b]
+            .iter()
+            .any(|o| o.format.is_float8() || o.amax_slot.is_some())
+    })
+}
+
+/// cuBLASLt's FP8 type of an operand format.
+fn fp8_type(format: DType) -> Option<GemmType> {
+    match format {
+        DType::F8E4M3 => Some(GemmType::F8E4M3),
+        DType::F8E5M2 => Some(GemmType::F8E5M2),
+        _ => None,
+    }
+}
+
+/// `1/(s_a·s_b)` when both operands have `Fixed` scales and it is a normal f32 (powers of two,
+/// so it is exact): what `HALFLING_CUDA_FP8_SCALES=host` folds into the GEMM's `alpha` instead
+/// of passing scale pointers.
+fn host_factor(spec: &GemmSpec) -> Option<f32> {
+    let (OperandScale::Fixed(sa), OperandScale::Fixed(sb)) = (spec.a.scale, spec.b.scale) else {
+        return None;
+    };
+    let factor = (1.0 / (f64::from(sa) * f64::from(sb))) as f32;
+    factor.is_normal().then_some(factor)
+}
+
+/// Byte offset of role `role`'s scale cell from the partials (256-byte aligned).
+fn scale_cell(role: usize) -> u64 {
+    (PARTIALS * 4 + role * CELL_STRIDE) as u64
+}
+
+/// `format` code of `fp8.cu`.
+fn format_code(format: DType) -> Result<i32> {
+    match format {
+        DType::F8E4M3 => Ok(0),
+        DType::F8E5M2 => Ok(1),
+        other => bail!("internal error: {other} is not an FP8 format"),
+    }
+}
+
+impl CudaBackend {
+    /// Device address of `role`'s scratch buffer, grown to at least `bytes`.
+    fn fp8_buf(&self, role: Role, bytes: usize) -> Result<u64> {
+        let mut scratch = self.fp8.borrow_mut();
+        let slot = &mut scratch.bufs[role as usize];
+        if slot.as_ref().map_or(true, |b| b.len() < bytes) {
+            *slot = None;
+            *slot = Some(
+                self.stream
+                    .alloc_zeros::<u8>(bytes.max(256))
+                    .map_err(|e| oom(e, bytes, self.live.get()))?,
+            );
+        }
+        let buf = slot
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal error: FP8 scratch"))?;
+        let (p, _sync) = buf.device_ptr(&self.stream);
+        Ok(p)
+    }
+
+    /// Device address of the partials; [`scale_cell`] bytes further is a role's scale cell.
+    fn fp8_cells(&self) -> Result<u64> {
+        let mut scratch = self.fp8.borrow_mut();
+        if scratch.cells.is_none() {
+            let bytes = scale_cell(ROLES) as usize;
+            scratch.cells = Some(
+                self.stream
+                    .alloc_zeros::<u8>(bytes)
+                    .map_err(|e| oom(e, bytes, self.live.get()))?,
+            );
+        }
+        let cells = scratch
+            .cells
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal error: FP8 cells"))?;
+        let (p, _sync) = cells.device_ptr(&self.stream);
+        Ok(p)
+    }
+
+    /// The address of `op`'s amax cell in `amax`, if it records one.
+    fn amax_cell(&self, amax: Option<u64>, amax_len: usize, op: &GemmOperand) -> Result<u64> {
+        match (op.amax_slot, amax) {
+            (None, _) => Ok(0),
+            (Some(slot), Some(base)) if slot < amax_len => Ok(base + 4 * slot as u64),
+            (Some(slot), Some(_)) => {
+                bail!("internal error: amax slot {slot} outside a buffer of {amax_len}")
+            }
+            // As on the CPU: a slot without a buffer records nothing.
+            (Some(_), None) => Ok(0),
+        }
+    }
+
+    /// Per-block maxima of `|x|` into the partials; returns how many.
+    fn fp8_amax_partials(&self, x: &CudaBuf) -> Result<usize> {
+        let blocks = x.len.div_ceil(256 * 8).clamp(1, PARTIALS);
+        let cells = self.fp8_cells()?;
+        self.launch(
+            "fp8_amax_partial_bf16",
+            (blocks as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(cells),
+                Arg::Ptr(self.ptr(x)),
+                Arg::U64(x.len as u64),
+            ],
+        )?;
+        Ok(blocks)
+    }
+
+    /// Casts `x[rows, cols]` per `op` (an FP8 format): the codes into `plain` and/or transposed
+    /// into `transposed`, or (`dequant`) the bf16 values `q/s` into `plain`; `1/s` into the scale
+    /// cell of `cell`; the amax into `amax_cell` (0: none). Returns the plain copy's address (or
+    /// the transposed one's when there is no plain copy) and the scale cell's.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_cast(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        op: &GemmOperand,
+        plain: Option<Role>,
+        transposed: Option<Role>,
+        dequant: bool,
+        cell: Role,
+        amax_cell: u64,
+    ) -> Result<(Option<u64>, Option<u64>, u64)> {
+        self.expect("FP8 GEMM operand", x, DType::BF16, rows * cols)
+            .map_err(|e| {
+                anyhow!("{e} (the CUDA backend casts only bf16 tensors to FP8: use the fp8 recipe, whose activations are bf16)")
+            })?;
+        let format = format_code(op.format)?;
+        let (partials, num_partials, fixed, margin) = match op.scale {
+            OperandScale::Current { margin } => {
+                let num = self.fp8_amax_partials(x)?;
+                (self.fp8_cells()?, num, 1.0f32, margin)
+            }
+            OperandScale::Fixed(s) => {
+                if !(s.is_finite() && s > 0.0) {
+                    bail!("internal error: FP8 operand scale {s} is not a positive finite number");
+                }
+                (0, 0, s, 0)
+            }
+        };
+        let elem = if dequant { 2 } else { 1 };
+        let out = match plain {
+            Some(r) => Some(self.fp8_buf(r, rows * cols * elem)?),
+            None => None,
+        };
+        let out_t = match transposed {
+            Some(r) => Some(self.fp8_buf(r, rows * cols)?),
+            None => None,
+        };
+        let scale_ptr = self.fp8_cells()? + scale_cell(cell as usize);
+        let grid_y = u32::try_from(rows.div_ceil(32))
+            .ok()
+            .filter(|&g| g <= 65535)
+            .ok_or_else(|| anyhow!("FP8 cast: {rows} rows is too many for one launch"))?;
+        self.launch(
+            "fp8_cast_bf16",
+            (cols.div_ceil(64).max(1) as u32, grid_y.max(1), 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(out.unwrap_or(0)),
+                Arg::Ptr(out_t.unwrap_or(0)),
+                Arg::Ptr(self.ptr(x)),
+                Arg::Int(int(rows)?),
+                Arg::Int(int(cols)?),
+                Arg::Int(format),
+                Arg::Int(i32::from(dequant)),
+                Arg::Ptr(partials),
+                Arg::Int(int(num_partials)?),
+                Arg::Float(fixed),
+                Arg::Int(margin),
+                Arg::Ptr(amax_cell),
+                Arg::Ptr(scale_ptr),
+            ],
+        )?;
+        Ok((out, out_t, scale_ptr))
+    }
+
+    /// Records `max |x|` into `amax_cell` for an operand that is not cast.
+    fn fp8_record(&self, x: &CudaBuf, amax_cell: u64) -> Result<()> {
+        if x.dtype != DType::BF16 {
+            bail!(
+                "the CUDA backend records amax of bf16 tensors only, not {}",
+                x.dtype
+            );
+        }
+        let num = self.fp8_amax_partials(x)?;
+        self.launch(
+            "fp8_amax_record",
+            (1, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(amax_cell),
+                Arg::Ptr(self.fp8_cells()?),
+                Arg::Int(int(num)?),
+            ],
+        )
+    }
+
+    /// An operand for a GEMM that is not an FP8 GEMM: FP8 formats dequantized into `role`'s
+    /// scratch (bf16), anything else as stored (it must be bf16), amax recorded either way.
+    fn fp8_fallback_operand(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        op: &GemmOperand,
+        role: Role,
+        amax: (Option<u64>, usize),
+    ) -> Result<u64> {
+        let cell = self.amax_cell(amax.0, amax.1, op)?;
+        if op.format.is_float8() {
+            let (p, _, _) = self.fp8_cast(x, rows, cols, op, Some(role), None, true, role, cell)?;
+            return p.ok_or_else(|| anyhow!("internal error: FP8 dequantized copy"));
+        }
+        if op.format != x.dtype && op.format != DType::F32 {
+            bail!(
+                "the CUDA backend has no {} x {} GEMM operands (a tensor stored as {} multiplied as {})",
+                op.format,
+                x.dtype,
+                x.dtype,
+                op.format
+            );
+        }
+        self.expect("GEMM operand", x, DType::BF16, rows * cols)
+            .map_err(|e| anyhow!("{e} (mixed FP8 GEMMs need bf16 tensors on the CUDA backend)"))?;
+        if cell != 0 {
+            self.fp8_record(x, cell)?;
+        }
+        Ok(self.ptr(x))
+    }
+
+    /// The [`Fp8Scales`] of a GEMM of `spec` if both its operands are FP8 (scale pointers are
+    /// filled in later by [`CudaBackend::fp8_bind_scales`]).
+    fn fp8_scales(&self, spec: &GemmSpec, forward: bool) -> Option<Fp8Scales> {
+        let fast_accum = match self.fp8_fast_accum {
+            FastAccum::None => false,
+            FastAccum::Forward => forward,
+            FastAccum::All => true,
+        };
+        Some(Fp8Scales {
+            a_type: fp8_type(spec.a.format)?,
+            b_type: fp8_type(spec.b.format)?,
+            a_scale: 0,
+            b_scale: 0,
+            device_scales: !(self.fp8_host_scales && host_factor(spec).is_some()),
+            fast_accum,
+        })
+    }
+
+    /// Gives `g` and `f` the operands' dequantization: the scale cells `(sa, sb)` the casts
+    /// wrote, or, with host scales, `1/(s_a·s_b)` folded into `alpha`.
+    fn fp8_bind_scales(&self, g: &mut Gemm, f: &mut Fp8Scales, spec: &GemmSpec, sa: u64, sb: u64) {
+        if f.device_scales {
+            (f.a_scale, f.b_scale) = (sa, sb);
+        } else if let Some(factor) = host_factor(spec) {
+            g.alpha *= factor;
+        }
+    }
+
+    /// Whether `g` can run as an FP8 GEMM with `f` (FP8 not turned off, cuBLASLt has a kernel).
+    fn fp8_direct(&self, g: &Gemm, f: Option<&Fp8Scales>) -> bool {
+        let Some(f) = f else { return false };
+        let epilogue_ok = match g.epilogue {
+            Epilogue::GeluAux { .. } | Epilogue::DGelu { .. } => {
+                self.fused_epilogues
+                    && g.n % 8 == 0
+                    && (g.alpha == 1.0 || matches!(g.epilogue, Epilogue::GeluAux { .. }))
+            }
+            _ => true,
+        };
+        self.fp8_enabled && epilogue_ok && self.lt.borrow_mut().supports_scaled(g, Some(f))
+    }
+
+    /// A cuBLASLt FP8 product on our stream (profiled like [`CudaBackend::gemm`]). `false`
+    /// when cuBLASLt refused to run it although it had planned it (it is refused from then on,
+    /// with a note on stderr, and the caller takes the dequantized path).
+    fn gemm_fp8(&self, g: Gemm, f: Fp8Scales) -> Result<bool> {
+        let start = self.profile_event()?;
+        let ran = self
+            .lt
+            .borrow_mut()
+            .matmul_scaled(&self.stream, &g, Some(&f));
+        if let Err(e) = ran {
+            eprintln!("note: {e:#}; this GEMM runs as bf16 on dequantized FP8 operands instead");
+            self.lt.borrow_mut().refuse(&g, Some(&f));
+            return Ok(false);
+        }
+        if start.is_some() {
+            let tag = match g.epilogue {
+                Epilogue::None => "",
+                Epilogue::Bias { .. } => " +bias",
+                Epilogue::GeluAux { .. } => " +gelu",
+                Epilogue::DGelu { .. } => " +dgelu",
+            };
+            let fast = if f.fast_accum { " fast" } else { "" };
+            let label = format!(
+                "gemm {}x{}x{} {:?}x{:?}->{:?}{tag}{fast}",
+                g.m, g.n, g.k, f.a_type, f.b_type, g.out_type
+            );
+            self.profile_record(&label, start)?;
+        }
+        if self.sync_each_launch {
+            self.stream.synchronize().map_err(|e| {
+                anyhow!("cuBLASLt FP8 matmul {}x{}x{} failed: {e:?}", g.m, g.n, g.k)
+            })?;
+        }
+        Ok(true)
+    }
+
+    /// The amax buffer's base address and length (0 and 0 without one).
+    fn amax_base(&self, amax: Option<&mut CudaBuf>) -> Result<(Option<u64>, usize)> {
+        match amax {
+            None => Ok((None, 0)),
+            Some(buf) => {
+                if buf.dtype != DType::F32 {
+                    bail!("internal error: the amax buffer is {}, not f32", buf.dtype);
+                }
+                let len = buf.len;
+                Ok((Some(self.ptr_mut(buf)), len))
+            }
+        }
+    }
+
+    /// `out = alpha · inp · wᵀ` run per an FP8-involving `gemm`, with `epilogue` (bias or
+    /// GELU; `Epilogue::GeluAux` only when `fp8_forward_fusable` said so). Sizes checked by the
+    /// caller.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_linear_forward(
+        &self,
+        out: u64,
+        out_type: DType,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        epilogue: Epilogue,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+    ) -> Result<()> {
+        let amax = self.amax_base(amax)?;
+        let mut g = Gemm {
+            out,
+            out_type: gemm_type(out_type)?,
+            a: 0,
+            b: 0,
+            inputs: GemmType::BF16,
+            m: n,
+            n: oc,
+            k: ic,
+            trans_a: false,
+            trans_b: true,
+            alpha: gemm.alpha,
+            beta: 0.0,
+            epilogue,
+        };
+        let scales = self.fp8_scales(&gemm, true);
+        if let (true, Some(mut f)) = (self.fp8_direct(&g, scales.as_ref()), scales) {
+            let cell_x = self.amax_cell(amax.0, amax.1, &gemm.a)?;
+            let cell_w = self.amax_cell(amax.0, amax.1, &gemm.b)?;
+            let (px, _, sx) = self.fp8_cast(
+                inp,
+                n,
+                ic,
+                &gemm.a,
+                Some(Role::X),
+                None,
+                false,
+                Role::X,
+                cell_x,
+            )?;
+            let (pw, _, sw) = self.fp8_cast(
+                w,
+                oc,
+                ic,
+                &gemm.b,
+                Some(Role::W),
+                None,
+                false,
+                Role::W,
+                cell_w,
+            )?;
+            g.a = px.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+            g.b = pw.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+            self.fp8_bind_scales(&mut g, &mut f, &gemm, sx, sw);
+            if self.gemm_fp8(g, f)? {
+                return Ok(());
+            }
+        }
+        if matches!(epilogue, Epilogue::GeluAux { .. }) && !self.fusable(&g) {
+            bail!("cuBLASLt runs this linear+GELU ({n}x{oc}x{ic}) neither in FP8 nor in bf16");
+        }
+        g.a = self.fp8_fallback_operand(inp, n, ic, &gemm.a, Role::X, amax)?;
+        g.b = self.fp8_fallback_operand(w, oc, ic, &gemm.b, Role::W, amax)?;
+        self.gemm(g)
+    }
+
+    /// Whether [`CudaBackend::fp8_linear_forward`] can fuse `epilogue` (a GELU) for these sizes.
+    pub(super) fn fp8_forward_fusable(
+        &self,
+        epilogue: Epilogue,
+        out_type: DType,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: &GemmSpec,
+    ) -> Result<bool> {
+        let g = Gemm {
+            out: 0,
+            out_type: gemm_type(out_type)?,
+            a: 0,
+            b: 0,
+            inputs: GemmType::BF16,
+            m: n,
+            n: oc,
+            k: ic,
+            trans_a: false,
+            trans_b: true,
+            alpha: gemm.alpha,
+            beta: 0.0,
+            epilogue,
+        };
+        Ok(self.fp8_direct(&g, self.fp8_scales(gemm, true).as_ref()))
+    }
+
+    /// Backward of [`CudaBackend::fp8_linear_forward`]: `dinp = alpha · dout · w` into
+    /// `dinp.0` (of dtype `dinp.1`), through the GELU derivative when `dgelu_pre` is given and
+    /// cuBLASLt can fuse it; `dw += alpha · doutᵀ · inp` (f32, or any type the GEMM layer
+    /// takes). Returns whether the GELU derivative was applied (the caller runs it otherwise).
+    /// The bias gradient is the caller's.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_linear_backward(
+        &self,
+        dinp: Option<(u64, DType)>,
+        dgelu_pre: Option<u64>,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        dinp_gemm: GemmSpec,
+        dw_gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+    ) -> Result<bool> {
+        let amax = self.amax_base(amax)?;
+        if dw.len != oc * ic {
+            bail!(
+                "internal error: weight grad has {} elements, expected {}",
+                dw.len,
+                oc * ic
+            );
+        }
+        let pdw = self.ptr_mut(dw);
+        let mut g_dw = Gemm {
+            out: pdw,
+            out_type: gemm_type(dw.dtype)?,
+            a: 0,
+            b: 0,
+            inputs: GemmType::BF16,
+            m: oc,
+            n: ic,
+            k: n,
+            trans_a: false,
+            trans_b: true,
+            alpha: dw_gemm.alpha,
+            beta: 1.0,
+            epilogue: Epilogue::None,
+        };
+        let f_dw = self.fp8_scales(&dw_gemm, false);
+        let dw_direct = self.fp8_direct(&g_dw, f_dw.as_ref());
+        let mut g_dx = match dinp {
+            Some((p, t)) => {
+                let plain = Gemm {
+                    out: p,
+                    out_type: gemm_type(t)?,
+                    a: 0,
+                    b: 0,
+                    inputs: GemmType::BF16,
+                    m: n,
+                    n: ic,
+                    k: oc,
+                    trans_a: false,
+                    trans_b: true,
+                    alpha: dinp_gemm.alpha,
+                    beta: 0.0,
+                    epilogue: Epilogue::None,
+                };
+                Some(plain)
+            }
+            None => None,
+        };
+        let f_dx = self.fp8_scales(&dinp_gemm, false);
+        // (direct, fused GELU derivative) of the input-gradient GEMM.
+        let (dx_direct, mut fused) = (
+            g_dx.is_some_and(|g| self.fp8_direct(&g, f_dx.as_ref())),
+            false,
+        );
+        if let (Some(g), Some(pre), true) = (g_dx.as_mut(), dgelu_pre, dx_direct) {
+            let with = Gemm {
+                epilogue: Epilogue::DGelu { pre },
+                ..*g
+            };
+            if self.fp8_direct(&with, f_dx.as_ref()) {
+                *g = with;
+                fused = true;
+            }
+        }
+        let cell = |op: &GemmOperand| self.amax_cell(amax.0, amax.1, op);
+        let shared_dy = g_dx.is_some() && dinp_gemm.a == dw_gemm.a;
+        // dout's transposed codes and scale cell, when the dx cast wrote them for the dw GEMM.
+        let mut dyt_ready: Option<(u64, u64)> = None;
+
+        // ---- dx = dout · w ----
+        if let Some(mut g) = g_dx {
+            let mut done = false;
+            if let (true, Some(mut f)) = (dx_direct, f_dx) {
+                let both = shared_dy && dw_direct;
+                let (pd, pdt, sd) = self.fp8_cast(
+                    dout,
+                    n,
+                    oc,
+                    &dinp_gemm.a,
+                    Some(Role::Dy),
+                    both.then_some(Role::DyT),
+                    false,
+                    Role::Dy,
+                    cell(&dinp_gemm.a)?,
+                )?;
+                if let (true, Some(p)) = (both, pdt) {
+                    dyt_ready = Some((p, sd));
+                }
+                let (_, pwt, swt) = self.fp8_cast(
+                    w,
+                    oc,
+                    ic,
+                    &dinp_gemm.b,
+                    None,
+                    Some(Role::WT),
+                    false,
+                    Role::WT,
+                    cell(&dinp_gemm.b)?,
+                )?;
+                g.a = pd.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+                g.b = pwt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+                self.fp8_bind_scales(&mut g, &mut f, &dinp_gemm, sd, swt);
+                done = self.gemm_fp8(g, f)?;
+            }
+            if !done {
+                // As bf16 GEMM of the dequantized operands (b = w as stored: not transposed).
+                fused = false;
+                g.epilogue = Epilogue::None;
+                g.a = self.fp8_fallback_operand(dout, n, oc, &dinp_gemm.a, Role::Dy, amax)?;
+                g.b = self.fp8_fallback_operand(w, oc, ic, &dinp_gemm.b, Role::WT, amax)?;
+                g.trans_b = false;
+                if let Some(pre) = dgelu_pre {
+                    let with = Gemm {
+                        epilogue: Epilogue::DGelu { pre },
+                        ..g
+                    };
+                    if self.fusable(&with) {
+                        g = with;
+                        fused = true;
+                    }
+                }
+                self.gemm(g)?;
+            }
+        }
+
+        // ---- dw += doutᵀ · inp ----
+        let mut done = false;
+        if let (true, Some(mut f)) = (dw_direct, f_dw) {
+            let (pdt, sd) = match dyt_ready {
+                Some(ready) => ready,
+                None => {
+                    let (_, pdt, sd) = self.fp8_cast(
+                        dout,
+                        n,
+                        oc,
+                        &dw_gemm.a,
+                        None,
+                        Some(Role::DyT),
+                        false,
+                        Role::DyT,
+                        cell(&dw_gemm.a)?,
+                    )?;
+                    (pdt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, sd)
+                }
+            };
+            let (_, pxt, sxt) = self.fp8_cast(
+                inp,
+                n,
+                ic,
+                &dw_gemm.b,
+                None,
+                Some(Role::XT),
+                false,
+                Role::XT,
+                cell(&dw_gemm.b)?,
+            )?;
+            let mut g = g_dw;
+            g.a = pdt;
+            g.b = pxt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+            self.fp8_bind_scales(&mut g, &mut f, &dw_gemm, sd, sxt);
+            done = self.gemm_fp8(g, f)?;
+        }
+        if !done {
+            // As bf16 GEMM of the dequantized operands, as stored: dout read transposed.
+            g_dw.a = self.fp8_fallback_operand(dout, n, oc, &dw_gemm.a, Role::DyT, amax)?;
+            g_dw.b = self.fp8_fallback_operand(inp, n, ic, &dw_gemm.b, Role::XT, amax)?;
+            g_dw.trans_a = true;
+            g_dw.trans_b = false;
+            self.gemm(g_dw)?;
+        }
+        Ok(fused)
+    }
+}
+
+/// The linear ops of [`crate::backend::Backend`] when their specs involve FP8 or amax recording
+/// (`CudaBackend`'s ops hand over to these).
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_op_linear_forward(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+    ) -> Result<()> {
+        let t = out.dtype;
+        self.expect("linear output", out, t, n * oc)?;
+        if let Some(b) = bias {
+            self.expect("linear bias", b, t, oc)?;
+        }
+        let epilogue = match bias {
+            Some(b) => Epilogue::Bias { bias: self.ptr(b) },
+            None => Epilogue::None,
+        };
+        let po = self.ptr_mut(out);
+        self.fp8_linear_forward(po, t, inp, w, epilogue, n, ic, oc, gemm, amax)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_op_linear_gelu_forward(
+        &self,
+        out: &mut CudaBuf,
+        pre: &mut CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
+    ) -> Result<()> {
+        let t = out.dtype;
+        self.expect("linear+GELU output", out, t, n * oc)?;
+        self.expect("linear+GELU pre-activation", pre, t, n * oc)?;
+        if let Some(b) = bias {
+            self.expect("linear bias", b, t, oc)?;
+        }
+        let epilogue = Epilogue::GeluAux {
+            bias: bias.map(|b| self.ptr(b)),
+            pre: self.ptr_mut(pre),
+        };
+        if gelu_scale == 1.0 && self.fp8_forward_fusable(epilogue, t, n, ic, oc, &gemm)? {
+            let po = self.ptr_mut(out);
+            return self.fp8_linear_forward(po, t, inp, w, epilogue, n, ic, oc, gemm, amax);
+        }
+        self.fp8_op_linear_forward(pre, inp, w, bias, n, ic, oc, gemm, amax)?;
+        crate::backend::Backend::gelu_forward(self, out, pre, gelu_scale)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_op_linear_backward(
+        &self,
+        dinp: Option<&mut CudaBuf>,
+        dw: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        dinp_gemm: GemmSpec,
+        dw_gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+    ) -> Result<()> {
+        let dinp = match dinp {
+            Some(d) => {
+                let t = d.dtype;
+                self.expect("linear input grad", d, t, n * ic)?;
+                Some((self.ptr_mut(d), t))
+            }
+            None => None,
+        };
+        self.fp8_linear_backward(
+            dinp, None, dw, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+        )?;
+        if let Some(db) = dbias {
+            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_op_linear_gelu_backward(
+        &self,
+        dpre: &mut CudaBuf,
+        dw: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        gelu_out: &CudaBuf,
+        pre: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        dinp_gemm: GemmSpec,
+        dw_gemm: GemmSpec,
+        amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
+    ) -> Result<()> {
+        let t = dpre.dtype;
+        self.expect("GELU input grad", dpre, t, n * ic)?;
+        self.expect("GELU input", pre, t, n * ic)?;
+        let pre_ptr = (gelu_scale == 1.0).then(|| self.ptr(pre));
+        let dinp = Some((self.ptr_mut(dpre), t));
+        let fused = self.fp8_linear_backward(
+            dinp, pre_ptr, dw, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+        )?;
+        if let Some(db) = dbias {
+            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
+        }
+        if !fused {
+            crate::backend::Backend::gelu_backward(self, dpre, pre, gelu_scale)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_cells_are_aligned_and_past_the_partials() {
+        for role in 0..=ROLES {
+            let at = scale_cell(role);
+            assert_eq!(at % 256, 0);
+            assert!(at >= (PARTIALS * 4) as u64);
+        }
+    }
+
+    #[test]
+    fn host_factor_folds_two_fixed_scales_exactly() {
+        let op = |scale| GemmOperand {
+            scale,
+            ..GemmOperand::plain(DType::F8E4M3)
+        };
+        let fixed = |a, b| GemmSpec::new(op(OperandScale::Fixed(a)), op(OperandScale::Fixed(b)));
+        assert_eq!(host_factor(&fixed(32.0, 1024.0)), Some(2f32.powi(-15)));
+        // 2^252 is no f32: the scale pointers stay.
+        let tiny = 2f32.powi(-126);
+        assert_eq!(host_factor(&fixed(tiny, tiny)), None);
+        let current = GemmSpec::new(
+            op(OperandScale::Current { margin: 0 }),
+            op(OperandScale::Fixed(1.0)),
+        );
+        assert_eq!(host_factor(&current), None);
+        assert!(involved(&[current]));
+        assert!(!involved(&[GemmSpec::both(DType::BF16)]));
+    }
+}
