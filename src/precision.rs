@@ -161,6 +161,21 @@ impl Recipe {
 
     /// An error when `backend` cannot run this recipe's formats.
     pub fn check_backend<B: crate::backend::Backend>(&self, backend: &B) -> anyhow::Result<()> {
+        self.check_formats(
+            backend.kind(),
+            |dtype| backend.supports(dtype),
+            |tensors, operand| backend.casts_for_gemm(tensors, operand),
+        )
+    }
+
+    /// [`Recipe::check_backend`] on what a backend named `kind` supports: storage formats, and
+    /// casts from a storage format to a GEMM operand format.
+    fn check_formats(
+        &self,
+        kind: &str,
+        supports: impl Fn(DType) -> bool,
+        casts: impl Fn(DType, DType) -> bool,
+    ) -> anyhow::Result<()> {
         let gemms =
             [GemmRole::Forward, GemmRole::InputGrad, GemmRole::WeightGrad].map(|r| self.gemm(r));
         let gemm_formats = gemms.iter().flat_map(|g| [g.a.format, g.b.format]);
@@ -168,22 +183,20 @@ impl Recipe {
             .into_iter()
             .chain(gemm_formats)
         {
-            if !backend.supports(dtype) {
+            if !supports(dtype) {
                 anyhow::bail!(
-                    "precision.recipe = {} needs {dtype} tensors, which the {} backend does not support yet; use --device cpu or another recipe",
+                    "precision.recipe = {} needs {dtype} tensors, which the {kind} backend does not support yet; use --device cpu or another recipe",
                     self.name,
-                    backend.kind()
                 );
             }
         }
         let operands = gemms.iter().flat_map(|g| [g.a.format, g.b.format]);
         for operand in operands.filter(|&f| f != self.activations && f != self.compute_weights) {
             for tensors in [self.activations, self.compute_weights] {
-                if !backend.casts_for_gemm(tensors, operand) {
+                if !casts(tensors, operand) {
                     anyhow::bail!(
-                        "precision.recipe = {} runs {operand} GEMMs on {tensors} tensors, which the {} backend cannot cast yet; use --device cpu or another recipe",
+                        "precision.recipe = {} runs {operand} GEMMs on {tensors} tensors, which the {kind} backend cannot cast yet; use --device cpu or another recipe",
                         self.name,
-                        backend.kind()
                     );
                 }
             }
@@ -200,6 +213,39 @@ impl Recipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend with every format but FP8 casts from bf16 only (the CUDA backend today) runs
+    /// `fp8` and refuses `fp8-unit` (fp16 tensors) up front, naming both formats.
+    #[test]
+    fn recipes_are_refused_for_formats_or_casts_a_backend_lacks() {
+        let all = |_: DType| true;
+        let from_bf16 =
+            |tensors: DType, operand: DType| !operand.is_float8() || tensors == DType::BF16;
+        for name in [
+            RecipeName::Fp32,
+            RecipeName::Bf16,
+            RecipeName::Fp16,
+            RecipeName::Fp8,
+        ] {
+            Recipe::new(name)
+                .check_formats("cuda", all, from_bf16)
+                .unwrap();
+        }
+        let err = Recipe::new(RecipeName::Fp8Unit)
+            .check_formats("cuda", all, from_bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f16 tensors") && err.contains("cuda backend"),
+            "{err}"
+        );
+        let no_f16 = |d: DType| d != DType::F16;
+        let err = Recipe::new(RecipeName::Fp16)
+            .check_formats("cuda", no_f16, from_bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs f16 tensors"), "{err}");
+    }
 
     #[test]
     fn bf16_keeps_fp32_master_and_optimizer_state() {
