@@ -73,7 +73,7 @@ pub fn bench<B: Backend>(
         cfg.train.seed,
     )?
     .with_recompute_gelu(cfg.train.recompute_gelu)
-    .with_logits_chunk_bytes(cfg.train.logits_chunk_mib << 20);
+    .with_logits_chunk_bytes(cfg.train.logits_chunk_bytes());
     let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
         .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
     let mut acts = model.activations(backend, b, t, true)?;

@@ -272,6 +272,13 @@ pub struct TrainConfig {
     pub logits_chunk_mib: usize,
 }
 
+impl TrainConfig {
+    /// `logits_chunk_mib` in bytes.
+    pub fn logits_chunk_bytes(&self) -> usize {
+        self.logits_chunk_mib.saturating_mul(1 << 20)
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {

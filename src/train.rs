@@ -264,7 +264,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 &ck.params_for(&recipe),
             )?
             .with_recompute_gelu(cfg.train.recompute_gelu)
-            .with_logits_chunk_bytes(cfg.train.logits_chunk_mib << 20);
+            .with_logits_chunk_bytes(cfg.train.logits_chunk_bytes());
             let mut optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
                 .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
             if opts.resume.is_some() {
@@ -282,7 +282,7 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
                 cfg.train.seed,
             )?
             .with_recompute_gelu(cfg.train.recompute_gelu)
-            .with_logits_chunk_bytes(cfg.train.logits_chunk_mib << 20);
+            .with_logits_chunk_bytes(cfg.train.logits_chunk_bytes());
             let optimizer = AdamWState::new(backend, model.specs(), recipe.optimizer_state)?
                 .with_rounding_seed(cfg.optim.stochastic_rounding.then_some(cfg.train.seed));
             (model, optimizer)
