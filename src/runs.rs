@@ -39,8 +39,11 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// The tokenizer, inside a checkpoint and a prepared data directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Unit-scaled runs only: the weights as the unit-scaled model holds them (internal names and
-/// layouts). `model.safetensors` then holds them folded into a standard GPT-2.
+/// layouts), with the residual rule they were trained under in the metadata key
+/// [`UNIT_RULE_KEY`]. `model.safetensors` then holds them folded into a standard GPT-2.
 pub const UNIT_MODEL_FILE: &str = "unit_model.safetensors";
+/// Metadata key of [`UNIT_MODEL_FILE`] naming [`unit::RESIDUAL_RULE`].
+pub const UNIT_RULE_KEY: &str = "residual_rule";
 
 /// Where training stood when a checkpoint was written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,7 +155,8 @@ pub fn save_checkpoint<B: Backend>(
     checkpoint::write_checkpoint_dir_atomically(dir, |tmp| {
         checkpoint::save_model(tmp, &gpt_shape(model.config()), &params, &options)?;
         if let Some(raw) = &unit_params {
-            checkpoint::save_tensors(&tmp.join(UNIT_MODEL_FILE), raw, &BTreeMap::new())?;
+            let rule = BTreeMap::from([(UNIT_RULE_KEY.to_string(), unit::RESIDUAL_RULE.into())]);
+            checkpoint::save_tensors(&tmp.join(UNIT_MODEL_FILE), raw, &rule)?;
         }
         checkpoint::save_tensors(&tmp.join(OPTIMIZER_FILE), &moments, &meta)?;
         checkpoint::write_atomic(&tmp.join(TRAINER_STATE), state_json.as_bytes())?;
@@ -257,23 +261,22 @@ pub fn load_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
     let params: Vec<Vec<f32>> = tensors.into_iter().map(|t| t.data).collect();
     let unit_path = dir.join(UNIT_MODEL_FILE);
     let unit_params = if unit_path.is_file() {
-        let (tensors, _) = checkpoint::load_tensors(&unit_path)?;
-        let mut by_name: BTreeMap<String, NamedTensor> =
-            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-        let specs = Gpt::<crate::backend::cpu::CpuBackend<f32>>::param_specs(&gpt);
-        let mut raw = Vec::with_capacity(specs.len());
-        for spec in &specs {
-            match by_name.remove(&spec.name) {
-                Some(t) if t.shape == spec.shape => raw.push(t.data),
-                _ => bail!(
-                    "{} lacks tensor {} of shape {:?}; the checkpoint is damaged",
-                    unit_path.display(),
-                    spec.name,
-                    spec.shape
-                ),
-            }
+        let (tensors, meta) = checkpoint::load_tensors(&unit_path)?;
+        let rule = meta.get(UNIT_RULE_KEY).map(String::as_str);
+        if rule != Some(unit::RESIDUAL_RULE) {
+            // Weights trained under an older residual rule compute another function here;
+            // the folded standard weights compute the trained one, so rebuild from those.
+            eprintln!(
+                "note: {} was saved under an older unit-scaling residual rule ({}); \
+                 rebuilding the unit-scaled weights from model.safetensors, which hold the same \
+                 model (optimizer moments of rescaled weights then resume approximately)",
+                unit_path.display(),
+                rule.unwrap_or("untagged")
+            );
+            None
+        } else {
+            Some(read_unit_params(&unit_path, tensors, &gpt)?)
         }
-        Some(raw)
     } else {
         None
     };
@@ -285,6 +288,30 @@ pub fn load_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
         params,
         unit_params,
     })
+}
+
+/// The tensors of [`UNIT_MODEL_FILE`] in [`Gpt::param_specs`] order.
+fn read_unit_params(
+    unit_path: &Path,
+    tensors: Vec<NamedTensor>,
+    gpt: &GptConfig,
+) -> Result<Vec<Vec<f32>>> {
+    let mut by_name: BTreeMap<String, NamedTensor> =
+        tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let specs = Gpt::<crate::backend::cpu::CpuBackend<f32>>::param_specs(gpt);
+    let mut raw = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        match by_name.remove(&spec.name) {
+            Some(t) if t.shape == spec.shape => raw.push(t.data),
+            _ => bail!(
+                "{} lacks tensor {} of shape {:?}; the checkpoint is damaged",
+                unit_path.display(),
+                spec.name,
+                spec.shape
+            ),
+        }
+    }
+    Ok(raw)
 }
 
 /// Name of the delayed-scaling amax histories (`[operands, steps]`) in `optimizer.safetensors`.

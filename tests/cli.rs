@@ -516,6 +516,28 @@ fn fp16_and_fp8_recipes_track_fp32_and_fp16_skips_overflowing_steps() {
     assert!(text.starts_with("KING"), "sample: {text:?}");
     let ck = sb.path("runs/unit/checkpoint");
     assert!(ck.join("unit_model.safetensors").is_file());
+    // Unit-scaled weights saved without the residual rule's tag (as before the rule changed)
+    // are rebuilt from the folded standard weights, with a note: the same model evaluates.
+    let unit_file = ck.join("unit_model.safetensors");
+    let (tensors, meta) = halfling::checkpoint::load_tensors(&unit_file).expect("unit model");
+    assert_eq!(
+        meta.get(halfling::runs::UNIT_RULE_KEY).map(String::as_str),
+        Some(halfling::model::unit::RESIDUAL_RULE)
+    );
+    halfling::checkpoint::save_tensors(&unit_file, &tensors, &Default::default()).unwrap();
+    let out = sb.run(&["eval", "--run", "runs/unit", "--json"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("older unit-scaling residual rule"),
+        "{stderr}"
+    );
+    let eval: Value = serde_json::from_slice(&out.stdout).expect("eval json");
+    let rebuilt = eval["val_loss"].as_f64().expect("val_loss");
+    assert!(
+        (rebuilt - unit).abs() < 1e-4,
+        "eval from the rebuilt unit weights {rebuilt} vs {unit}"
+    );
     assert!(
         fs::read(ck.join("model.safetensors")).unwrap()
             != fs::read(sb.path("runs/fp32/checkpoint/model.safetensors")).unwrap()
