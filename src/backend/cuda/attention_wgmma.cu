@@ -6,11 +6,13 @@
 // aligned (the host checks, and uses the old kernel otherwise). Deterministic: no atomics, fixed
 // reduction order.
 //
-// EXTERN NAMES AND LAUNCH GEOMETRY (mod.rs, `mod attention`, derives them from AtwFwd below):
+// EXTERN NAMES AND LAUNCH GEOMETRY (mod.rs, `mod attention`, mirrors the instantiations at the end):
 //   attention_forward_wgmma_hs{64,128}_{bf16,f16}(E* out, float* lse, const E* qkv, int B, int T_,
 //                                                 int C, int NH, float out_scale)
-//     grid = (B*NH, ceil(T_/BQ), 1), block = 128*NWG, dyn smem = AtwFwd::SMEM bytes (> 48 KB:
-//     the host raises the limit), with (NWG, BK) as instantiated at the end of this file.
+//     grid = (B*NH, ceil(T_/BQ), 1), block = 128*NWG, BQ = 64*NWG,
+//     dyn smem = AtwFwd::SMEM = 2*HS*(BQ + 4*BK) + 1024 bytes (> 48 KB: the host raises the limit)
+//     hs64 : NWG = 2, BK = 64,  <= 128 registers (2 blocks per SM), 50,176 B
+//     hs128: NWG = 2, BK = 128, 1 block per SM,                      164,864 B
 //
 // SCHEME. A block owns BQ = 64*NWG queries; warpgroup w (4 warps, 128 threads) owns 64 of them.
 // Q [BQ][HS] and double-buffered K, V tiles [BK][HS] sit in shared memory in the canonical 128-byte
@@ -23,6 +25,22 @@
 // register A operand (its fragments are the accumulator's, regrouped) and V read MN-major
 // (transposed) from the same swizzled tile. Warpgroups skip tiles wholly in their future; blocks
 // are ordered heaviest first.
+//
+// MEASURED (H200, standalone harness, bf16, median of 7 x 30 calls over 3 rotating input sets;
+// causal TFLOP/s = 4*B*NH*T^2*hs/2 / time). attention.cu's mma.sync forward: 124M shape (B 16,
+// T 1024, 12 heads, hs 64) 0.177 ms (145 TFLOP/s); 0.91B shape (B 8, T 1024, 16 heads, hs 128)
+// 0.267 ms (129). This kernel: 124M 0.096 ms (269, 1.85x), 0.91B 0.136 ms (253, 1.97x).
+// Warpgroups resident per SM (registers, shared memory) decided the tiling:
+//   hs64 : NWG 2 BK 64 (2 blocks/SM) 0.096 | NWG 2 BK 128 (178 registers, 1 block) 0.140 |
+//          NWG 1 BK 64 0.109 | NWG 1 BK 128 0.125 | NWG 3 BK 64 0.156 | NWG 3 BK 128 0.145
+//   hs128: NWG 2 BK 128 0.136 | NWG 1 BK 64 0.137 | NWG 2 BK 64 0.141 | NWG 3 BK 64 0.154 |
+//          NWG 1 BK 128 0.207
+// Intra-warpgroup pipelining (FA3-style: issue S_j and P_{j-1} V_{j-1} together, softmax of tile j
+// while the tensor cores do P_{j-1} V_{j-1}; three K/V stages; P ping-ponged between two register
+// sets because a register copy let ptxas merge them and serialise every wgmma) was correct but
+// no faster at these shapes: hs64 0.097 (NWG 2 BK 64, <= 128 registers), hs128 0.137-0.141.
+// It, Q held in registers (S by register-A wgmma) and one barrier per tile over three stages are
+// in commit 67ab960 of the attnfwd branch (the last two written but never measured).
 // ---------------------------------------------------------------------------------------------
 
 #include <cuda_bf16.h>
@@ -91,15 +109,6 @@ __device__ __forceinline__ void atw_mma_rs_n64_bf16(float (&d)[32], const atw_u3
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
-// D (+)= A·B^T, A = [64][16] from registers, B = [64][16] K-major in shared memory.
-__device__ __forceinline__ void atw_mma_rsk_n64_bf16(float (&d)[32], const atw_u32 (&a)[4], atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
 // D (+)= A·B^T, A = [64][16] and B = [128][16] both K-major in shared memory (descriptors).
 __device__ __forceinline__ void atw_mma_ss_n128_bf16(float (&d)[64], atw_u64 da, atw_u64 db, int scale_d) {
     asm volatile(
@@ -117,15 +126,6 @@ __device__ __forceinline__ void atw_mma_rs_n128_bf16(float (&d)[64], const atw_u
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
-// D (+)= A·B^T, A = [64][16] from registers, B = [128][16] K-major in shared memory.
-__device__ __forceinline__ void atw_mma_rsk_n128_bf16(float (&d)[64], const atw_u32 (&a)[4], atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
 }
 // D (+)= A·B^T, A = [64][16] and B = [64][16] both K-major in shared memory (descriptors).
 __device__ __forceinline__ void atw_mma_ss_n64_f16(float (&d)[32], atw_u64 da, atw_u64 db, int scale_d) {
@@ -145,15 +145,6 @@ __device__ __forceinline__ void atw_mma_rs_n64_f16(float (&d)[32], const atw_u32
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
-// D (+)= A·B^T, A = [64][16] from registers, B = [64][16] K-major in shared memory.
-__device__ __forceinline__ void atw_mma_rsk_n64_f16(float (&d)[32], const atw_u32 (&a)[4], atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
 // D (+)= A·B^T, A = [64][16] and B = [128][16] both K-major in shared memory (descriptors).
 __device__ __forceinline__ void atw_mma_ss_n128_f16(float (&d)[64], atw_u64 da, atw_u64 db, int scale_d) {
     asm volatile(
@@ -172,36 +163,23 @@ __device__ __forceinline__ void atw_mma_rs_n128_f16(float (&d)[64], const atw_u3
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
-// D (+)= A·B^T, A = [64][16] from registers, B = [128][16] K-major in shared memory.
-__device__ __forceinline__ void atw_mma_rsk_n128_f16(float (&d)[64], const atw_u32 (&a)[4], atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
 
 template <typename E, int N> struct AtwMma;
 template <> struct AtwMma<__nv_bfloat16, 64> {
     static __device__ __forceinline__ void ss(float (&d)[32], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n64_bf16(d, a, b, sd); }
     static __device__ __forceinline__ void rs(float (&d)[32], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n64_bf16(d, a, b); }
-    static __device__ __forceinline__ void rsk(float (&d)[32], const atw_u32 (&a)[4], atw_u64 b, int sd) { atw_mma_rsk_n64_bf16(d, a, b, sd); }
 };
 template <> struct AtwMma<__nv_bfloat16, 128> {
     static __device__ __forceinline__ void ss(float (&d)[64], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n128_bf16(d, a, b, sd); }
     static __device__ __forceinline__ void rs(float (&d)[64], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n128_bf16(d, a, b); }
-    static __device__ __forceinline__ void rsk(float (&d)[64], const atw_u32 (&a)[4], atw_u64 b, int sd) { atw_mma_rsk_n128_bf16(d, a, b, sd); }
 };
 template <> struct AtwMma<__half, 64> {
     static __device__ __forceinline__ void ss(float (&d)[32], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n64_f16(d, a, b, sd); }
     static __device__ __forceinline__ void rs(float (&d)[32], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n64_f16(d, a, b); }
-    static __device__ __forceinline__ void rsk(float (&d)[32], const atw_u32 (&a)[4], atw_u64 b, int sd) { atw_mma_rsk_n64_f16(d, a, b, sd); }
 };
 template <> struct AtwMma<__half, 128> {
     static __device__ __forceinline__ void ss(float (&d)[64], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n128_f16(d, a, b, sd); }
     static __device__ __forceinline__ void rs(float (&d)[64], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n128_f16(d, a, b); }
-    static __device__ __forceinline__ void rsk(float (&d)[64], const atw_u32 (&a)[4], atw_u64 b, int sd) { atw_mma_rsk_n128_f16(d, a, b, sd); }
 };
 
 // Two floats rounded to E (nearest even) in one register, lo in the low 16 bits.
@@ -298,35 +276,16 @@ __device__ __forceinline__ void atw_softmax(float (&s)[NS * 4], atw_u32 (&pa)[NS
 // S = Q K^T for one warpgroup (64 query rows at sQw, key tile at sK): HS/16 k16 steps, both
 // operands K-major; columns past hs are zero in both tiles (a run-time skip of them would put a
 // branch between the wgmma and cost fences). Issued, not waited for.
-// QREG: Q comes from registers (qf: A fragments per k-step), else from shared memory.
-template <int HS, int BQ, int BK, bool QREG, typename E>
-__device__ __forceinline__ void atw_issue_s(float (&s)[BK / 2], const atw_u32 (&qf)[QREG ? HS / 16 : 1][4],
-                                            atw_u32 sQw, atw_u32 sK) {
+// S = Q K^T for one warpgroup (64 query rows at sQw, key tile at sK): HS/16 k16 steps, both
+// operands K-major; columns past hs are zero in both tiles (a run-time skip of them would put a
+// branch between the wgmma and cost fences). Issued, not waited for.
+template <int HS, int BQ, int BK, typename E>
+__device__ __forceinline__ void atw_issue_s(float (&s)[BK / 2], atw_u32 sQw, atw_u32 sK) {
 #pragma unroll
     for (int kt = 0; kt < HS / 16; kt++) {
+        const atw_u32 qa = sQw + (kt >> 2) * (BQ * 128) + (kt & 3) * 32;
         const atw_u32 ka = sK + (kt >> 2) * (BK * 128) + (kt & 3) * 32;
-        if constexpr (QREG) {
-            AtwMma<E, BK>::rsk(s, qf[kt], atw_desc(ka, 16, 1024), kt > 0);
-        } else {
-            const atw_u32 qa = sQw + (kt >> 2) * (BQ * 128) + (kt & 3) * 32;
-            AtwMma<E, BK>::ss(s, atw_desc(qa, 16, 1024), atw_desc(ka, 16, 1024), kt > 0);
-        }
-    }
-}
-// The A fragments of this warp's 16 query rows (row0 = first of them within the Q tile of BQ rows)
-// from the swizzled Q tile, one ldmatrix.x4 per k16 step (mma.m16n8k16 A layout, which is also
-// wgmma's register A layout).
-template <int HS, int BQ>
-__device__ __forceinline__ void atw_load_qfrag(atw_u32 (&qf)[HS / 16][4], atw_u32 sQ, int row0, int lane) {
-    const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-    for (int kt = 0; kt < HS / 16; kt++) {
-        const int c = 2 * (kt & 3) + (lane >> 4);
-        const atw_u32 a = sQ + (kt >> 2) * (BQ * 128) + r * 128 + ((c ^ (r & 7)) << 4);
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(qf[kt][0]), "=r"(qf[kt][1]), "=r"(qf[kt][2]), "=r"(qf[kt][3])
-                     : "r"(a)
-                     : "memory");
+        AtwMma<E, BK>::ss(s, atw_desc(qa, 16, 1024), atw_desc(ka, 16, 1024), kt > 0);
     }
 }
 // O += P V (V MN-major from the swizzled tile at sV: k16 step kk starts 16 rows = 2048 bytes on;
@@ -376,35 +335,22 @@ __device__ __forceinline__ void atw_store(E* out, float* lse, const float (&o)[H
     }
 }
 
-// FLAGS: ATW_PIPE (softmax overlapped with the previous tile's P V, 3 stages), ATW_QREG (Q held in
-// registers as A fragments: S = Q K^T then reads only K from shared memory), ATW_ONEBAR (without
-// PIPE: 3 stages, so one barrier per key tile suffices).
-#define ATW_PIPE 1
-#define ATW_QREG 2
-#define ATW_ONEBAR 4
-template <int HS, int NWG, int BK, int FLAGS>
+template <int HS, int NWG, int BK>
 struct AtwFwd {
-    static constexpr bool PIPE = (FLAGS & ATW_PIPE) != 0;
-    static constexpr bool QREG = (FLAGS & ATW_QREG) != 0;
-    static constexpr bool ONEBAR = !PIPE && (FLAGS & ATW_ONEBAR) != 0;
     static constexpr int BQ = 64 * NWG;
     static constexpr int NTH = 128 * NWG;
     static constexpr int QBYTES = BQ * HS * 2;
     static constexpr int TBYTES = BK * HS * 2;  // one K or V tile
-    static constexpr int NSTAGE = (PIPE || ONEBAR) ? 3 : 2;
-    static constexpr int SMEM = QBYTES + NSTAGE * 2 * TBYTES + 1024;  // + 1024: alignment slack
+    static constexpr int SMEM = QBYTES + 4 * TBYTES + 1024;  // 2 K/V stages; + 1024: alignment slack
 };
 
-// PIPE = false: per key tile S, softmax, then O += P V, each product waited for at once.
-// PIPE = true (intra-warpgroup pipelining): iteration j issues S_j and then O += P_{j-1} V_{j-1},
-// waits for S_j only and runs the softmax of tile j while the tensor cores do P_{j-1} V_{j-1};
-// O is rescaled once that product is done. Needs K_j and V_{j-1} at once: 3 stages.
-template <int HS, int NWG, int BK, int FLAGS, typename E>
+// Per key tile: S (waited for), mask and softmax, then O += P V (waited for) before the barrier
+// that frees the stage for the next prefetch.
+template <int HS, int NWG, int BK, typename E>
 __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B, int T_, int C,
                                         int NH, float out_scale) {
-    typedef AtwFwd<HS, NWG, BK, FLAGS> Cf;
-    constexpr int BQ = Cf::BQ, NTH = Cf::NTH, TB = Cf::TBYTES, NSTAGE = Cf::NSTAGE;
-    constexpr bool PIPE = Cf::PIPE, QREG = Cf::QREG, ONEBAR = Cf::ONEBAR;
+    typedef AtwFwd<HS, NWG, BK> Cf;
+    constexpr int BQ = Cf::BQ, NTH = Cf::NTH, TB = Cf::TBYTES;
     constexpr int NS = BK / 8;  // n8 column groups of S (4 registers each)
     constexpr int NO = HS / 8;  // n8 column groups of O
     const atw_u32 sQ = (atw_saddr(atw_smem) + 1023u) & ~1023u;
@@ -434,65 +380,13 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
 #pragma unroll
     for (int i = 0; i < NO * 4; i++) o[i] = 0.f;
     float m0 = ATW_NEG_INF, m1 = ATW_NEG_INF, l0 = 0.f, l1 = 0.f;
-    atw_u32 qf[QREG ? HS / 16 : 1][4];
-    if constexpr (QREG) {  // wait for Q (and tile 0, same group), then keep it in registers
-        atw_cp_wait<0>();
-        __syncthreads();
-        atw_load_qfrag<HS, BQ>(qf, sQ, 64 * wg + 16 * warp, lane);
-    }
 
-    if (!PIPE) {
-        for (int i = 0; i < ntiles; i++) {
-            const int k0 = i * BK;
-            if (i + 1 < ntiles) {  // with one barrier: stage (i+1) % 3 was last read at iteration i-2
-                const atw_u32 nx = sKV + ((i + 1) % NSTAGE) * 2 * TB;
-                atw_load_tile<HS, BK, NTH>(nx, base + C, C3, k0 + BK, T_, hs);
-                atw_load_tile<HS, BK, NTH>(nx + TB, base + 2 * C, C3, k0 + BK, T_, hs);
-                atw_cp_commit();
-                atw_cp_wait<1>();
-            } else {
-                atw_cp_wait<0>();
-            }
-            atw_fence_proxy();
-            __syncthreads();
-            if (k0 <= wq0 + 63) {  // warpgroup-uniform: otherwise every key is in this warpgroup's future
-                const atw_u32 sK = sKV + (i % NSTAGE) * 2 * TB;
-                float s[NS * 4];
-                atw_wg_fence();
-                atw_issue_s<HS, BQ, BK, QREG, E>(s, qf, sQw, sK);
-                atw_wg_commit();
-                atw_wg_wait<0>();
-                atw_reg_fence(s);
-                atw_u32 pa[BK / 16][4];
-                float cr0, cr1;
-                atw_softmax<NS, E>(s, pa, (k0 + BK - 1 > wq0) || (k0 + BK > T_), k0, r0, r1, t4, T_, cs,
-                                   m0, m1, l0, l1, cr0, cr1);
-#pragma unroll
-                for (int j = 0; j < NO; j++) {
-                    o[4 * j] *= cr0;
-                    o[4 * j + 1] *= cr0;
-                    o[4 * j + 2] *= cr1;
-                    o[4 * j + 3] *= cr1;
-                }
-                atw_wg_fence();
-                atw_issue_pv<HS, BK, E>(o, pa, sK + TB);
-                atw_wg_commit();
-                atw_wg_wait<0>();
-                atw_reg_fence(o);
-            }
-            if (!ONEBAR) __syncthreads();  // the stage just read is refilled by the next prefetch
-        }
-    } else {
-        // Tiles 0..wlast hold keys <= this warpgroup's last query (tile 0 always does).
-        const int wlast = min(ntiles - 1, (wq0 + 63) / BK);
-        // P of the previous and of the current tile alternate between two register sets (the loop
-        // is unrolled by two): a copy would let the register allocator merge them, and then the
-        // softmax would overwrite the A operand of the product in flight, which ptxas answers by
-        // serialising every wgmma of the kernel.
-        atw_u32 pbuf0[BK / 16][4], pbuf1[BK / 16][4];
-        if (ntiles > 1) {
-            atw_load_tile<HS, BK, NTH>(sKV + 2 * TB, base + C, C3, BK, T_, hs);
-            atw_load_tile<HS, BK, NTH>(sKV + 3 * TB, base + 2 * C, C3, BK, T_, hs);
+    for (int i = 0; i < ntiles; i++) {
+        const int k0 = i * BK;
+        if (i + 1 < ntiles) {
+            const atw_u32 nx = sKV + ((i + 1) & 1) * 2 * TB;
+            atw_load_tile<HS, BK, NTH>(nx, base + C, C3, k0 + BK, T_, hs);
+            atw_load_tile<HS, BK, NTH>(nx + TB, base + 2 * C, C3, k0 + BK, T_, hs);
             atw_cp_commit();
             atw_cp_wait<1>();
         } else {
@@ -500,86 +394,45 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
         }
         atw_fence_proxy();
         __syncthreads();
-        {
+        if (k0 <= wq0 + 63) {  // warpgroup-uniform: otherwise every key is in this warpgroup's future
+            const atw_u32 sK = sKV + (i & 1) * 2 * TB;
             float s[NS * 4];
             atw_wg_fence();
-            atw_issue_s<HS, BQ, BK, QREG, E>(s, qf, sQw, sKV);
+            atw_issue_s<HS, BQ, BK, E>(s, sQw, sK);
             atw_wg_commit();
             atw_wg_wait<0>();
             atw_reg_fence(s);
-            float cr0, cr1;  // O is still zero: nothing to rescale
-            atw_softmax<NS, E>(s, pbuf0, (BK - 1 > wq0) || (BK > T_), 0, r0, r1, t4, T_, cs, m0, m1, l0, l1,
-                               cr0, cr1);
-        }
-        // Iteration j: S_j, and O += P_{j-1} V_{j-1} (pp) while the softmax of tile j fills pa.
-        auto step = [&](int j, atw_u32 (&pp)[BK / 16][4], atw_u32 (&pa)[BK / 16][4]) {
-            if (j + 1 < ntiles) {  // tile j+1 into stage (j+1) % 3, last read at iteration j-1
-                const atw_u32 nx = sKV + ((j + 1) % NSTAGE) * 2 * TB;
-                atw_load_tile<HS, BK, NTH>(nx, base + C, C3, (j + 1) * BK, T_, hs);
-                atw_load_tile<HS, BK, NTH>(nx + TB, base + 2 * C, C3, (j + 1) * BK, T_, hs);
-                atw_cp_commit();
-                atw_cp_wait<1>();
-            } else {
-                atw_cp_wait<0>();
-            }
-            atw_fence_proxy();
-            __syncthreads();
-            if (j <= wlast) {  // warpgroup-uniform
-                float s[NS * 4];
-                atw_wg_fence();
-                atw_issue_s<HS, BQ, BK, QREG, E>(s, qf, sQw, sKV + (j % NSTAGE) * 2 * TB);
-                atw_wg_commit();
-                atw_issue_pv<HS, BK, E>(o, pp, sKV + ((j - 1) % NSTAGE) * 2 * TB + TB);
-                atw_wg_commit();
-                atw_wg_wait<1>();  // S_j done; P_{j-1} V_{j-1} may still run
-                atw_reg_fence(s);
-                const int k0 = j * BK;
-                float cr0, cr1;
-                atw_softmax<NS, E>(s, pa, (k0 + BK - 1 > wq0) || (k0 + BK > T_), k0, r0, r1, t4, T_, cs,
-                                   m0, m1, l0, l1, cr0, cr1);
-                atw_wg_wait<0>();
-                atw_reg_fence(o);
+            atw_u32 pa[BK / 16][4];
+            float cr0, cr1;
+            atw_softmax<NS, E>(s, pa, (k0 + BK - 1 > wq0) || (k0 + BK > T_), k0, r0, r1, t4, T_, cs,
+                               m0, m1, l0, l1, cr0, cr1);
 #pragma unroll
-                for (int i = 0; i < NO; i++) {
-                    o[4 * i] *= cr0;
-                    o[4 * i + 1] *= cr0;
-                    o[4 * i + 2] *= cr1;
-                    o[4 * i + 3] *= cr1;
-                }
-            } else if (j == wlast + 1) {  // this warpgroup's last product
-                atw_wg_fence();
-                atw_issue_pv<HS, BK, E>(o, pp, sKV + ((j - 1) % NSTAGE) * 2 * TB + TB);
-                atw_wg_commit();
-                atw_wg_wait<0>();
-                atw_reg_fence(o);
+            for (int j = 0; j < NO; j++) {
+                o[4 * j] *= cr0;
+                o[4 * j + 1] *= cr0;
+                o[4 * j + 2] *= cr1;
+                o[4 * j + 3] *= cr1;
             }
-            __syncthreads();  // the stage read by P V is refilled by the next iteration's prefetch
-        };
-        for (int j = 1; j < ntiles; j += 2) {
-            step(j, pbuf0, pbuf1);
-            if (j + 1 < ntiles) step(j + 1, pbuf1, pbuf0);
-        }
-        if (wlast == ntiles - 1) {  // P of tile wlast is in pbuf0 when wlast is even
             atw_wg_fence();
-            if (wlast & 1) atw_issue_pv<HS, BK, E>(o, pbuf1, sKV + (wlast % NSTAGE) * 2 * TB + TB);
-            else atw_issue_pv<HS, BK, E>(o, pbuf0, sKV + (wlast % NSTAGE) * 2 * TB + TB);
+            atw_issue_pv<HS, BK, E>(o, pa, sK + TB);
             atw_wg_commit();
             atw_wg_wait<0>();
             atw_reg_fence(o);
         }
+        __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }
     atw_store<HS, E>(out, lse, o, m0, m1, l0, l1, b, h, bh, r0, r1, t4, T_, C, hs, out_scale);
 }
 
-#define ATW_FWD_KERNEL(name, E, HS, NWG, BK, FLAGS, MINB)                                            \
+#define ATW_FWD_KERNEL(name, E, HS, NWG, BK, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                   \
     name(E* out, float* lse, const E* qkv, int B, int T_, int C, int NH, float out_scale) {         \
-        atw_fwd<HS, NWG, BK, FLAGS, E>(out, lse, qkv, B, T_, C, NH, out_scale);                    \
+        atw_fwd<HS, NWG, BK, E>(out, lse, qkv, B, T_, C, NH, out_scale);                           \
     }
 
-// Instantiations: (HS, warpgroups per block, key tile, FLAGS, min blocks per SM); bf16 and f16
-// share them. mod.rs (`mod attention`) mirrors these numbers.
-ATW_FWD_KERNEL(attention_forward_wgmma_hs64_bf16, __nv_bfloat16, 64, 2, 64, 0, 2)
-ATW_FWD_KERNEL(attention_forward_wgmma_hs128_bf16, __nv_bfloat16, 128, 2, 128, 0, 1)
-ATW_FWD_KERNEL(attention_forward_wgmma_hs64_f16, __half, 64, 2, 64, 0, 2)
-ATW_FWD_KERNEL(attention_forward_wgmma_hs128_f16, __half, 128, 2, 128, 0, 1)
+// Instantiations: (HS, warpgroups per block, key tile, min blocks per SM); bf16 and f16 share them.
+// mod.rs (`mod attention`, fwd_wgmma) mirrors these numbers.
+ATW_FWD_KERNEL(attention_forward_wgmma_hs64_bf16, __nv_bfloat16, 64, 2, 64, 2)
+ATW_FWD_KERNEL(attention_forward_wgmma_hs128_bf16, __nv_bfloat16, 128, 2, 128, 1)
+ATW_FWD_KERNEL(attention_forward_wgmma_hs64_f16, __half, 64, 2, 64, 2)
+ATW_FWD_KERNEL(attention_forward_wgmma_hs128_f16, __half, 128, 2, 128, 1)
