@@ -7,7 +7,7 @@
 //! - FP8 linear layers (`fp8.rs`): FP8 casts with amax (`fp8.cu`) feeding cuBLASLt FP8 GEMMs.
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
-//!   driver version.
+//!   driver version. On Hopper the attention forward is `attention_wgmma.cu` (sm_90a, wgmma).
 //! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in
 //!   `_f32`, `_bf16` and `_f16` flavours, picked by the activations' dtype. Parameter gradients,
 //!   optimizer state, LayerNorm statistics, log-sum-exps and losses are always f32.
@@ -39,6 +39,7 @@ use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
+const ATTENTION_WGMMA_CU: &str = include_str!("attention_wgmma.cu");
 const FP8_CU: &str = include_str!("fp8.cu");
 
 /// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
@@ -107,6 +108,9 @@ pub struct CudaBackend {
     /// `HALFLING_CUDA_FP8_SCALES=host`: FP8 GEMMs whose operands both have `Fixed` scales get
     /// them folded into `alpha` instead of cuBLASLt scale pointers (same result).
     fp8_host_scales: bool,
+    /// Whether the Hopper attention forward (`attention_wgmma.cu`, wgmma, sm_90a) is loaded;
+    /// `HALFLING_CUDA_WGMMA_ATTN=0` keeps attention.cu's mma.sync forward instead.
+    wgmma_attention: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -316,6 +320,21 @@ impl CudaBackend {
                 .map_err(|e| anyhow!("cannot load the compiled {file}.cu on the GPU: {e:?}"))?;
             modules.push(module);
         }
+        // The wgmma forward needs the sm_90a target (compute capability 9.0 exactly). It is an
+        // optional fast path: where NVRTC or the driver cannot build it, attention.cu's kernels run.
+        let wgmma_attention = (major, minor) == (9, 0)
+            && std::env::var("HALFLING_CUDA_WGMMA_ATTN").map_or(true, |v| v != "0")
+            && compile_cached(
+                "attention_wgmma",
+                ATTENTION_WGMMA_CU,
+                "sm_90a",
+                &include,
+                driver_version,
+            )
+            .ok()
+            .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
+            .map(|m| modules.push(m))
+            .is_some();
         let lt = Lt::new(&stream)?;
         Ok(Self {
             ctx,
@@ -338,6 +357,7 @@ impl CudaBackend {
             fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
+            wgmma_attention,
         })
     }
 
@@ -2017,6 +2037,38 @@ mod attention {
         }
     }
 
+    /// The Hopper forward's tiling (attention_wgmma.cu's instantiations): `nwg` warpgroups of 64
+    /// queries each, key tiles of `bk` rows, double-buffered.
+    struct WgmmaTiling {
+        hs: usize,
+        nwg: usize,
+        bk: usize,
+    }
+
+    impl WgmmaTiling {
+        /// (queries per block, threads per block, dynamic shared memory bytes)
+        fn geometry(&self) -> (usize, u32, u32) {
+            // Q, then two stages of K and V, 2 bytes an element; + 1024 to align the swizzled tiles.
+            let bytes = 2 * self.hs * (64 * self.nwg + 4 * self.bk) + 1024;
+            (64 * self.nwg, 128 * self.nwg as u32, bytes as u32)
+        }
+    }
+
+    fn fwd_wgmma(hs_max: usize) -> WgmmaTiling {
+        match hs_max {
+            64 => WgmmaTiling {
+                hs: 64,
+                nwg: 2,
+                bk: 64,
+            },
+            _ => WgmmaTiling {
+                hs: 128,
+                nwg: 2,
+                bk: 128,
+            },
+        }
+    }
+
     /// The 16-bit (bf16 and f16) forward tiling.
     fn fwd_bf16(hs_max: usize) -> FwdTiling {
         match hs_max {
@@ -2108,9 +2160,17 @@ mod attention {
     ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
+        // The wgmma kernel copies qkv in 16-byte pieces: its base must be 16-byte aligned.
+        let wgmma = be.wgmma_attention && matches!(dt, DType::BF16 | DType::F16) && qkv % 16 == 0;
         let (tile, block, shared) = match dt {
+            _ if wgmma => fwd_wgmma(hs_max).geometry(),
             DType::BF16 | DType::F16 => fwd_bf16(hs_max).geometry(),
             _ => (32, 128, 0),
+        };
+        let name = if wgmma {
+            format!("attention_forward_wgmma_hs{hs_max}_{sfx}")
+        } else {
+            format!("attention_forward_hs{hs_max}_{sfx}")
         };
         let grid = ((b * nh) as u32, t.div_ceil(tile) as u32, 1);
         let args = [
@@ -2123,13 +2183,7 @@ mod attention {
             Arg::Int(int(nh)?),
             op_scale("attention output", out_scale)?,
         ];
-        be.launch(
-            &format!("attention_forward_hs{hs_max}_{sfx}"),
-            grid,
-            block,
-            shared,
-            &args,
-        )
+        be.launch(&name, grid, block, shared, &args)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2194,9 +2248,11 @@ mod attention {
         use super::*;
 
         #[test]
-        fn bf16_geometry_matches_the_attention_cu_header() {
+        fn bf16_geometry_matches_the_cu_headers() {
             assert_eq!(fwd_bf16(64).geometry(), (128, 256, 36_864));
             assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
+            assert_eq!(fwd_wgmma(64).geometry(), (128, 256, 50_176));
+            assert_eq!(fwd_wgmma(128).geometry(), (128, 256, 164_864));
             assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
             assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
             assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
