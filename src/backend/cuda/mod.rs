@@ -107,6 +107,9 @@ pub struct CudaBackend {
     /// `HALFLING_CUDA_FP8_SCALES=host`: FP8 GEMMs whose operands both have `Fixed` scales get
     /// them folded into `alpha` instead of cuBLASLt scale pointers (same result).
     fp8_host_scales: bool,
+    /// Whether FP8 casts may be kept for later GEMMs under the caller's `KeepToken`s;
+    /// `HALFLING_CUDA_FP8_KEEP=0` casts every operand where it is read (less memory, to compare).
+    fp8_keep: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -338,6 +341,7 @@ impl CudaBackend {
             fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
+            fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
         })
     }
 
@@ -366,6 +370,19 @@ impl CudaBackend {
         shared: u32,
         args: &[Arg],
     ) -> Result<()> {
+        self.launch_as(name, None, grid, block, shared, args)
+    }
+
+    /// [`CudaBackend::launch`], profiled under `label` (the kernel's name if `None`).
+    fn launch_as(
+        &self,
+        name: &str,
+        label: Option<&str>,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = self.function(name)?;
         if shared > 48 * 1024 {
             f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
@@ -389,7 +406,7 @@ impl CudaBackend {
         // pointer is a live allocation of at least the size the kernel indexes.
         unsafe { b.launch(cfg) }
             .map_err(|e| anyhow!("CUDA kernel {name} failed to launch: {e:?}"))?;
-        self.profile_record(name, start)?;
+        self.profile_record(label.unwrap_or(name), start)?;
         if self.sync_each_launch {
             self.stream
                 .synchronize()
