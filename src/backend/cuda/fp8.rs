@@ -49,7 +49,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::cublaslt::{Epilogue, Fp8Scales, Gemm, GemmType};
-use super::{gemm_type, int, oom, Arg, CudaBackend, CudaBuf};
+use super::{gemm_type, int, oom, op_scale, Arg, CudaBackend, CudaBuf, BLOCK};
 use crate::backend::{GemmOperand, GemmSpec, KeepToken, OperandScale};
 use crate::numerics::DType;
 
@@ -289,7 +289,7 @@ impl CudaBackend {
         if !dequant && x.dtype == DType::BF16 {
             let scale = (partials, num_partials, fixed, margin);
             let (o, t) = (out.unwrap_or(0), out_t.unwrap_or(0));
-            self.fp8_launch_tiled(x, rows, cols, format, scale, o, t, scale_ptr, amax_cell)?;
+            self.fp8_launch_tiled(x, rows, cols, format, scale, o, t, scale_ptr, amax_cell, 0)?;
             return Ok((out, out_t, scale_ptr));
         }
         let grid_y = u32::try_from(rows.div_ceil(32))
@@ -338,7 +338,9 @@ impl CudaBackend {
     }
 
     /// `fp8_cast_tiled_bf16` on `x[rows, cols]`: codes into `out` and/or transposed into
-    /// `out_t` (0: not written), with `scale` from [`CudaBackend::fp8_scale_args`].
+    /// `out_t` (0: not written), with `scale` from [`CudaBackend::fp8_scale_args`]; with
+    /// `col_sums` (not 0), `fp8_cast_tiled_dbias_bf16`, which also writes there the column sums
+    /// of each 64-row tile (`ceil(rows / 64) x cols` f32).
     #[allow(clippy::too_many_arguments)]
     fn fp8_launch_tiled(
         &self,
@@ -351,8 +353,14 @@ impl CudaBackend {
         out_t: u64,
         scale_ptr: u64,
         amax_cell: u64,
+        col_sums: u64,
     ) -> Result<()> {
         let (partials, num_partials, fixed, margin) = scale;
+        let name = if col_sums != 0 {
+            "fp8_cast_tiled_dbias_bf16"
+        } else {
+            "fp8_cast_tiled_bf16"
+        };
         let grid_y = u32::try_from(rows.div_ceil(64))
             .ok()
             .filter(|&g| g <= 65535)
@@ -364,29 +372,83 @@ impl CudaBackend {
                 (true, false) => "row-major",
                 _ => "transposed",
             };
-            format!("fp8_cast_tiled_bf16 {rows}x{cols} {layouts}")
+            format!("{name} {rows}x{cols} {layouts}")
         });
+        let mut args = vec![
+            Arg::Ptr(out),
+            Arg::Ptr(out_t),
+            Arg::Ptr(self.ptr(x)),
+            Arg::Int(int(rows)?),
+            Arg::Int(int(cols)?),
+            Arg::Int(format),
+            Arg::Ptr(partials),
+            Arg::Int(int(num_partials)?),
+            Arg::Float(fixed),
+            Arg::Int(margin),
+            Arg::Ptr(amax_cell),
+            Arg::Ptr(scale_ptr),
+        ];
+        if col_sums != 0 {
+            args.push(Arg::Ptr(col_sums));
+        }
         self.launch_as(
-            "fp8_cast_tiled_bf16",
+            name,
             label.as_deref(),
             (cols.div_ceil(128).max(1) as u32, grid_y.max(1), 1),
             256,
             0,
-            &[
-                Arg::Ptr(out),
-                Arg::Ptr(out_t),
-                Arg::Ptr(self.ptr(x)),
-                Arg::Int(int(rows)?),
-                Arg::Int(int(cols)?),
-                Arg::Int(format),
-                Arg::Ptr(partials),
-                Arg::Int(int(num_partials)?),
-                Arg::Float(fixed),
-                Arg::Int(margin),
-                Arg::Ptr(amax_cell),
-                Arg::Ptr(scale_ptr),
-            ],
+            &args,
         )
+    }
+
+    /// The output gradient's cast for a backward GEMM (arguments as [`CudaBackend::fp8_cast`]'s),
+    /// taking `dbias` (`(dbias, alpha)`) where the tiled kernel runs: it then also forms the
+    /// bias gradient `dbias += alpha·Σ_rows dout` from the same read of `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_cast_dout(
+        &self,
+        dout: &CudaBuf,
+        n: usize,
+        oc: usize,
+        op: &GemmOperand,
+        plain: Option<Role>,
+        transposed: Option<Role>,
+        cell: Role,
+        amax_cell: u64,
+        dbias: &mut Option<(&mut CudaBuf, f32)>,
+    ) -> Result<(Option<u64>, Option<u64>, u64)> {
+        if dout.dtype != DType::BF16 || dbias.is_none() {
+            return self.fp8_cast(dout, n, oc, op, plain, transposed, false, cell, amax_cell);
+        }
+        self.expect("FP8 GEMM operand", dout, DType::BF16, n * oc)?;
+        let (db, alpha) = dbias
+            .take()
+            .ok_or_else(|| anyhow!("internal error: bias gradient"))?;
+        self.expect("bias gradient", db, DType::F32, oc)?;
+        let format = format_code(op.format)?;
+        let scale = self.fp8_scale_args(dout, op)?;
+        let out = plain.map(|r| self.fp8_buf(r, n * oc)).transpose()?;
+        let out_t = transposed.map(|r| self.fp8_buf(r, n * oc)).transpose()?;
+        let scale_ptr = self.fp8_cells()? + scale_cell(cell as usize);
+        let groups = n.div_ceil(64);
+        let sums = self.scratch_ptr(groups * oc * 4)?;
+        let (o, t) = (out.unwrap_or(0), out_t.unwrap_or(0));
+        self.fp8_launch_tiled(dout, n, oc, format, scale, o, t, scale_ptr, amax_cell, sums)?;
+        let pdb = self.ptr_mut(db);
+        self.launch(
+            "bias_backward_reduce",
+            (oc.div_ceil(32) as u32, 1, 1),
+            BLOCK,
+            0,
+            &[
+                Arg::Ptr(pdb),
+                Arg::Ptr(sums),
+                op_scale("bias gradient", alpha)?,
+                Arg::Int(int(groups)?),
+                Arg::Int(int(oc)?),
+            ],
+        )?;
+        Ok((out, out_t, scale_ptr))
     }
 
     /// Whether `op` on `x` may use a kept copy (see the module doc).
@@ -469,7 +531,7 @@ impl CudaBackend {
         };
         let scale = self.fp8_scale_args(x, op)?;
         let format = format_code(op.format)?;
-        self.fp8_launch_tiled(x, rows, cols, format, scale, p, t, cell, amax_cell)?;
+        self.fp8_launch_tiled(x, rows, cols, format, scale, p, t, cell, amax_cell, 0)?;
         let kept = Kept {
             token,
             src: self.ptr(x),
@@ -746,14 +808,16 @@ impl CudaBackend {
     /// Backward of [`CudaBackend::fp8_linear_forward`]: `dinp = alpha · dout · w` into
     /// `dinp.0` (of dtype `dinp.1`), through the GELU derivative when `dgelu_pre` is given and
     /// cuBLASLt can fuse it; `dw += alpha · doutᵀ · inp` (f32, or any type the GEMM layer
-    /// takes). Returns whether the GELU derivative was applied (the caller runs it otherwise).
-    /// The bias gradient is the caller's.
+    /// takes); `dbias += alpha · Σ_rows dout` with the weight gradient's alpha, when given (from
+    /// the read of `dout`'s cast where it can). Returns whether the GELU derivative was applied
+    /// (the caller runs it otherwise).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fp8_linear_backward(
         &self,
         dinp: Option<(u64, DType)>,
         dgelu_pre: Option<u64>,
         dw: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
         dout: &CudaBuf,
         inp: &CudaBuf,
         w: &CudaBuf,
@@ -828,6 +892,7 @@ impl CudaBackend {
             }
         }
         let cell = |op: &GemmOperand| self.amax_cell(amax.0, amax.1, op);
+        let mut bias = dbias.map(|b| (b, dw_gemm.alpha));
         let shared_dy = g_dx.is_some() && dinp_gemm.a == dw_gemm.a;
         // dout's transposed codes and scale cell, when the dx cast wrote them for the dw GEMM.
         let mut dyt_ready: Option<(u64, u64)> = None;
@@ -837,16 +902,16 @@ impl CudaBackend {
             let mut done = false;
             if let (true, Some(mut f)) = (dx_direct, f_dx) {
                 let both = shared_dy && dw_direct;
-                let (pd, pdt, sd) = self.fp8_cast(
+                let (pd, pdt, sd) = self.fp8_cast_dout(
                     dout,
                     n,
                     oc,
                     &dinp_gemm.a,
                     Some(Role::Dy),
                     both.then_some(Role::DyT),
-                    false,
                     Role::Dy,
                     cell(&dinp_gemm.a)?,
+                    &mut bias,
                 )?;
                 if let (true, Some(p)) = (both, pdt) {
                     dyt_ready = Some((p, sd));
@@ -901,16 +966,16 @@ impl CudaBackend {
             let (pdt, sd) = match dyt_ready {
                 Some(ready) => ready,
                 None => {
-                    let (_, pdt, sd) = self.fp8_cast(
+                    let (_, pdt, sd) = self.fp8_cast_dout(
                         dout,
                         n,
                         oc,
                         &dw_gemm.a,
                         None,
                         Some(Role::DyT),
-                        false,
                         Role::DyT,
                         cell(&dw_gemm.a)?,
+                        &mut bias,
                     )?;
                     (pdt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, sd)
                 }
@@ -946,6 +1011,9 @@ impl CudaBackend {
             g_dw.trans_a = true;
             g_dw.trans_b = false;
             self.gemm(g_dw)?;
+        }
+        if let Some((db, alpha)) = bias {
+            self.bias_backward(db, dout, n, oc, alpha)?;
         }
         Ok(fused)
     }
@@ -1038,11 +1106,8 @@ impl CudaBackend {
             None => None,
         };
         self.fp8_linear_backward(
-            dinp, None, dw, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            dinp, None, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
         )?;
-        if let Some(db) = dbias {
-            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
-        }
         Ok(())
     }
 
@@ -1073,11 +1138,8 @@ impl CudaBackend {
         let pre_ptr = None;
         let dinp = Some((self.ptr_mut(dpre), t));
         let fused = self.fp8_linear_backward(
-            dinp, pre_ptr, dw, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            dinp, pre_ptr, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
         )?;
-        if let Some(db) = dbias {
-            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
-        }
         if !fused {
             crate::backend::Backend::gelu_backward(self, dpre, pre, gelu_scale)?;
         }
