@@ -74,17 +74,40 @@ pub struct GemmOperand {
     /// Where to record the operand's amax (max |x| before scaling, max-accumulated) in the
     /// `amax` buffer the linear ops take; `None`: not recorded.
     pub amax_slot: Option<usize>,
+    /// Lets a backend keep this operand's cast copy for later GEMMs (see [`KeepToken`]);
+    /// `None`: cast it where it is read.
+    pub keep: Option<KeepToken>,
 }
 
 impl GemmOperand {
-    /// `format`, current scaling without margin, amax not recorded.
+    /// `format`, current scaling without margin, amax not recorded, nothing kept.
     pub fn plain(format: DType) -> Self {
         Self {
             format,
             scale: OperandScale::Current { margin: 0 },
             amax_slot: None,
+            keep: None,
         }
     }
+}
+
+/// The caller's promise about a cast GEMM operand, so a backend may cast a tensor once and reuse
+/// the copy (a weight in every micro-batch's forward and in its input-gradient GEMM, an
+/// activation in the forward and in the weight-gradient GEMM) instead of casting it again.
+///
+/// Every operand that carries an equal token (same `id`, `version` and `amax_epoch`) reads a
+/// tensor with the same contents; and while `amax_epoch` is unchanged, an amax recorded under the
+/// token is still in the amax buffer (nobody cleared it). A backend that reuses a copy checks the
+/// rest itself (same buffer and shape, format, scale and amax slot) and records nothing again.
+/// Backends are free to ignore tokens (the CPU does): the product is the same either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeepToken {
+    /// Which tensor, among those one caller keeps.
+    pub id: u32,
+    /// Changes whenever the tensor's contents may have changed.
+    pub version: u64,
+    /// Changes whenever the amax buffer may have been cleared or replaced.
+    pub amax_epoch: u64,
 }
 
 /// The per-tensor scale of an FP8 GEMM operand.

@@ -10,6 +10,8 @@
 //! for evaluation) the operand is current-scaled instead: its own amax decides, which is what the
 //! history would have said had it seen this step.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{bail, Result};
 
 use crate::backend::{GemmOperand, OperandScale};
@@ -27,6 +29,13 @@ pub const DY: usize = 2;
 /// Slot of operand `operand` (X, W or DY) of linear layer `linear` (0..4) of block `layer`.
 pub fn slot(layer: usize, linear: usize, operand: usize) -> usize {
     (layer * LINEARS + linear) * 3 + operand
+}
+
+/// A fresh version or amax epoch for a [`crate::backend::KeepToken`]: unique in the process, so
+/// the tokens of different models and activation sets never collide.
+pub fn fresh_epoch() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The amax histories of all FP8 operands of a model.
@@ -73,6 +82,7 @@ impl Fp8State {
             format,
             scale,
             amax_slot: Some(slot),
+            keep: None,
         }
     }
 

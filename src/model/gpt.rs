@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::fp8::{self, Fp8State};
 use super::unit::UnitScales;
-use crate::backend::{Backend, GemmSpec};
+use crate::backend::{Backend, GemmSpec, KeepToken};
 use crate::data::Rng;
 use crate::numerics::DType;
 use crate::precision::{GemmRole, Recipe};
@@ -164,6 +164,10 @@ pub struct Activations<B: Backend> {
     /// This step's amax per FP8 operand (delayed scaling, training only), max-accumulated by the
     /// linear ops over the step's micro-batches.
     amax: Option<B::Buf>,
+    /// Version of this training pass's activations for [`KeepToken`]s (`None` outside one).
+    pass_version: Option<u64>,
+    /// Renewed whenever `amax` is cleared ([`KeepToken::amax_epoch`]).
+    amax_epoch: u64,
 }
 
 impl<B: Backend> Activations<B> {
@@ -216,6 +220,8 @@ pub struct Gpt<B: Backend> {
     logits_chunk_bytes: usize,
     /// Amax histories of the blocks' FP8 operands (delayed scaling only).
     fp8: Option<Fp8State>,
+    /// Version of the weights for [`KeepToken`]s, renewed wherever they may change.
+    weights_version: u64,
     /// Learning-rate multiplier per parameter (unit scaling; else all 1).
     lr_scales: Vec<f32>,
 }
@@ -225,6 +231,14 @@ const QKV: usize = 0;
 const PROJ: usize = 1;
 const FC: usize = 2;
 const FCPROJ: usize = 3;
+
+/// The versions behind a pass's [`KeepToken`]s: the activations' (a training pass only) and
+/// the amax buffer's.
+#[derive(Clone, Copy)]
+struct KeepVersions {
+    acts: Option<u64>,
+    amax: u64,
+}
 
 /// The three GEMMs of one linear layer.
 #[derive(Clone, Copy)]
@@ -365,6 +379,7 @@ impl<B: Backend> Gpt<B> {
             fp8: recipe
                 .delayed_fp8()
                 .then(|| Fp8State::new(cfg.n_layer, recipe.fp8.history, recipe.fp8.margin)),
+            weights_version: fp8::fresh_epoch(),
             lr_scales: Vec::new(),
             cfg,
             recipe,
@@ -378,8 +393,12 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// How each GEMM of each block's linear layers runs, indexed `layer · 4 + linear`: the
-    /// recipe's formats, with the amax histories' scales under delayed FP8 scaling.
-    fn block_gemms(&self, us: &UnitScales) -> Vec<LinearGemms> {
+    /// recipe's formats, with the amax histories' scales under delayed FP8 scaling. FP8 operands
+    /// carry [`KeepToken`]s so a backend may cast each weight once per step and each input
+    /// activation once per pass: the weights' in every GEMM that reads them, the activations'
+    /// in a training pass (where the backward reads what the forward did), except a GELU output
+    /// the backward recomputes (not always to the same bits as the forward's fused epilogue).
+    fn block_gemms(&self, us: &UnitScales, keep: KeepVersions) -> Vec<LinearGemms> {
         let mut out = Vec::with_capacity(self.cfg.n_layer * fp8::LINEARS);
         for l in 0..self.cfg.n_layer {
             for k in 0..fp8::LINEARS {
@@ -400,6 +419,20 @@ impl<B: Backend> Gpt<B> {
                     (g.fwd.a, g.fwd.b) = (op(fp8::X), op(fp8::W));
                     (g.dx.a, g.dx.b) = (op(fp8::DY), op(fp8::W));
                     (g.dw.a, g.dw.b) = (op(fp8::DY), op(fp8::X));
+                }
+                if self.recipe.fp8_gemms {
+                    let token = |operand, version| KeepToken {
+                        id: fp8::slot(l, k, operand) as u32,
+                        version,
+                        amax_epoch: keep.amax,
+                    };
+                    let w = Some(token(fp8::W, self.weights_version));
+                    (g.fwd.b.keep, g.dx.b.keep) = (w, w);
+                    let same_x = k != FCPROJ || !self.recompute_gelu;
+                    if let Some(v) = keep.acts.filter(|_| same_x) {
+                        let x = Some(token(fp8::X, v));
+                        (g.fwd.a.keep, g.dw.b.keep) = (x, x);
+                    }
                 }
                 out.push(g);
             }
@@ -440,6 +473,7 @@ impl<B: Backend> Gpt<B> {
 
     /// Mutable FP8 amax histories, to restore them from a checkpoint.
     pub fn fp8_state_mut(&mut self) -> Option<&mut Fp8State> {
+        self.weights_version = fp8::fresh_epoch();
         self.fp8.as_mut()
     }
 
@@ -447,6 +481,10 @@ impl<B: Backend> Gpt<B> {
     /// in `acts` by every micro-batch) into the histories and clears them for the next step, so
     /// the next step's scales include this one. A no-op for other recipes.
     pub fn finish_step(&mut self, backend: &B, acts: &mut Activations<B>) -> Result<()> {
+        // The weights were updated and the amaxes are cleared: cast copies are stale.
+        self.weights_version = fp8::fresh_epoch();
+        acts.amax_epoch = fp8::fresh_epoch();
+        acts.pass_version = None;
         let (Some(state), Some(amax)) = (self.fp8.as_mut(), acts.amax.as_mut()) else {
             return Ok(());
         };
@@ -491,6 +529,7 @@ impl<B: Backend> Gpt<B> {
     }
     /// Master weights, gradients and compute copies together, for the optimizer.
     pub fn params_mut(&mut self) -> ParamBufs<'_, B> {
+        self.weights_version = fp8::fresh_epoch();
         ParamBufs {
             master: &mut self.master,
             grads: &self.grads,
@@ -599,6 +638,8 @@ impl<B: Backend> Gpt<B> {
                 Some(f) if training => Some(backend.alloc(DType::F32, f.slots())?),
                 _ => None,
             },
+            pass_version: None,
+            amax_epoch: fp8::fresh_epoch(),
         })
     }
 
@@ -677,7 +718,12 @@ impl<B: Backend> Gpt<B> {
             }
         };
         let us = self.unit_scales(b, t);
-        let gemms = self.block_gemms(&us);
+        acts.pass_version = dropout_seed.map(|_| fp8::fresh_epoch());
+        let keep = KeepVersions {
+            acts: acts.pass_version,
+            amax: acts.amax_epoch,
+        };
+        let gemms = self.block_gemms(&us, keep);
         let mut amax = acts.amax.as_mut().filter(|_| dropout_seed.is_some());
 
         backend.embedding_forward(
@@ -1002,7 +1048,11 @@ impl<B: Backend> Gpt<B> {
         let Some(gs) = acts.grads.as_mut() else {
             bail!("internal error: backward on activations allocated without gradients");
         };
-        let gemms = self.block_gemms(&us);
+        let keep = KeepVersions {
+            acts: acts.pass_version,
+            amax: acts.amax_epoch,
+        };
+        let gemms = self.block_gemms(&us, keep);
         let (master, compute, grads) = (&self.master, &self.compute, &mut self.grads);
         let w = |i: usize| {
             if compute.is_empty() {
@@ -1571,6 +1621,74 @@ mod tests {
         }
     }
 
+    const NO_KEEP: KeepVersions = KeepVersions {
+        acts: None,
+        amax: 0,
+    };
+
+    /// Keep tokens name one tensor's contents: an activation's are equal in a pass's forward and
+    /// backward GEMMs and renewed by the next pass, a weight's last until an optimizer step, and
+    /// a GELU output the backward recomputes gets none.
+    #[test]
+    fn keep_tokens_change_with_the_tensors() {
+        let be = CpuBackend::<f32>::new();
+        let cfg = tiny();
+        let values = random_values(&cfg, 4);
+        let mut m = Gpt::from_values(&be, cfg, Recipe::new(RecipeName::Fp8), 0.0, &values).unwrap();
+        let mut a = m.activations(&be, 2, 4, true).unwrap();
+        let (inputs, targets) = ([1u32, 5, 2, 6, 0, 3, 3, 4], [5u32, 2, 6, 0, 3, 3, 4, 1]);
+        let gemms = |m: &Gpt<CpuBackend<f32>>, a: &Activations<CpuBackend<f32>>| {
+            let keep = KeepVersions {
+                acts: a.pass_version,
+                amax: a.amax_epoch,
+            };
+            m.block_gemms(&m.unit_scales(2, 4), keep)
+        };
+        let before = gemms(&m, &a);
+        assert!(before[QKV].fwd.a.keep.is_none(), "no pass yet");
+        m.forward_backward(&be, &mut a, &inputs, &targets, 1.0, 0)
+            .unwrap();
+        let pass = gemms(&m, &a);
+        for g in &pass {
+            assert!(g.fwd.a.keep.is_some() && g.fwd.b.keep.is_some());
+            assert_eq!(g.fwd.a.keep, g.dw.b.keep, "x in the forward and dw GEMMs");
+            assert_eq!(g.fwd.b.keep, g.dx.b.keep, "w in the forward and dx GEMMs");
+            assert!(
+                g.dx.a.keep.is_none() && g.dw.a.keep.is_none(),
+                "dy is not kept"
+            );
+        }
+        assert_eq!(pass[QKV].fwd.b.keep, before[QKV].fwd.b.keep);
+        assert_ne!(pass[QKV].fwd.a.keep, pass[PROJ].fwd.a.keep);
+        m.forward_backward(&be, &mut a, &inputs, &targets, 1.0, 0)
+            .unwrap();
+        let again = gemms(&m, &a);
+        assert_ne!(again[QKV].fwd.a.keep, pass[QKV].fwd.a.keep, "a new pass");
+        assert_eq!(again[QKV].fwd.b.keep, pass[QKV].fwd.b.keep, "same weights");
+        m.finish_step(&be, &mut a).unwrap();
+        let stepped = gemms(&m, &a);
+        let (w0, w1) = (
+            again[QKV].fwd.b.keep.unwrap(),
+            stepped[QKV].fwd.b.keep.unwrap(),
+        );
+        assert_ne!(w0.version, w1.version);
+        assert_ne!(w0.amax_epoch, w1.amax_epoch);
+        let _ = m.params_mut();
+        assert_ne!(gemms(&m, &a)[QKV].fwd.b.keep, stepped[QKV].fwd.b.keep);
+        let mut m = m.with_recompute_gelu(true);
+        let mut a = m.activations(&be, 2, 4, true).unwrap();
+        m.forward_backward(&be, &mut a, &inputs, &targets, 1.0, 0)
+            .unwrap();
+        let g = gemms(&m, &a);
+        assert!(g[FCPROJ].fwd.a.keep.is_none() && g[FC].fwd.a.keep.is_some());
+        let bf16 =
+            Gpt::from_values(&be, tiny(), Recipe::new(RecipeName::Bf16), 0.0, &values).unwrap();
+        assert!(
+            gemms(&bf16, &a)[QKV].fwd.b.keep.is_none(),
+            "no FP8, no tokens"
+        );
+    }
+
     #[test]
     fn delayed_fp8_scales_lag_the_amax_by_exactly_one_step() {
         use crate::backend::OperandScale;
@@ -1591,7 +1709,7 @@ mod tests {
         ];
         let mut previous: Option<(f32, f32)> = None;
         for (inputs, targets) in batches {
-            let g = m.block_gemms(&m.unit_scales(2, 4))[QKV];
+            let g = m.block_gemms(&m.unit_scales(2, 4), NO_KEEP)[QKV];
             let want = |slot: usize, amax: Option<f32>| match amax {
                 None => OperandScale::Current { margin: 0 },
                 Some(a) => OperandScale::Fixed(scale_from_amax(a, Fp8State::format(slot), 0)),
@@ -1612,7 +1730,10 @@ mod tests {
             // Nothing is recorded into the histories until the step ends.
             assert_eq!(
                 g.fwd.a.scale,
-                m.block_gemms(&m.unit_scales(2, 4))[QKV].fwd.a.scale
+                m.block_gemms(&m.unit_scales(2, 4), NO_KEEP)[QKV]
+                    .fwd
+                    .a
+                    .scale
             );
             m.finish_step(&be, &mut a).unwrap();
             let (shape, hist) = m.fp8_state().unwrap().to_tensor();

@@ -233,3 +233,197 @@ fp8_cast_bf16(void* out, unsigned char* out_t, const bf16* x, int rows, int cols
         if (threadIdx.x == 0) atomicMax(amax_slot, __float_as_uint(local));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tiled casts: the FP8 codes of a bf16 tensor, row-major and/or transposed, from one read.
+//
+// fp8_cast_tiled_bf16 computes the same codes, scale and amax as fp8_cast_bf16 (bit for bit)
+// but moves memory at close to the copy bandwidth: each block casts a 64 x 128 tile (256
+// threads, 4 rows x 8 columns each), keeps four 16-byte loads in flight per thread, writes the
+// row-major codes 8 bytes at a time, and assembles the transposed codes in shared memory as 32-bit
+// words of 4 consecutive rows, so each thread stores them 16 bytes at a time (64 contiguous bytes
+// per transposed row and tile). fp8_cast_bf16's 32 x 64 tiles moved one 16-byte load per thread
+// and wrote the transposed codes a byte at a time into shared memory and 8 bytes at a time out.
+// No dequantized output here (that path keeps fp8_cast_bf16). An output gradient's cast can also
+// sum its columns per tile, so the bias gradient needs no second read of it (as Transformer
+// Engine's cast-transpose-dbias does).
+// ---------------------------------------------------------------------------------------------
+
+// Two saturating RNE codes at once (cvt packs two), NaN made canonical as in fp8_encode; the
+// low byte is `lo`'s code.
+__device__ __forceinline__ unsigned fp8_encode2(float lo, float hi, int format) {
+    unsigned short packed;
+    if (format == 0) {
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
+    }
+    unsigned q = packed;
+    const unsigned nan = format == 0 ? 0x7Fu : 0x7Eu;
+    if (isnan(lo)) q = (q & 0xFF00u) | (signbit(lo) ? 0x80u : 0u) | nan;
+    if (isnan(hi)) q = (q & 0x00FFu) | (((signbit(hi) ? 0x80u : 0u) | nan) << 8);
+    return q;
+}
+
+// fp8_cast_tiled_bf16: x[rows, cols] (bf16) scaled and cast to FP8 codes. Parameters as
+// fp8_cast_bf16's, less `dequant`: out [rows, cols] and/or out_t [cols, rows] (null: not written),
+// the scale from the partials (current scaling) or `fixed_scale`, the amax max-accumulated into
+// amax_slot, 1/scale into inv_scale_out.
+// fp8_cast_tiled_dbias_bf16: the same, and col_sums [ceil(rows / 64), cols] (f32): row g gets the
+// column sums of x over tile row g (the partials bias_backward_reduce sums). A separate kernel
+// because the sums cost registers (48 against 32) that the plain casts would pay for in occupancy.
+// Launch: grid (ceil(cols / 128), ceil(rows / 64), 1), block (256, 1, 1). Full tiles of a tensor
+// with rows % 16 == 0 and cols % 8 == 0 (x, out, out_t 16-byte aligned) take the vector path;
+// other tiles go element by element through the same shared-memory layout. Same bits either way.
+// The tile geometry (TC columns, RPT rows per thread) is a template so that other shapes can be
+// timed against it; the kernels instantiate the one measured best.
+template <int TC, int RPT, bool SUMS>
+__device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char* out_t, const bf16* x,
+                                               int rows, int cols, int format, const float* partials,
+                                               int num_partials, float fixed_scale, int margin,
+                                               unsigned* amax_slot, float* inv_scale_out,
+                                               float* col_sums) {
+    constexpr int THREADS = 256;
+    constexpr int GROUPS = TC / 8;                   // threads across a tile row
+    constexpr int TR = THREADS / GROUPS * RPT;       // rows per tile
+    constexpr int PITCH = TR / 4 + 1;                // words per transposed tile row, padded
+    static_assert(RPT % 4 == 0 && TR % 16 == 0, "whole words, 16-byte transposed stores");
+    // words[c * PITCH + k]: the codes of rows 4k..4k+3 of tile column c, row 4k in the low byte.
+    __shared__ unsigned words[TC * PITCH];
+    __shared__ float red[8];
+    // sums[g][c]: column c summed over the rows of thread row group g (col_sums only).
+    __shared__ float sums[SUMS ? THREADS / GROUPS : 1][TC];
+    float scale = fixed_scale;
+    if (partials != nullptr) {
+        float m = 0.0f;
+        for (int i = threadIdx.x; i < num_partials; i += blockDim.x) m = fmaxf(m, partials[i]);
+        m = block_max256(m, red);
+        scale = fp8_scale_from_amax(m, format, margin);
+        if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && amax_slot != nullptr)
+            atomicMax(amax_slot, __float_as_uint(m));
+    }
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && inv_scale_out != nullptr)
+        *inv_scale_out = 1.0f / scale;
+
+    const int r0 = blockIdx.y * TR, c0 = blockIdx.x * TC;
+    const bool vec = rows % 16 == 0 && cols % 8 == 0 && r0 + TR <= rows &&
+                     c0 + TC <= cols;
+    float local = 0.0f;
+    if (vec) {
+        const int cg = threadIdx.x % GROUPS, rg = threadIdx.x / GROUPS;
+        const int c = cg * 8, r = rg * RPT;
+        const bf16* src = x + (size_t)(r0 + r) * cols + c0 + c;
+        uint4 raw[RPT];
+#pragma unroll
+        for (int i = 0; i < RPT; ++i)
+            raw[i] = __ldg(reinterpret_cast<const uint4*>(src + (size_t)i * cols));
+        float csum[8];             // per column of the thread: the sum of its rows, in order
+        unsigned col[8][RPT / 4];  // per column of the thread: its rows' codes, 4 to a word
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            csum[k] = 0.0f;
+#pragma unroll
+            for (int w = 0; w < RPT / 4; ++w) col[k][w] = 0;
+        }
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+            const unsigned w[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+            unsigned pair[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
+                local = fmaxf(local, fmaxf(fabsf(lo), fabsf(hi)));
+                if (SUMS) {
+                    csum[2 * k] += lo;
+                    csum[2 * k + 1] += hi;
+                }
+                pair[k] = fp8_encode2(lo * scale, hi * scale, format);
+                col[2 * k][i / 4] |= (pair[k] & 0xFFu) << (8 * (i % 4));
+                col[2 * k + 1][i / 4] |= (pair[k] >> 8) << (8 * (i % 4));
+            }
+            if (out != nullptr)
+                *reinterpret_cast<uint2*>(out + (size_t)(r0 + r + i) * cols + c0 + c) =
+                    make_uint2(pair[0] | (pair[1] << 16), pair[2] | (pair[3] << 16));
+        }
+        if (out_t != nullptr) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+#pragma unroll
+                for (int w = 0; w < RPT / 4; ++w) words[(c + k) * PITCH + r / 4 + w] = col[k][w];
+        }
+        if (SUMS) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) sums[rg][c + k] = csum[k];
+        }
+    } else {
+        unsigned char* bytes = reinterpret_cast<unsigned char*>(words);
+        for (int i = threadIdx.x; i < TR * TC; i += blockDim.x) {
+            const int r = i / TC, c = i % TC, gr = r0 + r, gc = c0 + c;
+            unsigned char q = 0;
+            if (gr < rows && gc < cols) {
+                const size_t at = (size_t)gr * cols + gc;
+                const float v = __bfloat162float(x[at]);
+                local = fmaxf(local, fabsf(v));
+                q = fp8_encode(v * scale, format);
+                if (out != nullptr) out[at] = q;
+            }
+            if (out_t != nullptr) bytes[c * PITCH * 4 + r] = q;
+        }
+    }
+    if (SUMS) {
+        // Each column's tile sum: the row groups' sums in order (vector tiles), or the tile's
+        // rows one by one (partial tiles). Deterministic either way.
+        __syncthreads();
+        const int c = threadIdx.x, gc = c0 + c;
+        if (c < TC && gc < cols) {
+            float t = 0.0f;
+            if (vec) {
+                for (int g = 0; g < (SUMS ? THREADS / GROUPS : 1); ++g) t += sums[g][c];
+            } else {
+                for (int r = 0; r < TR && r0 + r < rows; ++r)
+                    t += __bfloat162float(x[(size_t)(r0 + r) * cols + gc]);
+            }
+            col_sums[(size_t)blockIdx.y * cols + gc] = t;
+        }
+    }
+    if (out_t != nullptr) {
+        __syncthreads();
+        if (vec) {
+            constexpr int CHUNKS = TR / 16;  // 16-byte pieces of a transposed tile row
+#pragma unroll
+            for (int j = threadIdx.x; j < TC * CHUNKS; j += THREADS) {
+                const int c = j / CHUNKS, part = j % CHUNKS;
+                const unsigned* w = words + c * PITCH + part * 4;
+                *reinterpret_cast<uint4*>(out_t + (size_t)(c0 + c) * rows + r0 + part * 16) =
+                    make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        } else {
+            const unsigned char* bytes = reinterpret_cast<const unsigned char*>(words);
+            for (int i = threadIdx.x; i < TR * TC; i += blockDim.x) {
+                const int c = i / TR, r = i % TR, gr = r0 + r, gc = c0 + c;
+                if (gr < rows && gc < cols) out_t[(size_t)gc * rows + gr] = bytes[c * PITCH * 4 + r];
+            }
+        }
+    }
+    if (partials == nullptr && amax_slot != nullptr) {
+        local = block_max256(local, red);
+        if (threadIdx.x == 0) atomicMax(amax_slot, __float_as_uint(local));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_tiled_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows, int cols,
+                    int format, const float* partials, int num_partials, float fixed_scale,
+                    int margin, unsigned* amax_slot, float* inv_scale_out) {
+    fp8_cast_tiled<128, 4, false>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                  fixed_scale, margin, amax_slot, inv_scale_out, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_tiled_dbias_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows,
+                          int cols, int format, const float* partials, int num_partials,
+                          float fixed_scale, int margin, unsigned* amax_slot,
+                          float* inv_scale_out, float* col_sums) {
+    fp8_cast_tiled<128, 4, true>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                 fixed_scale, margin, amax_slot, inv_scale_out, col_sums);
+}

@@ -31,14 +31,26 @@
 //! product.
 //!
 //! The casts write into scratch buffers kept per role and grown to the largest shape seen, so a
-//! training step allocates nothing after its first.
+//! training step allocates nothing after its first. Casts that need no dequantized copy run
+//! `fp8_cast_tiled_bf16`, which writes both layouts from one read at close to copy bandwidth.
+//!
+//! Operands with a [`KeepToken`] are cast once into a copy kept under the token (with its own
+//! scale cell) and read from there by every later GEMM presenting the same token: a weight's
+//! codes in both layouts (the forward of every micro-batch reads them row-major, the
+//! input-gradient GEMM transposed), and an activation's transposed codes, written by the
+//! forward's cast alongside the row-major ones it multiplies, for the weight-gradient GEMM. A
+//! reused copy records no amax: the token promises the first cast's is still in the buffer. The
+//! kept copies cost one byte per element of every block weight (twice) and of every linear
+//! input of the pass; `HALFLING_CUDA_FP8_KEEP=0` turns them off.
+
+use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::cublaslt::{Epilogue, Fp8Scales, Gemm, GemmType};
-use super::{gemm_type, int, oom, Arg, CudaBackend, CudaBuf};
-use crate::backend::{GemmOperand, GemmSpec, OperandScale};
+use super::{gemm_type, int, oom, op_scale, Arg, CudaBackend, CudaBuf, BLOCK};
+use crate::backend::{GemmOperand, GemmSpec, KeepToken, OperandScale};
 use crate::numerics::DType;
 
 /// Blocks of `fp8_amax_partial_bf16` at most (the partials the cast kernel reduces).
@@ -76,6 +88,36 @@ pub(super) struct Fp8Scratch {
     /// `PARTIALS` f32 amax partials, then one f32 dequantization scale per role, each at the
     /// start of its own `CELL_STRIDE` bytes.
     cells: Option<CudaSlice<u8>>,
+    /// Copies kept under [`KeepToken`]s, by token id.
+    kept: HashMap<u32, Kept>,
+}
+
+/// An FP8 copy kept under a [`KeepToken`], with what it was cast from and how, so that a GEMM
+/// presenting the same token can check it before reading it instead of casting again.
+struct Kept {
+    token: KeepToken,
+    /// Address, shape and cast of the source tensor.
+    src: u64,
+    rows: usize,
+    cols: usize,
+    format: DType,
+    scale: OperandScale,
+    /// Where the cast recorded the amax (0: nowhere).
+    amax_cell: u64,
+    /// Which layouts the copy holds.
+    plain: bool,
+    transposed: bool,
+    /// `[1/s: CELL_STRIDE bytes][transposed codes, padded to 256 bytes][row-major codes]`, one
+    /// byte per code (allocated as a counted buffer, so peak memory includes it).
+    buf: CudaBuf,
+}
+
+impl Kept {
+    /// Bytes of a copy of `rows·cols` codes in one or two layouts.
+    fn bytes(rows: usize, cols: usize, plain: bool) -> usize {
+        let codes = (rows * cols).next_multiple_of(256);
+        CELL_STRIDE + codes * if plain { 2 } else { 1 }
+    }
 }
 
 /// Which FP8 GEMMs use cuBLASLt's fast accumulation: `HALFLING_CUDA_FP8_FAST_ACCUM` = `fwd`
@@ -233,18 +275,7 @@ impl CudaBackend {
                 anyhow!("{e} (the CUDA backend casts only bf16 tensors to FP8: use the fp8 recipe, whose activations are bf16)")
             })?;
         let format = format_code(op.format)?;
-        let (partials, num_partials, fixed, margin) = match op.scale {
-            OperandScale::Current { margin } => {
-                let num = self.fp8_amax_partials(x)?;
-                (self.fp8_cells()?, num, 1.0f32, margin)
-            }
-            OperandScale::Fixed(s) => {
-                if !(s.is_finite() && s > 0.0) {
-                    bail!("internal error: FP8 operand scale {s} is not a positive finite number");
-                }
-                (0, 0, s, 0)
-            }
-        };
+        let (partials, num_partials, fixed, margin) = self.fp8_scale_args(x, op)?;
         let elem = if dequant { 2 } else { 1 };
         let out = match plain {
             Some(r) => Some(self.fp8_buf(r, rows * cols * elem)?),
@@ -255,6 +286,12 @@ impl CudaBackend {
             None => None,
         };
         let scale_ptr = self.fp8_cells()? + scale_cell(cell as usize);
+        if !dequant && x.dtype == DType::BF16 {
+            let scale = (partials, num_partials, fixed, margin);
+            let (o, t) = (out.unwrap_or(0), out_t.unwrap_or(0));
+            self.fp8_launch_tiled(x, rows, cols, format, scale, o, t, scale_ptr, amax_cell, 0)?;
+            return Ok((out, out_t, scale_ptr));
+        }
         let grid_y = u32::try_from(rows.div_ceil(32))
             .ok()
             .filter(|&g| g <= 65535)
@@ -281,6 +318,263 @@ impl CudaBackend {
             ],
         )?;
         Ok((out, out_t, scale_ptr))
+    }
+
+    /// The scale arguments of the cast kernels for `op`: (partials, how many, fixed scale,
+    /// margin). Current scaling first reduces `x`'s amax into the partials.
+    fn fp8_scale_args(&self, x: &CudaBuf, op: &GemmOperand) -> Result<(u64, usize, f32, i32)> {
+        match op.scale {
+            OperandScale::Current { margin } => {
+                let num = self.fp8_amax_partials(x)?;
+                Ok((self.fp8_cells()?, num, 1.0f32, margin))
+            }
+            OperandScale::Fixed(s) => {
+                if !(s.is_finite() && s > 0.0) {
+                    bail!("internal error: FP8 operand scale {s} is not a positive finite number");
+                }
+                Ok((0, 0, s, 0))
+            }
+        }
+    }
+
+    /// `fp8_cast_tiled_bf16` on `x[rows, cols]`: codes into `out` and/or transposed into
+    /// `out_t` (0: not written), with `scale` from [`CudaBackend::fp8_scale_args`]; with
+    /// `col_sums` (not 0), `fp8_cast_tiled_dbias_bf16`, which also writes there the column sums
+    /// of each 64-row tile (`ceil(rows / 64) x cols` f32).
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_launch_tiled(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        format: i32,
+        scale: (u64, usize, f32, i32),
+        out: u64,
+        out_t: u64,
+        scale_ptr: u64,
+        amax_cell: u64,
+        col_sums: u64,
+    ) -> Result<()> {
+        let (partials, num_partials, fixed, margin) = scale;
+        let name = if col_sums != 0 {
+            "fp8_cast_tiled_dbias_bf16"
+        } else {
+            "fp8_cast_tiled_bf16"
+        };
+        let grid_y = u32::try_from(rows.div_ceil(64))
+            .ok()
+            .filter(|&g| g <= 65535)
+            .ok_or_else(|| anyhow!("FP8 cast: {rows} rows is too many for one launch"))?;
+        // Profiles tell the casts apart by shape and layouts.
+        let label = self.profile.is_some().then(|| {
+            let layouts = match (out != 0, out_t != 0) {
+                (true, true) => "both",
+                (true, false) => "row-major",
+                _ => "transposed",
+            };
+            format!("{name} {rows}x{cols} {layouts}")
+        });
+        let mut args = vec![
+            Arg::Ptr(out),
+            Arg::Ptr(out_t),
+            Arg::Ptr(self.ptr(x)),
+            Arg::Int(int(rows)?),
+            Arg::Int(int(cols)?),
+            Arg::Int(format),
+            Arg::Ptr(partials),
+            Arg::Int(int(num_partials)?),
+            Arg::Float(fixed),
+            Arg::Int(margin),
+            Arg::Ptr(amax_cell),
+            Arg::Ptr(scale_ptr),
+        ];
+        if col_sums != 0 {
+            args.push(Arg::Ptr(col_sums));
+        }
+        self.launch_as(
+            name,
+            label.as_deref(),
+            (cols.div_ceil(128).max(1) as u32, grid_y.max(1), 1),
+            256,
+            0,
+            &args,
+        )
+    }
+
+    /// The output gradient's cast for a backward GEMM (arguments as [`CudaBackend::fp8_cast`]'s),
+    /// taking `dbias` (`(dbias, alpha)`) where the tiled kernel runs: it then also forms the
+    /// bias gradient `dbias += alpha·Σ_rows dout` from the same read of `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_cast_dout(
+        &self,
+        dout: &CudaBuf,
+        n: usize,
+        oc: usize,
+        op: &GemmOperand,
+        plain: Option<Role>,
+        transposed: Option<Role>,
+        cell: Role,
+        amax_cell: u64,
+        dbias: &mut Option<(&mut CudaBuf, f32)>,
+    ) -> Result<(Option<u64>, Option<u64>, u64)> {
+        if dout.dtype != DType::BF16 || dbias.is_none() {
+            return self.fp8_cast(dout, n, oc, op, plain, transposed, false, cell, amax_cell);
+        }
+        self.expect("FP8 GEMM operand", dout, DType::BF16, n * oc)?;
+        let (db, alpha) = dbias
+            .take()
+            .ok_or_else(|| anyhow!("internal error: bias gradient"))?;
+        self.expect("bias gradient", db, DType::F32, oc)?;
+        let format = format_code(op.format)?;
+        let scale = self.fp8_scale_args(dout, op)?;
+        let out = plain.map(|r| self.fp8_buf(r, n * oc)).transpose()?;
+        let out_t = transposed.map(|r| self.fp8_buf(r, n * oc)).transpose()?;
+        let scale_ptr = self.fp8_cells()? + scale_cell(cell as usize);
+        let groups = n.div_ceil(64);
+        let sums = self.scratch_ptr(groups * oc * 4)?;
+        let (o, t) = (out.unwrap_or(0), out_t.unwrap_or(0));
+        self.fp8_launch_tiled(dout, n, oc, format, scale, o, t, scale_ptr, amax_cell, sums)?;
+        let pdb = self.ptr_mut(db);
+        self.launch(
+            "bias_backward_reduce",
+            (oc.div_ceil(32) as u32, 1, 1),
+            BLOCK,
+            0,
+            &[
+                Arg::Ptr(pdb),
+                Arg::Ptr(sums),
+                op_scale("bias gradient", alpha)?,
+                Arg::Int(int(groups)?),
+                Arg::Int(int(oc)?),
+            ],
+        )?;
+        Ok((out, out_t, scale_ptr))
+    }
+
+    /// Whether `op` on `x` may use a kept copy (see the module doc).
+    fn keeps(&self, x: &CudaBuf, op: &GemmOperand) -> bool {
+        self.fp8_keep && op.keep.is_some() && op.format.is_float8() && x.dtype == DType::BF16
+    }
+
+    /// The copy kept under `op`'s token, if it is `x[rows, cols]` cast per `op`, its amax went
+    /// to `amax_cell` (when one is wanted), and it holds the layouts asked for: the addresses of
+    /// its row-major and transposed codes (0 where not asked for) and of its scale cell.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_kept(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        op: &GemmOperand,
+        amax_cell: u64,
+        plain: bool,
+        transposed: bool,
+    ) -> Option<(u64, u64, u64)> {
+        if !self.keeps(x, op) {
+            return None;
+        }
+        let token = op.keep?;
+        let src = self.ptr(x);
+        let scratch = self.fp8.borrow();
+        let k = scratch.kept.get(&token.id)?;
+        let matches = k.token == token
+            && (k.src, k.rows, k.cols) == (src, rows, cols)
+            && k.format == op.format
+            && k.scale == op.scale
+            && (amax_cell == 0 || k.amax_cell == amax_cell)
+            && (k.plain || !plain)
+            && (k.transposed || !transposed);
+        if !matches {
+            return None;
+        }
+        let (cell, t) = (self.ptr(&k.buf), self.ptr(&k.buf) + CELL_STRIDE as u64);
+        let p = t + (rows * cols).next_multiple_of(256) as u64;
+        Some((
+            if plain { p } else { 0 },
+            if transposed { t } else { 0 },
+            cell,
+        ))
+    }
+
+    /// Casts `x[rows, cols]` per `op` into the copy kept under `op`'s token: the transposed
+    /// codes, and the row-major ones too unless `plain_role` names the scratch they go to
+    /// instead (used now, not kept). Returns the row-major and transposed codes' addresses and
+    /// the scale cell's.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_cast_kept(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        op: &GemmOperand,
+        amax_cell: u64,
+        plain_role: Option<Role>,
+    ) -> Result<(u64, u64, u64)> {
+        let token = op
+            .keep
+            .ok_or_else(|| anyhow!("internal error: no keep token"))?;
+        let keep_plain = plain_role.is_none();
+        let bytes = Kept::bytes(rows, cols, keep_plain);
+        // Out of the map while it is rewritten: a failed cast leaves nothing to match.
+        let old = self.fp8.borrow_mut().kept.remove(&token.id);
+        let buf = match old {
+            Some(k) if k.buf.len >= bytes => k.buf,
+            other => {
+                drop(other);
+                crate::backend::Backend::alloc(self, DType::F8E4M3, bytes)?
+            }
+        };
+        let (cell, t) = (self.ptr(&buf), self.ptr(&buf) + CELL_STRIDE as u64);
+        let p = match plain_role {
+            None => t + (rows * cols).next_multiple_of(256) as u64,
+            Some(role) => self.fp8_buf(role, rows * cols)?,
+        };
+        let scale = self.fp8_scale_args(x, op)?;
+        let format = format_code(op.format)?;
+        self.fp8_launch_tiled(x, rows, cols, format, scale, p, t, cell, amax_cell, 0)?;
+        let kept = Kept {
+            token,
+            src: self.ptr(x),
+            rows,
+            cols,
+            format: op.format,
+            scale: op.scale,
+            amax_cell,
+            plain: keep_plain,
+            transposed: true,
+            buf,
+        };
+        self.fp8.borrow_mut().kept.insert(token.id, kept);
+        Ok((p, t, cell))
+    }
+
+    /// A forward GEMM operand's row-major codes and scale cell. With a keep token: a weight's
+    /// (`keep_plain`) from its kept copy, else cast with both layouts kept; an activation's cast
+    /// with its transposed codes kept for the backward. Without: cast into `role`'s scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_forward_operand(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        op: &GemmOperand,
+        amax_cell: u64,
+        role: Role,
+        keep_plain: bool,
+    ) -> Result<(u64, u64)> {
+        if self.keeps(x, op) {
+            if keep_plain {
+                if let Some((p, _, s)) = self.fp8_kept(x, rows, cols, op, amax_cell, true, false) {
+                    return Ok((p, s));
+                }
+            }
+            let plain_role = (!keep_plain).then_some(role);
+            let (p, _, s) = self.fp8_cast_kept(x, rows, cols, op, amax_cell, plain_role)?;
+            return Ok((p, s));
+        }
+        let (p, _, s) =
+            self.fp8_cast(x, rows, cols, op, Some(role), None, false, role, amax_cell)?;
+        Ok((p.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, s))
     }
 
     /// Records `max |x|` into `amax_cell` for an operand that is not cast.
@@ -467,30 +761,9 @@ impl CudaBackend {
         if let (true, Some(mut f)) = (self.fp8_direct(&g, scales.as_ref()), scales) {
             let cell_x = self.amax_cell(amax.0, amax.1, &gemm.a)?;
             let cell_w = self.amax_cell(amax.0, amax.1, &gemm.b)?;
-            let (px, _, sx) = self.fp8_cast(
-                inp,
-                n,
-                ic,
-                &gemm.a,
-                Some(Role::X),
-                None,
-                false,
-                Role::X,
-                cell_x,
-            )?;
-            let (pw, _, sw) = self.fp8_cast(
-                w,
-                oc,
-                ic,
-                &gemm.b,
-                Some(Role::W),
-                None,
-                false,
-                Role::W,
-                cell_w,
-            )?;
-            g.a = px.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-            g.b = pw.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+            let (px, sx) = self.fp8_forward_operand(inp, n, ic, &gemm.a, cell_x, Role::X, false)?;
+            let (pw, sw) = self.fp8_forward_operand(w, oc, ic, &gemm.b, cell_w, Role::W, true)?;
+            (g.a, g.b) = (px, pw);
             self.fp8_bind_scales(&mut g, &mut f, &gemm, sx, sw);
             if self.gemm_fp8(g, f)? {
                 return Ok(());
@@ -535,14 +808,16 @@ impl CudaBackend {
     /// Backward of [`CudaBackend::fp8_linear_forward`]: `dinp = alpha · dout · w` into
     /// `dinp.0` (of dtype `dinp.1`), through the GELU derivative when `dgelu_pre` is given and
     /// cuBLASLt can fuse it; `dw += alpha · doutᵀ · inp` (f32, or any type the GEMM layer
-    /// takes). Returns whether the GELU derivative was applied (the caller runs it otherwise).
-    /// The bias gradient is the caller's.
+    /// takes); `dbias += alpha · Σ_rows dout` with the weight gradient's alpha, when given (from
+    /// the read of `dout`'s cast where it can). Returns whether the GELU derivative was applied
+    /// (the caller runs it otherwise).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fp8_linear_backward(
         &self,
         dinp: Option<(u64, DType)>,
         dgelu_pre: Option<u64>,
         dw: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
         dout: &CudaBuf,
         inp: &CudaBuf,
         w: &CudaBuf,
@@ -617,6 +892,7 @@ impl CudaBackend {
             }
         }
         let cell = |op: &GemmOperand| self.amax_cell(amax.0, amax.1, op);
+        let mut bias = dbias.map(|b| (b, dw_gemm.alpha));
         let shared_dy = g_dx.is_some() && dinp_gemm.a == dw_gemm.a;
         // dout's transposed codes and scale cell, when the dx cast wrote them for the dw GEMM.
         let mut dyt_ready: Option<(u64, u64)> = None;
@@ -626,31 +902,38 @@ impl CudaBackend {
             let mut done = false;
             if let (true, Some(mut f)) = (dx_direct, f_dx) {
                 let both = shared_dy && dw_direct;
-                let (pd, pdt, sd) = self.fp8_cast(
+                let (pd, pdt, sd) = self.fp8_cast_dout(
                     dout,
                     n,
                     oc,
                     &dinp_gemm.a,
                     Some(Role::Dy),
                     both.then_some(Role::DyT),
-                    false,
                     Role::Dy,
                     cell(&dinp_gemm.a)?,
+                    &mut bias,
                 )?;
                 if let (true, Some(p)) = (both, pdt) {
                     dyt_ready = Some((p, sd));
                 }
-                let (_, pwt, swt) = self.fp8_cast(
-                    w,
-                    oc,
-                    ic,
-                    &dinp_gemm.b,
-                    None,
-                    Some(Role::WT),
-                    false,
-                    Role::WT,
-                    cell(&dinp_gemm.b)?,
-                )?;
+                let cell_w = cell(&dinp_gemm.b)?;
+                let (pwt, swt) = match self.fp8_kept(w, oc, ic, &dinp_gemm.b, cell_w, false, true) {
+                    Some((_, t, s)) => (Some(t), s),
+                    None => {
+                        let (_, t, s) = self.fp8_cast(
+                            w,
+                            oc,
+                            ic,
+                            &dinp_gemm.b,
+                            None,
+                            Some(Role::WT),
+                            false,
+                            Role::WT,
+                            cell_w,
+                        )?;
+                        (t, s)
+                    }
+                };
                 g.a = pd.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
                 g.b = pwt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
                 self.fp8_bind_scales(&mut g, &mut f, &dinp_gemm, sd, swt);
@@ -683,31 +966,38 @@ impl CudaBackend {
             let (pdt, sd) = match dyt_ready {
                 Some(ready) => ready,
                 None => {
-                    let (_, pdt, sd) = self.fp8_cast(
+                    let (_, pdt, sd) = self.fp8_cast_dout(
                         dout,
                         n,
                         oc,
                         &dw_gemm.a,
                         None,
                         Some(Role::DyT),
-                        false,
                         Role::DyT,
                         cell(&dw_gemm.a)?,
+                        &mut bias,
                     )?;
                     (pdt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, sd)
                 }
             };
-            let (_, pxt, sxt) = self.fp8_cast(
-                inp,
-                n,
-                ic,
-                &dw_gemm.b,
-                None,
-                Some(Role::XT),
-                false,
-                Role::XT,
-                cell(&dw_gemm.b)?,
-            )?;
+            let cell_x = cell(&dw_gemm.b)?;
+            let (pxt, sxt) = match self.fp8_kept(inp, n, ic, &dw_gemm.b, cell_x, false, true) {
+                Some((_, t, s)) => (Some(t), s),
+                None => {
+                    let (_, t, s) = self.fp8_cast(
+                        inp,
+                        n,
+                        ic,
+                        &dw_gemm.b,
+                        None,
+                        Some(Role::XT),
+                        false,
+                        Role::XT,
+                        cell_x,
+                    )?;
+                    (t, s)
+                }
+            };
             let mut g = g_dw;
             g.a = pdt;
             g.b = pxt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
@@ -721,6 +1011,9 @@ impl CudaBackend {
             g_dw.trans_a = true;
             g_dw.trans_b = false;
             self.gemm(g_dw)?;
+        }
+        if let Some((db, alpha)) = bias {
+            self.bias_backward(db, dout, n, oc, alpha)?;
         }
         Ok(fused)
     }
@@ -813,11 +1106,8 @@ impl CudaBackend {
             None => None,
         };
         self.fp8_linear_backward(
-            dinp, None, dw, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            dinp, None, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
         )?;
-        if let Some(db) = dbias {
-            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
-        }
         Ok(())
     }
 
@@ -848,11 +1138,8 @@ impl CudaBackend {
         let pre_ptr = None;
         let dinp = Some((self.ptr_mut(dpre), t));
         let fused = self.fp8_linear_backward(
-            dinp, pre_ptr, dw, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            dinp, pre_ptr, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
         )?;
-        if let Some(db) = dbias {
-            self.bias_backward(db, dout, n, oc, dw_gemm.alpha)?;
-        }
         if !fused {
             crate::backend::Backend::gelu_backward(self, dpre, pre, gelu_scale)?;
         }

@@ -111,6 +111,9 @@ pub struct CudaBackend {
     /// Whether the Hopper attention forward (`attention_wgmma.cu`, wgmma, sm_90a) is loaded;
     /// `HALFLING_CUDA_WGMMA_ATTN=0` keeps attention.cu's mma.sync forward instead.
     wgmma_attention: bool,
+    /// Whether FP8 casts may be kept for later GEMMs under the caller's `KeepToken`s;
+    /// `HALFLING_CUDA_FP8_KEEP=0` casts every operand where it is read (less memory, to compare).
+    fp8_keep: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -358,6 +361,7 @@ impl CudaBackend {
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
             wgmma_attention,
+            fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
         })
     }
 
@@ -386,6 +390,19 @@ impl CudaBackend {
         shared: u32,
         args: &[Arg],
     ) -> Result<()> {
+        self.launch_as(name, None, grid, block, shared, args)
+    }
+
+    /// [`CudaBackend::launch`], profiled under `label` (the kernel's name if `None`).
+    fn launch_as(
+        &self,
+        name: &str,
+        label: Option<&str>,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = self.function(name)?;
         if shared > 48 * 1024 {
             f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
@@ -409,7 +426,7 @@ impl CudaBackend {
         // pointer is a live allocation of at least the size the kernel indexes.
         unsafe { b.launch(cfg) }
             .map_err(|e| anyhow!("CUDA kernel {name} failed to launch: {e:?}"))?;
-        self.profile_record(name, start)?;
+        self.profile_record(label.unwrap_or(name), start)?;
         if self.sync_each_launch {
             self.stream
                 .synchronize()
