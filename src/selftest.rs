@@ -176,15 +176,15 @@ fn fp8_specs(fixed: Option<(f32, f32, f32)>, dw_alpha: f32) -> [GemmSpec; 3] {
     ]
 }
 
-/// A linear layer with FP8 GEMMs (bf16 tensors): forward, both backward GEMMs, bias gradient,
-/// and the operands' amaxes recorded into a buffer that already holds values.
+/// A linear layer with FP8 GEMMs (`dt` tensors: bf16 or f16): forward, both backward GEMMs,
+/// bias gradient, and the operands' amaxes recorded into a buffer that already holds values.
 fn case_fp8_linear<B: Backend>(
     be: &B,
+    dt: DType,
     x: &[Vec<f32>],
     (n, ic, oc): (usize, usize, usize),
     specs: [GemmSpec; 3],
 ) -> Result<Outputs> {
-    let dt = DType::BF16;
     let (inp, w, bias, dout) = (
         up(be, dt, &x[0])?,
         up(be, dt, &x[1])?,
@@ -207,12 +207,10 @@ fn case_fp8_linear<B: Backend>(
     let mut dinp = be.alloc(dt, n * ic)?;
     let mut dw = up(be, DType::F32, &x[4])?;
     let mut db = up(be, DType::F32, &x[2])?;
-    // A bias gradient scaled by alpha is unit scaling's, outside this case (CUDA lacks it yet).
-    let unit_alpha = specs[2].alpha == 1.0;
     be.linear_backward(
         Some(&mut dinp),
         &mut dw,
-        unit_alpha.then_some(&mut db),
+        Some(&mut db),
         &dout,
         &inp,
         &w,
@@ -233,16 +231,16 @@ fn case_fp8_linear<B: Backend>(
 }
 
 /// The FP8 casts exactly: GEMMs with an identity operand return the other operand as the GEMM
-/// read it, `q/s` (exact in bf16 and f32), in each layout the GEMMs use (x and w row-major in
-/// the forward, dy row-major and transposed, w and x transposed in the backward). `x[0..3]`
-/// are x, w, dy (d×d).
+/// read it, `q/s` (exact in bf16, f16 and f32 at these scales), in each layout the GEMMs use (x
+/// and w row-major in the forward, dy row-major and transposed, w and x transposed in the
+/// backward). `x[0..3]` are x, w, dy (d×d), stored as `dt` (bf16 or f16).
 fn case_fp8_cast<B: Backend>(
     be: &B,
+    dt: DType,
     x: &[Vec<f32>],
     d: usize,
     specs: [GemmSpec; 3],
 ) -> Result<Outputs> {
-    let dt = DType::BF16;
     let eye: Vec<f32> = (0..d * d)
         .map(|i| if i / d == i % d { 1.0 } else { 0.0 })
         .collect();
@@ -1129,11 +1127,16 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             );
         }
     }
-    // FP8 GEMMs. Multiples of 16 run as cuBLASLt FP8 GEMMs on CUDA; other sizes as bf16 GEMMs
-    // of the dequantized operands. The same quantization either way, so only the accumulation
-    // order and the output rounding differ from the reference.
-    let dt = DType::BF16;
+    // FP8 GEMMs on bf16 tensors (the fp8 recipe) and f16 tensors (fp8-unit). Multiples of 16
+    // run as cuBLASLt FP8 GEMMs on CUDA; other sizes as GEMMs of the dequantized operands in the
+    // tensors' format. The same quantization either way, so only the accumulation order and the
+    // output rounding differ from the reference. fp8-unit's GEMMs: static scale 1, unit
+    // scaling's alphas on all three.
     let fixed = Some((32.0, 1024.0, 4096.0));
+    let unit = {
+        let [fwd, dx, dw] = fp8_specs(Some((1.0, 1.0, 1.0)), UNIT[2]);
+        [fwd.with_alpha(UNIT[0]), dx.with_alpha(UNIT[0]), dw]
+    };
     for (n, ic, oc) in [(64, 128, 96), (37, 53, 71), (512, 256, 768), (48, 32, 80)] {
         let x = vec![
             inputs.normal(n * ic, 1.0),
@@ -1142,17 +1145,19 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             inputs.normal(n * oc, 1.0),
             inputs.normal(oc * ic, 0.1),
         ];
-        for (label, specs) in [
-            ("current", fp8_specs(None, 1.0)),
-            ("fixed, dw alpha 0.5", fp8_specs(fixed, 0.5)),
+        for (dt, label, specs) in [
+            (DType::BF16, "current", fp8_specs(None, 1.0)),
+            (DType::BF16, "fixed, dw alpha 0.5", fp8_specs(fixed, 0.5)),
+            (DType::F16, "current", fp8_specs(None, 1.0)),
+            (DType::F16, "unit", unit),
         ] {
             let s = (n, ic, oc);
-            let mut got = case_fp8_linear(be, &x, s, specs)?;
-            let mut want = case_fp8_linear(&reference, &x, s, specs)?;
+            let mut got = case_fp8_linear(be, dt, &x, s, specs)?;
+            let mut want = case_fp8_linear(&reference, dt, &x, s, specs)?;
             // The recorded amaxes (the last output) are exact.
             let (got_amax, want_amax) = (got.split_off(4), want.split_off(4));
             let (op, shape) = (
-                format!("fp8 linear ({label})"),
+                format!("fp8 linear {dt} ({label})"),
                 format!("n={n} in={ic} out={oc}"),
             );
             push(&op, shape.clone(), DType::F8E4M3, tolerance(dt), got, want);
@@ -1175,21 +1180,24 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 .collect()
         };
         let x = vec![wide(d * d), wide(d * d), wide(d * d)];
-        for (label, specs) in [
-            ("current", fp8_specs(None, 1.0)),
-            (
-                "fixed, saturating",
-                fp8_specs(Some((64.0, 16.0, 2048.0)), 1.0),
-            ),
-        ] {
-            push(
-                &format!("fp8 cast ({label})"),
-                format!("{d}x{d}"),
-                DType::F8E4M3,
-                0.0,
-                case_fp8_cast(be, &x, d, specs)?,
-                case_fp8_cast(&reference, &x, d, specs)?,
-            );
+        for dt in [DType::BF16, DType::F16] {
+            for (label, specs) in [
+                ("current", fp8_specs(None, 1.0)),
+                (
+                    "fixed, saturating",
+                    fp8_specs(Some((64.0, 16.0, 2048.0)), 1.0),
+                ),
+                ("scale 1", fp8_specs(Some((1.0, 1.0, 1.0)), 1.0)),
+            ] {
+                push(
+                    &format!("fp8 cast {dt} ({label})"),
+                    format!("{d}x{d}"),
+                    DType::F8E4M3,
+                    0.0,
+                    case_fp8_cast(be, dt, &x, d, specs)?,
+                    case_fp8_cast(&reference, dt, &x, d, specs)?,
+                );
+            }
         }
     }
     for (recipe, dt) in [
@@ -1197,6 +1205,7 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
         (RecipeName::Bf16, DType::BF16),
         (RecipeName::Fp16, DType::F16),
         (RecipeName::Fp8, DType::BF16),
+        (RecipeName::Fp8Unit, DType::F16),
     ] {
         let ids = inputs.tokens(32, 11);
         // FP8 GEMMs train on bf16 tensors: the same sign-flip bound as bf16.
