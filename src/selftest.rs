@@ -1221,8 +1221,8 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
     // learning rates (0.5 per Adam step on unit weights here) let such differences cascade
     // through three steps. On the CPU, perturbing the learning rate by 1e-5 moved the weights
     // by 0.7e-2 to 1.7e-2 over four seeds (unit scaling with f16 GEMMs: 5e-4 to 9e-4; fp8:
-    // 7e-5 to 4e-3); CUDA vs CPU gave 1.7e-1. Its bound only catches a broken step; the
-    // first-step gradients after this loop are its tight check.
+    // 7e-5 to 4e-3); CUDA vs CPU gave 4.6e-2 to 1.9e-1 over four seeds (H200). Its bound only
+    // catches a broken step; the first-step gradients after this loop are its tighter check.
     for (recipe, dt, tol) in [
         (RecipeName::Fp32, DType::F32, training_tolerance(DType::F32)),
         (
@@ -1249,13 +1249,16 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
         );
     }
     // fp8-unit's whole model (FP8 GEMMs on f16 tensors, every unit-scaled op) in one forward
-    // and backward: only rounding and the FP8 codes it flips differ from the reference.
+    // and backward: only rounding and the FP8 codes it flips differ from the reference. On the
+    // H200 the gradients differed by 4e-3 to 2.8e-2 over three seeds, nearly all through
+    // cuBLASLt's FP8 GEMMs (fast accumulation in the forward; 2e-5 with HALFLING_CUDA_FP8=0),
+    // whose slightly different f16 outputs flip FP8 codes downstream.
     let ids = inputs.tokens(32, 11);
     push(
         "train 1 step",
         "tiny gpt, fp8-unit".into(),
         DType::F16,
-        training_tolerance(DType::F16),
+        1e-1,
         case_gradients(be, Recipe::new(RecipeName::Fp8Unit), &ids)?,
         case_gradients(&reference, Recipe::new(RecipeName::Fp8Unit), &ids)?,
     );

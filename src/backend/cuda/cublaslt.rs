@@ -90,8 +90,9 @@ impl GemmType {
 /// = false`, `trans_b = true`), not both E5M2, leading dimensions multiples of 16 bytes (we
 /// require m, n, k multiples of 16), f32 accumulation (`CUBLAS_COMPUTE_32F`), output bf16, f16
 /// or f32 (f32 with `beta = 1` accumulates weight gradients). A bias has the output's type, as
-/// cuBLASLt's FP8 kernels take it for bf16 and f16 outputs; a combination it has no kernel for
-/// is refused by the heuristic, and [`Lt::supports_scaled`] says so (callers fall back).
+/// cuBLASLt's FP8 kernels take it for bf16 and f16 outputs (the f16 pair ran on the H200);
+/// a combination it has no kernel for is refused by the heuristic, and [`Lt::supports_scaled`]
+/// says so (callers fall back).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Fp8Scales {
     /// FP8 type of `a`.
