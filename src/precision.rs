@@ -214,34 +214,42 @@ impl Recipe {
 mod tests {
     use super::*;
 
-    /// A backend with every format but FP8 casts from bf16 only (the CUDA backend today) runs
-    /// `fp8` and refuses `fp8-unit` (fp16 tensors) up front, naming both formats.
+    /// The CUDA backend's casts (FP8 from bf16 and f16 tensors) run every recipe; a backend
+    /// whose FP8 casts read bf16 only refuses `fp8-unit` (f16 tensors) up front, naming both
+    /// formats; a backend without f16 storage refuses `fp16`.
     #[test]
     fn recipes_are_refused_for_formats_or_casts_a_backend_lacks() {
         let all = |_: DType| true;
-        let from_bf16 =
-            |tensors: DType, operand: DType| !operand.is_float8() || tensors == DType::BF16;
-        for name in [
+        let names = [
             RecipeName::Fp32,
             RecipeName::Bf16,
             RecipeName::Fp16,
             RecipeName::Fp8,
-        ] {
+            RecipeName::Fp8Unit,
+        ];
+        for name in names {
             Recipe::new(name)
-                .check_formats("cuda", all, from_bf16)
+                .check_formats("cuda", all, crate::backend::cuda::can_cast_for_gemm)
+                .unwrap();
+        }
+        let from_bf16 =
+            |tensors: DType, operand: DType| !operand.is_float8() || tensors == DType::BF16;
+        for name in &names[..4] {
+            Recipe::new(*name)
+                .check_formats("test", all, from_bf16)
                 .unwrap();
         }
         let err = Recipe::new(RecipeName::Fp8Unit)
-            .check_formats("cuda", all, from_bf16)
+            .check_formats("test", all, from_bf16)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("f16 tensors") && err.contains("cuda backend"),
+            err.contains("f16 tensors") && err.contains("test backend"),
             "{err}"
         );
         let no_f16 = |d: DType| d != DType::F16;
         let err = Recipe::new(RecipeName::Fp16)
-            .check_formats("cuda", no_f16, from_bf16)
+            .check_formats("test", no_f16, from_bf16)
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs f16 tensors"), "{err}");

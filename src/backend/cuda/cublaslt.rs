@@ -16,7 +16,7 @@
 //!   per-call attributes. [`Lt::supports`] says whether cuBLASLt has an algorithm for one, so
 //!   callers can fall back to separate kernels.
 //! - **FP8.** [`Lt::matmul_scaled`] runs e4m3/e5m2 operands with per-tensor dequantization
-//!   scales read from device memory ([`Fp8Scales`]), bf16 or f32 output, and the same epilogues
+//!   scales read from device memory ([`Fp8Scales`]), bf16, f16 or f32 output, and the same epilogues
 //!   where cuBLASLt has them for FP8 (plans keyed by both operand types and fast accumulation).
 //!
 //! Pointers are raw `CUdeviceptr`s (`u64`); the caller owns the memory and keeps it alive until the
@@ -65,7 +65,8 @@ impl GemmType {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// Lower-case name, as in messages (`bf16`, `e4m3`, ...).
+    pub fn name(self) -> &'static str {
         match self {
             GemmType::F32 => "f32",
             GemmType::BF16 => "bf16",
@@ -87,8 +88,11 @@ impl GemmType {
 ///
 /// cuBLASLt's FP8 rules (Hopper): both operands K-major ("TN": in our row-major terms `trans_a
 /// = false`, `trans_b = true`), not both E5M2, leading dimensions multiples of 16 bytes (we
-/// require m, n, k multiples of 16), f32 accumulation (`CUBLAS_COMPUTE_32F`), output bf16 or f32
-/// (f32 with `beta = 1` accumulates weight gradients).
+/// require m, n, k multiples of 16), f32 accumulation (`CUBLAS_COMPUTE_32F`), output bf16, f16
+/// or f32 (f32 with `beta = 1` accumulates weight gradients). A bias has the output's type, as
+/// cuBLASLt's FP8 kernels take it for bf16 and f16 outputs (the f16 pair ran on the H200);
+/// a combination it has no kernel for is refused by the heuristic, and [`Lt::supports_scaled`]
+/// says so (callers fall back).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Fp8Scales {
     /// FP8 type of `a`.
@@ -533,8 +537,8 @@ impl Lt {
         if !(a.is_fp8() && b.is_fp8()) || (a == GemmType::F8E5M2 && b == GemmType::F8E5M2) {
             bail!("cuBLASLt FP8 matmul {key}: operands must be FP8, not both e5m2");
         }
-        if !matches!(key.out_type, GemmType::BF16 | GemmType::F32) {
-            bail!("cuBLASLt FP8 matmul {key}: the output must be bf16 or f32");
+        if !matches!(key.out_type, GemmType::BF16 | GemmType::F16 | GemmType::F32) {
+            bail!("cuBLASLt FP8 matmul {key}: the output must be bf16, f16 or f32");
         }
         if key.trans_a || !key.trans_b {
             bail!("cuBLASLt FP8 matmul {key}: both operands must be K-major (trans_a = false, trans_b = true)");

@@ -1,7 +1,8 @@
-// halfling FP8 kernels: the amax of a bf16 tensor, and its per-tensor scaled cast to FP8
+// halfling FP8 kernels: the amax of a bf16 or f16 tensor, and its per-tensor scaled cast to FP8
 // (e4m3 or e5m2), optionally transposed, for cuBLASLt's FP8 matmuls. Compiled at run time by
 // NVRTC for sm_90 (no fast math); names, parameters and launch geometries follow the kernel ABI
-// that src/backend/cuda/fp8.rs launches against.
+// that src/backend/cuda/fp8.rs launches against. The kernels that read a tensor exist as
+// `<name>_bf16` (T = __nv_bfloat16: the fp8 recipe) and `<name>_f16` (T = __half: fp8-unit).
 //
 // Semantics are those of the CPU reference (`gemm_operand` in src/backend/cpu/mod.rs and
 // `numerics`), bit for bit:
@@ -22,9 +23,21 @@
 // Formats: `format` 0 = e4m3 (max 448), 1 = e5m2 (max 57344).
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 typedef unsigned long long u64;
 typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+// Instantiates one extern "C" wrapper per tensor type: M(suffix, T).
+#define FOR_EACH_TYPE(M) M(bf16, bf16) M(f16, f16)
+
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(f16 x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ f16 from_float<f16>(float x) { return __float2half_rn(x); }
 
 __device__ __forceinline__ float fp8_max_finite(int format) { return format == 0 ? 448.0f : 57344.0f; }
 
@@ -83,7 +96,9 @@ __device__ __forceinline__ float block_max256(float m, float* red /* [8] */) {
     return m;
 }
 
-__device__ __forceinline__ void load8_bf16(const bf16* p, float* f) {
+// Loads 8 consecutive elements as float (exact); p must be 16-byte aligned.
+template <typename T> __device__ __forceinline__ void load8(const T* p, float* f);
+template <> __device__ __forceinline__ void load8<bf16>(const bf16* p, float* f) {
     const uint4 u = *reinterpret_cast<const uint4*>(p);
     const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -92,12 +107,42 @@ __device__ __forceinline__ void load8_bf16(const bf16* p, float* f) {
         f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
     }
 }
+template <> __device__ __forceinline__ void load8<f16>(const f16* p, float* f) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 v = __half22float2(h[k]);  // .x = element 2k (the low half)
+        f[2 * k] = v.x;
+        f[2 * k + 1] = v.y;
+    }
+}
 
-// fp8_amax_partial_bf16: partials[blockIdx.x] = max |x[i]| over the elements this block visits
+// Stores 8 floats rounded to T (nearest even); p must be 16-byte aligned.
+template <typename T> __device__ __forceinline__ void store8(T* p, const float* f);
+template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float* f) {
+    unsigned w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k]));
+        const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k + 1]));
+        w[k] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <> __device__ __forceinline__ void store8<f16>(f16* p, const float* f) {
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(f[2 * k], f[2 * k + 1]);  // .x = low half
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// fp8_amax_partial_T: partials[blockIdx.x] = max |x[i]| over the elements this block visits
 // (grid-stride, 8 elements per thread and step, then the tail one by one).
 // Launch: grid (G, 1, 1) with 1 <= G <= 1024, block (256, 1, 1); x is 16-byte aligned.
-extern "C" __global__ void __launch_bounds__(256)
-fp8_amax_partial_bf16(float* partials, const bf16* x, long long n) {
+template <typename T>
+__device__ void fp8_amax_partial_impl(float* partials, const T* x, long long n) {
     __shared__ float red[8];
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -105,14 +150,20 @@ fp8_amax_partial_bf16(float* partials, const bf16* x, long long n) {
     float m = 0.0f;
     for (long long i = tid; i < n8; i += stride) {
         float f[8];
-        load8_bf16(x + 8 * i, f);
+        load8(x + 8 * i, f);
 #pragma unroll
         for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(f[k]));
     }
-    for (long long i = 8 * n8 + tid; i < n; i += stride) m = fmaxf(m, fabsf(__bfloat162float(x[i])));
+    for (long long i = 8 * n8 + tid; i < n; i += stride) m = fmaxf(m, fabsf(to_float(x[i])));
     m = block_max256(m, red);
     if (threadIdx.x == 0) partials[blockIdx.x] = m;
 }
+#define DEF_AMAX_PARTIAL(S, T)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        fp8_amax_partial_##S(float* partials, const T* x, long long n) {                       \
+        fp8_amax_partial_impl<T>(partials, x, n);                                              \
+    }
+FOR_EACH_TYPE(DEF_AMAX_PARTIAL)
 
 // fp8_amax_record: slot = max(slot, max(partials[0..num])) (an operand whose amax is recorded
 // but which is not cast). Launch: grid (1, 1, 1), block (256, 1, 1).
@@ -125,23 +176,27 @@ fp8_amax_record(unsigned* slot, const float* partials, int num) {
     if (threadIdx.x == 0) atomicMax(slot, __float_as_uint(m));
 }
 
-// fp8_cast_bf16: x[rows, cols] (bf16) scaled and cast to FP8.
-//   out   [rows, cols]: the FP8 codes, or (dequant = 1) the bf16 values q / scale (exact), for
-//         GEMMs that cannot run in FP8; null: not written.
+// fp8_cast_T: x[rows, cols] (of type T) scaled and cast to FP8.
+//   out   [rows, cols]: the FP8 codes, or (dequant = 1) the values q / scale rounded to T, for
+//         GEMMs that cannot run in FP8. Exact: q has at most 4 significant bits, bf16 spans
+//         every q / scale, and f16 holds every q / scale of an f16 x up to its max 65504 (a
+//         scale below 1 can round a value near that max past it; unit scaling's scale 1 keeps
+//         |q / scale| <= 57344). null: not written.
 //   out_t [cols, rows]: the FP8 codes transposed (the K-major copy a backward GEMM needs); null:
 //         not written.
 //   scale: partials != null: current scaling from amax = max(partials[0..num_partials]) (from
-//          fp8_amax_partial_bf16 over the same x) with `margin`; else `fixed_scale`.
+//          fp8_amax_partial_T over the same x) with `margin`; else `fixed_scale`.
 //   amax_slot: null, or the model's amax cell to max-accumulate max |x| into (the partials' amax
 //          with current scaling, else this kernel's own).
 //   inv_scale_out: null, or where 1 / scale goes (cuBLASLt's scale pointer for this operand).
 // Launch: grid (ceil(cols / 64), ceil(rows / 32), 1), block (256, 1, 1): one 32 x 64 tile per
 // block. Full tiles of a tensor whose rows and cols are multiples of 8 move 8 elements per thread
 // (16-byte loads, 8-byte stores); the rest go element by element. Same bits either way.
-extern "C" __global__ void __launch_bounds__(256)
-fp8_cast_bf16(void* out, unsigned char* out_t, const bf16* x, int rows, int cols, int format,
-              int dequant, const float* partials, int num_partials, float fixed_scale,
-              int margin, unsigned* amax_slot, float* inv_scale_out) {
+template <typename T>
+__device__ void fp8_cast_impl(void* out, unsigned char* out_t, const T* x, int rows, int cols,
+                              int format, int dequant, const float* partials, int num_partials,
+                              float fixed_scale, int margin, unsigned* amax_slot,
+                              float* inv_scale_out) {
     __shared__ unsigned char tile[64][32 + 4];
     __shared__ float red[8];
     float scale = fixed_scale;
@@ -160,13 +215,13 @@ fp8_cast_bf16(void* out, unsigned char* out_t, const bf16* x, int rows, int cols
     const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 64;
     const bool vec = rows % 8 == 0 && cols % 8 == 0 && r0 + 32 <= rows && c0 + 64 <= cols;
     unsigned char* codes = reinterpret_cast<unsigned char*>(out);
-    bf16* values = reinterpret_cast<bf16*>(out);
+    T* values = reinterpret_cast<T*>(out);
     float local = 0.0f;
     if (vec) {
         const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
         const size_t at = (size_t)(r0 + r) * cols + c0 + c;
         float f[8];
-        load8_bf16(x + at, f);
+        load8(x + at, f);
         unsigned char q[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
@@ -175,14 +230,10 @@ fp8_cast_bf16(void* out, unsigned char* out_t, const bf16* x, int rows, int cols
         }
         if (out != nullptr) {
             if (dequant) {
-                unsigned w[4];
+                float d[8];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(fp8_decode(q[2 * k], format) * inv));
-                    const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(fp8_decode(q[2 * k + 1], format) * inv));
-                    w[k] = lo | (hi << 16);
-                }
-                *reinterpret_cast<uint4*>(values + at) = make_uint4(w[0], w[1], w[2], w[3]);
+                for (int k = 0; k < 8; ++k) d[k] = fp8_decode(q[k], format) * inv;
+                store8(values + at, d);
             } else {
                 const unsigned lo = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned)q[3] << 24);
                 const unsigned hi = q[4] | (q[5] << 8) | (q[6] << 16) | ((unsigned)q[7] << 24);
@@ -199,11 +250,11 @@ fp8_cast_bf16(void* out, unsigned char* out_t, const bf16* x, int rows, int cols
             unsigned char q = 0;
             if (gr < rows && gc < cols) {
                 const size_t at = (size_t)gr * cols + gc;
-                const float v = __bfloat162float(x[at]);
+                const float v = to_float(x[at]);
                 local = fmaxf(local, fabsf(v));
                 q = fp8_encode(v * scale, format);
                 if (out != nullptr) {
-                    if (dequant) values[at] = __float2bfloat16_rn(fp8_decode(q, format) * inv);
+                    if (dequant) values[at] = from_float<T>(fp8_decode(q, format) * inv);
                     else codes[at] = q;
                 }
             }
@@ -233,6 +284,15 @@ fp8_cast_bf16(void* out, unsigned char* out_t, const bf16* x, int rows, int cols
         if (threadIdx.x == 0) atomicMax(amax_slot, __float_as_uint(local));
     }
 }
+#define DEF_CAST(S, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        fp8_cast_##S(void* out, unsigned char* out_t, const T* x, int rows, int cols,          \
+                     int format, int dequant, const float* partials, int num_partials,         \
+                     float fixed_scale, int margin, unsigned* amax_slot, float* inv_scale_out) { \
+        fp8_cast_impl<T>(out, out_t, x, rows, cols, format, dequant, partials, num_partials,   \
+                         fixed_scale, margin, amax_slot, inv_scale_out);                       \
+    }
+FOR_EACH_TYPE(DEF_CAST)
 
 // ---------------------------------------------------------------------------------------------
 // Tiled casts: the FP8 codes of a bf16 tensor, row-major and/or transposed, from one read.

@@ -3,12 +3,13 @@
 //! The semantics are the CPU reference's (`gemm_operand` in `backend/cpu`): an FP8 operand is
 //! multiplied as `satfinite(round(x·s))/s`, with `s` from its own amax (`Current`) or given
 //! (`Fixed`), and operands with an amax slot max-accumulate `max |x|` into the caller's amax
-//! buffer. Per operand, the kernels of `fp8.cu` do:
+//! buffer. The tensors are bf16 (the `fp8` recipe) or f16 (`fp8-unit`), and the kernels of
+//! `fp8.cu` come in both flavours (`_bf16`, `_f16`, picked by the tensor's dtype). Per operand:
 //!
-//! - `Current` scaling: `fp8_amax_partial_bf16` (per-block maxima), then `fp8_cast_bf16`, which
-//!   reduces those maxima itself, derives the scale on the device (no host round trip) and writes
-//!   `1/s` where cuBLASLt reads the operand's dequantization scale;
-//! - `Fixed` scaling: one `fp8_cast_bf16` pass that casts and records the amax at once.
+//! - `Current` scaling: `fp8_amax_partial` (per-block maxima), then `fp8_cast`, which reduces
+//!   those maxima itself, derives the scale on the device (no host round trip) and writes `1/s`
+//!   where cuBLASLt reads the operand's dequantization scale;
+//! - `Fixed` scaling: one `fp8_cast` pass that casts and records the amax at once.
 //!
 //! cuBLASLt's FP8 GEMMs want both operands K-major, so the backward's operands are cast
 //! transposed (`dy` once into both layouts when its two GEMMs read it the same way):
@@ -19,10 +20,12 @@
 //! | `dx = dy·W`  | dy [n, oc] | Wᵀ [ic, oc]         |
 //! | `dW += dyᵀ·x`| dyᵀ [oc, n]| xᵀ [ic, n]          |
 //!
-//! A linear op whose GEMMs cuBLASLt cannot run in FP8 (a dimension not a multiple of 16, a
-//! format pair it lacks, an epilogue it has no FP8 kernel for) runs the same arithmetic as bf16
-//! GEMMs of the dequantized operands `q/s`, which bf16 holds exactly: same quantization, same
-//! f32 accumulation, only slower. `HALFLING_CUDA_FP8=0` forces that path (to compare). A GEMM
+//! FP8 GEMMs write their output in the tensors' format (bf16 or f16, bias of the same type) or,
+//! for weight gradients, f32. A linear op whose GEMMs cuBLASLt cannot run in FP8 (a dimension
+//! not a multiple of 16, a format pair it lacks, an epilogue it has no FP8 kernel for) runs the
+//! same arithmetic as GEMMs in the tensors' format of the dequantized operands `q/s`, which that
+//! format holds exactly (see `fp8_cast_T` in `fp8.cu`): same quantization, same f32
+//! accumulation, only slower. `HALFLING_CUDA_FP8=0` forces that path (to compare). A GEMM
 //! cuBLASLt planned but then refuses to run takes that path too, with a note on stderr.
 //!
 //! Scales reach cuBLASLt as device pointers (each in its own 256-byte aligned cell), so current
@@ -49,11 +52,11 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::cublaslt::{Epilogue, Fp8Scales, Gemm, GemmType};
-use super::{gemm_type, int, oom, op_scale, Arg, CudaBackend, CudaBuf, BLOCK};
+use super::{gemm_type, int, oom, op_scale, suffix, Arg, CudaBackend, CudaBuf, BLOCK};
 use crate::backend::{GemmOperand, GemmSpec, KeepToken, OperandScale};
 use crate::numerics::DType;
 
-/// Blocks of `fp8_amax_partial_bf16` at most (the partials the cast kernel reduces).
+/// Blocks of `fp8_amax_partial_T` at most (the partials the cast kernel reduces).
 const PARTIALS: usize = 1024;
 
 /// Bytes between scale cells: cuBLASLt checks the alignment of every pointer it reads at run
@@ -183,6 +186,30 @@ fn format_code(format: DType) -> Result<i32> {
     }
 }
 
+/// The suffix of the `fp8.cu` kernels that read a tensor of `dtype` (bf16 or f16).
+fn tensor_suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::BF16 | DType::F16 => suffix(dtype),
+        other => bail!(
+            "the CUDA backend casts only bf16 and f16 tensors to FP8, not {other} (use the fp8 or fp8-unit recipe)"
+        ),
+    }
+}
+
+/// The format of a linear op's tensors (all the same, bf16 or f16): what the FP8 casts read and
+/// what a GEMM of dequantized operands multiplies in.
+fn tensors_type(tensors: &[&CudaBuf]) -> Result<GemmType> {
+    let dtype = tensors.first().map_or(DType::BF16, |t| t.dtype);
+    if let Some(other) = tensors.iter().find(|t| t.dtype != dtype) {
+        bail!(
+            "the CUDA backend's FP8 linear ops need one format for all tensors, not {dtype} and {}",
+            other.dtype
+        );
+    }
+    tensor_suffix(dtype)?;
+    gemm_type(dtype)
+}
+
 impl CudaBackend {
     /// Device address of `role`'s scratch buffer, grown to at least `bytes`.
     fn fp8_buf(&self, role: Role, bytes: usize) -> Result<u64> {
@@ -240,7 +267,7 @@ impl CudaBackend {
         let blocks = x.len.div_ceil(256 * 8).clamp(1, PARTIALS);
         let cells = self.fp8_cells()?;
         self.launch(
-            "fp8_amax_partial_bf16",
+            &format!("fp8_amax_partial_{}", tensor_suffix(x.dtype)?),
             (blocks as u32, 1, 1),
             256,
             0,
@@ -254,7 +281,7 @@ impl CudaBackend {
     }
 
     /// Casts `x[rows, cols]` per `op` (an FP8 format): the codes into `plain` and/or transposed
-    /// into `transposed`, or (`dequant`) the bf16 values `q/s` into `plain`; `1/s` into the scale
+    /// into `transposed`, or (`dequant`) the values `q/s` in `x`'s format into `plain`; `1/s` into the scale
     /// cell of `cell`; the amax into `amax_cell` (0: none). Returns the plain copy's address (or
     /// the transposed one's when there is no plain copy) and the scale cell's.
     #[allow(clippy::too_many_arguments)]
@@ -270,10 +297,8 @@ impl CudaBackend {
         cell: Role,
         amax_cell: u64,
     ) -> Result<(Option<u64>, Option<u64>, u64)> {
-        self.expect("FP8 GEMM operand", x, DType::BF16, rows * cols)
-            .map_err(|e| {
-                anyhow!("{e} (the CUDA backend casts only bf16 tensors to FP8: use the fp8 recipe, whose activations are bf16)")
-            })?;
+        let kernel = format!("fp8_cast_{}", tensor_suffix(x.dtype)?);
+        self.expect("FP8 GEMM operand", x, x.dtype, rows * cols)?;
         let format = format_code(op.format)?;
         let (partials, num_partials, fixed, margin) = self.fp8_scale_args(x, op)?;
         let elem = if dequant { 2 } else { 1 };
@@ -297,7 +322,7 @@ impl CudaBackend {
             .filter(|&g| g <= 65535)
             .ok_or_else(|| anyhow!("FP8 cast: {rows} rows is too many for one launch"))?;
         self.launch(
-            "fp8_cast_bf16",
+            &kernel,
             (cols.div_ceil(64).max(1) as u32, grid_y.max(1), 1),
             256,
             0,
@@ -579,12 +604,6 @@ impl CudaBackend {
 
     /// Records `max |x|` into `amax_cell` for an operand that is not cast.
     fn fp8_record(&self, x: &CudaBuf, amax_cell: u64) -> Result<()> {
-        if x.dtype != DType::BF16 {
-            bail!(
-                "the CUDA backend records amax of bf16 tensors only, not {}",
-                x.dtype
-            );
-        }
         let num = self.fp8_amax_partials(x)?;
         self.launch(
             "fp8_amax_record",
@@ -600,7 +619,8 @@ impl CudaBackend {
     }
 
     /// An operand for a GEMM that is not an FP8 GEMM: FP8 formats dequantized into `role`'s
-    /// scratch (bf16), anything else as stored (it must be bf16), amax recorded either way.
+    /// scratch (in `x`'s format), anything else as stored, amax recorded either way. The caller
+    /// checked that the GEMM's tensors share one format ([`tensors_type`]).
     fn fp8_fallback_operand(
         &self,
         x: &CudaBuf,
@@ -624,8 +644,7 @@ impl CudaBackend {
                 op.format
             );
         }
-        self.expect("GEMM operand", x, DType::BF16, rows * cols)
-            .map_err(|e| anyhow!("{e} (mixed FP8 GEMMs need bf16 tensors on the CUDA backend)"))?;
+        self.expect("GEMM operand", x, x.dtype, rows * cols)?;
         if cell != 0 {
             self.fp8_record(x, cell)?;
         }
@@ -684,7 +703,10 @@ impl CudaBackend {
             .borrow_mut()
             .matmul_scaled(&self.stream, &g, Some(&f));
         if let Err(e) = ran {
-            eprintln!("note: {e:#}; this GEMM runs as bf16 on dequantized FP8 operands instead");
+            eprintln!(
+                "note: {e:#}; this GEMM runs in {} on dequantized FP8 operands instead",
+                g.inputs.name()
+            );
             self.lt.borrow_mut().refuse(&g, Some(&f));
             return Ok(false);
         }
@@ -747,7 +769,7 @@ impl CudaBackend {
             out_type: gemm_type(out_type)?,
             a: 0,
             b: 0,
-            inputs: GemmType::BF16,
+            inputs: tensors_type(&[inp, w])?,
             m: n,
             n: oc,
             k: ic,
@@ -770,7 +792,10 @@ impl CudaBackend {
             }
         }
         if matches!(epilogue, Epilogue::GeluAux { .. }) && !self.fusable(&g) {
-            bail!("cuBLASLt runs this linear+GELU ({n}x{oc}x{ic}) neither in FP8 nor in bf16");
+            bail!(
+                "cuBLASLt runs this linear+GELU ({n}x{oc}x{ic}) neither in FP8 nor in {}",
+                g.inputs.name()
+            );
         }
         g.a = self.fp8_fallback_operand(inp, n, ic, &gemm.a, Role::X, amax)?;
         g.b = self.fp8_fallback_operand(w, oc, ic, &gemm.b, Role::W, amax)?;
@@ -829,6 +854,7 @@ impl CudaBackend {
         amax: Option<&mut CudaBuf>,
     ) -> Result<bool> {
         let amax = self.amax_base(amax)?;
+        let inputs = tensors_type(&[dout, inp, w])?;
         if dw.len != oc * ic {
             bail!(
                 "internal error: weight grad has {} elements, expected {}",
@@ -842,7 +868,7 @@ impl CudaBackend {
             out_type: gemm_type(dw.dtype)?,
             a: 0,
             b: 0,
-            inputs: GemmType::BF16,
+            inputs,
             m: oc,
             n: ic,
             k: n,
@@ -861,7 +887,7 @@ impl CudaBackend {
                     out_type: gemm_type(t)?,
                     a: 0,
                     b: 0,
-                    inputs: GemmType::BF16,
+                    inputs,
                     m: n,
                     n: ic,
                     k: oc,
@@ -940,7 +966,7 @@ impl CudaBackend {
                 done = self.gemm_fp8(g, f)?;
             }
             if !done {
-                // As bf16 GEMM of the dequantized operands (b = w as stored: not transposed).
+                // As a GEMM of the dequantized operands (b = w as stored: not transposed).
                 fused = false;
                 g.epilogue = Epilogue::None;
                 g.a = self.fp8_fallback_operand(dout, n, oc, &dinp_gemm.a, Role::Dy, amax)?;
@@ -1005,7 +1031,7 @@ impl CudaBackend {
             done = self.gemm_fp8(g, f)?;
         }
         if !done {
-            // As bf16 GEMM of the dequantized operands, as stored: dout read transposed.
+            // As a GEMM of the dequantized operands, as stored: dout read transposed.
             g_dw.a = self.fp8_fallback_operand(dout, n, oc, &dw_gemm.a, Role::DyT, amax)?;
             g_dw.b = self.fp8_fallback_operand(inp, n, ic, &dw_gemm.b, Role::XT, amax)?;
             g_dw.trans_a = true;

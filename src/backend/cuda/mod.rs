@@ -14,7 +14,7 @@
 //! - Unit scaling's op scales (weighted residual adds, GELU, attention and embedding scales,
 //!   LayerNorm and bias gradient scales, GEMM `alpha`) are kernel arguments; the fused GELU
 //!   epilogues run only where they compute the same thing (scale 1), the separate kernels
-//!   otherwise. The FP8 casts read bf16 only, so `fp8-unit` (fp16 tensors) is refused for now.
+//!   otherwise. The FP8 casts read bf16 (the `fp8` recipe) and f16 (`fp8-unit`) tensors.
 //! - Everything runs on one stream. No kernel uses floating-point atomics, so results are
 //!   bitwise reproducible run to run.
 
@@ -141,6 +141,12 @@ fn gemm_type(dtype: DType) -> Result<GemmType> {
         DType::F16 => Ok(GemmType::F16),
         other => bail!("the CUDA backend has no {other} matrix products yet (recipes fp32, bf16 and fp16 run on CUDA)"),
     }
+}
+
+/// [`Backend::casts_for_gemm`] of the CUDA backend: the FP8 casts of `fp8.cu` read bf16 and
+/// f16 tensors; no other operand format is cast.
+pub(crate) fn can_cast_for_gemm(tensors: DType, operand: DType) -> bool {
+    !operand.is_float8() || matches!(tensors, DType::BF16 | DType::F16)
 }
 
 /// The one operand format of a GEMM without FP8 operands or amax slots (those go to `fp8.rs`):
@@ -891,7 +897,7 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, dtype: DType) -> bool {
-        // FP8 is a GEMM operand format here (cast from bf16 tensors by the linear ops).
+        // FP8 is a GEMM operand format here (cast from bf16 or f16 tensors by the linear ops).
         matches!(
             dtype,
             DType::F32 | DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2
@@ -986,8 +992,7 @@ impl Backend for CudaBackend {
     }
 
     fn casts_for_gemm(&self, tensors: DType, operand: DType) -> bool {
-        // The FP8 casts of `fp8.cu` read bf16.
-        !operand.is_float8() || tensors == DType::BF16
+        can_cast_for_gemm(tensors, operand)
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
