@@ -40,6 +40,8 @@ use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
 const FP8_CU: &str = include_str!("fp8.cu");
+/// Hopper-only (sm_90a, wgmma) kernels, compiled only on compute capability 9.0.
+const ATTENTION_SM90_CU: &str = include_str!("attention_sm90.cu");
 
 /// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
 const H100_BF16_PEAK: f64 = 989.4e12;
@@ -107,6 +109,10 @@ pub struct CudaBackend {
     /// `HALFLING_CUDA_FP8_SCALES=host`: FP8 GEMMs whose operands both have `Fixed` scales get
     /// them folded into `alpha` instead of cuBLASLt scale pointers (same result).
     fp8_host_scales: bool,
+    /// Which attention backward runs where both can: `Some(v)` the wgmma kernels of
+    /// attention_sm90.cu (variant `v`), `None` attention.cu's mma.sync kernels (on GPUs other than
+    /// compute capability 9.0, or `HALFLING_CUDA_ATTN_BWD=mma`).
+    attn_bwd_sm90: Option<usize>,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -316,6 +322,24 @@ impl CudaBackend {
                 .map_err(|e| anyhow!("cannot load the compiled {file}.cu on the GPU: {e:?}"))?;
             modules.push(module);
         }
+        let attn_bwd_sm90 = match attention::sm90_choice()? {
+            Some(v) if arch == "sm_90" => {
+                // sm_90a code runs on compute capability 9.0 only (not forward compatible).
+                let ptx = compile_cached(
+                    "attention_sm90",
+                    ATTENTION_SM90_CU,
+                    "sm_90a",
+                    &include,
+                    driver_version,
+                )?;
+                let module = ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                    .map_err(|e| anyhow!("cannot load the compiled attention_sm90.cu: {e:?}"))?;
+                modules.push(module);
+                Some(v)
+            }
+            _ => None,
+        };
         let lt = Lt::new(&stream)?;
         Ok(Self {
             ctx,
@@ -338,6 +362,7 @@ impl CudaBackend {
             fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
+            attn_bwd_sm90,
         })
     }
 
@@ -2082,6 +2107,55 @@ mod attention {
         }
     }
 
+    /// wgmma backward tiling (attention_sm90.cu), as instantiated at the end of that file:
+    /// `nwg` warpgroups of 64 rows, column tiles of `bn` rows in `ns` shared-memory stages.
+    #[derive(Debug, PartialEq)]
+    struct Sm90Tiling {
+        nwg: usize,
+        bn: usize,
+        ns: usize,
+    }
+
+    impl Sm90Tiling {
+        /// (rows per block, threads per block, dynamic shared memory bytes) at head size `hs`.
+        fn geometry(&self, hs: usize) -> (usize, u32, u32) {
+            let bm = 64 * self.nwg;
+            let bytes = 2 * bm * hs * 2 + self.ns * 2 * self.bn * hs * 2 + self.ns * 2 * self.bn * 4;
+            // + 1024: the kernel aligns its base to the 1024-byte swizzle period
+            (bm, 128 * self.nwg as u32, (bytes + 1024) as u32)
+        }
+    }
+
+    /// Variants instantiated for bf16 (f16 has v0 only); v0 is the default.
+    const SM90_VARIANTS: usize = 4;
+
+    fn sm90_tiling(hs: usize, v: usize) -> Option<Sm90Tiling> {
+        let (nwg, bn, ns) = match (hs, v) {
+            (64, 0) | (64, 3) => (2, 64, 3),
+            (64, 1) => (2, 128, 3),
+            (64, 2) => (1, 64, 3),
+            (128, 0) | (128, 2) => (2, 64, 3),
+            (128, 1) => (1, 64, 2),
+            (128, 3) => (2, 64, 2),
+            _ => return None,
+        };
+        Some(Sm90Tiling { nwg, bn, ns })
+    }
+
+    /// `HALFLING_CUDA_ATTN_BWD`: unset or `wgmma` = the wgmma backward (variant 0) where the GPU
+    /// has it, `mma` = always attention.cu's kernels, `v1` .. `v3` = other wgmma tilings (tuning).
+    pub(super) fn sm90_choice() -> Result<Option<usize>> {
+        let v = std::env::var("HALFLING_CUDA_ATTN_BWD").unwrap_or_default();
+        match v.as_str() {
+            "" | "wgmma" => Ok(Some(0)),
+            "mma" => Ok(None),
+            _ => match v.strip_prefix('v').and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if n < SM90_VARIANTS => Ok(Some(n)),
+                _ => bail!("HALFLING_CUDA_ATTN_BWD={v}: expected wgmma, mma or v0 .. v{}", SM90_VARIANTS - 1),
+            },
+        }
+    }
+
     /// Kernel variant (the largest head size it handles) for head size `hs`.
     fn variant(c: usize, nh: usize) -> Result<(usize, usize)> {
         let hs = if nh > 0 && c % nh == 0 { c / nh } else { 0 };
@@ -2147,7 +2221,7 @@ mod attention {
         nh: usize,
         out_scale: f32,
     ) -> Result<()> {
-        let (_, hs_max) = variant(c, nh)?;
+        let (hs, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let bh = b * nh;
         let d = be.scratch_ptr(bh * t * 4)?;
@@ -2168,10 +2242,6 @@ mod attention {
             0,
             &pre_args,
         )?;
-        let (tiles, block, shared) = match dt {
-            DType::BF16 | DType::F16 => bwd_bf16(hs_max).geometry(t),
-            _ => (t.div_ceil(32), 128, 0),
-        };
         let main = [
             Arg::Ptr(dqkv),
             Arg::Ptr(dout),
@@ -2180,6 +2250,29 @@ mod attention {
             Arg::Ptr(d),
         ];
         let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
+        // The wgmma kernels take hs = 64 or 128 exactly and 16-byte aligned tensors (cp.async).
+        let aligned = (dqkv | dout | qkv) % 16 == 0;
+        let sm90 = match (be.attn_bwd_sm90, dt) {
+            (Some(v), DType::BF16) => Some(v),
+            (Some(_), DType::F16) => Some(0),
+            _ => None,
+        }
+        .filter(|_| aligned && hs == hs_max)
+        .and_then(|v| sm90_tiling(hs, v).map(|tiling| (v, tiling)));
+        if let Some((v, tiling)) = sm90 {
+            let (bm, block, shared) = tiling.geometry(hs);
+            return be.launch(
+                &format!("attention_backward_sm90_hs{hs}_v{v}_{sfx}"),
+                (bh as u32, t.div_ceil(bm) as u32, 2),
+                block,
+                shared,
+                &args,
+            );
+        }
+        let (tiles, block, shared) = match dt {
+            DType::BF16 | DType::F16 => bwd_bf16(hs_max).geometry(t),
+            _ => (t.div_ceil(32), 128, 0),
+        };
         be.launch(
             &format!("attention_backward_hs{hs_max}_{sfx}"),
             (bh as u32, tiles as u32, 2),
@@ -2200,6 +2293,20 @@ mod attention {
             assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
             assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
             assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
+        }
+
+        #[test]
+        fn sm90_geometry_matches_the_attention_sm90_cu_table() {
+            // Sm90Bwd::SMEM for (HS, NWG, BN, NS) = (64, 2, 64, 3) and (128, 2, 64, 3).
+            assert_eq!(sm90_tiling(64, 0).unwrap().geometry(64), (128, 256, 84_480));
+            assert_eq!(sm90_tiling(128, 0).unwrap().geometry(128), (128, 256, 166_400));
+            // every variant fits the 227 KB a block may have on Hopper
+            for hs in [64, 128] {
+                for v in 0..SM90_VARIANTS {
+                    assert!(sm90_tiling(hs, v).unwrap().geometry(hs).2 <= 227 * 1024);
+                }
+            }
+            assert_eq!(sm90_tiling(96, 0), None);
         }
     }
 }
