@@ -48,18 +48,18 @@ __device__ __forceinline__ u64 sm90_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr >> 4) & 0x3FFFu) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
            ((u64)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
-// K-major operand (rows = M or N, the reduction over the head dim): rows r0.. (r0 % 64 == 0) of a
-// NROWS-row tile, k-step kt (columns 16kt..16kt+15). 8-row groups are 1024 B apart.
+// K-major operand (rows = M or N, the reduction over the head dim) starting at row 0 of `tile`
+// (a multiple of 64 rows into a tile); k-step kt of an NROWS-row tile adds sm90_koff<NROWS>(kt)
+// (start-address units of 16 bytes). 8-row groups are 1024 B apart.
+__device__ __forceinline__ u64 sm90_desc_k(u32 tile) { return sm90_desc(tile, 16, 1024); }
 template <int NROWS>
-__device__ __forceinline__ u64 sm90_desc_k(u32 tile, int r0, int kt) {
-    return sm90_desc(tile + (kt >> 2) * (NROWS * 128) + r0 * 128 + (kt & 3) * 32, 16, 1024);
+__device__ __forceinline__ u64 sm90_koff(int kt) {
+    return (u64)(((kt >> 2) * (NROWS * 128) + (kt & 3) * 32) >> 4);
 }
-// MN-major operand (the reduction over the tile's rows, N = all head columns): rows 16kk..16kk+15;
-// the two 64-column blocks of HS = 128 are NROWS*128 bytes apart.
+// MN-major operand (the reduction over the tile's rows, N = all head columns): k-step kk (rows
+// 16kk..16kk+15) adds kk * 128; the two 64-column blocks of HS = 128 are NROWS*128 bytes apart.
 template <int NROWS>
-__device__ __forceinline__ u64 sm90_desc_mn(u32 tile, int kk) {
-    return sm90_desc(tile + kk * 2048, NROWS * 128, 1024);
-}
+__device__ __forceinline__ u64 sm90_desc_mn(u32 tile) { return sm90_desc(tile, NROWS * 128, 1024); }
 
 __device__ __forceinline__ void sm90_cp16(u32 dst, const void* src, bool pred) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
@@ -201,15 +201,16 @@ struct Wg<__half, 128> {
 template <int NROWS, int HS, int NTH, typename E>
 __device__ __forceinline__ void sm90_load(u32 tile, const E* g, int stride, int row0, int T_) {
     constexpr int CPR = HS / 8, TOTAL = NROWS * CPR;
+    static_assert(NTH % CPR == 0 && (NTH / CPR) % 8 == 0, "a thread keeps its chunk column and swizzle phase");
+    constexpr int RS = NTH / CPR;  // rows between a thread's successive chunks
+    const int r0 = (int)threadIdx.x / CPR, c8 = (int)threadIdx.x % CPR;
+    const u32 dst = tile + (c8 >> 3) * (NROWS * 128) + r0 * 128 + (((c8 & 7) ^ (r0 & 7)) << 4);
+    const E* src = g + (long long)(row0 + r0) * stride + c8 * 8;
 #pragma unroll
     for (int it = 0; it < (TOTAL + NTH - 1) / NTH; it++) {
-        const int idx = (int)threadIdx.x + it * NTH;
-        if (TOTAL % NTH != 0 && idx >= TOTAL) break;
-        const int r = idx / CPR, c8 = idx % CPR;
-        const int t = row0 + r;
-        const bool ok = t < T_;
-        const E* src = ok ? g + (long long)t * stride + c8 * 8 : g;
-        sm90_cp16(tile + (c8 >> 3) * (NROWS * 128) + r * 128 + (((c8 & 7) ^ (r & 7)) << 4), src, ok);
+        if (TOTAL % NTH != 0 && (int)threadIdx.x + it * NTH >= TOTAL) break;
+        const bool ok = row0 + r0 + it * RS < T_;
+        sm90_cp16(dst + it * RS * 128, ok ? src + (long long)it * RS * stride : g, ok);
     }
 }
 
@@ -302,6 +303,7 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     float dk[HS / 2], dv[HS / 2];
     int acc = 0;
     const int sk0 = wk0 + 16 * warp + g;  // this thread's keys: sk0, sk0 + 8
+    const u64 dk0 = sm90_desc_k(Kt + 64 * wg * 128), dv0 = sm90_desc_k(Vt + 64 * wg * 128);
 
     for (int i = 0; i < ntiles; i++) {
         sm90_cp_wait_all();
@@ -318,15 +320,16 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
         const float* Ds = Ls + BN;
         if (q0 + BN - 1 >= wk0 && wk0 < T_) {  // warpgroup-uniform
             float st[BN / 2], dpt[BN / 2];
+            const u64 dq = sm90_desc_k(Qt), ddo = sm90_desc_k(dOt);
             sm90_wg_fence();
-            Wg<E, BN>::ss0(st, sm90_desc_k<BM>(Kt, 64 * wg, 0), sm90_desc_k<BN>(Qt, 0, 0));
+            Wg<E, BN>::ss0(st, dk0, dq);
 #pragma unroll
             for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(st, sm90_desc_k<BM>(Kt, 64 * wg, kt), sm90_desc_k<BN>(Qt, 0, kt));
-            Wg<E, BN>::ss0(dpt, sm90_desc_k<BM>(Vt, 64 * wg, 0), sm90_desc_k<BN>(dOt, 0, 0));
+                Wg<E, BN>::ss1(st, dk0 + sm90_koff<BM>(kt), dq + sm90_koff<BN>(kt));
+            Wg<E, BN>::ss0(dpt, dv0, ddo);
 #pragma unroll
             for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(dpt, sm90_desc_k<BM>(Vt, 64 * wg, kt), sm90_desc_k<BN>(dOt, 0, kt));
+                Wg<E, BN>::ss1(dpt, dv0 + sm90_koff<BM>(kt), ddo + sm90_koff<BN>(kt));
             sm90_wg_commit();
             sm90_wg_wait<0>();
             sm90_fence_acc(st);
@@ -354,11 +357,12 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
             u32 pa[BN / 16][4], da[BN / 16][4];
             sm90_to_a<BN, E>(pa, st);
             sm90_to_a<BN, E>(da, dpt);
+            const u64 mq = sm90_desc_mn<BN>(Qt), mdo = sm90_desc_mn<BN>(dOt);
             sm90_wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dv, pa[kk], sm90_desc_mn<BN>(dOt, kk), kk ? 1 : acc);
+            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dv, pa[kk], mdo + kk * 128, kk ? 1 : acc);
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dk, da[kk], sm90_desc_mn<BN>(Qt, kk), kk ? 1 : acc);
+            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dk, da[kk], mq + kk * 128, kk ? 1 : acc);
             acc = 1;
             sm90_wg_commit();
             if (!OVL) sm90_wg_wait<0>();  // else it completes under the next tile's first product
@@ -407,6 +411,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     sm90_cp_commit();
 
     const int tq0 = wq0 + 16 * warp + g;  // this thread's queries: tq0, tq0 + 8
+    const u64 dq0 = sm90_desc_k(Qt + 64 * wg * 128), ddo0 = sm90_desc_k(dOt + 64 * wg * 128);
     float L[2], Dr[2];
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
@@ -431,15 +436,16 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
         const u32 Kt = St + (i % NS) * Cf::STAGE, Vt = Kt + Cf::COL;
         if (k0 <= wq0 + 63 && wq0 < T_) {  // warpgroup-uniform
             float s[BN / 2], dp[BN / 2];
+            const u64 dkt = sm90_desc_k(Kt), dvt = sm90_desc_k(Vt);
             sm90_wg_fence();
-            Wg<E, BN>::ss0(s, sm90_desc_k<BM>(Qt, 64 * wg, 0), sm90_desc_k<BN>(Kt, 0, 0));
+            Wg<E, BN>::ss0(s, dq0, dkt);
 #pragma unroll
             for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(s, sm90_desc_k<BM>(Qt, 64 * wg, kt), sm90_desc_k<BN>(Kt, 0, kt));
-            Wg<E, BN>::ss0(dp, sm90_desc_k<BM>(dOt, 64 * wg, 0), sm90_desc_k<BN>(Vt, 0, 0));
+                Wg<E, BN>::ss1(s, dq0 + sm90_koff<BM>(kt), dkt + sm90_koff<BN>(kt));
+            Wg<E, BN>::ss0(dp, ddo0, dvt);
 #pragma unroll
             for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(dp, sm90_desc_k<BM>(dOt, 64 * wg, kt), sm90_desc_k<BN>(Vt, 0, kt));
+                Wg<E, BN>::ss1(dp, ddo0 + sm90_koff<BM>(kt), dvt + sm90_koff<BN>(kt));
             sm90_wg_commit();
             sm90_wg_wait<0>();
             sm90_fence_acc(s);
@@ -457,9 +463,10 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
             }
             u32 da[BN / 16][4];
             sm90_to_a<BN, E>(da, s);
+            const u64 mk = sm90_desc_mn<BN>(Kt);
             sm90_wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dq, da[kk], sm90_desc_mn<BN>(Kt, kk), kk ? 1 : acc);
+            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dq, da[kk], mk + kk * 128, kk ? 1 : acc);
             acc = 1;
             sm90_wg_commit();
             if (!OVL) sm90_wg_wait<0>();
@@ -472,8 +479,8 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     sm90_store<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * HS, C3, tq0, T_, dq, scale * out_scale, t4);
 }
 
-#define SM90_BWD_KERNEL(name, E, HS, NWG, BN, NS, OVL)                                                    \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, 1)                                      \
+#define SM90_BWD_KERNEL(name, E, HS, NWG, BN, NS, OVL, MINB)                                                    \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                      \
     name(E* dqkv, const E* dout, const E* qkv, const float* lse, const float* D, int B, int T_, int C, \
          int NH, float out_scale) {                                                                 \
         if (blockIdx.z == 0)                                                                        \
@@ -482,15 +489,17 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
             sm90_dq<HS, NWG, BN, NS, OVL, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale);            \
     }
 
-// Variants (NWG, BN, NS, OVL); the host's table (mod.rs, `sm90_tiling`) must match. v0 is the
-// default, the others are kept for tuning (HALFLING_CUDA_ATTN_BWD=v1 ..., bf16 only).
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_bf16, __nv_bfloat16, 64, 2, 64, 3, true)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v1_bf16, __nv_bfloat16, 64, 2, 128, 3, false)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v2_bf16, __nv_bfloat16, 64, 1, 64, 3, true)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v3_bf16, __nv_bfloat16, 64, 2, 64, 3, false)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_bf16, __nv_bfloat16, 128, 2, 64, 3, false)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v1_bf16, __nv_bfloat16, 128, 1, 64, 2, false)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v2_bf16, __nv_bfloat16, 128, 2, 64, 3, true)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v3_bf16, __nv_bfloat16, 128, 2, 64, 2, false)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_f16, __half, 64, 2, 64, 3, true)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_f16, __half, 128, 2, 64, 3, false)
+// Variants (NWG, BN, NS, OVL, MINB = blocks per SM the registers must allow); the host's table
+// (mod.rs, `sm90_tiling`) must match. v0 is the default, the others are kept for tuning
+// (HALFLING_CUDA_ATTN_BWD=v1 ..., bf16 only).
+SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_bf16, __nv_bfloat16, 64, 2, 64, 3, true, 1)
+SM90_BWD_KERNEL(attention_backward_sm90_hs64_v1_bf16, __nv_bfloat16, 64, 2, 128, 3, false, 1)
+SM90_BWD_KERNEL(attention_backward_sm90_hs64_v2_bf16, __nv_bfloat16, 64, 1, 64, 3, true, 2)
+SM90_BWD_KERNEL(attention_backward_sm90_hs64_v3_bf16, __nv_bfloat16, 64, 2, 64, 3, false, 1)
+SM90_BWD_KERNEL(attention_backward_sm90_hs64_v4_bf16, __nv_bfloat16, 64, 1, 64, 2, false, 3)
+SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_bf16, __nv_bfloat16, 128, 2, 64, 3, false, 1)
+SM90_BWD_KERNEL(attention_backward_sm90_hs128_v1_bf16, __nv_bfloat16, 128, 1, 64, 2, false, 2)
+SM90_BWD_KERNEL(attention_backward_sm90_hs128_v2_bf16, __nv_bfloat16, 128, 2, 64, 3, true, 1)
+SM90_BWD_KERNEL(attention_backward_sm90_hs128_v3_bf16, __nv_bfloat16, 128, 2, 64, 2, false, 1)
+SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_f16, __half, 64, 2, 64, 3, true, 1)
+SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_f16, __half, 128, 2, 64, 3, false, 1)
