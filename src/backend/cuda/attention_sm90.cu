@@ -1,16 +1,16 @@
 // Causal attention BACKWARD on Hopper tensor cores (wgmma, sm_90a), for halfling's 16-bit paths.
 // Compiled by NVRTC for sm_90a only when the GPU is compute capability 9.0; elsewhere (and for
-// head sizes other than 64 and 128, or unaligned tensors) the host uses attention.cu's mma.sync
-// kernels. Same interface and numerics as attention.cu's bf16 backward (read its header for the
-// tensor layouts): dqkv fully overwritten, lse and D (from attention_backward_preprocess_*) read,
-// out_scale folded in at the store. Deterministic: no atomics, every sum in a fixed order.
+// head sizes other than 64 and 128, or tensors not 16-byte aligned) the host uses attention.cu's
+// mma.sync kernels. Same interface and numerics as attention.cu's bf16 backward (read its header
+// for the tensor layouts): dqkv fully overwritten, lse and D (from attention_backward_preprocess_*)
+// read, out_scale folded in at the store. Deterministic: no atomics, every sum in a fixed order.
 //
-// EXTERN NAMES AND LAUNCH GEOMETRY (host: mod.rs, `mod attention`, `Sm90Tiling`):
-//   attention_backward_sm90_hs{64,128}_v{V}_{bf16,f16}(E* dqkv, const E* dout, const E* qkv,
+// EXTERN NAMES AND LAUNCH GEOMETRY (host: mod.rs, `mod attention`, `sm90_tiling`):
+//   attention_backward_sm90_hs{64,128}_v{0,1,2}_{bf16,f16}(E* dqkv, const E* dout, const E* qkv,
 //       const float* lse, const float* D, int B, int T_, int C, int NH, float out_scale)
 //   with C / NH == HS exactly, qkv, dout and dqkv 16-byte aligned;
 //   grid = (B*NH, ceil(T_/BM), 2), block = 128*NWG, dynamic smem = Sm90Bwd::SMEM bytes,
-//   BM = 64*NWG. Variant table (NWG, BN, NS) at the end of this file.
+//   BM = 64*NWG. Variant table (NWG, BN, NS, OVL, MINB) at the end of this file.
 //
 // STRUCTURE. Like attention.cu: blockIdx.z == 0 blocks own BM keys and sum dK, dV over query
 // tiles; blockIdx.z == 1 blocks own BM queries and sum dQ over key tiles (S and dP recomputed:
@@ -25,11 +25,18 @@
 // Tiles live in shared memory in the 128-byte-swizzle layout that wgmma descriptors name:
 // [rows][64 elements] column blocks (HS = 128: two), row r's 16-byte chunk c at c ^ (r & 7),
 // each block 1024-byte aligned. cp.async (16 B, zero-fill past T_) fills them; column tiles
-// rotate through NS stages, prefetched one tile ahead. One __syncthreads per tile; the second
-// product of tile i stays in flight while tile i+1's first product is issued (NS = 3 keeps the
-// stage it reads from being refilled meanwhile).
+// rotate through NS stages, prefetched one tile ahead; one __syncthreads per tile. OVL: the
+// second product of tile i stays in flight while tile i+1's first product is issued (needs
+// NS = 3, so the stage it reads is not refilled meanwhile); otherwise it is waited for at once.
 // Causality: warpgroups skip column tiles wholly in their future (warpgroup-uniform), and only
 // tiles crossing the diagonal or T_ are masked.
+//
+// TUNING (H200, GPT-2 124M shape hs=64 and the 0.91B shape hs=128, T=1024; ms per backward call,
+// attention.cu's mma.sync kernels 0.58 and 0.97): one warpgroup per block, NS = 2, no overlap
+// (v0: 3 blocks/SM at hs64 with 168 registers, 2 at hs128) measured 0.327 and 0.406; two
+// warpgroups per block (lockstep at the block barrier) 0.37-0.43; BN = 128 no better. ncu on
+// v0: issue-bound (hs64: 0.49 warps issued per scheduler cycle, 51% SM throughput; stalls
+// mostly wait / not-selected / math-pipe throttle), the tensor pipe far from busy.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -490,16 +497,14 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     }
 
 // Variants (NWG, BN, NS, OVL, MINB = blocks per SM the registers must allow); the host's table
-// (mod.rs, `sm90_tiling`) must match. v0 is the default, the others are kept for tuning
-// (HALFLING_CUDA_ATTN_BWD=v1 ..., bf16 only).
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_bf16, __nv_bfloat16, 64, 2, 64, 3, true, 1)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v1_bf16, __nv_bfloat16, 64, 2, 128, 3, false, 1)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v2_bf16, __nv_bfloat16, 64, 1, 64, 3, true, 2)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v3_bf16, __nv_bfloat16, 64, 2, 64, 3, false, 1)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v4_bf16, __nv_bfloat16, 64, 1, 64, 2, false, 3)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_bf16, __nv_bfloat16, 128, 2, 64, 3, false, 1)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v1_bf16, __nv_bfloat16, 128, 1, 64, 2, false, 2)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v2_bf16, __nv_bfloat16, 128, 2, 64, 3, true, 1)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v3_bf16, __nv_bfloat16, 128, 2, 64, 2, false, 1)
-SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_f16, __half, 64, 2, 64, 3, true, 1)
-SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_f16, __half, 128, 2, 64, 3, false, 1)
+// (mod.rs, `sm90_tiling`) must match. v0 is the default; v1, v2 are kept for tuning
+// (HALFLING_CUDA_ATTN_BWD=v1, v2).
+#define SM90_BWD_VARIANTS(E, sfx)                                                                       \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_##sfx, E, 64, 1, 64, 2, false, 3)                \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs64_v1_##sfx, E, 64, 1, 64, 3, true, 2)                 \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs64_v2_##sfx, E, 64, 2, 64, 3, true, 1)                 \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_##sfx, E, 128, 1, 64, 2, false, 2)              \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs128_v1_##sfx, E, 128, 2, 64, 2, false, 1)              \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs128_v2_##sfx, E, 128, 2, 64, 3, false, 1)
+SM90_BWD_VARIANTS(__nv_bfloat16, bf16)
+SM90_BWD_VARIANTS(__half, f16)

@@ -2120,32 +2120,31 @@ mod attention {
         /// (rows per block, threads per block, dynamic shared memory bytes) at head size `hs`.
         fn geometry(&self, hs: usize) -> (usize, u32, u32) {
             let bm = 64 * self.nwg;
-            let bytes = 2 * bm * hs * 2 + self.ns * 2 * self.bn * hs * 2 + self.ns * 2 * self.bn * 4;
+            let bytes =
+                2 * bm * hs * 2 + self.ns * 2 * self.bn * hs * 2 + self.ns * 2 * self.bn * 4;
             // + 1024: the kernel aligns its base to the 1024-byte swizzle period
             (bm, 128 * self.nwg as u32, (bytes + 1024) as u32)
         }
     }
 
-    /// Variants instantiated for bf16 (f16 has v0 only); v0 is the default.
-    const SM90_VARIANTS: usize = 5;
+    /// Variants instantiated for each head size and element type; v0 is the default.
+    const SM90_VARIANTS: usize = 3;
 
     fn sm90_tiling(hs: usize, v: usize) -> Option<Sm90Tiling> {
         let (nwg, bn, ns) = match (hs, v) {
-            (64, 0) | (64, 3) => (2, 64, 3),
-            (64, 1) => (2, 128, 3),
-            (64, 2) => (1, 64, 3),
-            (64, 4) => (1, 64, 2),
-            (128, 0) | (128, 2) => (2, 64, 3),
-            (128, 1) => (1, 64, 2),
-            (128, 3) => (2, 64, 2),
+            (64, 0) => (1, 64, 2),
+            (64, 1) => (1, 64, 3),
+            (64, 2) => (2, 64, 3),
+            (128, 0) => (1, 64, 2),
+            (128, 1) => (2, 64, 2),
+            (128, 2) => (2, 64, 3),
             _ => return None,
         };
         Some(Sm90Tiling { nwg, bn, ns })
     }
 
     /// `HALFLING_CUDA_ATTN_BWD`: unset or `wgmma` = the wgmma backward (variant 0) where the GPU
-    /// has it, `mma` = always attention.cu's kernels, `v1` .. = other wgmma tilings (tuning; a
-    /// variant a head size lacks runs v0).
+    /// has it, `mma` = always attention.cu's kernels, `v1`, `v2` = other wgmma tilings (tuning).
     pub(super) fn sm90_choice() -> Result<Option<usize>> {
         let v = std::env::var("HALFLING_CUDA_ATTN_BWD").unwrap_or_default();
         match v.as_str() {
@@ -2153,7 +2152,10 @@ mod attention {
             "mma" => Ok(None),
             _ => match v.strip_prefix('v').and_then(|n| n.parse::<usize>().ok()) {
                 Some(n) if n < SM90_VARIANTS => Ok(Some(n)),
-                _ => bail!("HALFLING_CUDA_ATTN_BWD={v}: expected wgmma, mma or v0 .. v{}", SM90_VARIANTS - 1),
+                _ => bail!(
+                    "HALFLING_CUDA_ATTN_BWD={v}: expected wgmma, mma or v0 .. v{}",
+                    SM90_VARIANTS - 1
+                ),
             },
         }
     }
@@ -2254,16 +2256,10 @@ mod attention {
         let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
         // The wgmma kernels take hs = 64 or 128 exactly and 16-byte aligned tensors (cp.async).
         let aligned = (dqkv | dout | qkv) % 16 == 0;
-        let sm90 = match (be.attn_bwd_sm90, dt) {
-            (Some(v), DType::BF16) => Some(v),
-            (Some(_), DType::F16) => Some(0),
-            _ => None,
-        }
-        .filter(|_| aligned && hs == hs_max)
-        .and_then(|v| match sm90_tiling(hs, v) {
-            Some(tiling) => Some((v, tiling)),
-            None => sm90_tiling(hs, 0).map(|tiling| (0, tiling)),
-        });
+        let sm90 = be
+            .attn_bwd_sm90
+            .filter(|_| matches!(dt, DType::BF16 | DType::F16) && aligned && hs == hs_max)
+            .and_then(|v| sm90_tiling(hs, v).map(|tiling| (v, tiling)));
         if let Some((v, tiling)) = sm90 {
             let (bm, block, shared) = tiling.geometry(hs);
             return be.launch(
@@ -2302,15 +2298,17 @@ mod attention {
 
         #[test]
         fn sm90_geometry_matches_the_attention_sm90_cu_table() {
-            // Sm90Bwd::SMEM for (HS, NWG, BN, NS) = (64, 2, 64, 3) and (128, 2, 64, 3).
-            assert_eq!(sm90_tiling(64, 0).unwrap().geometry(64), (128, 256, 84_480));
-            assert_eq!(sm90_tiling(128, 0).unwrap().geometry(128), (128, 256, 166_400));
+            // Sm90Bwd::SMEM for (HS, NWG, BN, NS) = (64, 1, 64, 2), (128, 1, 64, 2), (64, 2, 64, 3).
+            assert_eq!(sm90_tiling(64, 0).unwrap().geometry(64), (64, 128, 51_200));
+            assert_eq!(
+                sm90_tiling(128, 0).unwrap().geometry(128),
+                (64, 128, 100_352)
+            );
+            assert_eq!(sm90_tiling(64, 2).unwrap().geometry(64), (128, 256, 84_480));
             // every variant fits the 227 KB a block may have on Hopper
             for hs in [64, 128] {
                 for v in 0..SM90_VARIANTS {
-                    if let Some(tiling) = sm90_tiling(hs, v) {
-                        assert!(tiling.geometry(hs).2 <= 227 * 1024);
-                    }
+                    assert!(sm90_tiling(hs, v).unwrap().geometry(hs).2 <= 227 * 1024);
                 }
             }
             assert_eq!(sm90_tiling(96, 0), None);
