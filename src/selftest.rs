@@ -923,6 +923,8 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             (1, 257, 256, 2),
             (1, 1024, 128, 2),
             (1, 640, 256, 2),
+            // several 128-query blocks of the Hopper kernel at hs 128, T not a multiple of its tiles
+            (2, 1000, 384, 3),
         ]
         .iter()
         .enumerate()

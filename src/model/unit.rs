@@ -24,7 +24,8 @@
 //!   uses by default): the k-th add has τ = 1/(L+k), so at the end the embedding, all attention
 //!   branches and all MLP branches each carry a third of the stream's variance. The paper's
 //!   plainer rule (embedding as one term, τ = 1/(k+1)) lets the deep stream forget its input:
-//!   at L = 6 the embedding kept 1/13 of the variance, and the run ended 3.7% behind bf16.
+//!   at L = 4 the embedding keeps 1/9 of the variance at the end; a 2000-step run ended 3.7% behind
+//!   bf16 with it and 0.5% ahead with this rule (BENCHMARKS.md).
 //! - Nonlinearities: GELU scaled by `(σ_out·σ_grad)^-½` for a unit-normal input (the geometric
 //!   mean of its output std 0.588 and gradient RMS 0.675; constrained, its input is non-cut).
 //!   Attention keeps softmax's `1/√d_head` temperature, which is exactly the unit scale of the

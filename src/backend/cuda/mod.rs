@@ -7,7 +7,8 @@
 //! - FP8 linear layers (`fp8.rs`): FP8 casts with amax (`fp8.cu`) feeding cuBLASLt FP8 GEMMs.
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
-//!   driver version.
+//!   driver version. On Hopper the attention forward is `attention_wgmma.cu` and the backward
+//!   `attention_wgmma_bwd.cu` (sm_90a, wgmma).
 //! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in
 //!   `_f32`, `_bf16` and `_f16` flavours, picked by the activations' dtype. Parameter gradients,
 //!   optimizer state, LayerNorm statistics, log-sum-exps and losses are always f32.
@@ -39,9 +40,10 @@ use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
+const ATTENTION_WGMMA_CU: &str = include_str!("attention_wgmma.cu");
 const FP8_CU: &str = include_str!("fp8.cu");
-/// Hopper-only (sm_90a, wgmma) kernels, compiled only on compute capability 9.0.
-const ATTENTION_SM90_CU: &str = include_str!("attention_sm90.cu");
+/// Hopper-only (sm_90a, wgmma) attention backward, compiled only on compute capability 9.0.
+const ATTENTION_WGMMA_BWD_CU: &str = include_str!("attention_wgmma_bwd.cu");
 
 /// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
 const H100_BF16_PEAK: f64 = 989.4e12;
@@ -109,10 +111,13 @@ pub struct CudaBackend {
     /// `HALFLING_CUDA_FP8_SCALES=host`: FP8 GEMMs whose operands both have `Fixed` scales get
     /// them folded into `alpha` instead of cuBLASLt scale pointers (same result).
     fp8_host_scales: bool,
-    /// Which attention backward runs where both can: `Some(v)` the wgmma kernels of
-    /// attention_sm90.cu (variant `v`), `None` attention.cu's mma.sync kernels (on GPUs other than
-    /// compute capability 9.0, or `HALFLING_CUDA_ATTN_BWD=mma`).
-    attn_bwd_sm90: Option<usize>,
+    /// Whether the Hopper attention forward (`attention_wgmma.cu`, wgmma, sm_90a) is loaded;
+    /// `HALFLING_CUDA_WGMMA_ATTN=0` keeps attention.cu's mma.sync forward instead.
+    wgmma_attention: bool,
+    /// The Hopper attention backward (`attention_wgmma_bwd.cu`, wgmma, sm_90a) when loaded:
+    /// `Some(v)` runs its tiling variant `v` where it applies; `None` (other GPUs, a failed
+    /// build, `HALFLING_CUDA_WGMMA_ATTN=0` or `HALFLING_CUDA_ATTN_BWD=mma`) attention.cu's.
+    wgmma_attention_bwd: Option<usize>,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -322,22 +327,38 @@ impl CudaBackend {
                 .map_err(|e| anyhow!("cannot load the compiled {file}.cu on the GPU: {e:?}"))?;
             modules.push(module);
         }
-        let attn_bwd_sm90 = match attention::sm90_choice()? {
-            Some(v) if arch == "sm_90" => {
-                // sm_90a code runs on compute capability 9.0 only (not forward compatible).
-                let ptx = compile_cached(
-                    "attention_sm90",
-                    ATTENTION_SM90_CU,
-                    "sm_90a",
-                    &include,
-                    driver_version,
-                )?;
-                let module = ctx
-                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                    .map_err(|e| anyhow!("cannot load the compiled attention_sm90.cu: {e:?}"))?;
-                modules.push(module);
-                Some(v)
-            }
+        // The wgmma forward needs the sm_90a target (compute capability 9.0 exactly). It is an
+        // optional fast path: where NVRTC or the driver cannot build it, attention.cu's kernels run.
+        let wgmma_attention = (major, minor) == (9, 0)
+            && std::env::var("HALFLING_CUDA_WGMMA_ATTN").map_or(true, |v| v != "0")
+            && compile_cached(
+                "attention_wgmma",
+                ATTENTION_WGMMA_CU,
+                "sm_90a",
+                &include,
+                driver_version,
+            )
+            .ok()
+            .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
+            .map(|m| modules.push(m))
+            .is_some();
+        // The wgmma backward likewise (a separate module: its own tiling variants).
+        let wgmma_bwd_wanted = (major, minor) == (9, 0)
+            && std::env::var("HALFLING_CUDA_WGMMA_ATTN").map_or(true, |v| v != "0");
+        let wgmma_attention_bwd = match attention::sm90_choice()? {
+            Some(v) if wgmma_bwd_wanted => compile_cached(
+                "attention_wgmma_bwd",
+                ATTENTION_WGMMA_BWD_CU,
+                "sm_90a",
+                &include,
+                driver_version,
+            )
+            .ok()
+            .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
+            .map(|m| {
+                modules.push(m);
+                v
+            }),
             _ => None,
         };
         let lt = Lt::new(&stream)?;
@@ -362,7 +383,8 @@ impl CudaBackend {
             fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
-            attn_bwd_sm90,
+            wgmma_attention,
+            wgmma_attention_bwd,
         })
     }
 
@@ -2042,6 +2064,38 @@ mod attention {
         }
     }
 
+    /// The Hopper forward's tiling (attention_wgmma.cu's instantiations): `nwg` warpgroups of 64
+    /// queries each, key tiles of `bk` rows, double-buffered.
+    struct WgmmaTiling {
+        hs: usize,
+        nwg: usize,
+        bk: usize,
+    }
+
+    impl WgmmaTiling {
+        /// (queries per block, threads per block, dynamic shared memory bytes)
+        fn geometry(&self) -> (usize, u32, u32) {
+            // Q, then two stages of K and V, 2 bytes an element; + 1024 to align the swizzled tiles.
+            let bytes = 2 * self.hs * (64 * self.nwg + 4 * self.bk) + 1024;
+            (64 * self.nwg, 128 * self.nwg as u32, bytes as u32)
+        }
+    }
+
+    fn fwd_wgmma(hs_max: usize) -> WgmmaTiling {
+        match hs_max {
+            64 => WgmmaTiling {
+                hs: 64,
+                nwg: 2,
+                bk: 64,
+            },
+            _ => WgmmaTiling {
+                hs: 128,
+                nwg: 2,
+                bk: 128,
+            },
+        }
+    }
+
     /// The 16-bit (bf16 and f16) forward tiling.
     fn fwd_bf16(hs_max: usize) -> FwdTiling {
         match hs_max {
@@ -2107,7 +2161,7 @@ mod attention {
         }
     }
 
-    /// wgmma backward tiling (attention_sm90.cu), as instantiated at the end of that file:
+    /// wgmma backward tiling (attention_wgmma_bwd.cu), as instantiated at the end of that file:
     /// `nwg` warpgroups of 64 rows, column tiles of `bn` rows in `ns` shared-memory stages.
     #[derive(Debug, PartialEq)]
     struct Sm90Tiling {
@@ -2186,9 +2240,17 @@ mod attention {
     ) -> Result<()> {
         let (_, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
+        // The wgmma kernel copies qkv in 16-byte pieces: its base must be 16-byte aligned.
+        let wgmma = be.wgmma_attention && matches!(dt, DType::BF16 | DType::F16) && qkv % 16 == 0;
         let (tile, block, shared) = match dt {
+            _ if wgmma => fwd_wgmma(hs_max).geometry(),
             DType::BF16 | DType::F16 => fwd_bf16(hs_max).geometry(),
             _ => (32, 128, 0),
+        };
+        let name = if wgmma {
+            format!("attention_forward_wgmma_hs{hs_max}_{sfx}")
+        } else {
+            format!("attention_forward_hs{hs_max}_{sfx}")
         };
         let grid = ((b * nh) as u32, t.div_ceil(tile) as u32, 1);
         let args = [
@@ -2201,13 +2263,7 @@ mod attention {
             Arg::Int(int(nh)?),
             op_scale("attention output", out_scale)?,
         ];
-        be.launch(
-            &format!("attention_forward_hs{hs_max}_{sfx}"),
-            grid,
-            block,
-            shared,
-            &args,
-        )
+        be.launch(&name, grid, block, shared, &args)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2257,7 +2313,7 @@ mod attention {
         // The wgmma kernels take hs = 64 or 128 exactly and 16-byte aligned tensors (cp.async).
         let aligned = (dqkv | dout | qkv) % 16 == 0;
         let sm90 = be
-            .attn_bwd_sm90
+            .wgmma_attention_bwd
             .filter(|_| matches!(dt, DType::BF16 | DType::F16) && aligned && hs == hs_max)
             .and_then(|v| sm90_tiling(hs, v).map(|tiling| (v, tiling)));
         if let Some((v, tiling)) = sm90 {
@@ -2288,16 +2344,18 @@ mod attention {
         use super::*;
 
         #[test]
-        fn bf16_geometry_matches_the_attention_cu_header() {
+        fn bf16_geometry_matches_the_cu_headers() {
             assert_eq!(fwd_bf16(64).geometry(), (128, 256, 36_864));
             assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
+            assert_eq!(fwd_wgmma(64).geometry(), (128, 256, 50_176));
+            assert_eq!(fwd_wgmma(128).geometry(), (128, 256, 164_864));
             assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
             assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
             assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
         }
 
         #[test]
-        fn sm90_geometry_matches_the_attention_sm90_cu_table() {
+        fn sm90_geometry_matches_the_attention_wgmma_bwd_cu_table() {
             // Sm90Bwd::SMEM for (HS, NWG, BN, NS) = (64, 1, 64, 2), (128, 1, 64, 2), (64, 2, 64, 3).
             assert_eq!(sm90_tiling(64, 0).unwrap().geometry(64), (64, 128, 51_200));
             assert_eq!(
