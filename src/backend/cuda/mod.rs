@@ -7,7 +7,8 @@
 //! - FP8 linear layers (`fp8.rs`): FP8 casts with amax (`fp8.cu`) feeding cuBLASLt FP8 GEMMs.
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
-//!   driver version. On Hopper the attention forward is `attention_wgmma.cu` (sm_90a, wgmma).
+//!   driver version. On Hopper the attention forward is `attention_wgmma.cu` and the backward
+//!   `attention_wgmma_bwd.cu` (sm_90a, wgmma).
 //! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in
 //!   `_f32`, `_bf16` and `_f16` flavours, picked by the activations' dtype. Parameter gradients,
 //!   optimizer state, LayerNorm statistics, log-sum-exps and losses are always f32.
@@ -41,6 +42,8 @@ const KERNELS_CU: &str = include_str!("kernels.cu");
 const ATTENTION_CU: &str = include_str!("attention.cu");
 const ATTENTION_WGMMA_CU: &str = include_str!("attention_wgmma.cu");
 const FP8_CU: &str = include_str!("fp8.cu");
+/// Hopper-only (sm_90a, wgmma) attention backward, compiled only on compute capability 9.0.
+const ATTENTION_WGMMA_BWD_CU: &str = include_str!("attention_wgmma_bwd.cu");
 
 /// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
 const H100_BF16_PEAK: f64 = 989.4e12;
@@ -114,6 +117,10 @@ pub struct CudaBackend {
     /// Whether FP8 casts may be kept for later GEMMs under the caller's `KeepToken`s;
     /// `HALFLING_CUDA_FP8_KEEP=0` casts every operand where it is read (less memory, to compare).
     fp8_keep: bool,
+    /// The Hopper attention backward (`attention_wgmma_bwd.cu`, wgmma, sm_90a) when loaded:
+    /// `Some(v)` runs its tiling variant `v` where it applies; `None` (other GPUs, a failed
+    /// build, `HALFLING_CUDA_WGMMA_ATTN=0` or `HALFLING_CUDA_ATTN_BWD=mma`) attention.cu's.
+    wgmma_attention_bwd: Option<usize>,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -344,6 +351,25 @@ impl CudaBackend {
             .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
             .map(|m| modules.push(m))
             .is_some();
+        // The wgmma backward likewise (a separate module: its own tiling variants).
+        let wgmma_bwd_wanted = (major, minor) == (9, 0)
+            && std::env::var("HALFLING_CUDA_WGMMA_ATTN").map_or(true, |v| v != "0");
+        let wgmma_attention_bwd = match attention::sm90_choice()? {
+            Some(v) if wgmma_bwd_wanted => compile_cached(
+                "attention_wgmma_bwd",
+                ATTENTION_WGMMA_BWD_CU,
+                "sm_90a",
+                &include,
+                driver_version,
+            )
+            .ok()
+            .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
+            .map(|m| {
+                modules.push(m);
+                v
+            }),
+            _ => None,
+        };
         let lt = Lt::new(&stream)?;
         Ok(Self {
             ctx,
@@ -368,6 +394,7 @@ impl CudaBackend {
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
             wgmma_attention,
             fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
+            wgmma_attention_bwd,
         })
     }
 
@@ -2156,6 +2183,59 @@ mod attention {
         }
     }
 
+    /// wgmma backward tiling (attention_wgmma_bwd.cu), as instantiated at the end of that file:
+    /// `nwg` warpgroups of 64 rows, column tiles of `bn` rows in `ns` shared-memory stages.
+    #[derive(Debug, PartialEq)]
+    struct Sm90Tiling {
+        nwg: usize,
+        bn: usize,
+        ns: usize,
+    }
+
+    impl Sm90Tiling {
+        /// (rows per block, threads per block, dynamic shared memory bytes) at head size `hs`.
+        fn geometry(&self, hs: usize) -> (usize, u32, u32) {
+            let bm = 64 * self.nwg;
+            let bytes =
+                2 * bm * hs * 2 + self.ns * 2 * self.bn * hs * 2 + self.ns * 2 * self.bn * 4;
+            // + 1024: the kernel aligns its base to the 1024-byte swizzle period
+            (bm, 128 * self.nwg as u32, (bytes + 1024) as u32)
+        }
+    }
+
+    /// Variants instantiated for each head size and element type; v0 is the default.
+    const SM90_VARIANTS: usize = 3;
+
+    fn sm90_tiling(hs: usize, v: usize) -> Option<Sm90Tiling> {
+        let (nwg, bn, ns) = match (hs, v) {
+            (64, 0) => (1, 64, 2),
+            (64, 1) => (1, 64, 3),
+            (64, 2) => (2, 64, 3),
+            (128, 0) => (1, 64, 2),
+            (128, 1) => (2, 64, 2),
+            (128, 2) => (2, 64, 3),
+            _ => return None,
+        };
+        Some(Sm90Tiling { nwg, bn, ns })
+    }
+
+    /// `HALFLING_CUDA_ATTN_BWD`: unset or `wgmma` = the wgmma backward (variant 0) where the GPU
+    /// has it, `mma` = always attention.cu's kernels, `v1`, `v2` = other wgmma tilings (tuning).
+    pub(super) fn sm90_choice() -> Result<Option<usize>> {
+        let v = std::env::var("HALFLING_CUDA_ATTN_BWD").unwrap_or_default();
+        match v.as_str() {
+            "" | "wgmma" => Ok(Some(0)),
+            "mma" => Ok(None),
+            _ => match v.strip_prefix('v').and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if n < SM90_VARIANTS => Ok(Some(n)),
+                _ => bail!(
+                    "HALFLING_CUDA_ATTN_BWD={v}: expected wgmma, mma or v0 .. v{}",
+                    SM90_VARIANTS - 1
+                ),
+            },
+        }
+    }
+
     /// Kernel variant (the largest head size it handles) for head size `hs`.
     fn variant(c: usize, nh: usize) -> Result<(usize, usize)> {
         let hs = if nh > 0 && c % nh == 0 { c / nh } else { 0 };
@@ -2223,7 +2303,7 @@ mod attention {
         nh: usize,
         out_scale: f32,
     ) -> Result<()> {
-        let (_, hs_max) = variant(c, nh)?;
+        let (hs, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let bh = b * nh;
         let d = be.scratch_ptr(bh * t * 4)?;
@@ -2244,10 +2324,6 @@ mod attention {
             0,
             &pre_args,
         )?;
-        let (tiles, block, shared) = match dt {
-            DType::BF16 | DType::F16 => bwd_bf16(hs_max).geometry(t),
-            _ => (t.div_ceil(32), 128, 0),
-        };
         let main = [
             Arg::Ptr(dqkv),
             Arg::Ptr(dout),
@@ -2256,6 +2332,26 @@ mod attention {
             Arg::Ptr(d),
         ];
         let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
+        // The wgmma kernels take hs = 64 or 128 exactly and 16-byte aligned tensors (cp.async).
+        let aligned = (dqkv | dout | qkv) % 16 == 0;
+        let sm90 = be
+            .wgmma_attention_bwd
+            .filter(|_| matches!(dt, DType::BF16 | DType::F16) && aligned && hs == hs_max)
+            .and_then(|v| sm90_tiling(hs, v).map(|tiling| (v, tiling)));
+        if let Some((v, tiling)) = sm90 {
+            let (bm, block, shared) = tiling.geometry(hs);
+            return be.launch(
+                &format!("attention_backward_sm90_hs{hs}_v{v}_{sfx}"),
+                (bh as u32, t.div_ceil(bm) as u32, 2),
+                block,
+                shared,
+                &args,
+            );
+        }
+        let (tiles, block, shared) = match dt {
+            DType::BF16 | DType::F16 => bwd_bf16(hs_max).geometry(t),
+            _ => (t.div_ceil(32), 128, 0),
+        };
         be.launch(
             &format!("attention_backward_hs{hs_max}_{sfx}"),
             (bh as u32, tiles as u32, 2),
@@ -2278,6 +2374,24 @@ mod attention {
             assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
             assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
             assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
+        }
+
+        #[test]
+        fn sm90_geometry_matches_the_attention_wgmma_bwd_cu_table() {
+            // Sm90Bwd::SMEM for (HS, NWG, BN, NS) = (64, 1, 64, 2), (128, 1, 64, 2), (64, 2, 64, 3).
+            assert_eq!(sm90_tiling(64, 0).unwrap().geometry(64), (64, 128, 51_200));
+            assert_eq!(
+                sm90_tiling(128, 0).unwrap().geometry(128),
+                (64, 128, 100_352)
+            );
+            assert_eq!(sm90_tiling(64, 2).unwrap().geometry(64), (128, 256, 84_480));
+            // every variant fits the 227 KB a block may have on Hopper
+            for hs in [64, 128] {
+                for v in 0..SM90_VARIANTS {
+                    assert!(sm90_tiling(hs, v).unwrap().geometry(hs).2 <= 227 * 1024);
+                }
+            }
+            assert_eq!(sm90_tiling(96, 0), None);
         }
     }
 }

@@ -1,0 +1,510 @@
+// Causal attention BACKWARD on Hopper tensor cores (wgmma, sm_90a), for halfling's 16-bit paths.
+// Compiled by NVRTC for sm_90a only when the GPU is compute capability 9.0; elsewhere (and for
+// head sizes other than 64 and 128, or tensors not 16-byte aligned) the host uses attention.cu's
+// mma.sync kernels. Same interface and numerics as attention.cu's bf16 backward (read its header
+// for the tensor layouts): dqkv fully overwritten, lse and D (from attention_backward_preprocess_*)
+// read, out_scale folded in at the store. Deterministic: no atomics, every sum in a fixed order.
+//
+// EXTERN NAMES AND LAUNCH GEOMETRY (host: mod.rs, `mod attention`, `sm90_tiling`):
+//   attention_backward_sm90_hs{64,128}_v{0,1,2}_{bf16,f16}(E* dqkv, const E* dout, const E* qkv,
+//       const float* lse, const float* D, int B, int T_, int C, int NH, float out_scale)
+//   with C / NH == HS exactly, qkv, dout and dqkv 16-byte aligned;
+//   grid = (B*NH, ceil(T_/BM), 2), block = 128*NWG, dynamic smem = Sm90Bwd::SMEM bytes,
+//   BM = 64*NWG. Variant table (NWG, BN, NS, OVL, MINB) at the end of this file.
+//
+// STRUCTURE. Like attention.cu: blockIdx.z == 0 blocks own BM keys and sum dK, dV over query
+// tiles; blockIdx.z == 1 blocks own BM queries and sum dQ over key tiles (S and dP recomputed:
+// 7 matmuls, no atomics). Each warpgroup (4 warps, 128 threads) owns 64 rows (one wgmma M=64
+// tile). Per column tile of BN rows (queries for dK/dV, keys for dQ):
+//   dK/dV: S^T = K Q^T, dP^T = V dO^T  (SS: A = own K/V rows, B = Q/dO tile, both K-major)
+//          P^T = exp2(S^T*cs - L), dS^T = P^T (dP^T - D)  in registers, rounded to E
+//          dV += P^T dO, dK += dS^T Q  (RS: A = P^T / dS^T registers, B = dO/Q tile MN-major)
+//   dQ:    S = Q K^T, dP = dO V^T (SS), dS = P (dP - D), dQ += dS K (RS, B = K tile MN-major).
+// The wgmma accumulator layout (per warp: rows g, g+8, columns 8j + 2*t4 + {0,1}) equals the
+// register A-fragment layout, so P and dS feed the second products without shared memory.
+// Tiles live in shared memory in the 128-byte-swizzle layout that wgmma descriptors name:
+// [rows][64 elements] column blocks (HS = 128: two), row r's 16-byte chunk c at c ^ (r & 7),
+// each block 1024-byte aligned. cp.async (16 B, zero-fill past T_) fills them; column tiles
+// rotate through NS stages, prefetched one tile ahead; one __syncthreads per tile. OVL: the
+// second product of tile i stays in flight while tile i+1's first product is issued (needs
+// NS = 3, so the stage it reads is not refilled meanwhile); otherwise it is waited for at once.
+// Causality: warpgroups skip column tiles wholly in their future (warpgroup-uniform), and only
+// tiles crossing the diagonal or T_ are masked.
+//
+// TUNING (H200, GPT-2 124M shape hs=64 and the 0.91B shape hs=128, T=1024; ms per backward call,
+// attention.cu's mma.sync kernels 0.58 and 0.97): one warpgroup per block, NS = 2, no overlap
+// (v0: 3 blocks/SM at hs64 with 168 registers, 2 at hs128) measured 0.327 and 0.406; two
+// warpgroups per block (lockstep at the block barrier) 0.37-0.43; BN = 128 no better. ncu on
+// v0: issue-bound (hs64: 0.49 warps issued per scheduler cycle, 51% SM throughput; stalls
+// mostly wait / not-selected / math-pipe throttle), the tensor pipe far from busy.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define SM90_LOG2E 1.4426950408889634f
+
+extern __shared__ __align__(1024) unsigned char sm90_dyn_smem[];
+
+__device__ __forceinline__ u32 sm90_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// wgmma smem descriptor, 128-byte swizzle: start, leading and stride byte offsets in 16-byte units.
+__device__ __forceinline__ u64 sm90_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr >> 4) & 0x3FFFu) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+// K-major operand (rows = M or N, the reduction over the head dim) starting at row 0 of `tile`
+// (a multiple of 64 rows into a tile); k-step kt of an NROWS-row tile adds sm90_koff<NROWS>(kt)
+// (start-address units of 16 bytes). 8-row groups are 1024 B apart.
+__device__ __forceinline__ u64 sm90_desc_k(u32 tile) { return sm90_desc(tile, 16, 1024); }
+template <int NROWS>
+__device__ __forceinline__ u64 sm90_koff(int kt) {
+    return (u64)(((kt >> 2) * (NROWS * 128) + (kt & 3) * 32) >> 4);
+}
+// MN-major operand (the reduction over the tile's rows, N = all head columns): k-step kk (rows
+// 16kk..16kk+15) adds kk * 128; the two 64-column blocks of HS = 128 are NROWS*128 bytes apart.
+template <int NROWS>
+__device__ __forceinline__ u64 sm90_desc_mn(u32 tile) { return sm90_desc(tile, NROWS * 128, 1024); }
+
+__device__ __forceinline__ void sm90_cp16(u32 dst, const void* src, bool pred) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void sm90_cp4(u32 dst, const void* src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void sm90_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void sm90_cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Generic-proxy writes (cp.async) made visible to the async proxy (wgmma operand reads).
+__device__ __forceinline__ void sm90_fence_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void sm90_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void sm90_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void sm90_wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Orders the compiler's reads of accumulators after the wait that completes them.
+template <int N>
+__device__ __forceinline__ void sm90_fence_acc(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ float sm90_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+template <typename E> __device__ __forceinline__ u32 sm90_pack(float lo, float hi);
+template <> __device__ __forceinline__ u32 sm90_pack<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+template <> __device__ __forceinline__ u32 sm90_pack<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// D (64 x N, f32, registers) = or += A (64 x 16) * B (16 x N). ss0/ss1: A and B from K-major smem
+// descriptors, overwrite / accumulate. rsr<TB>: A from registers (mma.sync A-fragment layout per
+// warp), B from a descriptor, K-major (TB = 0) or MN-major (TB = 1), accumulate iff acc != 0.
+// (Accumulators are never zeroed by ordinary instructions: ptxas then serializes every wgmma.)
+template <typename E, int N>
+struct Wg;
+template <>
+struct Wg<__nv_bfloat16, 64> {
+    template <int TB>
+    static __device__ __forceinline__ void rsr(float (&d)[32], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
+    }
+    static __device__ __forceinline__ void ss0(float (&d)[32], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+                     : "l"(da), "l"(db), "r"(0));
+    }
+    static __device__ __forceinline__ void ss1(float (&d)[32], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(da), "l"(db), "r"(1));
+    }
+};
+template <>
+struct Wg<__nv_bfloat16, 128> {
+    template <int TB>
+    static __device__ __forceinline__ void rsr(float (&d)[64], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
+    }
+    static __device__ __forceinline__ void ss0(float (&d)[64], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+                     : "l"(da), "l"(db), "r"(0));
+    }
+    static __device__ __forceinline__ void ss1(float (&d)[64], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "l"(da), "l"(db), "r"(1));
+    }
+};
+template <>
+struct Wg<__half, 64> {
+    template <int TB>
+    static __device__ __forceinline__ void rsr(float (&d)[32], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
+    }
+    static __device__ __forceinline__ void ss0(float (&d)[32], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+                     : "l"(da), "l"(db), "r"(0));
+    }
+    static __device__ __forceinline__ void ss1(float (&d)[32], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(da), "l"(db), "r"(1));
+    }
+};
+template <>
+struct Wg<__half, 128> {
+    template <int TB>
+    static __device__ __forceinline__ void rsr(float (&d)[64], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
+    }
+    static __device__ __forceinline__ void ss0(float (&d)[64], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+                     : "l"(da), "l"(db), "r"(0));
+    }
+    static __device__ __forceinline__ void ss1(float (&d)[64], u64 da, u64 db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "l"(da), "l"(db), "r"(1));
+    }
+};
+
+// Rows row0 .. row0+NROWS-1 of a [T_, stride] matrix (g = the head's column 0 of row 0) into the
+// swizzled tile at shared address `tile`; rows >= T_ zero-filled. Asynchronous (caller commits).
+template <int NROWS, int HS, int NTH, typename E>
+__device__ __forceinline__ void sm90_load(u32 tile, const E* g, int stride, int row0, int T_) {
+    constexpr int CPR = HS / 8, TOTAL = NROWS * CPR;
+    static_assert(NTH % CPR == 0 && (NTH / CPR) % 8 == 0, "a thread keeps its chunk column and swizzle phase");
+    constexpr int RS = NTH / CPR;  // rows between a thread's successive chunks
+    const int r0 = (int)threadIdx.x / CPR, c8 = (int)threadIdx.x % CPR;
+    const u32 dst = tile + (c8 >> 3) * (NROWS * 128) + r0 * 128 + (((c8 & 7) ^ (r0 & 7)) << 4);
+    const E* src = g + (long long)(row0 + r0) * stride + c8 * 8;
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NTH - 1) / NTH; it++) {
+        if (TOTAL % NTH != 0 && (int)threadIdx.x + it * NTH >= TOTAL) break;
+        const bool ok = row0 + r0 + it * RS < T_;
+        sm90_cp16(dst + it * RS * 128, ok ? src + (long long)it * RS * stride : g, ok);
+    }
+}
+
+// Accumulator rows r0 (= base + g) and r0 + 8, all HS columns, times mul, rounded to E, to
+// dst[row * stride + d] for rows < T_ (dst: the head's column 0 of row 0; 4-byte stores).
+template <int HS, typename E>
+__device__ __forceinline__ void sm90_store(E* dst, long long stride, int r0, int T_, const float (&acc)[HS / 2],
+                                           float mul, int t4) {
+#pragma unroll
+    for (int j = 0; j < HS / 8; j++) {
+        const int d = 8 * j + 2 * t4;
+        if (r0 < T_) *reinterpret_cast<u32*>(dst + r0 * stride + d) = sm90_pack<E>(acc[4 * j] * mul, acc[4 * j + 1] * mul);
+        if (r0 + 8 < T_)
+            *reinterpret_cast<u32*>(dst + (r0 + 8) * stride + d) = sm90_pack<E>(acc[4 * j + 2] * mul, acc[4 * j + 3] * mul);
+    }
+}
+
+// Accumulator (64 x BN, this warp's rows) -> BN/16 A fragments of the next product (k = columns).
+template <int BN, typename E>
+__device__ __forceinline__ void sm90_to_a(u32 (&a)[BN / 16][4], const float (&s)[BN / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) {
+        a[kk][0] = sm90_pack<E>(s[8 * kk + 0], s[8 * kk + 1]);
+        a[kk][1] = sm90_pack<E>(s[8 * kk + 2], s[8 * kk + 3]);
+        a[kk][2] = sm90_pack<E>(s[8 * kk + 4], s[8 * kk + 5]);
+        a[kk][3] = sm90_pack<E>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+// Geometry: NWG warpgroups, BM = 64*NWG own rows, column tiles of BN rows in NS stages.
+template <int HS, int NWG, int BN, int NS>
+struct Sm90Bwd {
+    static constexpr int NTH = 128 * NWG, BM = 64 * NWG;
+    static constexpr int OWN = BM * HS * 2;     // bytes of one own-rows tile (K, V / Q, dO)
+    static constexpr int COL = BN * HS * 2;     // bytes of one column tile
+    static constexpr int STAGE = 2 * COL;       // Q + dO (dK/dV) or K + V (dQ)
+    // own tiles, stages, then (dK/dV half) L and D floats per stage; +1024 to align the base
+    static constexpr int SMEM = 2 * OWN + NS * STAGE + NS * 2 * BN * 4 + 1024;
+};
+
+__device__ __forceinline__ unsigned char* sm90_smem_base() {
+    const u32 a = sm90_addr(sm90_dyn_smem);
+    return sm90_dyn_smem + ((1024u - (a & 1023u)) & 1023u);
+}
+
+// dK, dV for keys k0 .. k0+BM-1 (warpgroup w: keys k0+64w ..), loop over query tiles t >= k0.
+template <int HS, int NWG, int BN, int NS, bool OVL, typename E>
+__device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, const float* lse,
+                                          const float* D, int T_, int C, int NH, float out_scale) {
+    typedef Sm90Bwd<HS, NWG, BN, NS> Cf;
+    constexpr int BM = Cf::BM, NTH = Cf::NTH;
+    static_assert(!OVL || NS >= 3, "an in-flight second product reads the stage two tiles back");
+    const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
+    const int k0 = (int)blockIdx.y * BM;  // small key blocks (most work) first
+    if (k0 >= T_) return;                 // block-uniform
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int wk0 = k0 + 64 * wg;
+    const int C3 = 3 * C;
+    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * HS;
+    const E* dbase = dout + (long long)b * T_ * C + (long long)h * HS;
+    const float* lb = lse + (long long)bh * T_;
+    const float* Db = D + (long long)bh * T_;
+    unsigned char* sm = sm90_smem_base();
+    const u32 s0 = sm90_addr(sm);
+    const u32 Kt = s0, Vt = s0 + Cf::OWN, St = s0 + 2 * Cf::OWN;
+    const float* Fp = reinterpret_cast<const float*>(sm + 2 * Cf::OWN + NS * Cf::STAGE);
+    const u32 Ft = s0 + 2 * Cf::OWN + NS * Cf::STAGE;
+    const float scale = 1.0f / sqrtf((float)HS);
+    const float cs = scale * SM90_LOG2E;
+    const int qt0 = (k0 / BN) * BN;  // the first query tile that sees a key of this block
+    const int ntiles = (T_ - qt0 + BN - 1) / BN;
+
+    auto load_stage = [&](int s, int q0) {
+        const u32 q = St + s * Cf::STAGE;
+        sm90_load<BN, HS, NTH>(q, base, C3, q0, T_);
+        sm90_load<BN, HS, NTH>(q + Cf::COL, dbase, C, q0, T_);
+        if (tid < BN) {
+            const int t = q0 + tid;
+            const bool ok = t < T_;
+            sm90_cp4(Ft + (s * 2 * BN + tid) * 4, ok ? lb + t : lb, ok);
+            sm90_cp4(Ft + (s * 2 * BN + BN + tid) * 4, ok ? Db + t : Db, ok);
+        }
+    };
+    sm90_load<BM, HS, NTH>(Kt, base + C, C3, k0, T_);
+    sm90_load<BM, HS, NTH>(Vt, base + 2 * C, C3, k0, T_);
+    load_stage(0, qt0);
+    sm90_cp_commit();
+
+    float dk[HS / 2], dv[HS / 2];
+    int acc = 0;
+    const int sk0 = wk0 + 16 * warp + g;  // this thread's keys: sk0, sk0 + 8
+    const u64 dk0 = sm90_desc_k(Kt + 64 * wg * 128), dv0 = sm90_desc_k(Vt + 64 * wg * 128);
+
+    for (int i = 0; i < ntiles; i++) {
+        sm90_cp_wait_all();
+        sm90_fence_proxy();
+        __syncthreads();  // tile i landed; every warpgroup is done with the stage refilled next
+        if (i + 1 < ntiles) {
+            load_stage((i + 1) % NS, qt0 + (i + 1) * BN);
+            sm90_cp_commit();
+        }
+        const int q0 = qt0 + i * BN;
+        const int s = i % NS;
+        const u32 Qt = St + s * Cf::STAGE, dOt = Qt + Cf::COL;
+        const float* Ls = Fp + s * 2 * BN;
+        const float* Ds = Ls + BN;
+        if (q0 + BN - 1 >= wk0 && wk0 < T_) {  // warpgroup-uniform
+            float st[BN / 2], dpt[BN / 2];
+            const u64 dq = sm90_desc_k(Qt), ddo = sm90_desc_k(dOt);
+            sm90_wg_fence();
+            Wg<E, BN>::ss0(st, dk0, dq);
+#pragma unroll
+            for (int kt = 1; kt < HS / 16; kt++)
+                Wg<E, BN>::ss1(st, dk0 + sm90_koff<BM>(kt), dq + sm90_koff<BN>(kt));
+            Wg<E, BN>::ss0(dpt, dv0, ddo);
+#pragma unroll
+            for (int kt = 1; kt < HS / 16; kt++)
+                Wg<E, BN>::ss1(dpt, dv0 + sm90_koff<BM>(kt), ddo + sm90_koff<BN>(kt));
+            sm90_wg_commit();
+            sm90_wg_wait<0>();
+            sm90_fence_acc(st);
+            sm90_fence_acc(dpt);
+            const bool need_mask = (q0 < wk0 + 63) || (q0 + BN > T_);
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int qi = 8 * j + 2 * t4 + e;
+                    const float Lq = Ls[qi] * SM90_LOG2E, Dq = Ds[qi];
+#pragma unroll
+                    for (int hh = 0; hh < 2; hh++) {
+                        const int x = 4 * j + 2 * hh + e;
+                        float p = sm90_ex2(fmaf(st[x], cs, -Lq));
+                        if (need_mask) {
+                            const int tq = q0 + qi;
+                            if (tq < sk0 + 8 * hh || tq >= T_) p = 0.f;
+                        }
+                        st[x] = p;
+                        dpt[x] = p * (dpt[x] - Dq);
+                    }
+                }
+            }
+            u32 pa[BN / 16][4], da[BN / 16][4];
+            sm90_to_a<BN, E>(pa, st);
+            sm90_to_a<BN, E>(da, dpt);
+            const u64 mq = sm90_desc_mn<BN>(Qt), mdo = sm90_desc_mn<BN>(dOt);
+            sm90_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dv, pa[kk], mdo + kk * 128, kk ? 1 : acc);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dk, da[kk], mq + kk * 128, kk ? 1 : acc);
+            acc = 1;
+            sm90_wg_commit();
+            if (!OVL) sm90_wg_wait<0>();  // else it completes under the next tile's first product
+        } else {
+            sm90_wg_wait<0>();
+        }
+    }
+    sm90_wg_wait<0>();
+    sm90_fence_acc(dk);
+    sm90_fence_acc(dv);
+    E* dst = dqkv + (long long)b * T_ * C3 + (long long)h * HS;
+    const float gs = scale * out_scale;  // D was divided by out_scale (attn_bwd_pre)
+    sm90_store<HS>(dst + C, C3, sk0, T_, dk, gs, t4);
+    sm90_store<HS>(dst + 2 * C, C3, sk0, T_, dv, out_scale, t4);
+}
+
+// dQ for queries q0 .. q0+BM-1 (warpgroup w: queries q0+64w ..), loop over key tiles s <= t.
+template <int HS, int NWG, int BN, int NS, bool OVL, typename E>
+__device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, const float* lse,
+                                        const float* D, int T_, int C, int NH, float out_scale) {
+    typedef Sm90Bwd<HS, NWG, BN, NS> Cf;
+    constexpr int BM = Cf::BM, NTH = Cf::NTH;
+    static_assert(!OVL || NS >= 3, "an in-flight second product reads the stage two tiles back");
+    const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
+    const int nqb = (T_ + BM - 1) / BM;
+    if ((int)blockIdx.y >= nqb) return;  // block-uniform
+    const int q0 = (nqb - 1 - (int)blockIdx.y) * BM;  // heaviest first
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int wq0 = q0 + 64 * wg;
+    const int C3 = 3 * C;
+    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * HS;
+    const E* dbase = dout + (long long)b * T_ * C + (long long)h * HS;
+    unsigned char* sm = sm90_smem_base();
+    const u32 s0 = sm90_addr(sm);
+    const u32 Qt = s0, dOt = s0 + Cf::OWN, St = s0 + 2 * Cf::OWN;
+    const float scale = 1.0f / sqrtf((float)HS);
+    const float cs = scale * SM90_LOG2E;
+    const int kend = min(q0 + BM, T_);
+    const int ntiles = (kend + BN - 1) / BN;
+
+    sm90_load<BM, HS, NTH>(Qt, base, C3, q0, T_);
+    sm90_load<BM, HS, NTH>(dOt, dbase, C, q0, T_);
+    sm90_load<BN, HS, NTH>(St, base + C, C3, 0, T_);
+    sm90_load<BN, HS, NTH>(St + Cf::COL, base + 2 * C, C3, 0, T_);
+    sm90_cp_commit();
+
+    const int tq0 = wq0 + 16 * warp + g;  // this thread's queries: tq0, tq0 + 8
+    const u64 dq0 = sm90_desc_k(Qt + 64 * wg * 128), ddo0 = sm90_desc_k(dOt + 64 * wg * 128);
+    float L[2], Dr[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        const int r = tq0 + 8 * hh;
+        L[hh] = r < T_ ? lse[(long long)bh * T_ + r] * SM90_LOG2E : 0.f;
+        Dr[hh] = r < T_ ? D[(long long)bh * T_ + r] : 0.f;
+    }
+    float dq[HS / 2];
+    int acc = 0;
+
+    for (int i = 0; i < ntiles; i++) {
+        sm90_cp_wait_all();
+        sm90_fence_proxy();
+        __syncthreads();
+        if (i + 1 < ntiles) {
+            const u32 nx = St + ((i + 1) % NS) * Cf::STAGE;
+            sm90_load<BN, HS, NTH>(nx, base + C, C3, (i + 1) * BN, T_);
+            sm90_load<BN, HS, NTH>(nx + Cf::COL, base + 2 * C, C3, (i + 1) * BN, T_);
+            sm90_cp_commit();
+        }
+        const int k0 = i * BN;
+        const u32 Kt = St + (i % NS) * Cf::STAGE, Vt = Kt + Cf::COL;
+        if (k0 <= wq0 + 63 && wq0 < T_) {  // warpgroup-uniform
+            float s[BN / 2], dp[BN / 2];
+            const u64 dkt = sm90_desc_k(Kt), dvt = sm90_desc_k(Vt);
+            sm90_wg_fence();
+            Wg<E, BN>::ss0(s, dq0, dkt);
+#pragma unroll
+            for (int kt = 1; kt < HS / 16; kt++)
+                Wg<E, BN>::ss1(s, dq0 + sm90_koff<BM>(kt), dkt + sm90_koff<BN>(kt));
+            Wg<E, BN>::ss0(dp, ddo0, dvt);
+#pragma unroll
+            for (int kt = 1; kt < HS / 16; kt++)
+                Wg<E, BN>::ss1(dp, ddo0 + sm90_koff<BM>(kt), dvt + sm90_koff<BN>(kt));
+            sm90_wg_commit();
+            sm90_wg_wait<0>();
+            sm90_fence_acc(s);
+            sm90_fence_acc(dp);
+            const bool need_mask = k0 + BN - 1 > wq0;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+                for (int x2 = 0; x2 < 4; x2++) {
+                    const int x = 4 * j + x2, hh = x2 >> 1;
+                    float p = sm90_ex2(fmaf(s[x], cs, -L[hh]));
+                    if (need_mask && k0 + 8 * j + 2 * t4 + (x2 & 1) > tq0 + 8 * hh) p = 0.f;
+                    s[x] = p * (dp[x] - Dr[hh]);  // dS
+                }
+            }
+            u32 da[BN / 16][4];
+            sm90_to_a<BN, E>(da, s);
+            const u64 mk = sm90_desc_mn<BN>(Kt);
+            sm90_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dq, da[kk], mk + kk * 128, kk ? 1 : acc);
+            acc = 1;
+            sm90_wg_commit();
+            if (!OVL) sm90_wg_wait<0>();
+        } else {
+            sm90_wg_wait<0>();
+        }
+    }
+    sm90_wg_wait<0>();
+    sm90_fence_acc(dq);
+    sm90_store<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * HS, C3, tq0, T_, dq, scale * out_scale, t4);
+}
+
+#define SM90_BWD_KERNEL(name, E, HS, NWG, BN, NS, OVL, MINB)                                                    \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                      \
+    name(E* dqkv, const E* dout, const E* qkv, const float* lse, const float* D, int B, int T_, int C, \
+         int NH, float out_scale) {                                                                 \
+        if (blockIdx.z == 0)                                                                        \
+            sm90_dkdv<HS, NWG, BN, NS, OVL, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale);          \
+        else                                                                                        \
+            sm90_dq<HS, NWG, BN, NS, OVL, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale);            \
+    }
+
+// Variants (NWG, BN, NS, OVL, MINB = blocks per SM the registers must allow); the host's table
+// (mod.rs, `sm90_tiling`) must match. v0 is the default; v1, v2 are kept for tuning
+// (HALFLING_CUDA_ATTN_BWD=v1, v2).
+#define SM90_BWD_VARIANTS(E, sfx)                                                                       \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_##sfx, E, 64, 1, 64, 2, false, 3)                \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs64_v1_##sfx, E, 64, 1, 64, 3, true, 2)                 \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs64_v2_##sfx, E, 64, 2, 64, 3, true, 1)                 \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_##sfx, E, 128, 1, 64, 2, false, 2)              \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs128_v1_##sfx, E, 128, 2, 64, 2, false, 1)              \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs128_v2_##sfx, E, 128, 2, 64, 3, false, 1)
+SM90_BWD_VARIANTS(__nv_bfloat16, bf16)
+SM90_BWD_VARIANTS(__half, f16)
