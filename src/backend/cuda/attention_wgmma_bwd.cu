@@ -325,7 +325,9 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
         const u32 Qt = St + s * Cf::STAGE, dOt = Qt + Cf::COL;
         const float* Ls = Fp + s * 2 * BN;
         const float* Ds = Ls + BN;
-        if (q0 + BN - 1 >= wk0 && wk0 < T_) {  // warpgroup-uniform
+        // One inlined copy per masking need: otherwise ptxas computes every score's mask
+        // predicate (hoisted above the wgmma) on every tile, a third of the loop's instructions.
+        auto tile = [&](const bool MASK) {
             float st[BN / 2], dpt[BN / 2];
             const u64 dq = sm90_desc_k(Qt), ddo = sm90_desc_k(dOt);
             sm90_wg_fence();
@@ -341,7 +343,6 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
             sm90_wg_wait<0>();
             sm90_fence_acc(st);
             sm90_fence_acc(dpt);
-            const bool need_mask = (q0 < wk0 + 63) || (q0 + BN > T_);
 #pragma unroll
             for (int j = 0; j < BN / 8; j++) {
 #pragma unroll
@@ -352,7 +353,7 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
                     for (int hh = 0; hh < 2; hh++) {
                         const int x = 4 * j + 2 * hh + e;
                         float p = sm90_ex2(fmaf(st[x], cs, -Lq));
-                        if (need_mask) {
+                        if (MASK) {
                             const int tq = q0 + qi;
                             if (tq < sk0 + 8 * hh || tq >= T_) p = 0.f;
                         }
@@ -373,6 +374,12 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
             acc = 1;
             sm90_wg_commit();
             if (!OVL) sm90_wg_wait<0>();  // else it completes under the next tile's first product
+        };
+        if (q0 + BN - 1 >= wk0 && wk0 < T_) {         // warpgroup-uniform
+            if ((q0 < wk0 + 63) || (q0 + BN > T_))  // crosses the diagonal or T_
+                tile(true);
+            else
+                tile(false);
         } else {
             sm90_wg_wait<0>();
         }
@@ -441,7 +448,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
         }
         const int k0 = i * BN;
         const u32 Kt = St + (i % NS) * Cf::STAGE, Vt = Kt + Cf::COL;
-        if (k0 <= wq0 + 63 && wq0 < T_) {  // warpgroup-uniform
+        auto tile = [&](const bool MASK) {
             float s[BN / 2], dp[BN / 2];
             const u64 dkt = sm90_desc_k(Kt), dvt = sm90_desc_k(Vt);
             sm90_wg_fence();
@@ -457,14 +464,13 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
             sm90_wg_wait<0>();
             sm90_fence_acc(s);
             sm90_fence_acc(dp);
-            const bool need_mask = k0 + BN - 1 > wq0;
 #pragma unroll
             for (int j = 0; j < BN / 8; j++) {
 #pragma unroll
                 for (int x2 = 0; x2 < 4; x2++) {
                     const int x = 4 * j + x2, hh = x2 >> 1;
                     float p = sm90_ex2(fmaf(s[x], cs, -L[hh]));
-                    if (need_mask && k0 + 8 * j + 2 * t4 + (x2 & 1) > tq0 + 8 * hh) p = 0.f;
+                    if (MASK && k0 + 8 * j + 2 * t4 + (x2 & 1) > tq0 + 8 * hh) p = 0.f;
                     s[x] = p * (dp[x] - Dr[hh]);  // dS
                 }
             }
@@ -477,6 +483,12 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
             acc = 1;
             sm90_wg_commit();
             if (!OVL) sm90_wg_wait<0>();
+        };
+        if (k0 <= wq0 + 63 && wq0 < T_) {  // warpgroup-uniform
+            if (k0 + BN - 1 > wq0)          // crosses the diagonal
+                tile(true);
+            else
+                tile(false);
         } else {
             sm90_wg_wait<0>();
         }
