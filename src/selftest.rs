@@ -1307,7 +1307,14 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 format!("fp8 kept casts ({label})"),
                 format!("n={n} in={ic} out={oc}"),
             );
-            push(&op, shape.clone(), DType::F8E4M3, tolerance(DType::BF16), got, want);
+            push(
+                &op,
+                shape.clone(),
+                DType::F8E4M3,
+                tolerance(DType::BF16),
+                got,
+                want,
+            );
             push(&op, shape, DType::F8E4M3, 0.0, got_amax, want_amax);
         }
     }
