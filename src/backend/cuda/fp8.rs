@@ -481,6 +481,25 @@ impl CudaBackend {
         self.fp8_keep && op.keep.is_some() && op.format.is_float8() && x.dtype == DType::BF16
     }
 
+    /// `x[rows, cols]`'s transposed codes and scale cell for a backward GEMM: the kept copy
+    /// where `op`'s token has one, else cast now into scratch `role`.
+    fn fp8_transposed(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        op: &GemmOperand,
+        role: Role,
+        amax_cell: u64,
+    ) -> Result<(u64, u64)> {
+        if let Some((_, t, s)) = self.fp8_kept(x, rows, cols, op, amax_cell, false, true) {
+            return Ok((t, s));
+        }
+        let (_, t, s) =
+            self.fp8_cast(x, rows, cols, op, None, Some(role), false, role, amax_cell)?;
+        Ok((t.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, s))
+    }
+
     /// The copy kept under `op`'s token, if it is `x[rows, cols]` cast per `op`, its amax went
     /// to `amax_cell` (when one is wanted), and it holds the layouts asked for: the addresses of
     /// its row-major and transposed codes (0 where not asked for) and of its scale cell.
@@ -943,25 +962,9 @@ impl CudaBackend {
                     dyt_ready = Some((p, sd));
                 }
                 let cell_w = cell(&dinp_gemm.b)?;
-                let (pwt, swt) = match self.fp8_kept(w, oc, ic, &dinp_gemm.b, cell_w, false, true) {
-                    Some((_, t, s)) => (Some(t), s),
-                    None => {
-                        let (_, t, s) = self.fp8_cast(
-                            w,
-                            oc,
-                            ic,
-                            &dinp_gemm.b,
-                            None,
-                            Some(Role::WT),
-                            false,
-                            Role::WT,
-                            cell_w,
-                        )?;
-                        (t, s)
-                    }
-                };
+                let (pwt, swt) = self.fp8_transposed(w, oc, ic, &dinp_gemm.b, Role::WT, cell_w)?;
                 g.a = pd.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
-                g.b = pwt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+                g.b = pwt;
                 self.fp8_bind_scales(&mut g, &mut f, &dinp_gemm, sd, swt);
                 done = self.gemm_fp8(g, f)?;
             }
@@ -1007,26 +1010,10 @@ impl CudaBackend {
                 }
             };
             let cell_x = cell(&dw_gemm.b)?;
-            let (pxt, sxt) = match self.fp8_kept(inp, n, ic, &dw_gemm.b, cell_x, false, true) {
-                Some((_, t, s)) => (Some(t), s),
-                None => {
-                    let (_, t, s) = self.fp8_cast(
-                        inp,
-                        n,
-                        ic,
-                        &dw_gemm.b,
-                        None,
-                        Some(Role::XT),
-                        false,
-                        Role::XT,
-                        cell_x,
-                    )?;
-                    (t, s)
-                }
-            };
+            let (pxt, sxt) = self.fp8_transposed(inp, n, ic, &dw_gemm.b, Role::XT, cell_x)?;
             let mut g = g_dw;
             g.a = pdt;
-            g.b = pxt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?;
+            g.b = pxt;
             self.fp8_bind_scales(&mut g, &mut f, &dw_gemm, sd, sxt);
             done = self.gemm_fp8(g, f)?;
         }
