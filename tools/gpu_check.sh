@@ -1,20 +1,57 @@
 #!/usr/bin/env bash
-# One device call: correctness, then speed side by side with the PyTorch peer.
-# Run from the repo root on the GPU machine, with the release binary, env.sh and shared/bench/peer_gpt2.py carried in .device/:
-#   bash tools/gpu_check.sh [selftest|bench|peer|all]
+# Device calls for the GPU machine: correctness, speed side by side with the PyTorch peer, and the
+# recipe comparison. Run from the repo root there, with the stripped release binary, env.sh and
+# shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
+#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|all]...
+# Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
+# ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s. Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
-BIN=./.device/halfling
-what=${1:-all}
+BIN=${BIN:-./.device/halfling}
 OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
-if [[ $what == selftest || $what == all ]]; then
-  $BIN selftest --device cuda 2>&1 | tee "$OUT/selftest.txt" | tail -60
-fi
-if [[ $what == bench || $what == all ]]; then
-  $BIN bench --config configs/gpt2_124m.toml --device cuda --steps 10 --warmup 3 2>&1 | tee "$OUT/bench_124m.json"
-  $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 5 --warmup 2 2>&1 | tee "$OUT/bench_0p9b.json"
-fi
-if [[ $what == peer || $what == all ]]; then
-  PYTHONUNBUFFERED=1 python3 .device/peer_gpt2.py --modes eager,compile --layers 12 --dim 768 --heads 12 --batch 16 --seq 1024 2>&1 | tail -3
-fi
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/xdg}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+wall() { python3 -c "import time; print(round(time.time() - $1, 1))"; }
+for what in "${@:-all}"; do
+  if [[ $what == selftest || $what == all ]]; then
+    $BIN selftest --device cuda > "$OUT/selftest.txt" 2>&1
+    echo "selftest rc=$? $(tail -1 "$OUT/selftest.txt")"; grep FAIL "$OUT/selftest.txt" | head
+  fi
+  if [[ $what == bench || $what == all ]]; then
+    $BIN bench --config configs/gpt2_124m.toml --device cuda --steps 20 --warmup 3 2>&1 | tail -1
+    for recipe in bf16 fp8; do
+      $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
+        --set precision.recipe=$recipe 2>&1 | tail -1
+    done
+  fi
+  if [[ $what == peer || $what == all ]]; then
+    modes=compile
+    if ls .whl/torchao-*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && modes=compile,fp8
+    fi
+    PYTHONUNBUFFERED=1 python3 .device/peer_gpt2.py --modes eager,compile 2>&1 | grep '^{"mode'
+    PYTHONUNBUFFERED=1 python3 .device/peer_gpt2.py --modes $modes --layers 16 --dim 2048 --heads 16 \
+      --batch 8 --seq 1024 --steps 15 --warmup 5 2>&1 | grep '^{"mode'
+  fi
+  if [[ $what == recipes || $what == all ]]; then
+    runs=()
+    for r in ${RECIPES:-bf16 fp16 fp8 fp8-unit}; do
+      s=$(date +%s.%N)
+      $BIN train --config configs/shakespeare_char_gpu.toml --device cuda --quiet --out /tmp/r/$r \
+        --set data.tokenizer=bpe --set data.bpe_vocab_size=2048 --set data.dir=/tmp/bpe2048 \
+        --set train.max_steps=2000 --set train.eval_interval=250 --set train.sample_tokens=0 \
+        --set precision.monitor_interval=100 --set precision.recipe=$r > /tmp/r-$r.log 2>&1 \
+        || { echo "$r failed:"; tail -5 /tmp/r-$r.log; continue; }
+      echo "$r: $(wall $s) s"; runs+=(/tmp/r/$r)
+    done
+    $BIN compare "${runs[@]}" --out "$OUT/recipes_gpu_bpe2048.svg"
+    [[ -d /tmp/r/fp8 ]] && $BIN report --run /tmp/r/fp8 > "$OUT/report-fp8.txt" 2>&1
+  fi
+  if [[ $what == baby || $what == all ]]; then
+    s=$(date +%s.%N)
+    $BIN train --config configs/shakespeare_char_gpu.toml --device cuda --quiet --out /tmp/baby \
+      > /tmp/baby.log 2>&1
+    echo "baby GPT: rc=$? $(wall $s) s $(grep -o '"final_val_loss":[^,]*' /tmp/baby/summary.json)"
+  fi
+done
