@@ -54,8 +54,39 @@ __device__ __forceinline__ float fp8_scale_from_amax(float amax, int format, int
     return ldexpf(1.0f, (int)e);
 }
 
+// The FP8 conversion instructions (cvt.*.e4m3x2 / e5m2x2) need sm_89. Older GPUs (no FP8 GEMMs
+// either: their linear ops take the dequantized path) get the same codes from this software
+// encoder, a line-by-line port of the CPU reference (`Fp8Format::encode` in
+// src/numerics/convert.rs): RNE, ±inf and overflow saturate to ±max, f32 subnormals give ±0, NaN
+// gives the canonical NaN code with its sign.
+__device__ __forceinline__ unsigned char fp8_encode_soft(float v, int format) {
+    const unsigned bits = __float_as_uint(v);
+    const unsigned sign = (bits >> 24) & 0x80u;
+    const int m = format == 0 ? 3 : 2;
+    const int min_normal_exp = format == 0 ? -6 : -14;
+    const unsigned max_code = format == 0 ? 0x7Eu : 0x7Bu;
+    if (isnan(v)) return (unsigned char)(sign | (format == 0 ? 0x7Fu : 0x7Eu));
+    const unsigned abs = bits & 0x7FFFFFFFu;
+    const int biased_exp = (int)(abs >> 23);
+    if (biased_exp == 0xFF) return (unsigned char)(sign | max_code);
+    if (biased_exp == 0) return (unsigned char)sign;
+    const int exp = biased_exp - 127;
+    const unsigned significand = (abs & 0x007FFFFFu) | 0x00800000u;
+    const int kept_exp = exp > min_normal_exp ? exp : min_normal_exp;
+    // In [20, 25]: at least one bit is dropped, and past 25 everything rounds to zero anyway.
+    const int drop = kept_exp - m - (exp - 23);
+    const unsigned shift = (unsigned)(drop < 25 ? drop : 25);
+    const unsigned kept = significand >> shift;
+    const unsigned dropped = significand & ((1u << shift) - 1u);
+    const unsigned half = 1u << (shift - 1u);
+    const unsigned round_up = (dropped > half || (dropped == half && (kept & 1u))) ? 1u : 0u;
+    const unsigned code = ((unsigned)(kept_exp - min_normal_exp) << m) + kept + round_up;
+    return (unsigned char)(sign | (code < max_code ? code : max_code));
+}
+
 // Saturating RNE f32 -> FP8 code (the hardware's .satfinite conversion), NaN made canonical.
 __device__ __forceinline__ unsigned char fp8_encode(float v, int format) {
+#if __CUDA_ARCH__ >= 890
     if (isnan(v)) return (unsigned char)((signbit(v) ? 0x80 : 0) | (format == 0 ? 0x7F : 0x7E));
     unsigned short packed;
     if (format == 0) {
@@ -64,6 +95,9 @@ __device__ __forceinline__ unsigned char fp8_encode(float v, int format) {
         asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(0.0f), "f"(v));
     }
     return (unsigned char)(packed & 0xFF);
+#else
+    return fp8_encode_soft(v, format);
+#endif
 }
 
 // Exact value of an FP8 code.
@@ -312,6 +346,7 @@ FOR_EACH_TYPE(DEF_CAST)
 // Two saturating RNE codes at once (cvt packs two), NaN made canonical as in fp8_encode; the
 // low byte is `lo`'s code.
 __device__ __forceinline__ unsigned fp8_encode2(float lo, float hi, int format) {
+#if __CUDA_ARCH__ >= 890
     unsigned short packed;
     if (format == 0) {
         asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
@@ -323,6 +358,9 @@ __device__ __forceinline__ unsigned fp8_encode2(float lo, float hi, int format) 
     if (isnan(lo)) q = (q & 0xFF00u) | (signbit(lo) ? 0x80u : 0u) | nan;
     if (isnan(hi)) q = (q & 0x00FFu) | (((signbit(hi) ? 0x80u : 0u) | nan) << 8);
     return q;
+#else
+    return fp8_encode_soft(lo, format) | ((unsigned)fp8_encode_soft(hi, format) << 8);
+#endif
 }
 
 // fp8_cast_tiled_bf16: x[rows, cols] (bf16) scaled and cast to FP8 codes. Parameters as

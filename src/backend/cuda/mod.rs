@@ -245,6 +245,23 @@ fn compile_cached(
             return Ok(ptx);
         }
     }
+    let text = compile_ptx(name, source, arch, include)?;
+    if let (Some(dir), Some(path)) = (&cache_dir, &cache_file) {
+        // The cache is an optimisation: failing to write it is not an error.
+        if std::fs::create_dir_all(dir).is_ok() {
+            let _ = crate::checkpoint::write_atomic(path, text.as_bytes());
+        }
+    }
+    Ok(text)
+}
+
+/// Compiles `source` (`name`.cu) to PTX for `arch` with NVRTC; needs no GPU.
+fn compile_ptx(
+    name: &str,
+    source: &str,
+    arch: &'static str,
+    include: &std::path::Path,
+) -> Result<String> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
         include_paths: vec![include.display().to_string()],
@@ -254,14 +271,7 @@ fn compile_cached(
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
         .map_err(|e| anyhow!("NVRTC could not compile {name}.cu: {e:?}"))?;
-    let text = ptx.to_src();
-    if let (Some(dir), Some(path)) = (&cache_dir, &cache_file) {
-        // The cache is an optimisation: failing to write it is not an error.
-        if std::fs::create_dir_all(dir).is_ok() {
-            let _ = crate::checkpoint::write_atomic(path, text.as_bytes());
-        }
-    }
-    Ok(text)
+    Ok(ptx.to_src())
 }
 
 /// FNV-1a over several strings (the PTX cache key).
@@ -2406,6 +2416,51 @@ mod tests {
         assert_eq!(tokens, vec![2, 5, 7]);
         assert_eq!(starts, vec![0, 2, 5, 6]);
         assert_eq!(positions, vec![1, 4, 0, 2, 5, 3]);
+    }
+
+    /// Every kernel source compiles for every architecture it is built for. Needs NVRTC and the
+    /// CUDA headers but no GPU, so kernel edits can be compile-checked anywhere the toolkit (or
+    /// the `nvidia-cuda-nvrtc` and `nvidia-cuda-runtime` wheels) is: point `LD_LIBRARY_PATH` at
+    /// libnvrtc and `CUDA_INC` at the headers. The optional sm_90a modules would otherwise fail
+    /// silently (the backend falls back to attention.cu). Skipped, with a line saying so, where
+    /// NVRTC is missing (CI). `HALFLING_PTX_DUMP=DIR` writes the PTX there, to diff a
+    /// refactor's output against the code before it.
+    #[test]
+    fn every_kernel_source_compiles_with_nvrtc() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: NVRTC (libnvrtc.so) not found");
+            return;
+        }
+        let include = match cuda_include_dir() {
+            Ok(dir) => dir,
+            Err(e) => {
+                eprintln!("skipped: {e:#}");
+                return;
+            }
+        };
+        let dump = std::env::var_os("HALFLING_PTX_DUMP").map(PathBuf::from);
+        let base = [
+            ("kernels", KERNELS_CU),
+            ("attention", ATTENTION_CU),
+            ("fp8", FP8_CU),
+        ];
+        let hopper = [
+            ("attention_wgmma", ATTENTION_WGMMA_CU),
+            ("attention_wgmma_bwd", ATTENTION_WGMMA_BWD_CU),
+        ];
+        let builds = base
+            .iter()
+            .flat_map(|&(name, src)| [(name, src, "sm_80"), (name, src, "sm_90")])
+            .chain(hopper.iter().map(|&(name, src)| (name, src, "sm_90a")));
+        for (name, src, arch) in builds {
+            let ptx = compile_ptx(name, src, arch, &include).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(ptx.contains(".entry"), "{name}.cu for {arch}: no kernels");
+            if let Some(dir) = &dump {
+                std::fs::create_dir_all(dir).unwrap();
+                std::fs::write(dir.join(format!("{name}-{arch}.ptx")), ptx).unwrap();
+            }
+        }
     }
 
     #[test]
