@@ -130,6 +130,26 @@ __device__ __forceinline__ float block_max256(float m, float* red /* [8] */) {
     return m;
 }
 
+// The scale every block of a cast uses: from the amax partials (current scaling; the first block
+// records that amax) or `fixed_scale`. The first block also writes 1 / scale to inv_scale_out.
+__device__ __forceinline__ float fp8_block_scale(const float* partials, int num_partials,
+                                                 float fixed_scale, int format, int margin,
+                                                 unsigned* amax_slot, float* inv_scale_out,
+                                                 float* red /* [8] */) {
+    float scale = fixed_scale;
+    if (partials != nullptr) {
+        float m = 0.0f;
+        for (int i = threadIdx.x; i < num_partials; i += blockDim.x) m = fmaxf(m, partials[i]);
+        m = block_max256(m, red);
+        scale = fp8_scale_from_amax(m, format, margin);
+        if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && amax_slot != nullptr)
+            atomicMax(amax_slot, __float_as_uint(m));
+    }
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && inv_scale_out != nullptr)
+        *inv_scale_out = 1.0f / scale;
+    return scale;
+}
+
 // Loads 8 consecutive elements as float (exact); p must be 16-byte aligned.
 template <typename T> __device__ __forceinline__ void load8(const T* p, float* f);
 template <> __device__ __forceinline__ void load8<bf16>(const bf16* p, float* f) {
@@ -233,18 +253,9 @@ __device__ void fp8_cast_impl(void* out, unsigned char* out_t, const T* x, int r
                               float* inv_scale_out) {
     __shared__ unsigned char tile[64][32 + 4];
     __shared__ float red[8];
-    float scale = fixed_scale;
-    if (partials != nullptr) {
-        float m = 0.0f;
-        for (int i = threadIdx.x; i < num_partials; i += blockDim.x) m = fmaxf(m, partials[i]);
-        m = block_max256(m, red);
-        scale = fp8_scale_from_amax(m, format, margin);
-        if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && amax_slot != nullptr)
-            atomicMax(amax_slot, __float_as_uint(m));
-    }
+    const float scale = fp8_block_scale(partials, num_partials, fixed_scale, format, margin,
+                                        amax_slot, inv_scale_out, red);
     const float inv = 1.0f / scale;
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && inv_scale_out != nullptr)
-        *inv_scale_out = inv;
 
     const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 64;
     const bool vec = rows % 8 == 0 && cols % 8 == 0 && r0 + 32 <= rows && c0 + 64 <= cols;
@@ -391,17 +402,8 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
     __shared__ float red[8];
     // sums[g][c]: column c summed over the rows of thread row group g (col_sums only).
     __shared__ float sums[SUMS ? THREADS / GROUPS : 1][TC];
-    float scale = fixed_scale;
-    if (partials != nullptr) {
-        float m = 0.0f;
-        for (int i = threadIdx.x; i < num_partials; i += blockDim.x) m = fmaxf(m, partials[i]);
-        m = block_max256(m, red);
-        scale = fp8_scale_from_amax(m, format, margin);
-        if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && amax_slot != nullptr)
-            atomicMax(amax_slot, __float_as_uint(m));
-    }
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && inv_scale_out != nullptr)
-        *inv_scale_out = 1.0f / scale;
+    const float scale = fp8_block_scale(partials, num_partials, fixed_scale, format, margin,
+                                        amax_slot, inv_scale_out, red);
 
     const int r0 = blockIdx.y * TR, c0 = blockIdx.x * TC;
     const bool vec = rows % 16 == 0 && cols % 8 == 0 && r0 + TR <= rows &&
