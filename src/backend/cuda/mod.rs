@@ -44,6 +44,12 @@ const ATTENTION_WGMMA_CU: &str = include_str!("attention_wgmma.cu");
 const FP8_CU: &str = include_str!("fp8.cu");
 /// Hopper-only (sm_90a, wgmma) attention backward, compiled only on compute capability 9.0.
 const ATTENTION_WGMMA_BWD_CU: &str = include_str!("attention_wgmma_bwd.cu");
+/// The modules every GPU loads (name, source); the sm_90a ones above are optional.
+const BASE_MODULES: [(&str, &str); 3] = [
+    ("kernels", KERNELS_CU),
+    ("attention", ATTENTION_CU),
+    ("fp8", FP8_CU),
+];
 
 /// Dense peak FLOP/s of an H100 SXM (datasheet, without sparsity), used for MFU.
 const H100_BF16_PEAK: f64 = 989.4e12;
@@ -335,11 +341,7 @@ impl CudaBackend {
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
         let arch = arch_name(major, minor);
         let mut modules = Vec::new();
-        for (file, src) in [
-            ("kernels", KERNELS_CU),
-            ("attention", ATTENTION_CU),
-            ("fp8", FP8_CU),
-        ] {
+        for (file, src) in BASE_MODULES {
             let ptx = compile_cached(file, src, arch, &include, driver_version)?;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -2440,16 +2442,11 @@ mod tests {
             }
         };
         let dump = std::env::var_os("HALFLING_PTX_DUMP").map(PathBuf::from);
-        let base = [
-            ("kernels", KERNELS_CU),
-            ("attention", ATTENTION_CU),
-            ("fp8", FP8_CU),
-        ];
         let hopper = [
             ("attention_wgmma", ATTENTION_WGMMA_CU),
             ("attention_wgmma_bwd", ATTENTION_WGMMA_BWD_CU),
         ];
-        let builds = base
+        let builds = BASE_MODULES
             .iter()
             .flat_map(|&(name, src)| [(name, src, "sm_80"), (name, src, "sm_90")])
             .chain(hopper.iter().map(|&(name, src)| (name, src, "sm_90a")));
