@@ -444,6 +444,71 @@ fn case_mlp<B: Backend>(
     ])
 }
 
+/// The MLP's backward in one op ([`Backend::mlp_backward`]) with FP8 GEMMs on bf16 tensors:
+/// down-projection (`h` → `c`, amax slots 3..6) then up-projection (`c` → `h`, slots 0..3)
+/// through the GELU, whose derivative the CUDA backend applies inside the up-projection's output
+/// gradient cast. `x` holds inp, pre, w1, w2, dout, then the initial dw1, db1, dw2, db2.
+fn case_fp8_mlp_backward<B: Backend>(
+    be: &B,
+    x: &[Vec<f32>],
+    (n, c, h): (usize, usize, usize),
+    specs: [GemmSpec; 3],
+    gelu_scale: f32,
+) -> Result<Outputs> {
+    let dt = DType::BF16;
+    let slots = |g: GemmSpec, base: usize| {
+        let shift = |o: GemmOperand| GemmOperand {
+            amax_slot: o.amax_slot.map(|s| s + base),
+            ..o
+        };
+        GemmSpec {
+            a: shift(g.a),
+            b: shift(g.b),
+            ..g
+        }
+    };
+    let gemms = [
+        slots(specs[1], 3),
+        slots(specs[2], 3),
+        slots(specs[1], 0),
+        slots(specs[2], 0),
+    ];
+    let (inp, pre, w1, w2, dout) = (
+        up(be, dt, &x[0])?,
+        up(be, dt, &x[1])?,
+        up(be, dt, &x[2])?,
+        up(be, dt, &x[3])?,
+        up(be, dt, &x[4])?,
+    );
+    let mut gelu_out = be.alloc(dt, n * h)?;
+    be.gelu_forward(&mut gelu_out, &pre, gelu_scale)?;
+    let (mut dw1, mut db1) = (up(be, DType::F32, &x[5])?, up(be, DType::F32, &x[6])?);
+    let (mut dw2, mut db2) = (up(be, DType::F32, &x[7])?, up(be, DType::F32, &x[8])?);
+    let mut amax = up(be, DType::F32, &[0.0, 0.05, 0.0, 0.0, 0.0, 0.01])?;
+    let (mut dinp, mut dhidden) = (be.alloc(dt, n * c)?, be.alloc(dt, n * h)?);
+    be.mlp_backward(
+        &mut dinp,
+        &mut dhidden,
+        (&mut dw1, Some(&mut db1)),
+        (&mut dw2, Some(&mut db2)),
+        &dout,
+        (&inp, &pre, &gelu_out),
+        (&w1, &w2),
+        (n, c, h),
+        gemms,
+        Some(&mut amax),
+        gelu_scale,
+    )?;
+    Ok(vec![
+        ("dinp", be.download(&dinp)?),
+        ("dw1", be.download(&dw1)?),
+        ("dbias1", be.download(&db1)?),
+        ("dw2", be.download(&dw2)?),
+        ("dbias2", be.download(&db2)?),
+        ("amax", be.download(&amax)?),
+    ])
+}
+
 fn case_layernorm<B: Backend>(
     be: &B,
     dt: DType,
@@ -1278,6 +1343,38 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             );
             push(&op, shape.clone(), DType::F8E4M3, tolerance(dt), got, want);
             push(&op, shape, DType::F8E4M3, 0.0, got_amax, want_amax);
+        }
+    }
+    // The MLP's backward with FP8 GEMMs on bf16 tensors, the GELU derivative inside the
+    // up-projection's gradient cast on CUDA: whole and partial cast tiles (vector and element
+    // paths), a GELU scale, and sizes with no FP8 GEMM (the composed ops). The amaxes include
+    // the pre-activation gradient's, which is rounded from a GEMM output: close, not exact.
+    for (n, c, h) in [(208, 80, 336), (256, 128, 512), (37, 24, 60)] {
+        let x = vec![
+            inputs.normal(n * c, 1.0),
+            inputs.normal(n * h, 1.5),
+            inputs.normal(h * c, 0.1),
+            inputs.normal(c * h, 0.1),
+            inputs.normal(n * c, 1.0),
+            inputs.normal(h * c, 0.1),
+            inputs.normal(h, 0.1),
+            inputs.normal(c * h, 0.1),
+            inputs.normal(c, 0.1),
+        ];
+        for (label, specs, gelu_scale) in [
+            ("current", fp8_specs(None, 1.0), 1.0),
+            ("fixed", fp8_specs(fixed, 1.0), 1.0),
+            ("fixed, gelu scale", fp8_specs(fixed, 0.5), UNIT[1]),
+        ] {
+            let s = (n, c, h);
+            push(
+                &format!("fp8 mlp backward bf16 ({label})"),
+                format!("n={n} c={c} h={h}"),
+                DType::F8E4M3,
+                tolerance(DType::BF16),
+                case_fp8_mlp_backward(be, &x, s, specs, gelu_scale)?,
+                case_fp8_mlp_backward(&reference, &x, s, specs, gelu_scale)?,
+            );
         }
     }
     // Kept casts: whole tiles of the cast kernels and partial ones, and a size that runs as bf16

@@ -16,7 +16,7 @@ template <int TC, int RPT>
 __global__ void __launch_bounds__(256) tiled_variant(unsigned char* out, unsigned char* out_t, const bf16* x, int rows, int cols,
                     int format, const float* partials, int num_partials, float fixed_scale,
                     int margin, unsigned* amax_slot, float* inv_scale_out) {
-    fp8_cast_tiled<TC, RPT, false>(out, out_t, x, rows, cols, format, partials, num_partials, fixed_scale, margin, amax_slot, inv_scale_out, nullptr);
+    fp8_cast_tiled<TC, RPT, false, false>(out, out_t, x, rows, cols, format, partials, num_partials, fixed_scale, margin, amax_slot, inv_scale_out, nullptr, nullptr, 1.0f);
 }
 
 __global__ void copy16(uint4* out, const uint4* in, size_t n16) {

@@ -224,6 +224,57 @@ pub(crate) fn linear_crossentropy_chunk<B: Backend + ?Sized>(
     Ok((len / vp).min(n).max(1))
 }
 
+/// [`Backend::mlp_backward`] as two ops: [`Backend::linear_gelu_backward`] of linear₂ into
+/// `dhidden` (which then holds `dpre`), and [`Backend::linear_backward`] of linear₁ reading it.
+/// Backends that override the op fall back to this where they cannot fuse.
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_backward_composed<B: Backend + ?Sized>(
+    backend: &B,
+    dinp: &mut B::Buf,
+    dhidden: &mut B::Buf,
+    (dw1, db1): (&mut B::Buf, Option<&mut B::Buf>),
+    (dw2, db2): (&mut B::Buf, Option<&mut B::Buf>),
+    dout: &B::Buf,
+    (inp, pre, gelu_out): (&B::Buf, &B::Buf, &B::Buf),
+    (w1, w2): (&B::Buf, &B::Buf),
+    (n, c, h): (usize, usize, usize),
+    gemms: [GemmSpec; 4],
+    mut amax: Option<&mut B::Buf>,
+    gelu_scale: f32,
+) -> Result<()> {
+    let [dx2, dw2_gemm, dx1, dw1_gemm] = gemms;
+    backend.linear_gelu_backward(
+        dhidden,
+        dw2,
+        db2,
+        dout,
+        gelu_out,
+        pre,
+        w2,
+        n,
+        h,
+        c,
+        dx2,
+        dw2_gemm,
+        amax.as_deref_mut(),
+        gelu_scale,
+    )?;
+    backend.linear_backward(
+        Some(dinp),
+        dw1,
+        db1,
+        dhidden,
+        inp,
+        w1,
+        n,
+        c,
+        h,
+        dx1,
+        dw1_gemm,
+        amax,
+    )
+}
+
 /// A compute device: buffers plus the op set of a GPT training step.
 pub trait Backend {
     /// A buffer of floating-point values stored in some [`DType`].
@@ -422,6 +473,47 @@ pub trait Backend {
             amax,
         )?;
         self.gelu_backward(dpre, pre, gelu_scale)
+    }
+
+    /// Backward of the MLP `out = linear₂(gelu(linear₁(inp)))` as the forward ran it
+    /// ([`Backend::linear_gelu_forward`] for `pre = linear₁(inp)` and `gelu_out`, then
+    /// [`Backend::linear_forward`] of `gelu_out`): from `dout` [n, c] to `dinp` [n, c]
+    /// (overwritten), `dw1 += …` and `db1 += …` of linear₁ (`c` → `h`), `dw2 += …` and
+    /// `db2 += …` of linear₂ (`h` → `c`). `gemms` are linear₂'s input- and weight-gradient GEMMs,
+    /// then linear₁'s. `dhidden` [n, h] is scratch: its contents on return are unspecified
+    /// (the gradient of `pre` or of `gelu_out`), so no caller may read it. The default is
+    /// [`mlp_backward_composed`]; a backend may instead apply the GELU derivative where linear₁'s
+    /// GEMMs read the hidden gradient (CUDA's FP8 casts), which saves writing `dpre` and reading
+    /// it again.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_backward(
+        &self,
+        dinp: &mut Self::Buf,
+        dhidden: &mut Self::Buf,
+        (dw1, db1): (&mut Self::Buf, Option<&mut Self::Buf>),
+        (dw2, db2): (&mut Self::Buf, Option<&mut Self::Buf>),
+        dout: &Self::Buf,
+        (inp, pre, gelu_out): (&Self::Buf, &Self::Buf, &Self::Buf),
+        (w1, w2): (&Self::Buf, &Self::Buf),
+        (n, c, h): (usize, usize, usize),
+        gemms: [GemmSpec; 4],
+        amax: Option<&mut Self::Buf>,
+        gelu_scale: f32,
+    ) -> Result<()> {
+        mlp_backward_composed(
+            self,
+            dinp,
+            dhidden,
+            (dw1, db1),
+            (dw2, db2),
+            dout,
+            (inp, pre, gelu_out),
+            (w1, w2),
+            (n, c, h),
+            gemms,
+            amax,
+            gelu_scale,
+        )
     }
 
     /// LayerNorm over rows of `c`; saves per-row `mean` and `rstd` (f32) for the backward.

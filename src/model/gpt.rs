@@ -1135,37 +1135,25 @@ impl<B: Backend> Gpt<B> {
                     shared
                 }
             };
-            let (dw, db) = pair_mut(grads, lp(FCPROJ_W), lp(FCPROJ_B));
-            backend.linear_gelu_backward(
+            // Both MLP linears in one op: a backend may apply the GELU derivative where the
+            // up-projection's GEMMs read the hidden gradient (`gs.dfch` is scratch there).
+            const _: () = assert!(FC_B == FC_W + 1 && FCPROJ_W == FC_W + 2 && FCPROJ_B == FC_W + 3);
+            let [dfc_w, dfc_b, dfcproj_w, dfcproj_b] = &mut grads[lp(FC_W)..lp(FC_W) + 4] else {
+                bail!("internal error: MLP gradients");
+            };
+            let (fc, fcproj) = (&gemms[l * 4 + FC], &gemms[l * 4 + FCPROJ]);
+            backend.mlp_backward(
+                &mut gs.dln,
                 &mut gs.dfch,
-                dw,
-                Some(db),
+                (dfc_w, Some(dfc_b)),
+                (dfcproj_w, Some(dfcproj_b)),
                 dbranch,
-                gelu_out,
-                &la.fch,
-                w(lp(FCPROJ_W)),
-                bt,
-                4 * c,
-                c,
-                gemms[l * 4 + FCPROJ].dx,
-                gemms[l * 4 + FCPROJ].dw,
+                (&la.ln2, &la.fch, gelu_out),
+                (w(lp(FC_W)), w(lp(FCPROJ_W))),
+                (bt, c, 4 * c),
+                [fcproj.dx, fcproj.dw, fc.dx, fc.dw],
                 acts.amax.as_mut(),
                 us.gelu,
-            )?;
-            let (dw, db) = pair_mut(grads, lp(FC_W), lp(FC_B));
-            backend.linear_backward(
-                Some(&mut gs.dln),
-                dw,
-                Some(db),
-                &gs.dfch,
-                &la.ln2,
-                w(lp(FC_W)),
-                bt,
-                c,
-                4 * c,
-                gemms[l * 4 + FC].dx,
-                gemms[l * 4 + FC].dw,
-                acts.amax.as_mut(),
             )?;
             // Weighted residual: the skip's gradient is scaled by its weight, the branch's by
             // its weight where it splits off (delayed from the add, see `model::unit`).
@@ -1936,6 +1924,7 @@ mod tests {
                 _ => {}
             }
         }
+        // `dfch` is `mlp_backward`'s scratch; the CPU's (the composed ops) leaves dpre there.
         let gs = a.grads.as_ref().unwrap();
         for (name, buf) in [
             ("d embeddings", &gs.dresid),

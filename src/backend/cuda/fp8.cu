@@ -219,6 +219,44 @@ __device__ void fp8_amax_partial_impl(float* partials, const T* x, long long n) 
     }
 FOR_EACH_TYPE(DEF_AMAX_PARTIAL)
 
+// The gradient of GELU's input as gelu_backward_bf16 (kernels.cu) stores it, for the output
+// gradient casts that apply the GELU derivative themselves: scale·gelu'(x)·g in f32 (the same
+// expression, so the same bits), rounded to bf16 because that is the tensor the unfused path
+// would have cast (its amax, codes and column sums are then the same).
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+#define GELU_CUBIC 0.044715f
+__device__ __forceinline__ float dgelu_bf16(float x, float g, float scale) {
+    const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+    const float sig = 1.0f / (1.0f + expf(-(u + u)));
+    const float du_dx = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x);
+    const float local = sig + 2.0f * x * sig * (1.0f - sig) * du_dx;
+    return __bfloat162float(__float2bfloat16_rn((scale * local) * g));
+}
+
+// fp8_amax_partial_dgelu_bf16: fp8_amax_partial_bf16 of dgelu_bf16(pre, d, gelu_scale) (the
+// tensor the dgelu casts below cast), without forming it. Launch: as fp8_amax_partial_T; d and
+// pre 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256)
+fp8_amax_partial_dgelu_bf16(float* partials, const bf16* d, const bf16* pre, float gelu_scale,
+                            long long n) {
+    __shared__ float red[8];
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long n8 = n / 8;
+    float m = 0.0f;
+    for (long long i = tid; i < n8; i += stride) {
+        float g[8], x[8];
+        load8(d + 8 * i, g);
+        load8(pre + 8 * i, x);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(dgelu_bf16(x[k], g[k], gelu_scale)));
+    }
+    for (long long i = 8 * n8 + tid; i < n; i += stride)
+        m = fmaxf(m, fabsf(dgelu_bf16(to_float(pre[i]), to_float(d[i]), gelu_scale)));
+    m = block_max256(m, red);
+    if (threadIdx.x == 0) partials[blockIdx.x] = m;
+}
+
 // fp8_amax_record: slot = max(slot, max(partials[0..num])) (an operand whose amax is recorded
 // but which is not cast). Launch: grid (1, 1, 1), block (256, 1, 1).
 extern "C" __global__ void __launch_bounds__(256)
@@ -382,16 +420,17 @@ __device__ __forceinline__ unsigned fp8_encode2(float lo, float hi, int format) 
 // column sums of x over tile row g (the partials bias_backward_reduce sums). A separate kernel
 // because the sums cost registers (48 against 32) that the plain casts would pay for in occupancy.
 // Launch: grid (ceil(cols / 128), ceil(rows / 64), 1), block (256, 1, 1). Full tiles of a tensor
-// with rows % 16 == 0 and cols % 8 == 0 (x, out, out_t 16-byte aligned) take the vector path;
+// with rows % 16 == 0 and cols % 8 == 0 (x, out, out_t and pre 16-byte aligned) take the vector path;
 // other tiles go element by element through the same shared-memory layout. Same bits either way.
 // The tile geometry (TC columns, RPT rows per thread) is a template so that other shapes can be
-// timed against it; the kernels instantiate the one measured best.
-template <int TC, int RPT, bool SUMS>
+// timed against it; the kernels instantiate the one measured best. SUMS: the column sums; DGELU:
+// cast dgelu_bf16(pre, x, gelu_scale) instead of x (the dgelu kernels below).
+template <int TC, int RPT, bool SUMS, bool DGELU>
 __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char* out_t, const bf16* x,
                                                int rows, int cols, int format, const float* partials,
                                                int num_partials, float fixed_scale, int margin,
                                                unsigned* amax_slot, float* inv_scale_out,
-                                               float* col_sums) {
+                                               float* col_sums, const bf16* pre, float gelu_scale) {
     constexpr int THREADS = 256;
     constexpr int GROUPS = TC / 8;                   // threads across a tile row
     constexpr int TR = THREADS / GROUPS * RPT;       // rows per tile
@@ -405,6 +444,12 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
     const float scale = fp8_block_scale(partials, num_partials, fixed_scale, format, margin,
                                         amax_slot, inv_scale_out, red);
 
+    // The value cast at element `at`: x, or (DGELU) the gradient of GELU's input from x = the
+    // gradient of its output and `pre`, its input.
+    auto value = [&](size_t at) {
+        const float v = __bfloat162float(x[at]);
+        return DGELU ? dgelu_bf16(__bfloat162float(pre[at]), v, gelu_scale) : v;
+    };
     const int r0 = blockIdx.y * TR, c0 = blockIdx.x * TC;
     const bool vec = rows % 16 == 0 && cols % 8 == 0 && r0 + TR <= rows &&
                      c0 + TC <= cols;
@@ -414,9 +459,16 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
         const int c = cg * 8, r = rg * RPT;
         const bf16* src = x + (size_t)(r0 + r) * cols + c0 + c;
         uint4 raw[RPT];
+        uint4 raw_pre[DGELU ? RPT : 1];
 #pragma unroll
         for (int i = 0; i < RPT; ++i)
             raw[i] = __ldg(reinterpret_cast<const uint4*>(src + (size_t)i * cols));
+        if (DGELU) {
+            const bf16* p = pre + (size_t)(r0 + r) * cols + c0 + c;
+#pragma unroll
+            for (int i = 0; i < RPT; ++i)
+                raw_pre[DGELU ? i : 0] = __ldg(reinterpret_cast<const uint4*>(p + (size_t)i * cols));
+        }
         float csum[8];             // per column of the thread: the sum of its rows, in order
         unsigned col[8][RPT / 4];  // per column of the thread: its rows' codes, 4 to a word
 #pragma unroll
@@ -428,10 +480,19 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
             const unsigned w[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+            unsigned pw[4] = {0u, 0u, 0u, 0u};
+            if (DGELU) {
+                const uint4 p4 = raw_pre[DGELU ? i : 0];
+                pw[0] = p4.x, pw[1] = p4.y, pw[2] = p4.z, pw[3] = p4.w;
+            }
             unsigned pair[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                const float lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
+                float lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
+                if (DGELU) {
+                    lo = dgelu_bf16(__uint_as_float(pw[k] << 16), lo, gelu_scale);
+                    hi = dgelu_bf16(__uint_as_float(pw[k] & 0xffff0000u), hi, gelu_scale);
+                }
                 local = fmaxf(local, fmaxf(fabsf(lo), fabsf(hi)));
                 if (SUMS) {
                     csum[2 * k] += lo;
@@ -462,7 +523,7 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
             unsigned char q = 0;
             if (gr < rows && gc < cols) {
                 const size_t at = (size_t)gr * cols + gc;
-                const float v = __bfloat162float(x[at]);
+                const float v = value(at);
                 local = fmaxf(local, fabsf(v));
                 q = fp8_encode(v * scale, format);
                 if (out != nullptr) out[at] = q;
@@ -480,8 +541,7 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
             if (vec) {
                 for (int g = 0; g < (SUMS ? THREADS / GROUPS : 1); ++g) t += sums[g][c];
             } else {
-                for (int r = 0; r < TR && r0 + r < rows; ++r)
-                    t += __bfloat162float(x[(size_t)(r0 + r) * cols + gc]);
+                for (int r = 0; r < TR && r0 + r < rows; ++r) t += value((size_t)(r0 + r) * cols + gc);
             }
             col_sums[(size_t)blockIdx.y * cols + gc] = t;
         }
@@ -515,8 +575,9 @@ extern "C" __global__ void __launch_bounds__(256)
 fp8_cast_tiled_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows, int cols,
                     int format, const float* partials, int num_partials, float fixed_scale,
                     int margin, unsigned* amax_slot, float* inv_scale_out) {
-    fp8_cast_tiled<128, 4, false>(out, out_t, x, rows, cols, format, partials, num_partials,
-                                  fixed_scale, margin, amax_slot, inv_scale_out, nullptr);
+    fp8_cast_tiled<128, 4, false, false>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                         fixed_scale, margin, amax_slot, inv_scale_out, nullptr,
+                                         nullptr, 1.0f);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -524,6 +585,33 @@ fp8_cast_tiled_dbias_bf16(unsigned char* out, unsigned char* out_t, const bf16* 
                           int cols, int format, const float* partials, int num_partials,
                           float fixed_scale, int margin, unsigned* amax_slot,
                           float* inv_scale_out, float* col_sums) {
-    fp8_cast_tiled<128, 4, true>(out, out_t, x, rows, cols, format, partials, num_partials,
-                                 fixed_scale, margin, amax_slot, inv_scale_out, col_sums);
+    fp8_cast_tiled<128, 4, true, false>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                        fixed_scale, margin, amax_slot, inv_scale_out, col_sums,
+                                        nullptr, 1.0f);
+}
+
+// fp8_cast_tiled_dgelu_bf16 / fp8_cast_tiled_dbias_dgelu_bf16: the two kernels above with x the
+// gradient of GELU's output and `pre` [rows, cols] (bf16, 16-byte aligned) its input: they cast
+// dgelu_bf16(pre, x, gelu_scale), the gradient of GELU's input, which is never stored (the MLP's
+// up-projection backward reads it only here). Scale and amax are that tensor's (current scaling
+// takes its partials from fp8_amax_partial_dgelu_bf16).
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_tiled_dgelu_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows,
+                          int cols, int format, const float* partials, int num_partials,
+                          float fixed_scale, int margin, unsigned* amax_slot,
+                          float* inv_scale_out, const bf16* pre, float gelu_scale) {
+    fp8_cast_tiled<128, 4, false, true>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                        fixed_scale, margin, amax_slot, inv_scale_out, nullptr,
+                                        pre, gelu_scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_tiled_dbias_dgelu_bf16(unsigned char* out, unsigned char* out_t, const bf16* x,
+                                int rows, int cols, int format, const float* partials,
+                                int num_partials, float fixed_scale, int margin,
+                                unsigned* amax_slot, float* inv_scale_out, float* col_sums,
+                                const bf16* pre, float gelu_scale) {
+    fp8_cast_tiled<128, 4, true, true>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                       fixed_scale, margin, amax_slot, inv_scale_out, col_sums,
+                                       pre, gelu_scale);
 }

@@ -45,6 +45,12 @@
 //! reused copy records no amax: the token promises the first cast's is still in the buffer. The
 //! kept copies cost one byte per element of every block weight (twice) and of every linear
 //! input of the pass; `HALFLING_CUDA_FP8_KEEP=0` turns them off.
+//!
+//! The MLP's backward (`fp8_mlp_backward`) hands the up-projection the gradient of the GELU's
+//! output and lets its output-gradient cast apply the GELU derivative ([`DGeluCast`]): the
+//! gradient of the pre-activation exists only as FP8 codes, never as a bf16 tensor written by
+//! an in-place GELU backward and read back by the cast. `HALFLING_CUDA_FP8_DGELU_CAST=0` runs the
+//! separate GELU backward instead.
 
 use std::collections::HashMap;
 
@@ -121,6 +127,17 @@ impl Kept {
         let codes = (rows * cols).next_multiple_of(256);
         CELL_STRIDE + codes * if plain { 2 } else { 1 }
     }
+}
+
+/// An output gradient cast that applies the GELU derivative first: the tensor read is the
+/// gradient of GELU's output, the one cast is `scale · gelu'(pre) ⊙ it` rounded to bf16 (what
+/// `gelu_backward` would have stored), so the gradient of GELU's input is never written.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DGeluCast {
+    /// GELU's input (bf16, the output gradient's shape).
+    pre: u64,
+    /// The GELU scale (1 outside unit scaling).
+    scale: f32,
 }
 
 /// Which FP8 GEMMs use cuBLASLt's fast accumulation: `HALFLING_CUDA_FP8_FAST_ACCUM` = `fwd`
@@ -262,21 +279,24 @@ impl CudaBackend {
         }
     }
 
-    /// Per-block maxima of `|x|` into the partials; returns how many.
-    fn fp8_amax_partials(&self, x: &CudaBuf) -> Result<usize> {
+    /// Per-block maxima of `|x|` (with `dgelu`: of the tensor that cast casts) into the
+    /// partials; returns how many.
+    fn fp8_amax_partials(&self, x: &CudaBuf, dgelu: Option<&DGeluCast>) -> Result<usize> {
         let blocks = x.len.div_ceil(256 * 8).clamp(1, PARTIALS);
         let cells = self.fp8_cells()?;
-        self.launch(
-            &format!("fp8_amax_partial_{}", tensor_suffix(x.dtype)?),
-            (blocks as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(cells),
-                Arg::Ptr(self.ptr(x)),
-                Arg::U64(x.len as u64),
-            ],
-        )?;
+        let grid = (blocks as u32, 1, 1);
+        let (px, n) = (Arg::Ptr(self.ptr(x)), Arg::U64(x.len as u64));
+        match dgelu {
+            None => {
+                let name = format!("fp8_amax_partial_{}", tensor_suffix(x.dtype)?);
+                self.launch(&name, grid, 256, 0, &[Arg::Ptr(cells), px, n])?;
+            }
+            Some(g) => {
+                let (pre, scale) = (Arg::Ptr(g.pre), op_scale("GELU", g.scale)?);
+                let args = [Arg::Ptr(cells), px, pre, scale, n];
+                self.launch("fp8_amax_partial_dgelu_bf16", grid, 256, 0, &args)?;
+            }
+        }
         Ok(blocks)
     }
 
@@ -300,7 +320,7 @@ impl CudaBackend {
         let kernel = format!("fp8_cast_{}", tensor_suffix(x.dtype)?);
         self.expect("FP8 GEMM operand", x, x.dtype, rows * cols)?;
         let format = format_code(op.format)?;
-        let (partials, num_partials, fixed, margin) = self.fp8_scale_args(x, op)?;
+        let (partials, num_partials, fixed, margin) = self.fp8_scale_args(x, op, None)?;
         let elem = if dequant { 2 } else { 1 };
         let out = match plain {
             Some(r) => Some(self.fp8_buf(r, rows * cols * elem)?),
@@ -314,7 +334,8 @@ impl CudaBackend {
         if !dequant && x.dtype == DType::BF16 {
             let scale = (partials, num_partials, fixed, margin);
             let (o, t) = (out.unwrap_or(0), out_t.unwrap_or(0));
-            self.fp8_launch_tiled(x, rows, cols, format, scale, o, t, scale_ptr, amax_cell, 0)?;
+            let ptrs = (o, t, scale_ptr, amax_cell, 0);
+            self.fp8_launch_tiled(x, rows, cols, format, scale, ptrs, None)?;
             return Ok((out, out_t, scale_ptr));
         }
         let grid_y = u32::try_from(rows.div_ceil(32))
@@ -346,11 +367,17 @@ impl CudaBackend {
     }
 
     /// The scale arguments of the cast kernels for `op`: (partials, how many, fixed scale,
-    /// margin). Current scaling first reduces `x`'s amax into the partials.
-    fn fp8_scale_args(&self, x: &CudaBuf, op: &GemmOperand) -> Result<(u64, usize, f32, i32)> {
+    /// margin). Current scaling first reduces `x`'s amax (with `dgelu`: that of the tensor
+    /// that cast casts) into the partials.
+    fn fp8_scale_args(
+        &self,
+        x: &CudaBuf,
+        op: &GemmOperand,
+        dgelu: Option<&DGeluCast>,
+    ) -> Result<(u64, usize, f32, i32)> {
         match op.scale {
             OperandScale::Current { margin } => {
-                let num = self.fp8_amax_partials(x)?;
+                let num = self.fp8_amax_partials(x, dgelu)?;
                 Ok((self.fp8_cells()?, num, 1.0f32, margin))
             }
             OperandScale::Fixed(s) => {
@@ -362,10 +389,12 @@ impl CudaBackend {
         }
     }
 
-    /// `fp8_cast_tiled_bf16` on `x[rows, cols]`: codes into `out` and/or transposed into
-    /// `out_t` (0: not written), with `scale` from [`CudaBackend::fp8_scale_args`]; with
-    /// `col_sums` (not 0), `fp8_cast_tiled_dbias_bf16`, which also writes there the column sums
-    /// of each 64-row tile (`ceil(rows / 64) x cols` f32).
+    /// `fp8_cast_tiled_bf16` on `x[rows, cols]`, with `ptrs = (out, out_t, scale_ptr,
+    /// amax_cell, col_sums)`: codes into `out` and/or transposed into `out_t` (0: not written),
+    /// with `scale` from [`CudaBackend::fp8_scale_args`]; with `col_sums` (not 0),
+    /// `fp8_cast_tiled_dbias_bf16`, which also writes there the column sums of each 64-row tile
+    /// (`ceil(rows / 64) x cols` f32); with `dgelu`, the `_dgelu` kernels, which cast (and sum)
+    /// the gradient of GELU's input formed from `x` and `dgelu.pre`.
     #[allow(clippy::too_many_arguments)]
     fn fp8_launch_tiled(
         &self,
@@ -374,17 +403,15 @@ impl CudaBackend {
         cols: usize,
         format: i32,
         scale: (u64, usize, f32, i32),
-        out: u64,
-        out_t: u64,
-        scale_ptr: u64,
-        amax_cell: u64,
-        col_sums: u64,
+        (out, out_t, scale_ptr, amax_cell, col_sums): (u64, u64, u64, u64, u64),
+        dgelu: Option<&DGeluCast>,
     ) -> Result<()> {
         let (partials, num_partials, fixed, margin) = scale;
-        let name = if col_sums != 0 {
-            "fp8_cast_tiled_dbias_bf16"
-        } else {
-            "fp8_cast_tiled_bf16"
+        let name = match (col_sums != 0, dgelu.is_some()) {
+            (false, false) => "fp8_cast_tiled_bf16",
+            (true, false) => "fp8_cast_tiled_dbias_bf16",
+            (false, true) => "fp8_cast_tiled_dgelu_bf16",
+            (true, true) => "fp8_cast_tiled_dbias_dgelu_bf16",
         };
         let grid_y = u32::try_from(rows.div_ceil(64))
             .ok()
@@ -416,6 +443,10 @@ impl CudaBackend {
         if col_sums != 0 {
             args.push(Arg::Ptr(col_sums));
         }
+        if let Some(g) = dgelu {
+            args.push(Arg::Ptr(g.pre));
+            args.push(op_scale("GELU", g.scale)?);
+        }
         self.launch_as(
             name,
             label.as_deref(),
@@ -428,7 +459,9 @@ impl CudaBackend {
 
     /// The output gradient's cast for a backward GEMM (arguments as [`CudaBackend::fp8_cast`]'s),
     /// taking `dbias` (`(dbias, alpha)`) where the tiled kernel runs: it then also forms the
-    /// bias gradient `dbias += alpha·Σ_rows dout` from the same read of `dout`.
+    /// bias gradient `dbias += alpha·Σ_rows dout` from the same read of `dout`. With `dgelu`
+    /// (bf16 only), `dout` is the gradient of GELU's output and the tensor cast, summed and
+    /// amax-recorded is the gradient of GELU's input (see [`DGeluCast`]).
     #[allow(clippy::too_many_arguments)]
     fn fp8_cast_dout(
         &self,
@@ -441,24 +474,37 @@ impl CudaBackend {
         cell: Role,
         amax_cell: u64,
         dbias: &mut Option<(&mut CudaBuf, f32)>,
+        dgelu: Option<&DGeluCast>,
     ) -> Result<(Option<u64>, Option<u64>, u64)> {
-        if dout.dtype != DType::BF16 || dbias.is_none() {
+        if dgelu.is_none() && (dout.dtype != DType::BF16 || dbias.is_none()) {
             return self.fp8_cast(dout, n, oc, op, plain, transposed, false, cell, amax_cell);
         }
         self.expect("FP8 GEMM operand", dout, DType::BF16, n * oc)?;
-        let (db, alpha) = dbias
-            .take()
-            .ok_or_else(|| anyhow!("internal error: bias gradient"))?;
-        self.expect("bias gradient", db, DType::F32, oc)?;
+        let bias = dbias.take();
+        if let Some((db, _)) = &bias {
+            self.expect("bias gradient", db, DType::F32, oc)?;
+        }
         let format = format_code(op.format)?;
-        let scale = self.fp8_scale_args(dout, op)?;
+        let scale = self.fp8_scale_args(dout, op, dgelu)?;
         let out = plain.map(|r| self.fp8_buf(r, n * oc)).transpose()?;
         let out_t = transposed.map(|r| self.fp8_buf(r, n * oc)).transpose()?;
         let scale_ptr = self.fp8_cells()? + scale_cell(cell as usize);
         let groups = n.div_ceil(64);
-        let sums = self.scratch_ptr(groups * oc * 4)?;
-        let (o, t) = (out.unwrap_or(0), out_t.unwrap_or(0));
-        self.fp8_launch_tiled(dout, n, oc, format, scale, o, t, scale_ptr, amax_cell, sums)?;
+        let sums = match bias {
+            Some(_) => self.scratch_ptr(groups * oc * 4)?,
+            None => 0,
+        };
+        let ptrs = (
+            out.unwrap_or(0),
+            out_t.unwrap_or(0),
+            scale_ptr,
+            amax_cell,
+            sums,
+        );
+        self.fp8_launch_tiled(dout, n, oc, format, scale, ptrs, dgelu)?;
+        let Some((db, alpha)) = bias else {
+            return Ok((out, out_t, scale_ptr));
+        };
         let pdb = self.ptr_mut(db);
         self.launch(
             "bias_backward_reduce",
@@ -573,9 +619,17 @@ impl CudaBackend {
             None => t + (rows * cols).next_multiple_of(256) as u64,
             Some(role) => self.fp8_buf(role, rows * cols)?,
         };
-        let scale = self.fp8_scale_args(x, op)?;
+        let scale = self.fp8_scale_args(x, op, None)?;
         let format = format_code(op.format)?;
-        self.fp8_launch_tiled(x, rows, cols, format, scale, p, t, cell, amax_cell, 0)?;
+        self.fp8_launch_tiled(
+            x,
+            rows,
+            cols,
+            format,
+            scale,
+            (p, t, cell, amax_cell, 0),
+            None,
+        )?;
         let kept = Kept {
             token,
             src: self.ptr(x),
@@ -623,7 +677,7 @@ impl CudaBackend {
 
     /// Records `max |x|` into `amax_cell` for an operand that is not cast.
     fn fp8_record(&self, x: &CudaBuf, amax_cell: u64) -> Result<()> {
-        let num = self.fp8_amax_partials(x)?;
+        let num = self.fp8_amax_partials(x, None)?;
         self.launch(
             "fp8_amax_record",
             (1, 1, 1),
@@ -854,7 +908,14 @@ impl CudaBackend {
     /// cuBLASLt can fuse it; `dw += alpha · doutᵀ · inp` (f32, or any type the GEMM layer
     /// takes); `dbias += alpha · Σ_rows dout` with the weight gradient's alpha, when given (from
     /// the read of `dout`'s cast where it can). Returns whether the GELU derivative was applied
-    /// (the caller runs it otherwise).
+    /// to `dinp` (the caller runs it otherwise).
+    ///
+    /// With `dout_dgelu`, `dout` holds the gradient of a GELU's output and the layer's output
+    /// gradient is `scale · gelu'(pre) ⊙ dout` ([`DGeluCast`]), formed inside `dout`'s one cast
+    /// (both layouts, bias gradient, amax). `dout_dgelu.1` is `dout`'s address, taken mutably by
+    /// the caller: where a GEMM then falls back to the dequantized path after all, the derivative
+    /// is applied to `dout` in place first. Returns `None`, having done nothing, where that cast
+    /// cannot serve both GEMMs (the caller applies the derivative and calls again without it).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fp8_linear_backward(
         &self,
@@ -871,7 +932,8 @@ impl CudaBackend {
         dinp_gemm: GemmSpec,
         dw_gemm: GemmSpec,
         amax: Option<&mut CudaBuf>,
-    ) -> Result<bool> {
+        dout_dgelu: Option<(DGeluCast, u64)>,
+    ) -> Result<Option<bool>> {
         let amax = self.amax_base(amax)?;
         let inputs = tensors_type(&[dout, inp, w])?;
         if dw.len != oc * ic {
@@ -939,6 +1001,21 @@ impl CudaBackend {
         let cell = |op: &GemmOperand| self.amax_cell(amax.0, amax.1, op);
         let mut bias = dbias.map(|b| (b, dw_gemm.alpha));
         let shared_dy = g_dx.is_some() && dinp_gemm.a == dw_gemm.a;
+        // The GELU derivative in dout's cast needs one cast that both FP8 GEMMs read.
+        if dout_dgelu.is_some()
+            && !(dx_direct && dw_direct && shared_dy && dout.dtype == DType::BF16)
+        {
+            return Ok(None);
+        }
+        let dgelu = dout_dgelu.map(|(g, _)| g);
+        // Applies the derivative to dout in place before anything reads dout as stored.
+        let mut pending = dout_dgelu;
+        let mut materialize = || -> Result<()> {
+            match pending.take() {
+                Some((g, pd)) => self.dgelu_in_place(pd, g, dout.len),
+                None => Ok(()),
+            }
+        };
         // dout's transposed codes and scale cell, when the dx cast wrote them for the dw GEMM.
         let mut dyt_ready: Option<(u64, u64)> = None;
 
@@ -957,6 +1034,7 @@ impl CudaBackend {
                     Role::Dy,
                     cell(&dinp_gemm.a)?,
                     &mut bias,
+                    dgelu.as_ref(),
                 )?;
                 if let (true, Some(p)) = (both, pdt) {
                     dyt_ready = Some((p, sd));
@@ -970,6 +1048,7 @@ impl CudaBackend {
             }
             if !done {
                 // As a GEMM of the dequantized operands (b = w as stored: not transposed).
+                materialize()?;
                 fused = false;
                 g.epilogue = Epilogue::None;
                 g.a = self.fp8_fallback_operand(dout, n, oc, &dinp_gemm.a, Role::Dy, amax)?;
@@ -1005,6 +1084,7 @@ impl CudaBackend {
                         Role::DyT,
                         cell(&dw_gemm.a)?,
                         &mut bias,
+                        dgelu.as_ref(),
                     )?;
                     (pdt.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, sd)
                 }
@@ -1019,6 +1099,7 @@ impl CudaBackend {
         }
         if !done {
             // As a GEMM of the dequantized operands, as stored: dout read transposed.
+            materialize()?;
             g_dw.a = self.fp8_fallback_operand(dout, n, oc, &dw_gemm.a, Role::DyT, amax)?;
             g_dw.b = self.fp8_fallback_operand(inp, n, ic, &dw_gemm.b, Role::XT, amax)?;
             g_dw.trans_a = true;
@@ -1026,9 +1107,26 @@ impl CudaBackend {
             self.gemm(g_dw)?;
         }
         if let Some((db, alpha)) = bias {
+            materialize()?;
             self.bias_backward(db, dout, n, oc, alpha)?;
         }
-        Ok(fused)
+        Ok(Some(fused))
+    }
+
+    /// `d = scale · gelu'(pre) ⊙ d` in place on the bf16 tensor at `d` (`len` elements): the
+    /// `gelu_backward` that a [`DGeluCast`] otherwise saves.
+    fn dgelu_in_place(&self, d: u64, g: DGeluCast, len: usize) -> Result<()> {
+        self.elementwise(
+            "gelu_backward_bf16",
+            len,
+            &[
+                Arg::Ptr(d),
+                Arg::Ptr(g.pre),
+                Arg::Ptr(d),
+                op_scale("GELU", g.scale)?,
+                Arg::Int(int(len)?),
+            ],
+        )
     }
 }
 
@@ -1119,7 +1217,7 @@ impl CudaBackend {
             None => None,
         };
         self.fp8_linear_backward(
-            dinp, None, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            dinp, None, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax, None,
         )?;
         Ok(())
     }
@@ -1151,10 +1249,110 @@ impl CudaBackend {
         let pre_ptr = None;
         let dinp = Some((self.ptr_mut(dpre), t));
         let fused = self.fp8_linear_backward(
-            dinp, pre_ptr, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax,
+            dinp, pre_ptr, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax, None,
         )?;
-        if !fused {
+        if fused != Some(true) {
             crate::backend::Backend::gelu_backward(self, dpre, pre, gelu_scale)?;
+        }
+        Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// [`crate::backend::Backend::mlp_backward`] when both linears' specs involve FP8: the
+    /// down-projection's backward writes the gradient of the GELU output into `dhidden` (an FP8
+    /// GEMM, as in `fp8_op_linear_gelu_backward`), and the up-projection's backward applies the
+    /// GELU derivative inside that gradient's cast ([`DGeluCast`]), so the gradient of the
+    /// pre-activation is never written and read back (two passes over `n x h` bf16 saved). Where
+    /// that cast cannot serve (f16 tensors, sizes cuBLASLt has no FP8 kernel for, FP8 turned
+    /// off), the composed ops run.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_mlp_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dhidden: &mut CudaBuf,
+        (dw1, mut db1): (&mut CudaBuf, Option<&mut CudaBuf>),
+        (dw2, db2): (&mut CudaBuf, Option<&mut CudaBuf>),
+        dout: &CudaBuf,
+        (inp, pre, gelu_out): (&CudaBuf, &CudaBuf, &CudaBuf),
+        (w1, w2): (&CudaBuf, &CudaBuf),
+        (n, c, h): (usize, usize, usize),
+        gemms: [GemmSpec; 4],
+        mut amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
+    ) -> Result<()> {
+        let [dx2, dw2_gemm, dx1, dw1_gemm] = gemms;
+        let t = dhidden.dtype;
+        if t != DType::BF16 || pre.dtype != t {
+            return crate::backend::mlp_backward_composed(
+                self,
+                dinp,
+                dhidden,
+                (dw1, db1),
+                (dw2, db2),
+                dout,
+                (inp, pre, gelu_out),
+                (w1, w2),
+                (n, c, h),
+                gemms,
+                amax,
+                gelu_scale,
+            );
+        }
+        self.expect("GELU input", pre, t, n * h)?;
+        self.fp8_op_linear_backward(
+            Some(&mut *dhidden),
+            dw2,
+            db2,
+            dout,
+            gelu_out,
+            w2,
+            n,
+            h,
+            c,
+            dx2,
+            dw2_gemm,
+            amax.as_deref_mut(),
+        )?;
+        self.expect("linear input grad", dinp, dinp.dtype, n * c)?;
+        let d = Some((self.ptr_mut(dinp), dinp.dtype));
+        let g = DGeluCast {
+            pre: self.ptr(pre),
+            scale: gelu_scale,
+        };
+        let pd = self.ptr_mut(dhidden);
+        let ran = self.fp8_linear_backward(
+            d,
+            None,
+            dw1,
+            db1.as_deref_mut(),
+            dhidden,
+            inp,
+            w1,
+            n,
+            c,
+            h,
+            dx1,
+            dw1_gemm,
+            amax.as_deref_mut(),
+            Some((g, pd)),
+        )?;
+        if ran.is_none() {
+            crate::backend::Backend::gelu_backward(self, dhidden, pre, gelu_scale)?;
+            self.fp8_op_linear_backward(
+                Some(dinp),
+                dw1,
+                db1,
+                dhidden,
+                inp,
+                w1,
+                n,
+                c,
+                h,
+                dx1,
+                dw1_gemm,
+                amax,
+            )?;
         }
         Ok(())
     }

@@ -123,6 +123,10 @@ pub struct CudaBackend {
     /// Whether FP8 casts may be kept for later GEMMs under the caller's `KeepToken`s;
     /// `HALFLING_CUDA_FP8_KEEP=0` casts every operand where it is read (less memory, to compare).
     fp8_keep: bool,
+    /// Whether the MLP's FP8 backward applies the GELU derivative inside the up-projection's
+    /// output-gradient cast (`fp8::DGeluCast`); `HALFLING_CUDA_FP8_DGELU_CAST=0` runs the
+    /// separate in-place GELU backward instead (to compare).
+    fp8_dgelu_cast: bool,
     /// The Hopper attention backward (`attention_wgmma_bwd.cu`, wgmma, sm_90a) when loaded:
     /// `Some(v)` runs its tiling variant `v` where it applies; `None` (other GPUs, a failed
     /// build, `HALFLING_CUDA_WGMMA_ATTN=0` or `HALFLING_CUDA_ATTN_BWD=mma`) attention.cu's.
@@ -406,6 +410,8 @@ impl CudaBackend {
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
             wgmma_attention,
             fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
+            fp8_dgelu_cast: std::env::var("HALFLING_CUDA_FP8_DGELU_CAST")
+                .map_or(true, |v| v != "0"),
             wgmma_attention_bwd,
         })
     }
@@ -1399,6 +1405,33 @@ impl Backend for CudaBackend {
         self.gemm(g)?;
         self.linear_backward(
             None, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, None,
+        )
+    }
+
+    fn mlp_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dhidden: &mut CudaBuf,
+        dw1: (&mut CudaBuf, Option<&mut CudaBuf>),
+        dw2: (&mut CudaBuf, Option<&mut CudaBuf>),
+        dout: &CudaBuf,
+        acts: (&CudaBuf, &CudaBuf, &CudaBuf),
+        weights: (&CudaBuf, &CudaBuf),
+        sizes: (usize, usize, usize),
+        gemms: [GemmSpec; 4],
+        amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
+    ) -> Result<()> {
+        let [dx2, dw2_gemm, dx1, dw1_gemm] = gemms;
+        if self.fp8_dgelu_cast && fp8::involved(&[dx2, dw2_gemm]) && fp8::involved(&[dx1, dw1_gemm])
+        {
+            return self.fp8_mlp_backward(
+                dinp, dhidden, dw1, dw2, dout, acts, weights, sizes, gemms, amax, gelu_scale,
+            );
+        }
+        // Without FP8 the down-projection's GEMM takes the GELU derivative as its epilogue.
+        crate::backend::mlp_backward_composed(
+            self, dinp, dhidden, dw1, dw2, dout, acts, weights, sizes, gemms, amax, gelu_scale,
         )
     }
 
