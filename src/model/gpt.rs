@@ -451,16 +451,16 @@ impl<B: Backend> Gpt<B> {
         }
     }
 
-    /// Per-parameter learning-rate multipliers: 1, or under unit scaling `1/σ` for each matrix
-    /// whose standard init std is σ (see `model::unit`).
+    /// Per-parameter learning-rate multipliers: 1, or under unit scaling `√(C/fan_in)/σ` for each
+    /// matrix, σ the standard init std (see `model::unit`).
     pub fn lr_scales(&self) -> Vec<f32> {
         let base = self.recipe.base_init_std;
-        let resid = base / (2.0 * self.cfg.n_layer as f32).sqrt();
+        let width = self.cfg.n_embd as f32;
         self.specs
             .iter()
-            .map(|s| match (self.recipe.unit_scaling, s.shape.len()) {
-                (true, 2) if s.name.ends_with("c_proj.weight") => 1.0 / resid,
-                (true, 2) => 1.0 / base,
+            .map(|s| match (self.recipe.unit_scaling, s.shape.as_slice()) {
+                // Matrices are [fan_out, fan_in]; the embeddings' fan-in is the width.
+                (true, &[_, fan_in]) => (width / fan_in as f32).sqrt() / base,
                 _ => 1.0,
             })
             .collect()
@@ -1336,6 +1336,25 @@ mod tests {
                 v
             })
             .collect()
+    }
+
+    #[test]
+    fn unit_scaling_learning_rates_follow_fan_in() {
+        let be = CpuBackend::<f32>::new();
+        let m = Gpt::new(&be, tiny(), Recipe::new(RecipeName::Fp8Unit), 0.0, 0.02, 1).unwrap();
+        let sigma = m.recipe().base_init_std;
+        for (spec, &scale) in m.specs().iter().zip(&m.lr_scales()) {
+            let want = match spec.name.rsplit_once('.').map_or(spec.name.as_str(), |(_, k)| k) {
+                "bias" => 1.0,
+                _ if spec.name.contains("ln_") => 1.0,
+                // fan-in 4C: half the rate of the fan-in-C matrices.
+                _ if spec.name.ends_with("mlp.c_proj.weight") => 0.5 / sigma,
+                _ => 1.0 / sigma,
+            };
+            assert!((scale - want).abs() <= 1e-6 * want, "{}: {scale} vs {want}", spec.name);
+        }
+        let standard = Gpt::new(&be, tiny(), Recipe::new(RecipeName::Bf16), 0.0, 0.02, 1).unwrap();
+        assert!(standard.lr_scales().iter().all(|&s| s == 1.0));
     }
 
     /// Every parameter gradient of the whole model against central finite differences in f64.

@@ -41,11 +41,16 @@
 //! - The tied token embedding feeds two ops (the lookup and the head), so it is not a cut edge
 //!   either: both gradient contributions carry the same factor relative to the true gradient
 //!   (`β/α` equal on both edges), fixing the lookup's gradient scale to `2^-½·N^-½/V^-½`.
-//! - Learning rates: weights now start at unit scale instead of the standard init std σ, so
-//!   with Adam (whose steps do not depend on gradient scale) each matrix's learning rate is
-//!   divided by the σ the standard parametrization gives it (`model.init_std`, `/√(2L)` for
-//!   residual projections), keeping relative updates as in the standard model; its decoupled
-//!   weight decay is multiplied by σ so `lr·wd` is unchanged. Vectors keep the base rate.
+//! - Learning rates: weights start at unit scale instead of the standard init std σ
+//!   (`model.init_std`) and Adam's steps do not depend on gradient scale, so each matrix's rate
+//!   is multiplied by `√(C/fan_in)/σ`. That is u-μP's Adam rule (Blake et al. 2024: a matrix's
+//!   rate ∝ fan_in^-½, the embeddings' fan-in being the width C), normalized so a matrix of
+//!   fan-in C moves, relative to its size, as the standard model's does at the same `lr`; the
+//!   MLP's down-projection (fan-in 4C) moves at half that. Dividing by each matrix's own
+//!   standard σ instead, which gives the residual projections √(2L) times more, ended 1.5%
+//!   worse on the CPU benchmark and its good range of `lr` ended lower (BENCHMARKS.md).
+//!   Decoupled weight decay is divided by the same factor, so `lr·wd` is unchanged. Vectors
+//!   keep the base rate.
 
 /// Names the residual rule of [`UnitScales::unit`]. Unit-scaled weights saved under another
 /// rule compute another function, so checkpoints record it (see `runs::UNIT_MODEL_FILE`).
