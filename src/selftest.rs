@@ -1084,7 +1084,8 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             }
         }
         // Head sizes 8 to 128 (the CUDA kernels take multiples of 8 up to 128); T = 1, T below,
-        // at and across the 32- to 128-row tiles of both kernel variants (hs <= 64, hs <= 128).
+        // at and across the 32- to 128-row tiles of the kernel variants (attention.cu: hs <= 64,
+        // hs <= 128; Hopper: hs rounded up to 16).
         for (i, &(b, t, c, nh)) in [
             (1, 5, 16, 2),
             (2, 37, 48, 3),
@@ -1102,6 +1103,14 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             (1, 640, 256, 2),
             // several 128-query blocks of the Hopper kernel at hs 128, T not a multiple of its tiles
             (2, 1000, 384, 3),
+            // Hopper kernels at padded head sizes (hs rounded up to 16, columns past hs zero):
+            // hs 80, 96, 112 (64-column swizzle block partly used), 40 and 48 (k16 steps of a
+            // 64-column block), T across several tiles and not a multiple of them
+            (2, 333, 160, 2),
+            (1, 700, 288, 3),
+            (1, 200, 224, 2),
+            (2, 190, 144, 3),
+            (1, 77, 80, 2),
         ]
         .iter()
         .enumerate()
@@ -1126,7 +1135,8 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
         // through a fixed-order hand-off between blocks, here with more blocks than are resident
         // at once. Same inputs twice, tolerance 0 (CUDA only; the CPU backend is sequential).
         if be.kind() == "cuda" {
-            for (b, t, c, nh) in [(8, 1024, 768, 12), (4, 1024, 1024, 8)] {
+            // hs 64, 128 and 80 (a padded head size of the Hopper kernels)
+            for (b, t, c, nh) in [(8, 1024, 768, 12), (4, 1024, 1024, 8), (4, 1024, 640, 8)] {
                 let x = vec![
                     inputs.normal(b * t * 3 * c, 1.0),
                     inputs.normal(b * t * c, 1.0),

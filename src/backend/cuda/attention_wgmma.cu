@@ -7,12 +7,15 @@
 // reduction order.
 //
 // EXTERN NAMES AND LAUNCH GEOMETRY (mod.rs, `mod attention`, mirrors the instantiations at the end):
-//   attention_forward_wgmma_hs{64,128}_{bf16,f16}(E* out, float* lse, const E* qkv, int B, int T_,
-//                                                 int C, int NH, float out_scale)
+//   attention_forward_wgmma_hs{HS}_{bf16,f16}(E* out, float* lse, const E* qkv, int B, int T_,
+//                                             int C, int NH, float out_scale)
+//     HS = hs = C/NH rounded up to 16, at least 32: 32, 48, 64, 80, 96, 112, 128. The products
+//     run over HS columns (k16 steps of S = Q K^T, N = HS of O += P V); columns hs .. HS-1 are
+//     zero-filled. Shared memory holds HSP = HS rounded up to 64 columns (whole swizzle blocks).
 //     grid = (B*NH, ceil(T_/BQ), 1), block = 128*NWG, BQ = 64*NWG,
-//     dyn smem = AtwFwd::SMEM = 2*HS*(BQ + 4*BK) + 1024 bytes (> 48 KB: the host raises the limit)
-//     hs64 : NWG = 2, BK = 64,  <= 128 registers (2 blocks per SM), 50,176 B
-//     hs128: NWG = 2, BK = 128, 1 block per SM,                      164,864 B
+//     dyn smem = AtwFwd::SMEM = 2*HSP*(BQ + 4*BK) + 1024 bytes (> 48 KB: the host raises the limit)
+//     HS <= 64: NWG = 2, BK = 64,  <= 128 registers (2 blocks per SM), 50,176 B
+//     HS > 64 : NWG = 2, BK = 128, 1 block per SM,                      164,864 B
 //
 // SCHEME. A block owns BQ = 64*NWG queries; warpgroup w (4 warps, 128 threads) owns 64 of them.
 // Q [BQ][HS] and double-buffered K, V tiles [BK][HS] sit in shared memory in the canonical 128-byte
@@ -41,6 +44,8 @@
 // no faster at these shapes: hs64 0.097 (NWG 2 BK 64, <= 128 registers), hs128 0.137-0.141.
 // It, Q held in registers (S by register-A wgmma) and one barrier per tile over three stages are
 // in commit 67ab960 of the attnfwd branch (the last two written but never measured).
+// Padded head sizes (H100, HALFLING_CUDA_PROFILE, hs 80 at B 8, T 1024, 16 heads): HS 80 0.112 ms
+// per call, against 0.130 when hs 80 ran as HS 128.
 // ---------------------------------------------------------------------------------------------
 
 #include <cuda_bf16.h>
@@ -100,15 +105,6 @@ __device__ __forceinline__ void atw_mma_ss_n64_bf16(float (&d)[32], atw_u64 da, 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(da), "l"(db), "r"(scale_d));
 }
-// D += A·B, A = [64][16] from registers (the accumulator-shaped fragments), B = [16][64]
-// MN-major (rows of B contiguous along N) in shared memory.
-__device__ __forceinline__ void atw_mma_rs_n64_bf16(float (&d)[32], const atw_u32 (&a)[4], atw_u64 db) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
 // D (+)= A·B^T, A = [64][16] and B = [128][16] both K-major in shared memory (descriptors).
 __device__ __forceinline__ void atw_mma_ss_n128_bf16(float (&d)[64], atw_u64 da, atw_u64 db, int scale_d) {
     asm volatile(
@@ -117,15 +113,6 @@ __device__ __forceinline__ void atw_mma_ss_n128_bf16(float (&d)[64], atw_u64 da,
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(da), "l"(db), "r"(scale_d));
-}
-// D += A·B, A = [64][16] from registers (the accumulator-shaped fragments), B = [16][128]
-// MN-major (rows of B contiguous along N) in shared memory.
-__device__ __forceinline__ void atw_mma_rs_n128_bf16(float (&d)[64], const atw_u32 (&a)[4], atw_u64 db) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 // D (+)= A·B^T, A = [64][16] and B = [64][16] both K-major in shared memory (descriptors).
 __device__ __forceinline__ void atw_mma_ss_n64_f16(float (&d)[32], atw_u64 da, atw_u64 db, int scale_d) {
@@ -136,15 +123,6 @@ __device__ __forceinline__ void atw_mma_ss_n64_f16(float (&d)[32], atw_u64 da, a
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(da), "l"(db), "r"(scale_d));
 }
-// D += A·B, A = [64][16] from registers (the accumulator-shaped fragments), B = [16][64]
-// MN-major (rows of B contiguous along N) in shared memory.
-__device__ __forceinline__ void atw_mma_rs_n64_f16(float (&d)[32], const atw_u32 (&a)[4], atw_u64 db) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
 // D (+)= A·B^T, A = [64][16] and B = [128][16] both K-major in shared memory (descriptors).
 __device__ __forceinline__ void atw_mma_ss_n128_f16(float (&d)[64], atw_u64 da, atw_u64 db, int scale_d) {
     asm volatile(
@@ -154,33 +132,60 @@ __device__ __forceinline__ void atw_mma_ss_n128_f16(float (&d)[64], atw_u64 da, 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(da), "l"(db), "r"(scale_d));
 }
-// D += A·B, A = [64][16] from registers (the accumulator-shaped fragments), B = [16][128]
-// MN-major (rows of B contiguous along N) in shared memory.
-__device__ __forceinline__ void atw_mma_rs_n128_f16(float (&d)[64], const atw_u32 (&a)[4], atw_u64 db) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
 
 template <typename E, int N> struct AtwMma;
 template <> struct AtwMma<__nv_bfloat16, 64> {
     static __device__ __forceinline__ void ss(float (&d)[32], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n64_bf16(d, a, b, sd); }
-    static __device__ __forceinline__ void rs(float (&d)[32], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n64_bf16(d, a, b); }
 };
 template <> struct AtwMma<__nv_bfloat16, 128> {
     static __device__ __forceinline__ void ss(float (&d)[64], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n128_bf16(d, a, b, sd); }
-    static __device__ __forceinline__ void rs(float (&d)[64], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n128_bf16(d, a, b); }
 };
 template <> struct AtwMma<__half, 64> {
     static __device__ __forceinline__ void ss(float (&d)[32], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n64_f16(d, a, b, sd); }
-    static __device__ __forceinline__ void rs(float (&d)[32], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n64_f16(d, a, b); }
 };
 template <> struct AtwMma<__half, 128> {
     static __device__ __forceinline__ void ss(float (&d)[64], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n128_f16(d, a, b, sd); }
-    static __device__ __forceinline__ void rs(float (&d)[64], const atw_u32 (&a)[4], atw_u64 b) { atw_mma_rs_n128_f16(d, a, b); }
 };
+
+// O += P V: D (+)= A·B with N = the padded head size HS (a multiple of 16, 32 .. 128), A = [64][16]
+// from registers (the accumulator-shaped fragments), B = [16][N] MN-major in shared memory. The
+// accumulator is N/2 f32 registers, operands %0 .. %(N/2 - 1): ATW_ACC<N> lists them and
+// ATW_REGS<N> their placeholders; the A registers and descriptor follow (their numbers passed in).
+#define ATW_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define ATW_ACC32 ATW_D8(0), ATW_D8(8)
+#define ATW_ACC48 ATW_ACC32, ATW_D8(16)
+#define ATW_ACC64 ATW_ACC48, ATW_D8(24)
+#define ATW_ACC80 ATW_ACC64, ATW_D8(32)
+#define ATW_ACC96 ATW_ACC80, ATW_D8(40)
+#define ATW_ACC112 ATW_ACC96, ATW_D8(48)
+#define ATW_ACC128 ATW_ACC112, ATW_D8(56)
+#define ATW_REGS32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define ATW_REGS48 ATW_REGS32 ", %16, %17, %18, %19, %20, %21, %22, %23"
+#define ATW_REGS64 ATW_REGS48 ", %24, %25, %26, %27, %28, %29, %30, %31"
+#define ATW_REGS80 ATW_REGS64 ", %32, %33, %34, %35, %36, %37, %38, %39"
+#define ATW_REGS96 ATW_REGS80 ", %40, %41, %42, %43, %44, %45, %46, %47"
+#define ATW_REGS112 ATW_REGS96 ", %48, %49, %50, %51, %52, %53, %54, %55"
+#define ATW_REGS128 ATW_REGS112 ", %56, %57, %58, %59, %60, %61, %62, %63"
+template <typename E, int N> struct AtwRs;
+#define ATW_RS(E, TY, N, A0, A1, A2, A3, B)                                                          \
+    template <> struct AtwRs<E, N> {                                                                 \
+        static __device__ __forceinline__ void rs(float (&d)[N / 2], const atw_u32 (&a)[4], atw_u64 db) { \
+            asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" ATW_REGS##N  \
+                         "}, {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", 1, 1, 1, 1;\n"          \
+                         : ATW_ACC##N                                                                \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));                      \
+        }                                                                                            \
+    };
+#define ATW_RS_SIZES(E, TY)                  \
+    ATW_RS(E, TY, 32, 16, 17, 18, 19, 20)    \
+    ATW_RS(E, TY, 48, 24, 25, 26, 27, 28)    \
+    ATW_RS(E, TY, 64, 32, 33, 34, 35, 36)    \
+    ATW_RS(E, TY, 80, 40, 41, 42, 43, 44)    \
+    ATW_RS(E, TY, 96, 48, 49, 50, 51, 52)    \
+    ATW_RS(E, TY, 112, 56, 57, 58, 59, 60)   \
+    ATW_RS(E, TY, 128, 64, 65, 66, 67, 68)
+ATW_RS_SIZES(__nv_bfloat16, "bf16")
+ATW_RS_SIZES(__half, "f16")
 
 // Two floats rounded to E (nearest even) in one register, lo in the low 16 bits.
 template <typename E> __device__ __forceinline__ atw_u32 atw_pack(float lo, float hi);
@@ -274,11 +279,8 @@ __device__ __forceinline__ void atw_softmax(float (&s)[NS * 4], atw_u32 (&pa)[NS
 }
 
 // S = Q K^T for one warpgroup (64 query rows at sQw, key tile at sK): HS/16 k16 steps, both
-// operands K-major; columns past hs are zero in both tiles (a run-time skip of them would put a
-// branch between the wgmma and cost fences). Issued, not waited for.
-// S = Q K^T for one warpgroup (64 query rows at sQw, key tile at sK): HS/16 k16 steps, both
-// operands K-major; columns past hs are zero in both tiles (a run-time skip of them would put a
-// branch between the wgmma and cost fences). Issued, not waited for.
+// operands K-major; columns hs .. HS-1 (where hs % 16 == 8) are zero in both tiles. Issued, not
+// waited for.
 template <int HS, int BQ, int BK, typename E>
 __device__ __forceinline__ void atw_issue_s(float (&s)[BK / 2], atw_u32 sQw, atw_u32 sK) {
 #pragma unroll
@@ -288,12 +290,12 @@ __device__ __forceinline__ void atw_issue_s(float (&s)[BK / 2], atw_u32 sQw, atw
         AtwMma<E, BK>::ss(s, atw_desc(qa, 16, 1024), atw_desc(ka, 16, 1024), kt > 0);
     }
 }
-// O += P V (V MN-major from the swizzled tile at sV: k16 step kk starts 16 rows = 2048 bytes on;
-// the two 64-column chunks of HS = 128 are BK*128 bytes apart). Issued, not waited for.
+// O += P V, N = HS (V MN-major from the swizzled tile at sV: k16 step kk starts 16 rows = 2048
+// bytes on; 64-column chunks are BK*128 bytes apart). Issued, not waited for.
 template <int HS, int BK, typename E>
 __device__ __forceinline__ void atw_issue_pv(float (&o)[HS / 2], const atw_u32 (&pa)[BK / 16][4], atw_u32 sV) {
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; kk++) AtwMma<E, HS>::rs(o, pa[kk], atw_desc(sV + kk * 2048, BK * 128, 1024));
+    for (int kk = 0; kk < BK / 16; kk++) AtwRs<E, HS>::rs(o, pa[kk], atw_desc(sV + kk * 2048, BK * 128, 1024));
 }
 
 // Output and log-sum-exp of this thread's two rows.
@@ -311,7 +313,7 @@ __device__ __forceinline__ void atw_store(E* out, float* lse, const float (&o)[H
 #pragma unroll
     for (int j = 0; j < HS / 8; j++) {
         const int d = 8 * j + 2 * t4;
-        if (d < hs) {
+        if (8 * j < hs) {  // warp-uniform (hs is a multiple of 8)
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 const int r = hf ? r1 : r0;
@@ -335,12 +337,16 @@ __device__ __forceinline__ void atw_store(E* out, float* lse, const float (&o)[H
     }
 }
 
+// HS: the head size rounded up to 16 (what the products cover); HSP: rounded up to the 64-column
+// swizzle chunk (what shared memory holds; columns HS .. HSP-1 are never written nor read).
 template <int HS, int NWG, int BK>
 struct AtwFwd {
+    static_assert(HS % 16 == 0 && HS >= 32 && HS <= 128, "the head-dim products are m64nHSk16");
+    static constexpr int HSP = (HS + 63) / 64 * 64;
     static constexpr int BQ = 64 * NWG;
     static constexpr int NTH = 128 * NWG;
-    static constexpr int QBYTES = BQ * HS * 2;
-    static constexpr int TBYTES = BK * HS * 2;  // one K or V tile
+    static constexpr int QBYTES = BQ * HSP * 2;
+    static constexpr int TBYTES = BK * HSP * 2;  // one K or V tile
     static constexpr int SMEM = QBYTES + 4 * TBYTES + 1024;  // 2 K/V stages; + 1024: alignment slack
 };
 
@@ -430,9 +436,13 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
         atw_fwd<HS, NWG, BK, E>(out, lse, qkv, B, T_, C, NH, out_scale);                           \
     }
 
-// Instantiations: (HS, warpgroups per block, key tile, min blocks per SM); bf16 and f16 share them.
-// mod.rs (`mod attention`, fwd_wgmma) mirrors these numbers.
-ATW_FWD_KERNEL(attention_forward_wgmma_hs64_bf16, __nv_bfloat16, 64, 2, 64, 2)
-ATW_FWD_KERNEL(attention_forward_wgmma_hs128_bf16, __nv_bfloat16, 128, 2, 128, 1)
-ATW_FWD_KERNEL(attention_forward_wgmma_hs64_f16, __half, 64, 2, 64, 2)
-ATW_FWD_KERNEL(attention_forward_wgmma_hs128_f16, __half, 128, 2, 128, 1)
+// Instantiations, one per padded head size HS: two warpgroups per block; HS <= 64 as measured at
+// hs 64 (key tile 64, 2 blocks per SM), larger HS as at hs 128 (key tile 128, 1 block per SM).
+// bf16 and f16 share them. mod.rs (`mod attention`, fwd_wgmma) mirrors these numbers.
+#define ATW_FWD_HS(E, sfx, HS) \
+    ATW_FWD_KERNEL(attention_forward_wgmma_hs##HS##_##sfx, E, HS, 2, (HS <= 64 ? 64 : 128), (HS <= 64 ? 2 : 1))
+#define ATW_FWD_SIZES(E, sfx)                                                                      \
+    ATW_FWD_HS(E, sfx, 32) ATW_FWD_HS(E, sfx, 48) ATW_FWD_HS(E, sfx, 64) ATW_FWD_HS(E, sfx, 80)  \
+    ATW_FWD_HS(E, sfx, 96) ATW_FWD_HS(E, sfx, 112) ATW_FWD_HS(E, sfx, 128)
+ATW_FWD_SIZES(__nv_bfloat16, bf16)
+ATW_FWD_SIZES(__half, f16)

@@ -1,14 +1,17 @@
 // Causal attention BACKWARD on Hopper tensor cores (wgmma, sm_90a), for halfling's 16-bit paths.
 // Compiled by NVRTC for sm_90a only when the GPU is compute capability 9.0; elsewhere (and for
-// head sizes other than 64 and 128, or tensors not 16-byte aligned) the host uses attention.cu's
-// mma.sync kernels. Same interface and numerics as attention.cu's bf16 backward (read its header
-// for the tensor layouts): dqkv fully overwritten, lse and D (from attention_backward_preprocess_*)
-// read, out_scale folded in at the store. Deterministic: no atomics, every sum in a fixed order.
+// tensors not 16-byte aligned) the host uses attention.cu's mma.sync kernels. Same interface and
+// numerics as attention.cu's bf16 backward (read its header for the tensor layouts): dqkv fully
+// overwritten, lse and D (from attention_backward_preprocess_*) read, out_scale folded in at the
+// store. Deterministic: no atomics, every sum in a fixed order.
 //
 // EXTERN NAMES AND LAUNCH GEOMETRY (host: mod.rs, `mod attention`, `sm90_tiling`):
-//   attention_backward_sm90_hs{64,128}_v{0,1,2}_{bf16,f16}(E* dqkv, const E* dout, const E* qkv,
+//   attention_backward_sm90_hs{HS}_v{0,1,2}_{bf16,f16}(E* dqkv, const E* dout, const E* qkv,
 //       const float* lse, const float* D, int B, int T_, int C, int NH, float out_scale)
-//   with C / NH == HS exactly, qkv, dout and dqkv 16-byte aligned;
+//   with HS = hs = C/NH rounded up to 16, at least 32 (v0: 32, 48, .., 128; v1, v2: 64, 128);
+//   qkv, dout and dqkv 16-byte aligned. The products run over HS columns (k16 steps of S and dP,
+//   N = HS of dV, dK, dQ); tiles are loaded zero-filled in columns hs .. HS-1 and only columns
+//   < hs are stored. Shared-memory tiles hold HSP = HS rounded up to 64 (whole swizzle blocks).
 //   grid = (B*NH, ceil(T_/BM), 2), block = 128*NWG, dynamic smem = Sm90Bwd::SMEM bytes,
 //   BM = 64*NWG. Variant table (NWG, BN, NS, OVL, MINB) at the end of this file.
 //
@@ -23,8 +26,8 @@
 // The wgmma accumulator layout (per warp: rows g, g+8, columns 8j + 2*t4 + {0,1}) equals the
 // register A-fragment layout, so P and dS feed the second products without shared memory.
 // Tiles live in shared memory in the 128-byte-swizzle layout that wgmma descriptors name:
-// [rows][64 elements] column blocks (HS = 128: two), row r's 16-byte chunk c at c ^ (r & 7),
-// each block 1024-byte aligned. cp.async (16 B, zero-fill past T_) fills them; column tiles
+// [rows][64 elements] column blocks (HS > 64: two), row r's 16-byte chunk c at c ^ (r & 7),
+// each block 1024-byte aligned. cp.async (16 B, zero-fill past T_ and hs) fills them; column tiles
 // rotate through NS stages, prefetched one tile ahead; one __syncthreads per tile. OVL: the
 // second product of tile i stays in flight while tile i+1's first product is issued (needs
 // NS = 3, so the stage it reads is not refilled meanwhile); otherwise it is waited for at once.
@@ -37,6 +40,8 @@
 // warpgroups per block (lockstep at the block barrier) 0.37-0.43; BN = 128 no better. ncu on
 // v0: issue-bound (hs64: 0.49 warps issued per scheduler cycle, 51% SM throughput; stalls
 // mostly wait / not-selected / math-pipe throttle), the tensor pipe far from busy.
+// Padded head sizes (H100, HALFLING_CUDA_PROFILE, L8 d1280 h16 = hs 80, B 8, T 1024): v0 at
+// HS 80 0.283 ms per call, against 0.732 for attention.cu's hs128 kernel that ran it before.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -108,21 +113,13 @@ template <> __device__ __forceinline__ u32 sm90_pack<__half>(float lo, float hi)
     return *reinterpret_cast<u32*>(&v);
 }
 
-// D (64 x N, f32, registers) = or += A (64 x 16) * B (16 x N). ss0/ss1: A and B from K-major smem
-// descriptors, overwrite / accumulate. rsr<TB>: A from registers (mma.sync A-fragment layout per
-// warp), B from a descriptor, K-major (TB = 0) or MN-major (TB = 1), accumulate iff acc != 0.
+// D (64 x N, f32, registers) = or += A (64 x 16) * B (16 x N), A and B from K-major smem
+// descriptors: ss0 overwrites, ss1 accumulates (N = BN, the column tile).
 // (Accumulators are never zeroed by ordinary instructions: ptxas then serializes every wgmma.)
 template <typename E, int N>
 struct Wg;
 template <>
 struct Wg<__nv_bfloat16, 64> {
-    template <int TB>
-    static __device__ __forceinline__ void rsr(float (&d)[32], const u32 (&a)[4], u64 db, int acc) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
-    }
     static __device__ __forceinline__ void ss0(float (&d)[32], u64 da, u64 db) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
@@ -138,13 +135,6 @@ struct Wg<__nv_bfloat16, 64> {
 };
 template <>
 struct Wg<__nv_bfloat16, 128> {
-    template <int TB>
-    static __device__ __forceinline__ void rsr(float (&d)[64], const u32 (&a)[4], u64 db, int acc) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
-    }
     static __device__ __forceinline__ void ss0(float (&d)[64], u64 da, u64 db) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
@@ -160,13 +150,6 @@ struct Wg<__nv_bfloat16, 128> {
 };
 template <>
 struct Wg<__half, 64> {
-    template <int TB>
-    static __device__ __forceinline__ void rsr(float (&d)[32], const u32 (&a)[4], u64 db, int acc) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
-    }
     static __device__ __forceinline__ void ss0(float (&d)[32], u64 da, u64 db) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
@@ -182,13 +165,6 @@ struct Wg<__half, 64> {
 };
 template <>
 struct Wg<__half, 128> {
-    template <int TB>
-    static __device__ __forceinline__ void rsr(float (&d)[64], const u32 (&a)[4], u64 db, int acc) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
-    }
     static __device__ __forceinline__ void ss0(float (&d)[64], u64 da, u64 db) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
@@ -203,31 +179,80 @@ struct Wg<__half, 128> {
     }
 };
 
-// Rows row0 .. row0+NROWS-1 of a [T_, stride] matrix (g = the head's column 0 of row 0) into the
-// swizzled tile at shared address `tile`; rows >= T_ zero-filled. Asynchronous (caller commits).
+// D (64 x N, f32) (+)= A (64 x 16, registers: the mma.sync A-fragment layout per warp) * B (16 x N,
+// MN-major smem descriptor), accumulating iff acc != 0; N = the padded head size HS (a multiple of
+// 16, 32 .. 128). The accumulator is N/2 registers, operands %0 .. %(N/2 - 1): SM90_ACC<N> lists
+// them, SM90_REGS<N> their placeholders; the A registers, descriptor and acc follow (numbers passed).
+#define SM90_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define SM90_ACC32 SM90_D8(0), SM90_D8(8)
+#define SM90_ACC48 SM90_ACC32, SM90_D8(16)
+#define SM90_ACC64 SM90_ACC48, SM90_D8(24)
+#define SM90_ACC80 SM90_ACC64, SM90_D8(32)
+#define SM90_ACC96 SM90_ACC80, SM90_D8(40)
+#define SM90_ACC112 SM90_ACC96, SM90_D8(48)
+#define SM90_ACC128 SM90_ACC112, SM90_D8(56)
+#define SM90_REGS32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define SM90_REGS48 SM90_REGS32 ", %16, %17, %18, %19, %20, %21, %22, %23"
+#define SM90_REGS64 SM90_REGS48 ", %24, %25, %26, %27, %28, %29, %30, %31"
+#define SM90_REGS80 SM90_REGS64 ", %32, %33, %34, %35, %36, %37, %38, %39"
+#define SM90_REGS96 SM90_REGS80 ", %40, %41, %42, %43, %44, %45, %46, %47"
+#define SM90_REGS112 SM90_REGS96 ", %48, %49, %50, %51, %52, %53, %54, %55"
+#define SM90_REGS128 SM90_REGS112 ", %56, %57, %58, %59, %60, %61, %62, %63"
+template <typename E, int N>
+struct WgRs;
+#define SM90_RS(E, TY, N, A0, A1, A2, A3, B, P)                                                      \
+    template <>                                                                                      \
+    struct WgRs<E, N> {                                                                              \
+        static __device__ __forceinline__ void rs(float (&d)[N / 2], const u32 (&a)[4], u64 db, int acc) { \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                             \
+                         "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" SM90_REGS##N \
+                         "}, {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", p, 1, 1, 1;\n}\n"      \
+                         : SM90_ACC##N                                                               \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));            \
+        }                                                                                            \
+    };
+#define SM90_RS_SIZES(E, TY)                      \
+    SM90_RS(E, TY, 32, 16, 17, 18, 19, 20, 21)    \
+    SM90_RS(E, TY, 48, 24, 25, 26, 27, 28, 29)    \
+    SM90_RS(E, TY, 64, 32, 33, 34, 35, 36, 37)    \
+    SM90_RS(E, TY, 80, 40, 41, 42, 43, 44, 45)    \
+    SM90_RS(E, TY, 96, 48, 49, 50, 51, 52, 53)    \
+    SM90_RS(E, TY, 112, 56, 57, 58, 59, 60, 61)   \
+    SM90_RS(E, TY, 128, 64, 65, 66, 67, 68, 69)
+SM90_RS_SIZES(__nv_bfloat16, "bf16")
+SM90_RS_SIZES(__half, "f16")
+
+// Rows row0 .. row0+NROWS-1, columns 0 .. HS-1 of a [T_, stride] matrix (g = the head's column 0
+// of row 0) into the swizzled tile at shared address `tile`; rows >= T_ and columns >= hs
+// zero-filled (16-byte pieces: hs is a multiple of 8). Asynchronous (caller commits). A thread
+// keeps one piece column (rows are CPRP >= CPR pieces wide, a power of 2, the extra ones idle), so
+// its addresses advance by constants: fewer live registers than a division per piece.
 template <int NROWS, int HS, int NTH, typename E>
-__device__ __forceinline__ void sm90_load(u32 tile, const E* g, int stride, int row0, int T_) {
-    constexpr int CPR = HS / 8, TOTAL = NROWS * CPR;
-    static_assert(NTH % CPR == 0 && (NTH / CPR) % 8 == 0, "a thread keeps its chunk column and swizzle phase");
-    constexpr int RS = NTH / CPR;  // rows between a thread's successive chunks
-    const int r0 = (int)threadIdx.x / CPR, c8 = (int)threadIdx.x % CPR;
+__device__ __forceinline__ void sm90_load(u32 tile, const E* g, int stride, int row0, int T_, int hs) {
+    constexpr int CPR = HS / 8, CPRP = CPR <= 4 ? 4 : CPR <= 8 ? 8 : 16;
+    constexpr int RS = NTH / CPRP, TOTAL = NROWS * CPRP;  // RS: rows between a thread's pieces
+    static_assert(NTH % CPRP == 0 && RS % 8 == 0, "a thread keeps its piece column and swizzle phase");
+    const int r0 = (int)threadIdx.x / CPRP, c8 = (int)threadIdx.x % CPRP;
+    if (c8 >= CPR) return;
+    const int tlim = c8 * 8 < hs ? T_ : 0;  // zero-fills this thread's pieces past hs
     const u32 dst = tile + (c8 >> 3) * (NROWS * 128) + r0 * 128 + (((c8 & 7) ^ (r0 & 7)) << 4);
     const E* src = g + (long long)(row0 + r0) * stride + c8 * 8;
 #pragma unroll
     for (int it = 0; it < (TOTAL + NTH - 1) / NTH; it++) {
         if (TOTAL % NTH != 0 && (int)threadIdx.x + it * NTH >= TOTAL) break;
-        const bool ok = row0 + r0 + it * RS < T_;
+        const bool ok = row0 + r0 + it * RS < tlim;
         sm90_cp16(dst + it * RS * 128, ok ? src + (long long)it * RS * stride : g, ok);
     }
 }
 
-// Accumulator rows r0 (= base + g) and r0 + 8, all HS columns, times mul, rounded to E, to
+// Accumulator rows r0 (= base + g) and r0 + 8, columns < hs, times mul, rounded to E, to
 // dst[row * stride + d] for rows < T_ (dst: the head's column 0 of row 0; 4-byte stores).
 template <int HS, typename E>
-__device__ __forceinline__ void sm90_store(E* dst, long long stride, int r0, int T_, const float (&acc)[HS / 2],
-                                           float mul, int t4) {
+__device__ __forceinline__ void sm90_store(E* dst, long long stride, int r0, int T_, int hs,
+                                           const float (&acc)[HS / 2], float mul, int t4) {
 #pragma unroll
     for (int j = 0; j < HS / 8; j++) {
+        if (8 * j >= hs) break;  // warp-uniform: hs is a multiple of 8
         const int d = 8 * j + 2 * t4;
         if (r0 < T_) *reinterpret_cast<u32*>(dst + r0 * stride + d) = sm90_pack<E>(acc[4 * j] * mul, acc[4 * j + 1] * mul);
         if (r0 + 8 < T_)
@@ -247,12 +272,15 @@ __device__ __forceinline__ void sm90_to_a(u32 (&a)[BN / 16][4], const float (&s)
     }
 }
 
-// Geometry: NWG warpgroups, BM = 64*NWG own rows, column tiles of BN rows in NS stages.
+// Geometry: NWG warpgroups, BM = 64*NWG own rows, column tiles of BN rows in NS stages. HS is the
+// head size rounded up to 16 (what the products cover), HSP rounded up to the 64-column swizzle
+// block (what a tile holds; columns HS .. HSP-1 are neither written nor read).
 template <int HS, int NWG, int BN, int NS>
 struct Sm90Bwd {
-    static constexpr int NTH = 128 * NWG, BM = 64 * NWG;
-    static constexpr int OWN = BM * HS * 2;     // bytes of one own-rows tile (K, V / Q, dO)
-    static constexpr int COL = BN * HS * 2;     // bytes of one column tile
+    static_assert(HS % 16 == 0 && HS >= 32 && HS <= 128, "the head-dim products are m64nHSk16");
+    static constexpr int NTH = 128 * NWG, BM = 64 * NWG, HSP = (HS + 63) / 64 * 64;
+    static constexpr int OWN = BM * HSP * 2;    // bytes of one own-rows tile (K, V / Q, dO)
+    static constexpr int COL = BN * HSP * 2;    // bytes of one column tile
     static constexpr int STAGE = 2 * COL;       // Q + dO (dK/dV) or K + V (dQ)
     // own tiles, stages, then (dK/dV half) L and D floats per stage; +1024 to align the base
     static constexpr int SMEM = 2 * OWN + NS * STAGE + NS * 2 * BN * 4 + 1024;
@@ -277,8 +305,9 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     const int g = lane >> 2, t4 = lane & 3;
     const int wk0 = k0 + 64 * wg;
     const int C3 = 3 * C;
-    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * HS;
-    const E* dbase = dout + (long long)b * T_ * C + (long long)h * HS;
+    const int hs = C / NH;
+    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
+    const E* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
     const float* lb = lse + (long long)bh * T_;
     const float* Db = D + (long long)bh * T_;
     unsigned char* sm = sm90_smem_base();
@@ -286,15 +315,15 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     const u32 Kt = s0, Vt = s0 + Cf::OWN, St = s0 + 2 * Cf::OWN;
     const float* Fp = reinterpret_cast<const float*>(sm + 2 * Cf::OWN + NS * Cf::STAGE);
     const u32 Ft = s0 + 2 * Cf::OWN + NS * Cf::STAGE;
-    const float scale = 1.0f / sqrtf((float)HS);
+    const float scale = 1.0f / sqrtf((float)hs);
     const float cs = scale * SM90_LOG2E;
     const int qt0 = (k0 / BN) * BN;  // the first query tile that sees a key of this block
     const int ntiles = (T_ - qt0 + BN - 1) / BN;
 
     auto load_stage = [&](int s, int q0) {
         const u32 q = St + s * Cf::STAGE;
-        sm90_load<BN, HS, NTH>(q, base, C3, q0, T_);
-        sm90_load<BN, HS, NTH>(q + Cf::COL, dbase, C, q0, T_);
+        sm90_load<BN, HS, NTH>(q, base, C3, q0, T_, hs);
+        sm90_load<BN, HS, NTH>(q + Cf::COL, dbase, C, q0, T_, hs);
         if (tid < BN) {
             const int t = q0 + tid;
             const bool ok = t < T_;
@@ -302,8 +331,8 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
             sm90_cp4(Ft + (s * 2 * BN + BN + tid) * 4, ok ? Db + t : Db, ok);
         }
     };
-    sm90_load<BM, HS, NTH>(Kt, base + C, C3, k0, T_);
-    sm90_load<BM, HS, NTH>(Vt, base + 2 * C, C3, k0, T_);
+    sm90_load<BM, HS, NTH>(Kt, base + C, C3, k0, T_, hs);
+    sm90_load<BM, HS, NTH>(Vt, base + 2 * C, C3, k0, T_, hs);
     load_stage(0, qt0);
     sm90_cp_commit();
 
@@ -368,9 +397,9 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
             const u64 mq = sm90_desc_mn<BN>(Qt), mdo = sm90_desc_mn<BN>(dOt);
             sm90_wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dv, pa[kk], mdo + kk * 128, kk ? 1 : acc);
+            for (int kk = 0; kk < BN / 16; kk++) WgRs<E, HS>::rs(dv, pa[kk], mdo + kk * 128, kk ? 1 : acc);
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dk, da[kk], mq + kk * 128, kk ? 1 : acc);
+            for (int kk = 0; kk < BN / 16; kk++) WgRs<E, HS>::rs(dk, da[kk], mq + kk * 128, kk ? 1 : acc);
             acc = 1;
             sm90_wg_commit();
             if (!OVL) sm90_wg_wait<0>();  // else it completes under the next tile's first product
@@ -387,10 +416,10 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     sm90_wg_wait<0>();
     sm90_fence_acc(dk);
     sm90_fence_acc(dv);
-    E* dst = dqkv + (long long)b * T_ * C3 + (long long)h * HS;
+    E* dst = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
     const float gs = scale * out_scale;  // D was divided by out_scale (attn_bwd_pre)
-    sm90_store<HS>(dst + C, C3, sk0, T_, dk, gs, t4);
-    sm90_store<HS>(dst + 2 * C, C3, sk0, T_, dv, out_scale, t4);
+    sm90_store<HS>(dst + C, C3, sk0, T_, hs, dk, gs, t4);
+    sm90_store<HS>(dst + 2 * C, C3, sk0, T_, hs, dv, out_scale, t4);
 }
 
 // dQ for queries q0 .. q0+BM-1 (warpgroup w: queries q0+64w ..), loop over key tiles s <= t.
@@ -408,20 +437,21 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     const int g = lane >> 2, t4 = lane & 3;
     const int wq0 = q0 + 64 * wg;
     const int C3 = 3 * C;
-    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * HS;
-    const E* dbase = dout + (long long)b * T_ * C + (long long)h * HS;
+    const int hs = C / NH;
+    const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
+    const E* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
     unsigned char* sm = sm90_smem_base();
     const u32 s0 = sm90_addr(sm);
     const u32 Qt = s0, dOt = s0 + Cf::OWN, St = s0 + 2 * Cf::OWN;
-    const float scale = 1.0f / sqrtf((float)HS);
+    const float scale = 1.0f / sqrtf((float)hs);
     const float cs = scale * SM90_LOG2E;
     const int kend = min(q0 + BM, T_);
     const int ntiles = (kend + BN - 1) / BN;
 
-    sm90_load<BM, HS, NTH>(Qt, base, C3, q0, T_);
-    sm90_load<BM, HS, NTH>(dOt, dbase, C, q0, T_);
-    sm90_load<BN, HS, NTH>(St, base + C, C3, 0, T_);
-    sm90_load<BN, HS, NTH>(St + Cf::COL, base + 2 * C, C3, 0, T_);
+    sm90_load<BM, HS, NTH>(Qt, base, C3, q0, T_, hs);
+    sm90_load<BM, HS, NTH>(dOt, dbase, C, q0, T_, hs);
+    sm90_load<BN, HS, NTH>(St, base + C, C3, 0, T_, hs);
+    sm90_load<BN, HS, NTH>(St + Cf::COL, base + 2 * C, C3, 0, T_, hs);
     sm90_cp_commit();
 
     const int tq0 = wq0 + 16 * warp + g;  // this thread's queries: tq0, tq0 + 8
@@ -442,8 +472,8 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
         __syncthreads();
         if (i + 1 < ntiles) {
             const u32 nx = St + ((i + 1) % NS) * Cf::STAGE;
-            sm90_load<BN, HS, NTH>(nx, base + C, C3, (i + 1) * BN, T_);
-            sm90_load<BN, HS, NTH>(nx + Cf::COL, base + 2 * C, C3, (i + 1) * BN, T_);
+            sm90_load<BN, HS, NTH>(nx, base + C, C3, (i + 1) * BN, T_, hs);
+            sm90_load<BN, HS, NTH>(nx + Cf::COL, base + 2 * C, C3, (i + 1) * BN, T_, hs);
             sm90_cp_commit();
         }
         const int k0 = i * BN;
@@ -479,7 +509,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
             const u64 mk = sm90_desc_mn<BN>(Kt);
             sm90_wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) Wg<E, HS>::template rsr<1>(dq, da[kk], mk + kk * 128, kk ? 1 : acc);
+            for (int kk = 0; kk < BN / 16; kk++) WgRs<E, HS>::rs(dq, da[kk], mk + kk * 128, kk ? 1 : acc);
             acc = 1;
             sm90_wg_commit();
             if (!OVL) sm90_wg_wait<0>();
@@ -495,7 +525,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     }
     sm90_wg_wait<0>();
     sm90_fence_acc(dq);
-    sm90_store<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * HS, C3, tq0, T_, dq, scale * out_scale, t4);
+    sm90_store<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, tq0, T_, hs, dq, scale * out_scale, t4);
 }
 
 #define SM90_BWD_KERNEL(name, E, HS, NWG, BN, NS, OVL, MINB)                                                    \
@@ -509,13 +539,16 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     }
 
 // Variants (NWG, BN, NS, OVL, MINB = blocks per SM the registers must allow); the host's table
-// (mod.rs, `sm90_tiling`) must match. v0 is the default; v1, v2 are kept for tuning
-// (HALFLING_CUDA_ATTN_BWD=v1, v2).
+// (mod.rs, `sm90_tiling`) must match. v0, the default, exists for every padded head size HS (32 to
+// 128 in steps of 16; MINB as measured at hs 64 and 128); v1, v2 only at HS 64 and 128, kept for
+// tuning (HALFLING_CUDA_ATTN_BWD=v1, v2).
+#define SM90_BWD_V0(E, sfx, HS) \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs##HS##_v0_##sfx, E, HS, 1, 64, 2, false, (HS <= 64 ? 3 : 2))
 #define SM90_BWD_VARIANTS(E, sfx)                                                                       \
-    SM90_BWD_KERNEL(attention_backward_sm90_hs64_v0_##sfx, E, 64, 1, 64, 2, false, 3)                \
+    SM90_BWD_V0(E, sfx, 32) SM90_BWD_V0(E, sfx, 48) SM90_BWD_V0(E, sfx, 64) SM90_BWD_V0(E, sfx, 80)   \
+    SM90_BWD_V0(E, sfx, 96) SM90_BWD_V0(E, sfx, 112) SM90_BWD_V0(E, sfx, 128)                        \
     SM90_BWD_KERNEL(attention_backward_sm90_hs64_v1_##sfx, E, 64, 1, 64, 3, true, 2)                 \
     SM90_BWD_KERNEL(attention_backward_sm90_hs64_v2_##sfx, E, 64, 2, 64, 3, true, 1)                 \
-    SM90_BWD_KERNEL(attention_backward_sm90_hs128_v0_##sfx, E, 128, 1, 64, 2, false, 2)              \
     SM90_BWD_KERNEL(attention_backward_sm90_hs128_v1_##sfx, E, 128, 2, 64, 2, false, 1)              \
     SM90_BWD_KERNEL(attention_backward_sm90_hs128_v2_##sfx, E, 128, 2, 64, 3, false, 1)
 SM90_BWD_VARIANTS(__nv_bfloat16, bf16)

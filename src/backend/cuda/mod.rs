@@ -2131,8 +2131,20 @@ mod attention {
         }
     }
 
+    /// The head size the wgmma kernels are instantiated for (their `HS`) at head size `hs`: `hs`
+    /// rounded up to the k16 step of the products, at least 32. Columns hs .. HS-1 are zero-filled.
+    fn wgmma_hs(hs: usize) -> usize {
+        hs.div_ceil(16).max(2) * 16
+    }
+
+    /// Columns a wgmma kernel's shared-memory tile holds at padded head size `hs` (a whole number
+    /// of 64-column swizzle blocks: their `HSP`).
+    fn swizzle_cols(hs: usize) -> usize {
+        hs.div_ceil(64) * 64
+    }
+
     /// The Hopper forward's tiling (attention_wgmma.cu's instantiations): `nwg` warpgroups of 64
-    /// queries each, key tiles of `bk` rows, double-buffered.
+    /// queries each, key tiles of `bk` rows, double-buffered; `hs` the padded head size.
     struct WgmmaTiling {
         hs: usize,
         nwg: usize,
@@ -2143,23 +2155,18 @@ mod attention {
         /// (queries per block, threads per block, dynamic shared memory bytes)
         fn geometry(&self) -> (usize, u32, u32) {
             // Q, then two stages of K and V, 2 bytes an element; + 1024 to align the swizzled tiles.
-            let bytes = 2 * self.hs * (64 * self.nwg + 4 * self.bk) + 1024;
+            let bytes = 2 * swizzle_cols(self.hs) * (64 * self.nwg + 4 * self.bk) + 1024;
             (64 * self.nwg, 128 * self.nwg as u32, bytes as u32)
         }
     }
 
-    fn fwd_wgmma(hs_max: usize) -> WgmmaTiling {
-        match hs_max {
-            64 => WgmmaTiling {
-                hs: 64,
-                nwg: 2,
-                bk: 64,
-            },
-            _ => WgmmaTiling {
-                hs: 128,
-                nwg: 2,
-                bk: 128,
-            },
+    /// At padded head size `hs` (32 .. 128, a multiple of 16): up to 64 as measured at hs 64, larger
+    /// ones as at hs 128.
+    fn fwd_wgmma(hs: usize) -> WgmmaTiling {
+        WgmmaTiling {
+            hs,
+            nwg: 2,
+            bk: if hs <= 64 { 64 } else { 128 },
         }
     }
 
@@ -2238,25 +2245,26 @@ mod attention {
     }
 
     impl Sm90Tiling {
-        /// (rows per block, threads per block, dynamic shared memory bytes) at head size `hs`.
+        /// (rows per block, threads per block, dynamic shared memory bytes) at padded head size `hs`.
         fn geometry(&self, hs: usize) -> (usize, u32, u32) {
-            let bm = 64 * self.nwg;
+            let (bm, cols) = (64 * self.nwg, swizzle_cols(hs));
             let bytes =
-                2 * bm * hs * 2 + self.ns * 2 * self.bn * hs * 2 + self.ns * 2 * self.bn * 4;
+                2 * bm * cols * 2 + self.ns * 2 * self.bn * cols * 2 + self.ns * 2 * self.bn * 4;
             // + 1024: the kernel aligns its base to the 1024-byte swizzle period
             (bm, 128 * self.nwg as u32, (bytes + 1024) as u32)
         }
     }
 
-    /// Variants instantiated for each head size and element type; v0 is the default.
+    /// Variants instantiated per element type: v0 (the default) at every padded head size, v1 and
+    /// v2 (tuning) at 64 and 128 only.
     const SM90_VARIANTS: usize = 3;
 
+    /// The tiling of variant `v` at padded head size `hs` (see [`wgmma_hs`]), if instantiated.
     fn sm90_tiling(hs: usize, v: usize) -> Option<Sm90Tiling> {
         let (nwg, bn, ns) = match (hs, v) {
-            (64, 0) => (1, 64, 2),
+            (32 | 48 | 64 | 80 | 96 | 112 | 128, 0) => (1, 64, 2),
             (64, 1) => (1, 64, 3),
             (64, 2) => (2, 64, 3),
-            (128, 0) => (1, 64, 2),
             (128, 1) => (2, 64, 2),
             (128, 2) => (2, 64, 3),
             _ => return None,
@@ -2305,17 +2313,17 @@ mod attention {
         nh: usize,
         out_scale: f32,
     ) -> Result<()> {
-        let (_, hs_max) = variant(c, nh)?;
+        let (hs, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         // The wgmma kernel copies qkv in 16-byte pieces: its base must be 16-byte aligned.
         let wgmma = be.wgmma_attention && matches!(dt, DType::BF16 | DType::F16) && qkv % 16 == 0;
         let (tile, block, shared) = match dt {
-            _ if wgmma => fwd_wgmma(hs_max).geometry(),
+            _ if wgmma => fwd_wgmma(wgmma_hs(hs)).geometry(),
             DType::BF16 | DType::F16 => fwd_bf16(hs_max).geometry(),
             _ => (32, 128, 0),
         };
         let name = if wgmma {
-            format!("attention_forward_wgmma_hs{hs_max}_{sfx}")
+            format!("attention_forward_wgmma_hs{}_{sfx}", wgmma_hs(hs))
         } else {
             format!("attention_forward_hs{hs_max}_{sfx}")
         };
@@ -2377,16 +2385,21 @@ mod attention {
             Arg::Ptr(d),
         ];
         let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
-        // The wgmma kernels take hs = 64 or 128 exactly and 16-byte aligned tensors (cp.async).
+        // The wgmma kernels take 16-byte aligned tensors (cp.async); a tuning variant not built
+        // for this head size runs as v0.
         let aligned = (dqkv | dout | qkv) % 16 == 0;
+        let hsw = wgmma_hs(hs);
         let sm90 = be
             .wgmma_attention_bwd
-            .filter(|_| matches!(dt, DType::BF16 | DType::F16) && aligned && hs == hs_max)
-            .and_then(|v| sm90_tiling(hs, v).map(|tiling| (v, tiling)));
+            .filter(|_| matches!(dt, DType::BF16 | DType::F16) && aligned)
+            .and_then(|v| {
+                let v = if sm90_tiling(hsw, v).is_some() { v } else { 0 };
+                sm90_tiling(hsw, v).map(|tiling| (v, tiling))
+            });
         if let Some((v, tiling)) = sm90 {
-            let (bm, block, shared) = tiling.geometry(hs);
+            let (bm, block, shared) = tiling.geometry(hsw);
             return be.launch(
-                &format!("attention_backward_sm90_hs{hs}_v{v}_{sfx}"),
+                &format!("attention_backward_sm90_hs{hsw}_v{v}_{sfx}"),
                 (bh as u32, t.div_ceil(bm) as u32, 2),
                 block,
                 shared,
@@ -2416,6 +2429,9 @@ mod attention {
             assert_eq!(fwd_bf16(128).geometry(), (128, 128, 69_632));
             assert_eq!(fwd_wgmma(64).geometry(), (128, 256, 50_176));
             assert_eq!(fwd_wgmma(128).geometry(), (128, 256, 164_864));
+            // padded head sizes keep whole 64-column swizzle blocks in shared memory
+            assert_eq!(fwd_wgmma(32).geometry(), fwd_wgmma(64).geometry());
+            assert_eq!(fwd_wgmma(80).geometry(), fwd_wgmma(128).geometry());
             assert_eq!(bwd_bf16(64).geometry(1024), (8, 256, 55_808));
             assert_eq!(bwd_bf16(128).geometry(1024), (16, 128, 69_632));
             assert_eq!(bwd_bf16(64).geometry(1), (1, 256, 55_808));
@@ -2436,7 +2452,29 @@ mod attention {
                     assert!(sm90_tiling(hs, v).unwrap().geometry(hs).2 <= 227 * 1024);
                 }
             }
-            assert_eq!(sm90_tiling(96, 0), None);
+            // v0 at every padded head size, with whole 64-column blocks of shared memory
+            assert_eq!(sm90_tiling(96, 0).unwrap().geometry(96), (64, 128, 100_352));
+            assert_eq!(sm90_tiling(48, 0).unwrap().geometry(48), (64, 128, 51_200));
+            assert_eq!(sm90_tiling(96, 1), None);
+            assert_eq!(sm90_tiling(72, 0), None);
+        }
+
+        #[test]
+        fn every_head_size_has_a_wgmma_instantiation() {
+            let fwd = include_str!("attention_wgmma.cu");
+            let bwd = include_str!("attention_wgmma_bwd.cu");
+            for hs in (8..=128).step_by(8) {
+                let w = wgmma_hs(hs);
+                let fits = w % 16 == 0 && w >= hs && (w < hs + 16 || w == 32);
+                assert!(fits, "hs {hs} -> {w}");
+                assert!(sm90_tiling(w, 0).is_some(), "hs {hs}");
+                // the instantiation lists name each padded size once per file
+                assert!(fwd.contains(&format!("ATW_FWD_HS(E, sfx, {w})")), "hs {hs}");
+                assert!(
+                    bwd.contains(&format!("SM90_BWD_V0(E, sfx, {w})")),
+                    "hs {hs}"
+                );
+            }
         }
     }
 }
