@@ -8,7 +8,9 @@
 use anyhow::Result;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamW, AdamWTensor, Backend, GemmOperand, GemmSpec, KeepToken, OperandScale};
+use crate::backend::{
+    AdamW, AdamWTensor, Backend, GeluOut, GemmOperand, GemmSpec, KeepToken, OperandScale,
+};
 use crate::config::{Fp8ScalingKind, RecipeName};
 use crate::data::Rng;
 use crate::model::{Gpt, GptConfig};
@@ -492,7 +494,7 @@ fn case_fp8_mlp_backward<B: Backend>(
         (&mut dw1, Some(&mut db1)),
         (&mut dw2, Some(&mut db2)),
         &dout,
-        (&inp, &pre, &gelu_out),
+        (&inp, &pre, GeluOut::Stored(&gelu_out)),
         (&w1, &w2),
         (n, c, h),
         gemms,
@@ -500,6 +502,110 @@ fn case_fp8_mlp_backward<B: Backend>(
         gelu_scale,
     )?;
     Ok(vec![
+        ("dinp", be.download(&dinp)?),
+        ("dw1", be.download(&dw1)?),
+        ("dbias1", be.download(&db1)?),
+        ("dw2", be.download(&dw2)?),
+        ("dbias2", be.download(&db2)?),
+        ("amax", be.download(&amax)?),
+    ])
+}
+
+/// The MLP's forward and backward in one op each ([`Backend::mlp_forward`], then
+/// [`Backend::mlp_backward`] with GELU's output as the forward left it) with FP8 GEMMs on bf16
+/// tensors, as the model runs them: up-projection (`c` → `h`, amax slots 0..3) and
+/// down-projection (`h` → `c`, slots 3..6), the latter's input carrying a [`KeepToken`] (`keep`)
+/// in its forward and weight-gradient GEMMs. On CUDA the down-projection's input cast applies
+/// GELU itself, GELU's output is never written, and the backward reads the kept codes (or,
+/// without a token, forms GELU's output first). `x` holds inp, w1, b1, w2, b2, dout, then the
+/// initial dw1, db1, dw2, db2.
+fn case_fp8_mlp<B: Backend>(
+    be: &B,
+    x: &[Vec<f32>],
+    (n, c, h): (usize, usize, usize),
+    specs: [GemmSpec; 3],
+    gelu_scale: f32,
+    keep: bool,
+) -> Result<Outputs> {
+    // A version no earlier pass used, so no copy kept by another case can match.
+    static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let version = VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dt = DType::BF16;
+    let slots = |g: GemmSpec, base: usize| {
+        let shift = |o: GemmOperand| GemmOperand {
+            amax_slot: o.amax_slot.map(|s| s + base),
+            ..o
+        };
+        GemmSpec {
+            a: shift(g.a),
+            b: shift(g.b),
+            ..g
+        }
+    };
+    let [fwd, dx, dw] = specs;
+    let (fc, mut fcproj) = (slots(fwd, 0), slots(fwd, 3));
+    let mut dw2_gemm = slots(dw, 3);
+    if keep {
+        let token = Some(KeepToken {
+            id: 1000,
+            version,
+            amax_epoch: version,
+        });
+        (fcproj.a.keep, dw2_gemm.b.keep) = (token, token);
+    }
+    let gemms = [slots(dx, 3), dw2_gemm, slots(dx, 0), slots(dw, 0)];
+    let (inp, w1, b1, w2, b2, dout) = (
+        up(be, dt, &x[0])?,
+        up(be, dt, &x[1])?,
+        up(be, dt, &x[2])?,
+        up(be, dt, &x[3])?,
+        up(be, dt, &x[4])?,
+        up(be, dt, &x[5])?,
+    );
+    let mut amax = up(be, DType::F32, &[0.0, 0.05, 0.0, 0.0, 0.0, 0.01])?;
+    let (mut out, mut pre, mut gelu_out) = (
+        be.alloc(dt, n * c)?,
+        be.alloc(dt, n * h)?,
+        be.alloc(dt, n * h)?,
+    );
+    let stored = be.mlp_forward(
+        &mut out,
+        &mut pre,
+        &mut gelu_out,
+        &inp,
+        (&w1, Some(&b1)),
+        (&w2, Some(&b2)),
+        (n, c, h),
+        [fc, fcproj],
+        Some(&mut amax),
+        gelu_scale,
+    )?;
+    let fwd_amax = be.download(&amax)?;
+    let (mut dw1, mut db1) = (up(be, DType::F32, &x[6])?, up(be, DType::F32, &x[7])?);
+    let (mut dw2, mut db2) = (up(be, DType::F32, &x[8])?, up(be, DType::F32, &x[9])?);
+    let (mut dinp, mut dhidden) = (be.alloc(dt, n * c)?, be.alloc(dt, n * h)?);
+    let gelu = if stored {
+        GeluOut::Stored(&gelu_out)
+    } else {
+        GeluOut::Deferred(&mut gelu_out)
+    };
+    be.mlp_backward(
+        &mut dinp,
+        &mut dhidden,
+        (&mut dw1, Some(&mut db1)),
+        (&mut dw2, Some(&mut db2)),
+        &dout,
+        (&inp, &pre, gelu),
+        (&w1, &w2),
+        (n, c, h),
+        gemms,
+        Some(&mut amax),
+        gelu_scale,
+    )?;
+    Ok(vec![
+        ("out", be.download(&out)?),
+        ("pre", be.download(&pre)?),
+        ("amax (forward)", fwd_amax),
         ("dinp", be.download(&dinp)?),
         ("dw1", be.download(&dw1)?),
         ("dbias1", be.download(&db1)?),
@@ -1384,6 +1490,41 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 tolerance(DType::BF16),
                 case_fp8_mlp_backward(be, &x, s, specs, gelu_scale)?,
                 case_fp8_mlp_backward(&reference, &x, s, specs, gelu_scale)?,
+            );
+        }
+    }
+    // The MLP's forward and backward with FP8 GEMMs on bf16 tensors, GELU inside the
+    // down-projection's input cast on CUDA (GELU's output never written): whole and partial cast
+    // tiles, a GELU scale, no keep token (the backward forms GELU's output to cast it), and sizes
+    // with no FP8 GEMM (the composed ops). The amaxes include GELU's output's, which is rounded
+    // from a GEMM output: close, not exact.
+    for (n, c, h) in [(208, 80, 336), (256, 128, 512), (37, 24, 60)] {
+        let x = vec![
+            inputs.normal(n * c, 1.0),
+            inputs.normal(h * c, 0.1),
+            inputs.normal(h, 0.1),
+            inputs.normal(c * h, 0.1),
+            inputs.normal(c, 0.1),
+            inputs.normal(n * c, 1.0),
+            inputs.normal(h * c, 0.1),
+            inputs.normal(h, 0.1),
+            inputs.normal(c * h, 0.1),
+            inputs.normal(c, 0.1),
+        ];
+        for (label, specs, gelu_scale, keep) in [
+            ("current", fp8_specs(None, 1.0), 1.0, true),
+            ("fixed", fp8_specs(fixed, 1.0), 1.0, true),
+            ("fixed, gelu scale", fp8_specs(fixed, 0.5), UNIT[1], true),
+            ("current, not kept", fp8_specs(None, 1.0), 1.0, false),
+        ] {
+            let s = (n, c, h);
+            push(
+                &format!("fp8 mlp bf16 ({label})"),
+                format!("n={n} c={c} h={h}"),
+                DType::F8E4M3,
+                tolerance(DType::BF16),
+                case_fp8_mlp(be, &x, s, specs, gelu_scale, keep)?,
+                case_fp8_mlp(&reference, &x, s, specs, gelu_scale, keep)?,
             );
         }
     }

@@ -224,6 +224,50 @@ pub(crate) fn linear_crossentropy_chunk<B: Backend + ?Sized>(
     Ok((len / vp).min(n).max(1))
 }
 
+/// GELU's output as [`Backend::mlp_backward`] gets it: `Stored` by the forward
+/// ([`Backend::mlp_forward`] returned `true`), or `Deferred`: a buffer of its shape whose
+/// contents are not GELU's output (the forward did not write it, or a recomputing model never
+/// kept it), which the backend fills with `gelu_scale · gelu(pre)` before anything reads it.
+pub enum GeluOut<'a, Buf> {
+    Stored(&'a Buf),
+    Deferred(&'a mut Buf),
+}
+
+/// [`Backend::mlp_forward`] as two ops: [`Backend::linear_gelu_forward`] of linear₁ into `pre`
+/// and `gelu_out`, then [`Backend::linear_forward`] of linear₂ reading `gelu_out`. Returns
+/// `true` (`gelu_out` written). Backends that override the op fall back to this where they
+/// cannot fuse.
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_forward_composed<B: Backend + ?Sized>(
+    backend: &B,
+    out: &mut B::Buf,
+    pre: &mut B::Buf,
+    gelu_out: &mut B::Buf,
+    inp: &B::Buf,
+    (w1, b1): (&B::Buf, Option<&B::Buf>),
+    (w2, b2): (&B::Buf, Option<&B::Buf>),
+    (n, c, h): (usize, usize, usize),
+    [fc, fcproj]: [GemmSpec; 2],
+    mut amax: Option<&mut B::Buf>,
+    gelu_scale: f32,
+) -> Result<bool> {
+    backend.linear_gelu_forward(
+        gelu_out,
+        pre,
+        inp,
+        w1,
+        b1,
+        n,
+        c,
+        h,
+        fc,
+        amax.as_deref_mut(),
+        gelu_scale,
+    )?;
+    backend.linear_forward(out, gelu_out, w2, b2, n, h, c, fcproj, amax)?;
+    Ok(true)
+}
+
 /// [`Backend::mlp_backward`] as two ops: [`Backend::linear_gelu_backward`] of linear₂ into
 /// `dhidden` (which then holds `dpre`), and [`Backend::linear_backward`] of linear₁ reading it.
 /// Backends that override the op fall back to this where they cannot fuse.
@@ -235,7 +279,7 @@ pub fn mlp_backward_composed<B: Backend + ?Sized>(
     (dw1, db1): (&mut B::Buf, Option<&mut B::Buf>),
     (dw2, db2): (&mut B::Buf, Option<&mut B::Buf>),
     dout: &B::Buf,
-    (inp, pre, gelu_out): (&B::Buf, &B::Buf, &B::Buf),
+    (inp, pre, gelu_out): (&B::Buf, &B::Buf, GeluOut<'_, B::Buf>),
     (w1, w2): (&B::Buf, &B::Buf),
     (n, c, h): (usize, usize, usize),
     gemms: [GemmSpec; 4],
@@ -243,6 +287,13 @@ pub fn mlp_backward_composed<B: Backend + ?Sized>(
     gelu_scale: f32,
 ) -> Result<()> {
     let [dx2, dw2_gemm, dx1, dw1_gemm] = gemms;
+    let gelu_out: &B::Buf = match gelu_out {
+        GeluOut::Stored(g) => g,
+        GeluOut::Deferred(g) => {
+            backend.gelu_forward(g, pre, gelu_scale)?;
+            g
+        }
+    };
     backend.linear_gelu_backward(
         dhidden,
         dw2,
@@ -475,16 +526,42 @@ pub trait Backend {
         self.gelu_backward(dpre, pre, gelu_scale)
     }
 
-    /// Backward of the MLP `out = linear₂(gelu(linear₁(inp)))` as the forward ran it
-    /// ([`Backend::linear_gelu_forward`] for `pre = linear₁(inp)` and `gelu_out`, then
-    /// [`Backend::linear_forward`] of `gelu_out`): from `dout` [n, c] to `dinp` [n, c]
-    /// (overwritten), `dw1 += …` and `db1 += …` of linear₁ (`c` → `h`), `dw2 += …` and
-    /// `db2 += …` of linear₂ (`h` → `c`). `gemms` are linear₂'s input- and weight-gradient GEMMs,
+    /// The MLP `out = linear₂(gelu(linear₁(inp)))` (`inp` [n, c], linear₁ `c` → `h` with
+    /// `w1`, `b1`, linear₂ `h` → `c` with `w2`, `b2`; `gemms` their forward GEMMs): `pre =
+    /// linear₁(inp)` [n, h] and `out` [n, c] overwritten. Returns whether `gelu_out` [n, h] now
+    /// holds `gelu_scale · gelu(pre)`: the default ([`mlp_forward_composed`]) always writes it; a
+    /// backend may instead apply GELU where linear₂'s GEMM reads it (CUDA's FP8 input cast, whose
+    /// kept codes the backward's weight gradient reads) and return `false`, leaving `gelu_out`'s
+    /// contents unspecified: the caller then hands it to [`Backend::mlp_backward`] as
+    /// [`GeluOut::Deferred`].
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_forward(
+        &self,
+        out: &mut Self::Buf,
+        pre: &mut Self::Buf,
+        gelu_out: &mut Self::Buf,
+        inp: &Self::Buf,
+        w1: (&Self::Buf, Option<&Self::Buf>),
+        w2: (&Self::Buf, Option<&Self::Buf>),
+        sizes: (usize, usize, usize),
+        gemms: [GemmSpec; 2],
+        amax: Option<&mut Self::Buf>,
+        gelu_scale: f32,
+    ) -> Result<bool> {
+        mlp_forward_composed(
+            self, out, pre, gelu_out, inp, w1, w2, sizes, gemms, amax, gelu_scale,
+        )
+    }
+
+    /// Backward of the MLP `out = linear₂(gelu(linear₁(inp)))` as [`Backend::mlp_forward`]
+    /// ran it (`pre = linear₁(inp)`, and `gelu_out` as [`GeluOut`] says): from `dout` [n, c] to
+    /// `dinp` [n, c] (overwritten), `dw1 += …` and `db1 += …` of linear₁ (`c` → `h`), `dw2 +=
+    /// …` and `db2 += …` of linear₂ (`h` → `c`). `gemms` are linear₂'s input- and weight-gradient GEMMs,
     /// then linear₁'s. `dhidden` [n, h] is scratch: its contents on return are unspecified
     /// (the gradient of `pre` or of `gelu_out`), so no caller may read it. The default is
     /// [`mlp_backward_composed`]; a backend may instead apply the GELU derivative where linear₁'s
     /// GEMMs read the hidden gradient (CUDA's FP8 casts), which saves writing `dpre` and reading
-    /// it again.
+    /// it again. A [`GeluOut::Deferred`] buffer's contents on return are unspecified too.
     #[allow(clippy::too_many_arguments)]
     fn mlp_backward(
         &self,
@@ -493,7 +570,7 @@ pub trait Backend {
         (dw1, db1): (&mut Self::Buf, Option<&mut Self::Buf>),
         (dw2, db2): (&mut Self::Buf, Option<&mut Self::Buf>),
         dout: &Self::Buf,
-        (inp, pre, gelu_out): (&Self::Buf, &Self::Buf, &Self::Buf),
+        (inp, pre, gelu_out): (&Self::Buf, &Self::Buf, GeluOut<'_, Self::Buf>),
         (w1, w2): (&Self::Buf, &Self::Buf),
         (n, c, h): (usize, usize, usize),
         gemms: [GemmSpec; 4],

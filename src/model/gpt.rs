@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::fp8::{self, Fp8State};
 use super::unit::UnitScales;
-use crate::backend::{Backend, GemmSpec, KeepToken};
+use crate::backend::{Backend, GeluOut, GemmSpec, KeepToken};
 use crate::data::Rng;
 use crate::numerics::DType;
 use crate::precision::{GemmRole, Recipe};
@@ -127,6 +127,9 @@ struct LayerActs<B: Backend> {
     fch: B::Buf,
     /// Saved GELU output; `None` when it is recomputed in the backward (or never needed).
     fch_gelu: Option<B::Buf>,
+    /// Whether the last forward wrote `fch_gelu` ([`Backend::mlp_forward`] may leave it to the
+    /// backward, see [`GeluOut`]).
+    gelu_stored: bool,
     resid_out: B::Buf,
 }
 
@@ -597,6 +600,7 @@ impl<B: Backend> Gpt<B> {
                     } else {
                         None
                     },
+                    gelu_stored: false,
                     resid_out: backend.alloc(act, bt * c)?,
                 })
             })
@@ -831,29 +835,19 @@ impl<B: Backend> Gpt<B> {
                     .as_mut()
                     .ok_or_else(|| anyhow!("internal error: no GELU buffer"))?,
             };
-            backend.linear_gelu_forward(
-                gelu_out,
+            // Both MLP linears in one op: a backend may apply GELU where the down-projection's
+            // GEMM reads it and leave `gelu_out` unwritten (the backward then gets it deferred).
+            la.gelu_stored = backend.mlp_forward(
+                &mut acts.branch,
                 &mut la.fch,
+                gelu_out,
                 &la.ln2,
-                lp(FC_W),
-                Some(lp(FC_B)),
-                bt,
-                c,
-                4 * c,
-                gemms[l * 4 + FC].fwd,
+                (lp(FC_W), Some(lp(FC_B))),
+                (lp(FCPROJ_W), Some(lp(FCPROJ_B))),
+                (bt, c, 4 * c),
+                [gemms[l * 4 + FC].fwd, gemms[l * 4 + FCPROJ].fwd],
                 amax.as_deref_mut(),
                 us.gelu,
-            )?;
-            backend.linear_forward(
-                &mut acts.branch,
-                gelu_out,
-                lp(FCPROJ_W),
-                Some(lp(FCPROJ_B)),
-                bt,
-                4 * c,
-                c,
-                gemms[l * 4 + FCPROJ].fwd,
-                amax.as_deref_mut(),
             )?;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
@@ -1108,12 +1102,13 @@ impl<B: Backend> Gpt<B> {
         )?;
 
         for l in (0..nl).rev() {
+            let (done, rest) = acts.layers.split_at_mut(l);
             let input = if l == 0 {
                 &acts.encoded
             } else {
-                &acts.layers[l - 1].resid_out
+                &done[l - 1].resid_out
             };
-            let la = &acts.layers[l];
+            let la = &mut rest[0];
             let lp = |k| layer_param(l, k);
 
             // MLP branch: resid_out = resid2 + dropout(fcproj(gelu(fc(ln2(resid2))))).
@@ -1124,16 +1119,17 @@ impl<B: Backend> Gpt<B> {
                 p,
                 drop.map(|s| site_seed(s, l + 1, 1)),
             )?;
-            let gelu_out: &B::Buf = match &la.fch_gelu {
-                Some(saved) => saved,
-                None => {
-                    let shared = acts
-                        .gelu_shared
+            // A GELU output the forward did not store (or a recomputing model never kept) goes
+            // in deferred: the backend forms it where it needs its values.
+            let stored = la.gelu_stored;
+            let gelu_out = match la.fch_gelu.as_mut() {
+                Some(saved) if stored => GeluOut::Stored(&*saved),
+                Some(saved) => GeluOut::Deferred(saved),
+                None => GeluOut::Deferred(
+                    acts.gelu_shared
                         .as_mut()
-                        .ok_or_else(|| anyhow!("internal error: no GELU buffer"))?;
-                    backend.gelu_forward(shared, &la.fch, us.gelu)?;
-                    shared
-                }
+                        .ok_or_else(|| anyhow!("internal error: no GELU buffer"))?,
+                ),
             };
             // Both MLP linears in one op: a backend may apply the GELU derivative where the
             // up-projection's GEMMs read the hidden gradient (`gs.dfch` is scratch there).

@@ -257,6 +257,37 @@ fp8_amax_partial_dgelu_bf16(float* partials, const bf16* d, const bf16* pre, flo
     if (threadIdx.x == 0) partials[blockIdx.x] = m;
 }
 
+// GELU's output as gelu_forward_bf16 (kernels.cu) stores it, for the input casts that apply
+// GELU themselves (the MLP's down-projection): scale·x·σ(2u) in f32 (the same expression, so the
+// same bits), rounded to bf16 because that is the tensor the unfused path would have cast.
+__device__ __forceinline__ float gelu_bf16(float x, float scale) {
+    const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+    const float sig = 1.0f / (1.0f + expf(-(u + u)));
+    return __bfloat162float(__float2bfloat16_rn(scale * (x * sig)));
+}
+
+// fp8_amax_partial_gelu_bf16: fp8_amax_partial_bf16 of gelu_bf16(pre, gelu_scale) (the tensor
+// fp8_cast_tiled_gelu_bf16 casts), without forming it. Launch: as fp8_amax_partial_T; pre
+// 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256)
+fp8_amax_partial_gelu_bf16(float* partials, const bf16* pre, float gelu_scale, long long n) {
+    __shared__ float red[8];
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long n8 = n / 8;
+    float m = 0.0f;
+    for (long long i = tid; i < n8; i += stride) {
+        float x[8];
+        load8(pre + 8 * i, x);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(gelu_bf16(x[k], gelu_scale)));
+    }
+    for (long long i = 8 * n8 + tid; i < n; i += stride)
+        m = fmaxf(m, fabsf(gelu_bf16(to_float(pre[i]), gelu_scale)));
+    m = block_max256(m, red);
+    if (threadIdx.x == 0) partials[blockIdx.x] = m;
+}
+
 // fp8_amax_record: slot = max(slot, max(partials[0..num])) (an operand whose amax is recorded
 // but which is not cast). Launch: grid (1, 1, 1), block (256, 1, 1).
 extern "C" __global__ void __launch_bounds__(256)
@@ -424,8 +455,9 @@ __device__ __forceinline__ unsigned fp8_encode2(float lo, float hi, int format) 
 // other tiles go element by element through the same shared-memory layout. Same bits either way.
 // The tile geometry (TC columns, RPT rows per thread) is a template so that other shapes can be
 // timed against it; the kernels instantiate the one measured best. SUMS: the column sums; DGELU:
-// cast dgelu_bf16(pre, x, gelu_scale) instead of x (the dgelu kernels below).
-template <int TC, int RPT, bool SUMS, bool DGELU>
+// cast dgelu_bf16(pre, x, gelu_scale) instead of x (the dgelu kernels below); GELU: cast
+// gelu_bf16(x, gelu_scale) (fp8_cast_tiled_gelu_bf16).
+template <int TC, int RPT, bool SUMS, bool DGELU, bool GELU = false>
 __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char* out_t, const bf16* x,
                                                int rows, int cols, int format, const float* partials,
                                                int num_partials, float fixed_scale, int margin,
@@ -448,6 +480,7 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
     // gradient of its output and `pre`, its input.
     auto value = [&](size_t at) {
         const float v = __bfloat162float(x[at]);
+        if (GELU) return gelu_bf16(v, gelu_scale);
         return DGELU ? dgelu_bf16(__bfloat162float(pre[at]), v, gelu_scale) : v;
     };
     const int r0 = blockIdx.y * TR, c0 = blockIdx.x * TC;
@@ -492,6 +525,10 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
                 if (DGELU) {
                     lo = dgelu_bf16(__uint_as_float(pw[k] << 16), lo, gelu_scale);
                     hi = dgelu_bf16(__uint_as_float(pw[k] & 0xffff0000u), hi, gelu_scale);
+                }
+                if (GELU) {
+                    lo = gelu_bf16(lo, gelu_scale);
+                    hi = gelu_bf16(hi, gelu_scale);
                 }
                 local = fmaxf(local, fmaxf(fabsf(lo), fabsf(hi)));
                 if (SUMS) {
@@ -614,4 +651,18 @@ fp8_cast_tiled_dbias_dgelu_bf16(unsigned char* out, unsigned char* out_t, const 
     fp8_cast_tiled<128, 4, true, true>(out, out_t, x, rows, cols, format, partials, num_partials,
                                        fixed_scale, margin, amax_slot, inv_scale_out, col_sums,
                                        pre, gelu_scale);
+}
+
+// fp8_cast_tiled_gelu_bf16: fp8_cast_tiled_bf16 of gelu_bf16(x, gelu_scale), x being GELU's
+// input (the MLP's pre-activation): the down-projection's input codes in both layouts without
+// GELU's output ever being stored. Scale and amax are that tensor's (current scaling reduces
+// fp8_amax_partial_gelu_bf16's partials). Launch: as fp8_cast_tiled_bf16.
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_tiled_gelu_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows,
+                         int cols, int format, const float* partials, int num_partials,
+                         float fixed_scale, int margin, unsigned* amax_slot, float* inv_scale_out,
+                         float gelu_scale) {
+    fp8_cast_tiled<128, 4, false, false, true>(out, out_t, x, rows, cols, format, partials,
+                                               num_partials, fixed_scale, margin, amax_slot,
+                                               inv_scale_out, nullptr, nullptr, gelu_scale);
 }

@@ -51,6 +51,14 @@
 //! gradient of the pre-activation exists only as FP8 codes, never as a bf16 tensor written by
 //! an in-place GELU backward and read back by the cast. `HALFLING_CUDA_FP8_DGELU_CAST=0` runs the
 //! separate GELU backward instead.
+//!
+//! Its forward twin (`fp8_mlp_forward`): the up-projection's GEMM writes only `pre` (bias
+//! epilogue, not GELU_AUX) and the down-projection's input cast forms GELU's output from `pre`
+//! ([`CastOf::Gelu`]), keeping the transposed codes for the weight gradient under the GELU
+//! output's name: that tensor is never written. The backward gets it as `GeluOut::Deferred` and
+//! forms it ([`GeluPending`]) only where something would read it as stored (no kept codes, a
+//! dequantized fallback, the composed ops). Only with kept copies on;
+//! `HALFLING_CUDA_FP8_GELU_CAST=0` runs the GELU_AUX epilogue and a plain cast instead.
 
 use std::collections::HashMap;
 
@@ -59,7 +67,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::cublaslt::{Epilogue, Fp8Scales, Gemm, GemmType};
 use super::{gemm_type, int, oom, op_scale, suffix, Arg, CudaBackend, CudaBuf, BLOCK};
-use crate::backend::{GemmOperand, GemmSpec, KeepToken, OperandScale};
+use crate::backend::{GeluOut, GemmOperand, GemmSpec, KeepToken, OperandScale};
 use crate::numerics::DType;
 
 /// Blocks of `fp8_amax_partial_T` at most (the partials the cast kernel reduces).
@@ -138,6 +146,26 @@ pub(super) struct DGeluCast {
     pre: u64,
     /// The GELU scale (1 outside unit scaling).
     scale: f32,
+}
+
+/// What a tiled bf16 cast casts when it is not the tensor it reads: the gradient of GELU's
+/// input ([`DGeluCast`]), or GELU's output `scale·gelu(x)` rounded to bf16 (what `gelu_forward`
+/// would have stored) from GELU's input `x`, so that GELU's output is never written.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum CastOf {
+    DGelu(DGeluCast),
+    Gelu { scale: f32 },
+}
+
+/// A GELU output the MLP's FP8 forward did not write (its codes were cast from `pre`): the bf16
+/// tensor at `at` (`len` elements) is to hold `scale·gelu(pre)` before anything reads it as
+/// stored ([`CudaBackend::gelu_form`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct GeluPending {
+    at: u64,
+    pre: u64,
+    scale: f32,
+    len: usize,
 }
 
 /// Which FP8 GEMMs use cuBLASLt's fast accumulation: `HALFLING_CUDA_FP8_FAST_ACCUM` = `fwd`
@@ -279,22 +307,26 @@ impl CudaBackend {
         }
     }
 
-    /// Per-block maxima of `|x|` (with `dgelu`: of the tensor that cast casts) into the
+    /// Per-block maxima of `|x|` (with `of`: of the tensor that cast casts) into the
     /// partials; returns how many.
-    fn fp8_amax_partials(&self, x: &CudaBuf, dgelu: Option<&DGeluCast>) -> Result<usize> {
+    fn fp8_amax_partials(&self, x: &CudaBuf, of: Option<&CastOf>) -> Result<usize> {
         let blocks = x.len.div_ceil(256 * 8).clamp(1, PARTIALS);
         let cells = self.fp8_cells()?;
         let grid = (blocks as u32, 1, 1);
         let (px, n) = (Arg::Ptr(self.ptr(x)), Arg::U64(x.len as u64));
-        match dgelu {
+        match of {
             None => {
                 let name = format!("fp8_amax_partial_{}", tensor_suffix(x.dtype)?);
                 self.launch(&name, grid, 256, 0, &[Arg::Ptr(cells), px, n])?;
             }
-            Some(g) => {
+            Some(CastOf::DGelu(g)) => {
                 let (pre, scale) = (Arg::Ptr(g.pre), op_scale("GELU", g.scale)?);
                 let args = [Arg::Ptr(cells), px, pre, scale, n];
                 self.launch("fp8_amax_partial_dgelu_bf16", grid, 256, 0, &args)?;
+            }
+            Some(CastOf::Gelu { scale }) => {
+                let args = [Arg::Ptr(cells), px, op_scale("GELU", *scale)?, n];
+                self.launch("fp8_amax_partial_gelu_bf16", grid, 256, 0, &args)?;
             }
         }
         Ok(blocks)
@@ -367,17 +399,17 @@ impl CudaBackend {
     }
 
     /// The scale arguments of the cast kernels for `op`: (partials, how many, fixed scale,
-    /// margin). Current scaling first reduces `x`'s amax (with `dgelu`: that of the tensor
+    /// margin). Current scaling first reduces `x`'s amax (with `of`: that of the tensor
     /// that cast casts) into the partials.
     fn fp8_scale_args(
         &self,
         x: &CudaBuf,
         op: &GemmOperand,
-        dgelu: Option<&DGeluCast>,
+        of: Option<&CastOf>,
     ) -> Result<(u64, usize, f32, i32)> {
         match op.scale {
             OperandScale::Current { margin } => {
-                let num = self.fp8_amax_partials(x, dgelu)?;
+                let num = self.fp8_amax_partials(x, of)?;
                 Ok((self.fp8_cells()?, num, 1.0f32, margin))
             }
             OperandScale::Fixed(s) => {
@@ -393,8 +425,10 @@ impl CudaBackend {
     /// amax_cell, col_sums)`: codes into `out` and/or transposed into `out_t` (0: not written),
     /// with `scale` from [`CudaBackend::fp8_scale_args`]; with `col_sums` (not 0),
     /// `fp8_cast_tiled_dbias_bf16`, which also writes there the column sums of each 64-row tile
-    /// (`ceil(rows / 64) x cols` f32); with `dgelu`, the `_dgelu` kernels, which cast (and sum)
-    /// the gradient of GELU's input formed from `x` and `dgelu.pre`.
+    /// (`ceil(rows / 64) x cols` f32); with `of` = [`CastOf::DGelu`], the `_dgelu` kernels,
+    /// which cast (and sum) the gradient of GELU's input formed from `x` and its `pre`; with
+    /// [`CastOf::Gelu`] (no column sums), `fp8_cast_tiled_gelu_bf16`, which casts GELU's output
+    /// formed from `x`.
     #[allow(clippy::too_many_arguments)]
     fn fp8_launch_tiled(
         &self,
@@ -404,14 +438,16 @@ impl CudaBackend {
         format: i32,
         scale: (u64, usize, f32, i32),
         (out, out_t, scale_ptr, amax_cell, col_sums): (u64, u64, u64, u64, u64),
-        dgelu: Option<&DGeluCast>,
+        of: Option<&CastOf>,
     ) -> Result<()> {
         let (partials, num_partials, fixed, margin) = scale;
-        let name = match (col_sums != 0, dgelu.is_some()) {
-            (false, false) => "fp8_cast_tiled_bf16",
-            (true, false) => "fp8_cast_tiled_dbias_bf16",
-            (false, true) => "fp8_cast_tiled_dgelu_bf16",
-            (true, true) => "fp8_cast_tiled_dbias_dgelu_bf16",
+        let name = match (col_sums != 0, of) {
+            (false, None) => "fp8_cast_tiled_bf16",
+            (true, None) => "fp8_cast_tiled_dbias_bf16",
+            (false, Some(CastOf::DGelu(_))) => "fp8_cast_tiled_dgelu_bf16",
+            (true, Some(CastOf::DGelu(_))) => "fp8_cast_tiled_dbias_dgelu_bf16",
+            (false, Some(CastOf::Gelu { .. })) => "fp8_cast_tiled_gelu_bf16",
+            (true, Some(CastOf::Gelu { .. })) => bail!("internal error: column sums of GELU"),
         };
         let grid_y = u32::try_from(rows.div_ceil(64))
             .ok()
@@ -443,9 +479,13 @@ impl CudaBackend {
         if col_sums != 0 {
             args.push(Arg::Ptr(col_sums));
         }
-        if let Some(g) = dgelu {
-            args.push(Arg::Ptr(g.pre));
-            args.push(op_scale("GELU", g.scale)?);
+        match of {
+            Some(CastOf::DGelu(g)) => {
+                args.push(Arg::Ptr(g.pre));
+                args.push(op_scale("GELU", g.scale)?);
+            }
+            Some(CastOf::Gelu { scale }) => args.push(op_scale("GELU", *scale)?),
+            None => {}
         }
         self.launch_as(
             name,
@@ -474,7 +514,7 @@ impl CudaBackend {
         cell: Role,
         amax_cell: u64,
         dbias: &mut Option<(&mut CudaBuf, f32)>,
-        dgelu: Option<&DGeluCast>,
+        dgelu: Option<&CastOf>,
     ) -> Result<(Option<u64>, Option<u64>, u64)> {
         if dgelu.is_none() && (dout.dtype != DType::BF16 || dbias.is_none()) {
             return self.fp8_cast(dout, n, oc, op, plain, transposed, false, cell, amax_cell);
@@ -590,6 +630,9 @@ impl CudaBackend {
     /// codes, and the row-major ones too unless `plain_role` names the scratch they go to
     /// instead (used now, not kept). Returns the row-major and transposed codes' addresses and
     /// the scale cell's.
+    ///
+    /// With `gelu = (pre, scale)`, `x` (GELU's output) is not read, only named: the codes are
+    /// cast from `pre` through GELU ([`CastOf::Gelu`]) and kept as `x`'s.
     #[allow(clippy::too_many_arguments)]
     fn fp8_cast_kept(
         &self,
@@ -599,6 +642,7 @@ impl CudaBackend {
         op: &GemmOperand,
         amax_cell: u64,
         plain_role: Option<Role>,
+        gelu: Option<(&CudaBuf, f32)>,
     ) -> Result<(u64, u64, u64)> {
         let token = op
             .keep
@@ -619,16 +663,20 @@ impl CudaBackend {
             None => t + (rows * cols).next_multiple_of(256) as u64,
             Some(role) => self.fp8_buf(role, rows * cols)?,
         };
-        let scale = self.fp8_scale_args(x, op, None)?;
+        let (src, of) = match gelu {
+            Some((pre, scale)) => (pre, Some(CastOf::Gelu { scale })),
+            None => (x, None),
+        };
+        let scale = self.fp8_scale_args(src, op, of.as_ref())?;
         let format = format_code(op.format)?;
         self.fp8_launch_tiled(
-            x,
+            src,
             rows,
             cols,
             format,
             scale,
             (p, t, cell, amax_cell, 0),
-            None,
+            of.as_ref(),
         )?;
         let kept = Kept {
             token,
@@ -667,12 +715,59 @@ impl CudaBackend {
                 }
             }
             let plain_role = (!keep_plain).then_some(role);
-            let (p, _, s) = self.fp8_cast_kept(x, rows, cols, op, amax_cell, plain_role)?;
+            let (p, _, s) = self.fp8_cast_kept(x, rows, cols, op, amax_cell, plain_role, None)?;
             return Ok((p, s));
         }
         let (p, _, s) =
             self.fp8_cast(x, rows, cols, op, Some(role), None, false, role, amax_cell)?;
         Ok((p.ok_or_else(|| anyhow!("internal error: FP8 copy"))?, s))
+    }
+
+    /// [`CudaBackend::fp8_forward_operand`] of an activation `gelu_out[rows, cols]` that was
+    /// not written: cast from `pre` through GELU with `scale` ([`CastOf::Gelu`], both bf16), its
+    /// transposed codes kept under `gelu_out`'s name where `op` keeps.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_forward_gelu_operand(
+        &self,
+        gelu_out: &CudaBuf,
+        pre: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        op: &GemmOperand,
+        amax_cell: u64,
+        scale: f32,
+    ) -> Result<(u64, u64)> {
+        self.expect("GELU output", gelu_out, DType::BF16, rows * cols)?;
+        self.expect("GELU input", pre, DType::BF16, rows * cols)?;
+        if self.keeps(gelu_out, op) {
+            let gelu = Some((pre, scale));
+            let (p, _, s) =
+                self.fp8_cast_kept(gelu_out, rows, cols, op, amax_cell, Some(Role::X), gelu)?;
+            return Ok((p, s));
+        }
+        let of = CastOf::Gelu { scale };
+        let sc = self.fp8_scale_args(pre, op, Some(&of))?;
+        let p = self.fp8_buf(Role::X, rows * cols)?;
+        let cell = self.fp8_cells()? + scale_cell(Role::X as usize);
+        let format = format_code(op.format)?;
+        let ptrs = (p, 0, cell, amax_cell, 0);
+        self.fp8_launch_tiled(pre, rows, cols, format, sc, ptrs, Some(&of))?;
+        Ok((p, cell))
+    }
+
+    /// Forms a GELU output the forward did not write (`gelu_forward_bf16`, the kernel the unfused
+    /// path runs, whose values the [`CastOf::Gelu`] casts reproduce).
+    fn gelu_form(&self, g: GeluPending) -> Result<()> {
+        self.elementwise(
+            "gelu_forward_bf16",
+            g.len,
+            &[
+                Arg::Ptr(g.at),
+                Arg::Ptr(g.pre),
+                op_scale("GELU", g.scale)?,
+                Arg::Int(int(g.len)?),
+            ],
+        )
     }
 
     /// Records `max |x|` into `amax_cell` for an operand that is not cast.
@@ -916,6 +1011,10 @@ impl CudaBackend {
     /// the caller: where a GEMM then falls back to the dequantized path after all, the derivative
     /// is applied to `dout` in place first. Returns `None`, having done nothing, where that cast
     /// cannot serve both GEMMs (the caller applies the derivative and calls again without it).
+    ///
+    /// With `inp_gelu`, `inp` is a GELU output the forward did not write ([`GeluPending`]): the
+    /// weight-gradient GEMM reads its kept transposed codes, and where there are none (or that
+    /// GEMM falls back to the dequantized path) `inp` is formed first.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fp8_linear_backward(
         &self,
@@ -933,6 +1032,7 @@ impl CudaBackend {
         dw_gemm: GemmSpec,
         amax: Option<&mut CudaBuf>,
         dout_dgelu: Option<(DGeluCast, u64)>,
+        inp_gelu: Option<GeluPending>,
     ) -> Result<Option<bool>> {
         let amax = self.amax_base(amax)?;
         let inputs = tensors_type(&[dout, inp, w])?;
@@ -1007,12 +1107,20 @@ impl CudaBackend {
         {
             return Ok(None);
         }
-        let dgelu = dout_dgelu.map(|(g, _)| g);
+        let dgelu = dout_dgelu.map(|(g, _)| CastOf::DGelu(g));
         // Applies the derivative to dout in place before anything reads dout as stored.
         let mut pending = dout_dgelu;
         let mut materialize = || -> Result<()> {
             match pending.take() {
                 Some((g, pd)) => self.dgelu_in_place(pd, g, dout.len),
+                None => Ok(()),
+            }
+        };
+        // Forms inp before anything reads it as stored.
+        let mut inp_pending = inp_gelu;
+        let mut form_inp = || -> Result<()> {
+            match inp_pending.take() {
+                Some(g) => self.gelu_form(g),
                 None => Ok(()),
             }
         };
@@ -1090,6 +1198,12 @@ impl CudaBackend {
                 }
             };
             let cell_x = cell(&dw_gemm.b)?;
+            if self
+                .fp8_kept(inp, n, ic, &dw_gemm.b, cell_x, false, true)
+                .is_none()
+            {
+                form_inp()?;
+            }
             let (pxt, sxt) = self.fp8_transposed(inp, n, ic, &dw_gemm.b, Role::XT, cell_x)?;
             let mut g = g_dw;
             g.a = pdt;
@@ -1100,6 +1214,7 @@ impl CudaBackend {
         if !done {
             // As a GEMM of the dequantized operands, as stored: dout read transposed.
             materialize()?;
+            form_inp()?;
             g_dw.a = self.fp8_fallback_operand(dout, n, oc, &dw_gemm.a, Role::DyT, amax)?;
             g_dw.b = self.fp8_fallback_operand(inp, n, ic, &dw_gemm.b, Role::XT, amax)?;
             g_dw.trans_a = true;
@@ -1217,7 +1332,7 @@ impl CudaBackend {
             None => None,
         };
         self.fp8_linear_backward(
-            dinp, None, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax, None,
+            dinp, None, dw, dbias, dout, inp, w, n, ic, oc, dinp_gemm, dw_gemm, amax, None, None,
         )?;
         Ok(())
     }
@@ -1250,6 +1365,7 @@ impl CudaBackend {
         let dinp = Some((self.ptr_mut(dpre), t));
         let fused = self.fp8_linear_backward(
             dinp, pre_ptr, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax, None,
+            None,
         )?;
         if fused != Some(true) {
             crate::backend::Backend::gelu_backward(self, dpre, pre, gelu_scale)?;
@@ -1259,6 +1375,92 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// [`crate::backend::Backend::mlp_forward`] when the down-projection runs as an FP8 GEMM on
+    /// bf16 tensors: the up-projection writes only `pre` (its bias epilogue, no GELU_AUX), and
+    /// the down-projection's input cast reads `pre` and casts `gelu_scale·gelu(pre)` rounded to
+    /// bf16 ([`CastOf::Gelu`]: the values `gelu_forward` stores), keeping the transposed codes
+    /// for the weight gradient under `gelu_out`'s name. `gelu_out` is then not written (one
+    /// `n x h` bf16 write saved): `Some(false)`. `None`, having done nothing, where the
+    /// down-projection could not run in FP8 (the caller composes the ops); `Some(true)` where
+    /// cuBLASLt refused it at run time and `gelu_out` was formed for the dequantized GEMM.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fp8_mlp_forward(
+        &self,
+        out: &mut CudaBuf,
+        pre: &mut CudaBuf,
+        gelu_out: &mut CudaBuf,
+        inp: &CudaBuf,
+        (w1, b1): (&CudaBuf, Option<&CudaBuf>),
+        (w2, b2): (&CudaBuf, Option<&CudaBuf>),
+        (n, c, h): (usize, usize, usize),
+        [fc, fcproj]: [GemmSpec; 2],
+        mut amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
+    ) -> Result<Option<bool>> {
+        let t = DType::BF16;
+        if out.dtype != t || pre.dtype != t || gelu_out.dtype != t || w2.dtype != t {
+            return Ok(None);
+        }
+        self.expect("linear output", out, t, n * c)?;
+        self.expect("GELU input", pre, t, n * h)?;
+        self.expect("GELU output", gelu_out, t, n * h)?;
+        if let Some(b) = b2 {
+            self.expect("linear bias", b, t, c)?;
+        }
+        let mut g = Gemm {
+            out: self.ptr_mut(out),
+            out_type: gemm_type(t)?,
+            a: 0,
+            b: 0,
+            inputs: tensors_type(&[gelu_out, w2])?,
+            m: n,
+            n: c,
+            k: h,
+            trans_a: false,
+            trans_b: true,
+            alpha: fcproj.alpha,
+            beta: 0.0,
+            epilogue: match b2 {
+                Some(b) => Epilogue::Bias { bias: self.ptr(b) },
+                None => Epilogue::None,
+            },
+        };
+        let scales = self.fp8_scales(&fcproj, true);
+        let Some(mut f) = scales.filter(|f| self.fp8_direct(&g, Some(f))) else {
+            return Ok(None);
+        };
+        crate::backend::Backend::linear_forward(
+            self,
+            pre,
+            inp,
+            w1,
+            b1,
+            n,
+            c,
+            h,
+            fc,
+            amax.as_deref_mut(),
+        )?;
+        let amax = self.amax_base(amax)?;
+        let cell_x = self.amax_cell(amax.0, amax.1, &fcproj.a)?;
+        let cell_w = self.amax_cell(amax.0, amax.1, &fcproj.b)?;
+        let (px, sx) =
+            self.fp8_forward_gelu_operand(gelu_out, pre, n, h, &fcproj.a, cell_x, gelu_scale)?;
+        let (pw, sw) = self.fp8_forward_operand(w2, c, h, &fcproj.b, cell_w, Role::W, true)?;
+        (g.a, g.b) = (px, pw);
+        self.fp8_bind_scales(&mut g, &mut f, &fcproj, sx, sw);
+        if self.gemm_fp8(g, f)? {
+            return Ok(Some(false));
+        }
+        // Refused at run time: GELU's output as the unfused path stores it, then the GEMM of the
+        // dequantized operands (whose cast records the same amax again: a no-op).
+        crate::backend::Backend::gelu_forward(self, gelu_out, pre, gelu_scale)?;
+        g.a = self.fp8_fallback_operand(gelu_out, n, h, &fcproj.a, Role::X, amax)?;
+        g.b = self.fp8_fallback_operand(w2, c, h, &fcproj.b, Role::W, amax)?;
+        self.gemm(g)?;
+        Ok(Some(true))
+    }
+
     /// [`crate::backend::Backend::mlp_backward`] when both linears' specs involve FP8: the
     /// down-projection's backward writes the gradient of the GELU output into `dhidden` (an FP8
     /// GEMM, as in `fp8_op_linear_gelu_backward`), and the up-projection's backward applies the
@@ -1274,7 +1476,7 @@ impl CudaBackend {
         (dw1, mut db1): (&mut CudaBuf, Option<&mut CudaBuf>),
         (dw2, db2): (&mut CudaBuf, Option<&mut CudaBuf>),
         dout: &CudaBuf,
-        (inp, pre, gelu_out): (&CudaBuf, &CudaBuf, &CudaBuf),
+        (inp, pre, gelu_out): (&CudaBuf, &CudaBuf, GeluOut<'_, CudaBuf>),
         (w1, w2): (&CudaBuf, &CudaBuf),
         (n, c, h): (usize, usize, usize),
         gemms: [GemmSpec; 4],
@@ -1300,8 +1502,27 @@ impl CudaBackend {
             );
         }
         self.expect("GELU input", pre, t, n * h)?;
-        self.fp8_op_linear_backward(
-            Some(&mut *dhidden),
+        // A GELU output the forward did not write is formed only where its kept codes are not
+        // what the down-projection's weight gradient reads.
+        let (gelu_out, pending): (&CudaBuf, _) = match gelu_out {
+            GeluOut::Stored(g) => (g, None),
+            GeluOut::Deferred(g) => {
+                self.expect("GELU output", g, t, n * h)?;
+                let at = self.ptr_mut(g);
+                let pending = GeluPending {
+                    at,
+                    pre: self.ptr(pre),
+                    scale: gelu_scale,
+                    len: n * h,
+                };
+                (g, Some(pending))
+            }
+        };
+        self.expect("linear input grad", dhidden, t, n * h)?;
+        let dh = Some((self.ptr_mut(dhidden), t));
+        self.fp8_linear_backward(
+            dh,
+            None,
             dw2,
             db2,
             dout,
@@ -1313,6 +1534,8 @@ impl CudaBackend {
             dx2,
             dw2_gemm,
             amax.as_deref_mut(),
+            None,
+            pending,
         )?;
         self.expect("linear input grad", dinp, dinp.dtype, n * c)?;
         let d = Some((self.ptr_mut(dinp), dinp.dtype));
@@ -1336,6 +1559,7 @@ impl CudaBackend {
             dw1_gemm,
             amax.as_deref_mut(),
             Some((g, pd)),
+            None,
         )?;
         if ran.is_none() {
             crate::backend::Backend::gelu_backward(self, dhidden, pre, gelu_scale)?;

@@ -34,7 +34,7 @@ use cudarc::driver::{
     DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
-use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GemmSpec};
+use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GeluOut, GemmSpec};
 use crate::numerics::{self, DType, TensorStats};
 use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
@@ -127,6 +127,11 @@ pub struct CudaBackend {
     /// output-gradient cast (`fp8::DGeluCast`); `HALFLING_CUDA_FP8_DGELU_CAST=0` runs the
     /// separate in-place GELU backward instead (to compare).
     fp8_dgelu_cast: bool,
+    /// Whether the MLP's FP8 forward applies GELU inside the down-projection's input cast
+    /// (`fp8::CastOf::Gelu`), so the up-projection's GEMM writes only `pre`;
+    /// `HALFLING_CUDA_FP8_GELU_CAST=0` runs the GELU epilogue and a plain cast instead (to
+    /// compare).
+    fp8_gelu_cast: bool,
     /// The Hopper attention backward (`attention_wgmma_bwd.cu`, wgmma, sm_90a) when loaded:
     /// `Some(v)` runs its tiling variant `v` where it applies; `None` (other GPUs, a failed
     /// build, `HALFLING_CUDA_WGMMA_ATTN=0` or `HALFLING_CUDA_ATTN_BWD=mma`) attention.cu's.
@@ -412,6 +417,7 @@ impl CudaBackend {
             fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
             fp8_dgelu_cast: std::env::var("HALFLING_CUDA_FP8_DGELU_CAST")
                 .map_or(true, |v| v != "0"),
+            fp8_gelu_cast: std::env::var("HALFLING_CUDA_FP8_GELU_CAST").map_or(true, |v| v != "0"),
             wgmma_attention_bwd,
         })
     }
@@ -1408,6 +1414,43 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn mlp_forward(
+        &self,
+        out: &mut CudaBuf,
+        pre: &mut CudaBuf,
+        gelu_out: &mut CudaBuf,
+        inp: &CudaBuf,
+        w1: (&CudaBuf, Option<&CudaBuf>),
+        w2: (&CudaBuf, Option<&CudaBuf>),
+        sizes: (usize, usize, usize),
+        gemms: [GemmSpec; 2],
+        mut amax: Option<&mut CudaBuf>,
+        gelu_scale: f32,
+    ) -> Result<bool> {
+        // Only where the down-projection's input codes are kept for the backward (which would
+        // otherwise form GELU's output again to cast it).
+        if self.fp8_gelu_cast && self.fp8_keep && fp8::involved(&gemms[1..]) {
+            let ran = self.fp8_mlp_forward(
+                out,
+                pre,
+                gelu_out,
+                inp,
+                w1,
+                w2,
+                sizes,
+                gemms,
+                amax.as_deref_mut(),
+                gelu_scale,
+            )?;
+            if let Some(written) = ran {
+                return Ok(written);
+            }
+        }
+        crate::backend::mlp_forward_composed(
+            self, out, pre, gelu_out, inp, w1, w2, sizes, gemms, amax, gelu_scale,
+        )
+    }
+
     fn mlp_backward(
         &self,
         dinp: &mut CudaBuf,
@@ -1415,7 +1458,7 @@ impl Backend for CudaBackend {
         dw1: (&mut CudaBuf, Option<&mut CudaBuf>),
         dw2: (&mut CudaBuf, Option<&mut CudaBuf>),
         dout: &CudaBuf,
-        acts: (&CudaBuf, &CudaBuf, &CudaBuf),
+        acts: (&CudaBuf, &CudaBuf, GeluOut<'_, CudaBuf>),
         weights: (&CudaBuf, &CudaBuf),
         sizes: (usize, usize, usize),
         gemms: [GemmSpec; 4],
