@@ -120,6 +120,10 @@ pub struct CudaBackend {
     /// Whether the Hopper attention forward (`attention_wgmma.cu`, wgmma, sm_90a) is loaded;
     /// `HALFLING_CUDA_WGMMA_ATTN=0` keeps attention.cu's mma.sync forward instead.
     wgmma_attention: bool,
+    /// Whether f16 tensors (fp8-unit) take the tiled FP8 casts, fused bias gradient and kept
+    /// copies as bf16 ones do; `HALFLING_CUDA_FP8_F16_TILED=0` gives them the per-tensor
+    /// `fp8_cast_f16` on every read instead (to compare).
+    fp8_f16_tiled: bool,
     /// Whether FP8 casts may be kept for later GEMMs under the caller's `KeepToken`s;
     /// `HALFLING_CUDA_FP8_KEEP=0` casts every operand where it is read (less memory, to compare).
     fp8_keep: bool,
@@ -409,6 +413,7 @@ impl CudaBackend {
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
             wgmma_attention,
+            fp8_f16_tiled: std::env::var("HALFLING_CUDA_FP8_F16_TILED").map_or(true, |v| v != "0"),
             fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
             fp8_dgelu_cast: std::env::var("HALFLING_CUDA_FP8_DGELU_CAST")
                 .map_or(true, |v| v != "0"),
