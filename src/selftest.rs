@@ -238,14 +238,15 @@ fn case_fp8_linear<B: Backend>(
 /// pass) and one weight buffer (one token for the first two passes, then new weights under a new
 /// version). With fixed scales the second pass reads the weight at another scale under the same
 /// token. A backend that keeps casts must give what casting every operand anew gives. `x` holds
-/// x, w, bias, dy, dw (initial) for the first pass, then x, dy of the others and the new w.
+/// x, w, bias, dy, dw (initial) for the first pass, then x, dy of the others and the new w; the
+/// tensors are `dt` (bf16: fp8, f16: fp8-unit).
 fn case_fp8_kept<B: Backend>(
     be: &B,
+    dt: DType,
     x: &[Vec<f32>],
     (n, ic, oc): (usize, usize, usize),
     specs: [GemmSpec; 3],
 ) -> Result<Outputs> {
-    let dt = DType::BF16;
     let (mut w, bias) = (up(be, dt, &x[1])?, up(be, dt, &x[2])?);
     let (mut inp, mut dout) = (be.alloc(dt, n * ic)?, be.alloc(dt, n * oc)?);
     let mut amax = up(be, DType::F32, &[0.0; 3])?;
@@ -1528,8 +1529,8 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             );
         }
     }
-    // Kept casts: whole tiles of the cast kernels and partial ones, and a size that runs as bf16
-    // GEMMs of dequantized operands (which keep nothing).
+    // Kept casts: whole tiles of the cast kernels and partial ones, and a size that runs as
+    // GEMMs of dequantized operands (which keep nothing); on bf16 and (fp8-unit) f16 tensors.
     for (n, ic, oc) in [(128, 256, 192), (80, 144, 48), (37, 53, 71)] {
         let x = vec![
             inputs.normal(n * ic, 1.0),
@@ -1543,26 +1544,23 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             inputs.normal(n * oc, 1.0),
             inputs.normal(oc * ic, 0.3),
         ];
-        for (label, specs) in [
-            ("current", fp8_specs(None, 1.0)),
-            ("fixed", fp8_specs(fixed, 1.0)),
+        for (dt, label, specs) in [
+            (DType::BF16, "current", fp8_specs(None, 1.0)),
+            (DType::BF16, "fixed", fp8_specs(fixed, 1.0)),
+            (DType::F16, "current", fp8_specs(None, 1.0)),
+            (DType::F16, "unit", unit),
         ] {
             let s = (n, ic, oc);
-            let mut got = case_fp8_kept(be, &x, s, specs)?;
-            let mut want = case_fp8_kept(&reference, &x, s, specs)?;
+            let mut got = case_fp8_kept(be, dt, &x, s, specs)?;
+            let mut want = case_fp8_kept(&reference, dt, &x, s, specs)?;
             let (got_amax, want_amax) = (got.split_off(7), want.split_off(7));
-            let (op, shape) = (
-                format!("fp8 kept casts ({label})"),
-                format!("n={n} in={ic} out={oc}"),
-            );
-            push(
-                &op,
-                shape.clone(),
-                DType::F8E4M3,
-                tolerance(DType::BF16),
-                got,
-                want,
-            );
+            // bf16's labels as before the f16 cases came.
+            let op = match dt {
+                DType::BF16 => format!("fp8 kept casts ({label})"),
+                _ => format!("fp8 kept casts {dt} ({label})"),
+            };
+            let shape = format!("n={n} in={ic} out={oc}");
+            push(&op, shape.clone(), DType::F8E4M3, tolerance(dt), got, want);
             push(&op, shape, DType::F8E4M3, 0.0, got_amax, want_amax);
         }
     }

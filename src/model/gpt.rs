@@ -1340,14 +1340,22 @@ mod tests {
         let m = Gpt::new(&be, tiny(), Recipe::new(RecipeName::Fp8Unit), 0.0, 0.02, 1).unwrap();
         let sigma = m.recipe().base_init_std;
         for (spec, &scale) in m.specs().iter().zip(&m.lr_scales()) {
-            let want = match spec.name.rsplit_once('.').map_or(spec.name.as_str(), |(_, k)| k) {
+            let want = match spec
+                .name
+                .rsplit_once('.')
+                .map_or(spec.name.as_str(), |(_, k)| k)
+            {
                 "bias" => 1.0,
                 _ if spec.name.contains("ln_") => 1.0,
                 // fan-in 4C: half the rate of the fan-in-C matrices.
                 _ if spec.name.ends_with("mlp.c_proj.weight") => 0.5 / sigma,
                 _ => 1.0 / sigma,
             };
-            assert!((scale - want).abs() <= 1e-6 * want, "{}: {scale} vs {want}", spec.name);
+            assert!(
+                (scale - want).abs() <= 1e-6 * want,
+                "{}: {scale} vs {want}",
+                spec.name
+            );
         }
         let standard = Gpt::new(&be, tiny(), Recipe::new(RecipeName::Bf16), 0.0, 0.02, 1).unwrap();
         assert!(standard.lr_scales().iter().all(|&s| s == 1.0));

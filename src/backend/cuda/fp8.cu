@@ -409,7 +409,8 @@ __device__ void fp8_cast_impl(void* out, unsigned char* out_t, const T* x, int r
 FOR_EACH_TYPE(DEF_CAST)
 
 // ---------------------------------------------------------------------------------------------
-// Tiled casts: the FP8 codes of a bf16 tensor, row-major and/or transposed, from one read.
+// Tiled casts: the FP8 codes of a bf16 (or f16) tensor, row-major and/or transposed, from one
+// read.
 //
 // fp8_cast_tiled_bf16 computes the same codes, scale and amax as fp8_cast_bf16 (bit for bit)
 // but moves memory at close to the copy bandwidth: each block casts a 64 x 128 tile (256
@@ -422,6 +423,17 @@ FOR_EACH_TYPE(DEF_CAST)
 // sum its columns per tile, so the bias gradient needs no second read of it (as Transformer
 // Engine's cast-transpose-dbias does).
 // ---------------------------------------------------------------------------------------------
+
+// The two elements of a 32-bit word of T (the low half is the first), exactly as float.
+template <typename T> __device__ __forceinline__ void unpack2(unsigned w, float& lo, float& hi);
+template <> __device__ __forceinline__ void unpack2<bf16>(unsigned w, float& lo, float& hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void unpack2<f16>(unsigned w, float& lo, float& hi) {
+    lo = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+    hi = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+}
 
 // Two saturating RNE codes at once (cvt packs two), NaN made canonical as in fp8_encode; the
 // low byte is `lo`'s code.
@@ -457,8 +469,8 @@ __device__ __forceinline__ unsigned fp8_encode2(float lo, float hi, int format) 
 // timed against it; the kernels instantiate the one measured best. SUMS: the column sums; DGELU:
 // cast dgelu_bf16(pre, x, gelu_scale) instead of x (the dgelu kernels below); GELU: cast
 // gelu_bf16(x, gelu_scale) (fp8_cast_tiled_gelu_bf16).
-template <int TC, int RPT, bool SUMS, bool DGELU, bool GELU = false>
-__device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char* out_t, const bf16* x,
+template <int TC, int RPT, bool SUMS, bool DGELU, bool GELU = false, typename T = bf16>
+__device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char* out_t, const T* x,
                                                int rows, int cols, int format, const float* partials,
                                                int num_partials, float fixed_scale, int margin,
                                                unsigned* amax_slot, float* inv_scale_out,
@@ -479,7 +491,7 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
     // The value cast at element `at`: x, or (DGELU) the gradient of GELU's input from x = the
     // gradient of its output and `pre`, its input.
     auto value = [&](size_t at) {
-        const float v = __bfloat162float(x[at]);
+        const float v = to_float(x[at]);
         if (GELU) return gelu_bf16(v, gelu_scale);
         return DGELU ? dgelu_bf16(__bfloat162float(pre[at]), v, gelu_scale) : v;
     };
@@ -490,7 +502,7 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
     if (vec) {
         const int cg = threadIdx.x % GROUPS, rg = threadIdx.x / GROUPS;
         const int c = cg * 8, r = rg * RPT;
-        const bf16* src = x + (size_t)(r0 + r) * cols + c0 + c;
+        const T* src = x + (size_t)(r0 + r) * cols + c0 + c;
         uint4 raw[RPT];
         uint4 raw_pre[DGELU ? RPT : 1];
 #pragma unroll
@@ -521,7 +533,8 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
             unsigned pair[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                float lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
+                float lo, hi;
+                unpack2<T>(w[k], lo, hi);
                 if (DGELU) {
                     lo = dgelu_bf16(__uint_as_float(pw[k] << 16), lo, gelu_scale);
                     hi = dgelu_bf16(__uint_as_float(pw[k] & 0xffff0000u), hi, gelu_scale);
@@ -627,8 +640,30 @@ fp8_cast_tiled_dbias_bf16(unsigned char* out, unsigned char* out_t, const bf16* 
                                         nullptr, 1.0f);
 }
 
-// fp8_cast_tiled_dgelu_bf16 / fp8_cast_tiled_dbias_dgelu_bf16: the two kernels above with x the
-// gradient of GELU's output and `pre` [rows, cols] (bf16, 16-byte aligned) its input: they cast
+// fp8_cast_tiled_f16 / fp8_cast_tiled_dbias_f16: the two kernels above on an f16 tensor
+// (fp8-unit), same parameters but x; the codes, amax and sums are fp8_cast_f16's / the f32 sums
+// of x's values.
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_tiled_f16(unsigned char* out, unsigned char* out_t, const f16* x, int rows, int cols,
+                   int format, const float* partials, int num_partials, float fixed_scale,
+                   int margin, unsigned* amax_slot, float* inv_scale_out) {
+    fp8_cast_tiled<128, 4, false, false>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                         fixed_scale, margin, amax_slot, inv_scale_out, nullptr,
+                                         nullptr, 1.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+fp8_cast_tiled_dbias_f16(unsigned char* out, unsigned char* out_t, const f16* x, int rows,
+                         int cols, int format, const float* partials, int num_partials,
+                         float fixed_scale, int margin, unsigned* amax_slot,
+                         float* inv_scale_out, float* col_sums) {
+    fp8_cast_tiled<128, 4, true, false>(out, out_t, x, rows, cols, format, partials, num_partials,
+                                        fixed_scale, margin, amax_slot, inv_scale_out, col_sums,
+                                        nullptr, 1.0f);
+}
+
+// fp8_cast_tiled_dgelu_bf16 / fp8_cast_tiled_dbias_dgelu_bf16: fp8_cast_tiled_bf16 and
+// fp8_cast_tiled_dbias_bf16 with x the gradient of GELU's output and `pre` [rows, cols] (bf16, 16-byte aligned) its input: they cast
 // dgelu_bf16(pre, x, gelu_scale), the gradient of GELU's input, which is never stored (the MLP's
 // up-projection backward reads it only here). Scale and amax are that tensor's (current scaling
 // takes its partials from fp8_amax_partial_dgelu_bf16).

@@ -35,7 +35,9 @@
 //!
 //! The casts write into scratch buffers kept per role and grown to the largest shape seen, so a
 //! training step allocates nothing after its first. Casts that need no dequantized copy run
-//! `fp8_cast_tiled_bf16`, which writes both layouts from one read at close to copy bandwidth.
+//! `fp8_cast_tiled_T`, which writes both layouts from one read at close to copy bandwidth (f16
+//! tensors only with `HALFLING_CUDA_FP8_F16_TILED=1`, not yet run on a GPU; otherwise their
+//! casts go through `fp8_cast_f16` and nothing of theirs is kept).
 //!
 //! Operands with a [`KeepToken`] are cast once into a copy kept under the token (with its own
 //! scale cell) and read from there by every later GEMM presenting the same token: a weight's
@@ -363,7 +365,7 @@ impl CudaBackend {
             None => None,
         };
         let scale_ptr = self.fp8_cells()? + scale_cell(cell as usize);
-        if !dequant && x.dtype == DType::BF16 {
+        if !dequant && self.fp8_tiled(x.dtype) {
             let scale = (partials, num_partials, fixed, margin);
             let (o, t) = (out.unwrap_or(0), out_t.unwrap_or(0));
             let ptrs = (o, t, scale_ptr, amax_cell, 0);
@@ -421,14 +423,14 @@ impl CudaBackend {
         }
     }
 
-    /// `fp8_cast_tiled_bf16` on `x[rows, cols]`, with `ptrs = (out, out_t, scale_ptr,
+    /// `fp8_cast_tiled_T` on `x[rows, cols]` (bf16 or f16), with `ptrs = (out, out_t, scale_ptr,
     /// amax_cell, col_sums)`: codes into `out` and/or transposed into `out_t` (0: not written),
     /// with `scale` from [`CudaBackend::fp8_scale_args`]; with `col_sums` (not 0),
-    /// `fp8_cast_tiled_dbias_bf16`, which also writes there the column sums of each 64-row tile
-    /// (`ceil(rows / 64) x cols` f32); with `of` = [`CastOf::DGelu`], the `_dgelu` kernels,
-    /// which cast (and sum) the gradient of GELU's input formed from `x` and its `pre`; with
-    /// [`CastOf::Gelu`] (no column sums), `fp8_cast_tiled_gelu_bf16`, which casts GELU's output
-    /// formed from `x`.
+    /// `fp8_cast_tiled_dbias_T`, which also writes there the column sums of each 64-row tile
+    /// (`ceil(rows / 64) x cols` f32); with `of` = [`CastOf::DGelu`], the `_dgelu` kernels (bf16
+    /// only), which cast (and sum) the gradient of GELU's input formed from `x` and its `pre`;
+    /// with [`CastOf::Gelu`] (no column sums, bf16 only), `fp8_cast_tiled_gelu_bf16`, which casts
+    /// GELU's output formed from `x`.
     #[allow(clippy::too_many_arguments)]
     fn fp8_launch_tiled(
         &self,
@@ -441,12 +443,16 @@ impl CudaBackend {
         of: Option<&CastOf>,
     ) -> Result<()> {
         let (partials, num_partials, fixed, margin) = scale;
+        let sfx = tensor_suffix(x.dtype)?;
+        if of.is_some() && x.dtype != DType::BF16 {
+            bail!("internal error: GELU in an FP8 cast needs bf16, not {sfx}");
+        }
         let name = match (col_sums != 0, of) {
-            (false, None) => "fp8_cast_tiled_bf16",
-            (true, None) => "fp8_cast_tiled_dbias_bf16",
-            (false, Some(CastOf::DGelu(_))) => "fp8_cast_tiled_dgelu_bf16",
-            (true, Some(CastOf::DGelu(_))) => "fp8_cast_tiled_dbias_dgelu_bf16",
-            (false, Some(CastOf::Gelu { .. })) => "fp8_cast_tiled_gelu_bf16",
+            (false, None) => format!("fp8_cast_tiled_{sfx}"),
+            (true, None) => format!("fp8_cast_tiled_dbias_{sfx}"),
+            (false, Some(CastOf::DGelu(_))) => "fp8_cast_tiled_dgelu_bf16".to_string(),
+            (true, Some(CastOf::DGelu(_))) => "fp8_cast_tiled_dbias_dgelu_bf16".to_string(),
+            (false, Some(CastOf::Gelu { .. })) => "fp8_cast_tiled_gelu_bf16".to_string(),
             (true, Some(CastOf::Gelu { .. })) => bail!("internal error: column sums of GELU"),
         };
         let grid_y = u32::try_from(rows.div_ceil(64))
@@ -488,7 +494,7 @@ impl CudaBackend {
             None => {}
         }
         self.launch_as(
-            name,
+            &name,
             label.as_deref(),
             (cols.div_ceil(128).max(1) as u32, grid_y.max(1), 1),
             256,
@@ -516,10 +522,15 @@ impl CudaBackend {
         dbias: &mut Option<(&mut CudaBuf, f32)>,
         dgelu: Option<&CastOf>,
     ) -> Result<(Option<u64>, Option<u64>, u64)> {
-        if dgelu.is_none() && (dout.dtype != DType::BF16 || dbias.is_none()) {
+        if dgelu.is_none() && (!self.fp8_tiled(dout.dtype) || dbias.is_none()) {
             return self.fp8_cast(dout, n, oc, op, plain, transposed, false, cell, amax_cell);
         }
-        self.expect("FP8 GEMM operand", dout, DType::BF16, n * oc)?;
+        let t = if dgelu.is_some() {
+            DType::BF16
+        } else {
+            dout.dtype
+        };
+        self.expect("FP8 GEMM operand", dout, t, n * oc)?;
         let bias = dbias.take();
         if let Some((db, _)) = &bias {
             self.expect("bias gradient", db, DType::F32, oc)?;
@@ -564,7 +575,13 @@ impl CudaBackend {
 
     /// Whether `op` on `x` may use a kept copy (see the module doc).
     fn keeps(&self, x: &CudaBuf, op: &GemmOperand) -> bool {
-        self.fp8_keep && op.keep.is_some() && op.format.is_float8() && x.dtype == DType::BF16
+        self.fp8_keep && op.keep.is_some() && op.format.is_float8() && self.fp8_tiled(x.dtype)
+    }
+
+    /// Whether casts of a `dtype` tensor run the tiled kernels (bf16, and f16 with
+    /// `HALFLING_CUDA_FP8_F16_TILED=1`).
+    fn fp8_tiled(&self, dtype: DType) -> bool {
+        dtype == DType::BF16 || (dtype == DType::F16 && self.fp8_f16_tiled)
     }
 
     /// `x[rows, cols]`'s transposed codes and scale cell for a backward GEMM: the kept copy

@@ -120,6 +120,11 @@ pub struct CudaBackend {
     /// Whether the Hopper attention forward (`attention_wgmma.cu`, wgmma, sm_90a) is loaded;
     /// `HALFLING_CUDA_WGMMA_ATTN=0` keeps attention.cu's mma.sync forward instead.
     wgmma_attention: bool,
+    /// Whether f16 tensors (fp8-unit) take the tiled FP8 casts, fused bias gradient and kept
+    /// copies as bf16 ones do. Opt-in (`HALFLING_CUDA_FP8_F16_TILED=1`) until a GPU run has
+    /// checked it (the f16 kernels were compile-checked only); otherwise they take the per-tensor
+    /// `fp8_cast_f16` on every read.
+    fp8_f16_tiled: bool,
     /// Whether FP8 casts may be kept for later GEMMs under the caller's `KeepToken`s;
     /// `HALFLING_CUDA_FP8_KEEP=0` casts every operand where it is read (less memory, to compare).
     fp8_keep: bool,
@@ -414,6 +419,7 @@ impl CudaBackend {
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
             wgmma_attention,
+            fp8_f16_tiled: std::env::var("HALFLING_CUDA_FP8_F16_TILED").is_ok_and(|v| v == "1"),
             fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
             fp8_dgelu_cast: std::env::var("HALFLING_CUDA_FP8_DGELU_CAST")
                 .map_or(true, |v| v != "0"),
