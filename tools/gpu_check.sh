@@ -2,10 +2,11 @@
 # Device calls for the GPU machine: correctness, speed side by side with the PyTorch peer, and the
 # recipe comparison. Run from the repo root there, with the stripped release binary, env.sh and
 # shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
-#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|all]...
+#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|all]...
 # Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
 # ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s, heldout ~6 min (not in `all`;
-# HELDOUT_PEER=0 skips the peer's half). Files land in $OUT (or /tmp).
+# HELDOUT_PEER=0 skips the peer's half), f16tiled ~1.5 min (not in `all`: the opt-in tiled FP8
+# casts of f16 tensors, checked and timed against the default path). Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
 BIN=${BIN:-./.device/halfling}
@@ -23,7 +24,17 @@ for what in "${@:-all}"; do
     for recipe in bf16 fp8; do
       $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
         --set precision.recipe=$recipe 2>&1 | tail -1
-      if [[ $what == heldout ]]; then
+      if [[ $what == f16tiled ]]; then
+    HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
+    echo "selftest (f16 tiled) rc=$? $(tail -1 "$OUT/selftest-f16tiled.txt")"
+    grep FAIL "$OUT/selftest-f16tiled.txt" | head
+    for on in 0 1 0 1; do
+      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
+        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
+        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
+    done
+  fi
+  if [[ $what == heldout ]]; then
     # Shapes no config names: layers width heads batch context. Each is benched here and, unless
     # HELDOUT_PEER=0, by torch.compile at the same shape.
     for shape in "24 1024 16 8 1024" "12 768 6 16 1024" "12 768 12 8 2048" "12 960 10 8 1024" \
@@ -60,7 +71,17 @@ done
         --set precision.monitor_interval=100 --set precision.recipe=$r > /tmp/r-$r.log 2>&1 \
         || { echo "$r failed:"; tail -5 /tmp/r-$r.log; continue; }
       echo "$r: $(wall $s) s"; runs+=(/tmp/r/$r)
-      if [[ $what == heldout ]]; then
+      if [[ $what == f16tiled ]]; then
+    HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
+    echo "selftest (f16 tiled) rc=$? $(tail -1 "$OUT/selftest-f16tiled.txt")"
+    grep FAIL "$OUT/selftest-f16tiled.txt" | head
+    for on in 0 1 0 1; do
+      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
+        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
+        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
+    done
+  fi
+  if [[ $what == heldout ]]; then
     # Shapes no config names: layers width heads batch context. Each is benched here and, unless
     # HELDOUT_PEER=0, by torch.compile at the same shape.
     for shape in "24 1024 16 8 1024" "12 768 6 16 1024" "12 768 12 8 2048" "12 960 10 8 1024" \
@@ -84,6 +105,16 @@ done
     $BIN train --config configs/shakespeare_char_gpu.toml --device cuda --quiet --out /tmp/baby \
       > /tmp/baby.log 2>&1
     echo "baby GPT: rc=$? $(wall $s) s $(grep -o '"final_val_loss":[^,]*' /tmp/baby/summary.json)"
+  fi
+  if [[ $what == f16tiled ]]; then
+    HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
+    echo "selftest (f16 tiled) rc=$? $(tail -1 "$OUT/selftest-f16tiled.txt")"
+    grep FAIL "$OUT/selftest-f16tiled.txt" | head
+    for on in 0 1 0 1; do
+      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
+        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
+        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
+    done
   fi
   if [[ $what == heldout ]]; then
     # Shapes no config names: layers width heads batch context. Each is benched here and, unless
