@@ -2,6 +2,7 @@
 // the tiled casts (several tile shapes) against fp8_cast_bf16, byte for byte on inputs with
 // specials, then timed at the 0.91B model's cast shapes against a device-to-device copy.
 // Build and run on the GPU machine: nvcc -O3 -std=c++17 -arch=sm_90 -o castbench tools/fp8_cast_bench.cu && ./castbench
+#include "../src/backend/cuda/elementwise_common.cuh"  // mod.rs prepends it to fp8.cu
 #include "../src/backend/cuda/fp8.cu"
 #include <cstdio>
 #include <cstdlib>

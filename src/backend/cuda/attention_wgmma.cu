@@ -48,167 +48,27 @@
 // per call, against 0.130 when hs 80 ran as HS 128.
 // ---------------------------------------------------------------------------------------------
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// Prepended by mod.rs: wgmma_common.cuh (u32/u64, cp.async, wgmma wrappers Wg / WgRs, fences,
+// sm90_desc, sm90_ex2, sm90_pack, SM90_LOG2E).
 
-typedef unsigned int atw_u32;
-typedef unsigned long long atw_u64;
-
-#define ATW_LOG2E 1.4426950408889634f
 #define ATW_LN2 0.6931471805599453f
 #define ATW_NEG_INF __int_as_float(0xff800000)
 
 extern __shared__ __align__(1024) unsigned char atw_smem[];
 
-__device__ __forceinline__ atw_u32 atw_saddr(const void* p) {
-    return (atw_u32)__cvta_generic_to_shared(p);
-}
-// cp.async of 16 bytes (L2 only); zero-fill when !pred (src-size 0: nothing is read).
-__device__ __forceinline__ void atw_cp16(atw_u32 dst, const void* src, bool pred) {
-    const int sz = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz) : "memory");
-}
-__device__ __forceinline__ void atw_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void atw_cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-// Shared memory written through the generic proxy (cp.async) is next read by wgmma (async proxy).
-__device__ __forceinline__ void atw_fence_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void atw_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void atw_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void atw_wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// After a wgmma wait: the compiler must not move accesses of the accumulators across it.
-template <int N>
-__device__ __forceinline__ void atw_reg_fence(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
-}
-// Shared-memory matrix descriptor, 128-byte swizzle (mode 1 in bits 62-63); addresses and byte
-// offsets in 16-byte units. K-major: sbo = 1024 (8 rows of 128 bytes), lbo unused (1).
-// MN-major: sbo = 1024 (next 8 rows along K), lbo = byte stride between 64-element column chunks.
-__device__ __forceinline__ atw_u64 atw_desc(atw_u32 saddr, atw_u32 lbo, atw_u32 sbo) {
-    return (atw_u64)((saddr & 0x3FFFFu) >> 4) | ((atw_u64)((lbo >> 4) & 0x3FFFu) << 16) |
-           ((atw_u64)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
-}
-
-// ---- wgmma wrappers (m64nNk16, f32 accumulators), generated -------------------------------------
-// D (+)= A·B^T, A = [64][16] and B = [64][16] both K-major in shared memory (descriptors).
-__device__ __forceinline__ void atw_mma_ss_n64_bf16(float (&d)[32], atw_u64 da, atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(scale_d));
-}
-// D (+)= A·B^T, A = [64][16] and B = [128][16] both K-major in shared memory (descriptors).
-__device__ __forceinline__ void atw_mma_ss_n128_bf16(float (&d)[64], atw_u64 da, atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(scale_d));
-}
-// D (+)= A·B^T, A = [64][16] and B = [64][16] both K-major in shared memory (descriptors).
-__device__ __forceinline__ void atw_mma_ss_n64_f16(float (&d)[32], atw_u64 da, atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(scale_d));
-}
-// D (+)= A·B^T, A = [64][16] and B = [128][16] both K-major in shared memory (descriptors).
-__device__ __forceinline__ void atw_mma_ss_n128_f16(float (&d)[64], atw_u64 da, atw_u64 db, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(scale_d));
-}
-
-template <typename E, int N> struct AtwMma;
-template <> struct AtwMma<__nv_bfloat16, 64> {
-    static __device__ __forceinline__ void ss(float (&d)[32], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n64_bf16(d, a, b, sd); }
-};
-template <> struct AtwMma<__nv_bfloat16, 128> {
-    static __device__ __forceinline__ void ss(float (&d)[64], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n128_bf16(d, a, b, sd); }
-};
-template <> struct AtwMma<__half, 64> {
-    static __device__ __forceinline__ void ss(float (&d)[32], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n64_f16(d, a, b, sd); }
-};
-template <> struct AtwMma<__half, 128> {
-    static __device__ __forceinline__ void ss(float (&d)[64], atw_u64 a, atw_u64 b, int sd) { atw_mma_ss_n128_f16(d, a, b, sd); }
-};
-
-// O += P V: D (+)= A·B with N = the padded head size HS (a multiple of 16, 32 .. 128), A = [64][16]
-// from registers (the accumulator-shaped fragments), B = [16][N] MN-major in shared memory. The
-// accumulator is N/2 f32 registers, operands %0 .. %(N/2 - 1): ATW_ACC<N> lists them and
-// ATW_REGS<N> their placeholders; the A registers and descriptor follow (their numbers passed in).
-#define ATW_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define ATW_ACC32 ATW_D8(0), ATW_D8(8)
-#define ATW_ACC48 ATW_ACC32, ATW_D8(16)
-#define ATW_ACC64 ATW_ACC48, ATW_D8(24)
-#define ATW_ACC80 ATW_ACC64, ATW_D8(32)
-#define ATW_ACC96 ATW_ACC80, ATW_D8(40)
-#define ATW_ACC112 ATW_ACC96, ATW_D8(48)
-#define ATW_ACC128 ATW_ACC112, ATW_D8(56)
-#define ATW_REGS32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-#define ATW_REGS48 ATW_REGS32 ", %16, %17, %18, %19, %20, %21, %22, %23"
-#define ATW_REGS64 ATW_REGS48 ", %24, %25, %26, %27, %28, %29, %30, %31"
-#define ATW_REGS80 ATW_REGS64 ", %32, %33, %34, %35, %36, %37, %38, %39"
-#define ATW_REGS96 ATW_REGS80 ", %40, %41, %42, %43, %44, %45, %46, %47"
-#define ATW_REGS112 ATW_REGS96 ", %48, %49, %50, %51, %52, %53, %54, %55"
-#define ATW_REGS128 ATW_REGS112 ", %56, %57, %58, %59, %60, %61, %62, %63"
-template <typename E, int N> struct AtwRs;
-#define ATW_RS(E, TY, N, A0, A1, A2, A3, B)                                                          \
-    template <> struct AtwRs<E, N> {                                                                 \
-        static __device__ __forceinline__ void rs(float (&d)[N / 2], const atw_u32 (&a)[4], atw_u64 db) { \
-            asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" ATW_REGS##N  \
-                         "}, {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", 1, 1, 1, 1;\n"          \
-                         : ATW_ACC##N                                                                \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));                      \
-        }                                                                                            \
-    };
-#define ATW_RS_SIZES(E, TY)                  \
-    ATW_RS(E, TY, 32, 16, 17, 18, 19, 20)    \
-    ATW_RS(E, TY, 48, 24, 25, 26, 27, 28)    \
-    ATW_RS(E, TY, 64, 32, 33, 34, 35, 36)    \
-    ATW_RS(E, TY, 80, 40, 41, 42, 43, 44)    \
-    ATW_RS(E, TY, 96, 48, 49, 50, 51, 52)    \
-    ATW_RS(E, TY, 112, 56, 57, 58, 59, 60)   \
-    ATW_RS(E, TY, 128, 64, 65, 66, 67, 68)
-ATW_RS_SIZES(__nv_bfloat16, "bf16")
-ATW_RS_SIZES(__half, "f16")
-
-// Two floats rounded to E (nearest even) in one register, lo in the low 16 bits.
-template <typename E> __device__ __forceinline__ atw_u32 atw_pack(float lo, float hi);
-template <> __device__ __forceinline__ atw_u32 atw_pack<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<atw_u32*>(&v);
-}
-template <> __device__ __forceinline__ atw_u32 atw_pack<__half>(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<atw_u32*>(&v);
-}
-// exp2 on the MUFU unit (ex2.approx.ftz: ~2 ulp, -inf -> +0), as attention.cu.
-__device__ __forceinline__ float atw_ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
+// The descriptor of sm90_desc (wgmma_common.cuh, which has the layout), the start address masked
+// before the shift: the same value, but NVRTC keeps the and/shr order, and this forward's PTX as
+// measured has this one.
+__device__ __forceinline__ u64 atw_desc(u32 saddr, u32 lbo, u32 sbo) {
+    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
 
 // Rows row0 .. row0+R-1 of a [T_, stride] matrix (g = the head's column 0 of row 0) into the
 // swizzled layout at shared address s (HS/64 column chunks of R*128 bytes). Pieces of rows >= T_
 // or columns >= hs are zero-filled. All NTH threads of the block take part.
 template <int HS, int R, int NTH, typename E>
-__device__ __forceinline__ void atw_load_tile(atw_u32 s, const E* g, int stride, int row0, int T_, int hs) {
+__device__ __forceinline__ void atw_load_tile(u32 s, const E* g, int stride, int row0, int T_, int hs) {
     constexpr int CPR = HS / 8;  // 16-byte pieces per row
     constexpr int TOTAL = R * CPR;
 #pragma unroll
@@ -219,8 +79,8 @@ __device__ __forceinline__ void atw_load_tile(atw_u32 s, const E* g, int stride,
             const int t = row0 + r;
             const bool ok = (t < T_) && (cg * 8 < hs);
             const E* src = ok ? g + (long long)t * stride + cg * 8 : g;
-            const atw_u32 dst = s + (cg >> 3) * (R * 128) + r * 128 + (((cg & 7) ^ (r & 7)) << 4);
-            atw_cp16(dst, src, ok);
+            const u32 dst = s + (cg >> 3) * (R * 128) + r * 128 + (((cg & 7) ^ (r & 7)) << 4);
+            sm90_cp16(dst, src, ok);
         }
     }
 }
@@ -230,7 +90,7 @@ __device__ __forceinline__ void atw_load_tile(atw_u32 s, const E* g, int stride,
 // factors cr0, cr1 that rescale this thread's two O rows; P rounded to E lands in pa as the
 // A fragments of the next product (k-step j/2: row r0 keys 2t4.., row r1, then keys + 8).
 template <int NS, typename E>
-__device__ __forceinline__ void atw_softmax(float (&s)[NS * 4], atw_u32 (&pa)[NS / 2][4], bool mask,
+__device__ __forceinline__ void atw_softmax(float (&s)[NS * 4], u32 (&pa)[NS / 2][4], bool mask,
                                             int k0, int r0, int r1, int t4, int T_, float cs,
                                             float& m0, float& m1, float& l0, float& l1,
                                             float& cr0, float& cr1) {
@@ -259,22 +119,22 @@ __device__ __forceinline__ void atw_softmax(float (&s)[NS * 4], atw_u32 (&pa)[NS
     const float mn0 = fmaxf(m0, mx0 * cs), mn1 = fmaxf(m1, mx1 * cs);
     const float mr0 = (mn0 == ATW_NEG_INF) ? 0.f : mn0;  // fully masked row: no NaN
     const float mr1 = (mn1 == ATW_NEG_INF) ? 0.f : mn1;
-    cr0 = atw_ex2(m0 - mr0);
-    cr1 = atw_ex2(m1 - mr1);
+    cr0 = sm90_ex2(m0 - mr0);
+    cr1 = sm90_ex2(m1 - mr1);
     m0 = mn0;
     m1 = mn1;
     l0 *= cr0;
     l1 *= cr1;
 #pragma unroll
     for (int j = 0; j < NS; j++) {
-        const float p0 = atw_ex2(fmaf(s[4 * j], cs, -mr0));
-        const float p1 = atw_ex2(fmaf(s[4 * j + 1], cs, -mr0));
-        const float p2 = atw_ex2(fmaf(s[4 * j + 2], cs, -mr1));
-        const float p3 = atw_ex2(fmaf(s[4 * j + 3], cs, -mr1));
+        const float p0 = sm90_ex2(fmaf(s[4 * j], cs, -mr0));
+        const float p1 = sm90_ex2(fmaf(s[4 * j + 1], cs, -mr0));
+        const float p2 = sm90_ex2(fmaf(s[4 * j + 2], cs, -mr1));
+        const float p3 = sm90_ex2(fmaf(s[4 * j + 3], cs, -mr1));
         l0 += p0 + p1;
         l1 += p2 + p3;
-        pa[j >> 1][(j & 1) * 2] = atw_pack<E>(p0, p1);
-        pa[j >> 1][(j & 1) * 2 + 1] = atw_pack<E>(p2, p3);
+        pa[j >> 1][(j & 1) * 2] = sm90_pack<E>(p0, p1);
+        pa[j >> 1][(j & 1) * 2 + 1] = sm90_pack<E>(p2, p3);
     }
 }
 
@@ -282,20 +142,20 @@ __device__ __forceinline__ void atw_softmax(float (&s)[NS * 4], atw_u32 (&pa)[NS
 // operands K-major; columns hs .. HS-1 (where hs % 16 == 8) are zero in both tiles. Issued, not
 // waited for.
 template <int HS, int BQ, int BK, typename E>
-__device__ __forceinline__ void atw_issue_s(float (&s)[BK / 2], atw_u32 sQw, atw_u32 sK) {
+__device__ __forceinline__ void atw_issue_s(float (&s)[BK / 2], u32 sQw, u32 sK) {
 #pragma unroll
     for (int kt = 0; kt < HS / 16; kt++) {
-        const atw_u32 qa = sQw + (kt >> 2) * (BQ * 128) + (kt & 3) * 32;
-        const atw_u32 ka = sK + (kt >> 2) * (BK * 128) + (kt & 3) * 32;
-        AtwMma<E, BK>::ss(s, atw_desc(qa, 16, 1024), atw_desc(ka, 16, 1024), kt > 0);
+        const u32 qa = sQw + (kt >> 2) * (BQ * 128) + (kt & 3) * 32;
+        const u32 ka = sK + (kt >> 2) * (BK * 128) + (kt & 3) * 32;
+        Wg<E, BK>::ss(s, atw_desc(qa, 16, 1024), atw_desc(ka, 16, 1024), kt > 0);
     }
 }
 // O += P V, N = HS (V MN-major from the swizzled tile at sV: k16 step kk starts 16 rows = 2048
 // bytes on; 64-column chunks are BK*128 bytes apart). Issued, not waited for.
 template <int HS, int BK, typename E>
-__device__ __forceinline__ void atw_issue_pv(float (&o)[HS / 2], const atw_u32 (&pa)[BK / 16][4], atw_u32 sV) {
+__device__ __forceinline__ void atw_issue_pv(float (&o)[HS / 2], const u32 (&pa)[BK / 16][4], u32 sV) {
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; kk++) AtwRs<E, HS>::rs(o, pa[kk], atw_desc(sV + kk * 2048, BK * 128, 1024));
+    for (int kk = 0; kk < BK / 16; kk++) WgRs<E, HS>::rs1(o, pa[kk], atw_desc(sV + kk * 2048, BK * 128, 1024));
 }
 
 // Output and log-sum-exp of this thread's two rows.
@@ -319,10 +179,10 @@ __device__ __forceinline__ void atw_store(E* out, float* lse, const float (&o)[H
                 const int r = hf ? r1 : r0;
                 if (r < T_) {
                     const float mul = hf ? mul1 : mul0;
-                    const atw_u32 v = atw_pack<E>(o[4 * j + 2 * hf] * mul, o[4 * j + 2 * hf + 1] * mul);
+                    const u32 v = sm90_pack<E>(o[4 * j + 2 * hf] * mul, o[4 * j + 2 * hf + 1] * mul);
                     E* p = ob + (long long)r * C + d;
                     if (vec2) {
-                        *reinterpret_cast<atw_u32*>(p) = v;
+                        *reinterpret_cast<u32*>(p) = v;
                     } else {
                         reinterpret_cast<unsigned short*>(p)[0] = (unsigned short)(v & 0xffffu);
                         reinterpret_cast<unsigned short*>(p)[1] = (unsigned short)(v >> 16);
@@ -359,8 +219,8 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
     constexpr int BQ = Cf::BQ, NTH = Cf::NTH, TB = Cf::TBYTES;
     constexpr int NS = BK / 8;  // n8 column groups of S (4 registers each)
     constexpr int NO = HS / 8;  // n8 column groups of O
-    const atw_u32 sQ = (atw_saddr(atw_smem) + 1023u) & ~1023u;
-    const atw_u32 sKV = sQ + Cf::QBYTES;  // stage s: K at sKV + 2s*TB, V at + TB
+    const u32 sQ = (sm90_addr(atw_smem) + 1023u) & ~1023u;
+    const u32 sKV = sQ + Cf::QBYTES;  // stage s: K at sKV + 2s*TB, V at + TB
 
     const int hs = C / NH;
     const int bh = blockIdx.x, b = bh / NH, h = bh - b * NH;
@@ -372,15 +232,15 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
     const int r0 = wq0 + 16 * warp + (lane >> 2), r1 = r0 + 8;  // this thread's two rows
     const int C3 = 3 * C;
     const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
-    const float cs = (1.0f / sqrtf((float)hs)) * ATW_LOG2E;
+    const float cs = (1.0f / sqrtf((float)hs)) * SM90_LOG2E;
     const int kend = min(q0 + BQ, T_);
     const int ntiles = (kend + BK - 1) / BK;
-    const atw_u32 sQw = sQ + wg * (64 * 128);
+    const u32 sQw = sQ + wg * (64 * 128);
 
     atw_load_tile<HS, BQ, NTH>(sQ, base, C3, q0, T_, hs);
     atw_load_tile<HS, BK, NTH>(sKV, base + C, C3, 0, T_, hs);
     atw_load_tile<HS, BK, NTH>(sKV + TB, base + 2 * C, C3, 0, T_, hs);
-    atw_cp_commit();
+    sm90_cp_commit();
 
     float o[NO * 4];
 #pragma unroll
@@ -390,25 +250,25 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
     for (int i = 0; i < ntiles; i++) {
         const int k0 = i * BK;
         if (i + 1 < ntiles) {
-            const atw_u32 nx = sKV + ((i + 1) & 1) * 2 * TB;
+            const u32 nx = sKV + ((i + 1) & 1) * 2 * TB;
             atw_load_tile<HS, BK, NTH>(nx, base + C, C3, k0 + BK, T_, hs);
             atw_load_tile<HS, BK, NTH>(nx + TB, base + 2 * C, C3, k0 + BK, T_, hs);
-            atw_cp_commit();
-            atw_cp_wait<1>();
+            sm90_cp_commit();
+            sm90_cp_wait<1>();
         } else {
-            atw_cp_wait<0>();
+            sm90_cp_wait<0>();
         }
-        atw_fence_proxy();
+        sm90_fence_proxy();
         __syncthreads();
         if (k0 <= wq0 + 63) {  // warpgroup-uniform: otherwise every key is in this warpgroup's future
-            const atw_u32 sK = sKV + (i & 1) * 2 * TB;
+            const u32 sK = sKV + (i & 1) * 2 * TB;
             float s[NS * 4];
-            atw_wg_fence();
+            sm90_wg_fence();
             atw_issue_s<HS, BQ, BK, E>(s, sQw, sK);
-            atw_wg_commit();
-            atw_wg_wait<0>();
-            atw_reg_fence(s);
-            atw_u32 pa[BK / 16][4];
+            sm90_wg_commit();
+            sm90_wg_wait<0>();
+            sm90_fence_acc(s);
+            u32 pa[BK / 16][4];
             float cr0, cr1;
             atw_softmax<NS, E>(s, pa, (k0 + BK - 1 > wq0) || (k0 + BK > T_), k0, r0, r1, t4, T_, cs,
                                m0, m1, l0, l1, cr0, cr1);
@@ -419,11 +279,11 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
                 o[4 * j + 2] *= cr1;
                 o[4 * j + 3] *= cr1;
             }
-            atw_wg_fence();
+            sm90_wg_fence();
             atw_issue_pv<HS, BK, E>(o, pa, sK + TB);
-            atw_wg_commit();
-            atw_wg_wait<0>();
-            atw_reg_fence(o);
+            sm90_wg_commit();
+            sm90_wg_wait<0>();
+            sm90_fence_acc(o);
         }
         __syncthreads();  // the stage just read is refilled by the next iteration's prefetch
     }

@@ -43,23 +43,11 @@
 // Padded head sizes (H100, HALFLING_CUDA_PROFILE, L8 d1280 h16 = hs 80, B 8, T 1024): v0 at
 // HS 80 0.283 ms per call, against 0.732 for attention.cu's hs128 kernel that ran it before.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define SM90_LOG2E 1.4426950408889634f
+// Prepended by mod.rs: wgmma_common.cuh (u32/u64, cp.async, wgmma wrappers Wg / WgRs, fences,
+// sm90_desc, sm90_ex2, sm90_pack, SM90_LOG2E).
 
 extern __shared__ __align__(1024) unsigned char sm90_dyn_smem[];
 
-__device__ __forceinline__ u32 sm90_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// wgmma smem descriptor, 128-byte swizzle: start, leading and stride byte offsets in 16-byte units.
-__device__ __forceinline__ u64 sm90_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr >> 4) & 0x3FFFu) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
-           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
-}
 // K-major operand (rows = M or N, the reduction over the head dim) starting at row 0 of `tile`
 // (a multiple of 64 rows into a tile); k-step kt of an NROWS-row tile adds sm90_koff<NROWS>(kt)
 // (start-address units of 16 bytes). 8-row groups are 1024 B apart.
@@ -73,154 +61,11 @@ __device__ __forceinline__ u64 sm90_koff(int kt) {
 template <int NROWS>
 __device__ __forceinline__ u64 sm90_desc_mn(u32 tile) { return sm90_desc(tile, NROWS * 128, 1024); }
 
-__device__ __forceinline__ void sm90_cp16(u32 dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
-                 : "memory");
-}
+// cp.async of 4 bytes (L1 and L2); zero-fill when !pred.
 __device__ __forceinline__ void sm90_cp4(u32 dst, const void* src, bool pred) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 4 : 0)
                  : "memory");
 }
-__device__ __forceinline__ void sm90_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void sm90_cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// Generic-proxy writes (cp.async) made visible to the async proxy (wgmma operand reads).
-__device__ __forceinline__ void sm90_fence_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void sm90_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void sm90_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void sm90_wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Orders the compiler's reads of accumulators after the wait that completes them.
-template <int N>
-__device__ __forceinline__ void sm90_fence_acc(float (&d)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-__device__ __forceinline__ float sm90_ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-template <typename E> __device__ __forceinline__ u32 sm90_pack(float lo, float hi);
-template <> __device__ __forceinline__ u32 sm90_pack<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
-}
-template <> __device__ __forceinline__ u32 sm90_pack<__half>(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
-}
-
-// D (64 x N, f32, registers) = or += A (64 x 16) * B (16 x N), A and B from K-major smem
-// descriptors: ss0 overwrites, ss1 accumulates (N = BN, the column tile).
-// (Accumulators are never zeroed by ordinary instructions: ptxas then serializes every wgmma.)
-template <typename E, int N>
-struct Wg;
-template <>
-struct Wg<__nv_bfloat16, 64> {
-    static __device__ __forceinline__ void ss0(float (&d)[32], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
-                     : "l"(da), "l"(db), "r"(0));
-    }
-    static __device__ __forceinline__ void ss1(float (&d)[32], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                     : "l"(da), "l"(db), "r"(1));
-    }
-};
-template <>
-struct Wg<__nv_bfloat16, 128> {
-    static __device__ __forceinline__ void ss0(float (&d)[64], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
-                     : "l"(da), "l"(db), "r"(0));
-    }
-    static __device__ __forceinline__ void ss1(float (&d)[64], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                     : "l"(da), "l"(db), "r"(1));
-    }
-};
-template <>
-struct Wg<__half, 64> {
-    static __device__ __forceinline__ void ss0(float (&d)[32], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
-                     : "l"(da), "l"(db), "r"(0));
-    }
-    static __device__ __forceinline__ void ss1(float (&d)[32], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                     : "l"(da), "l"(db), "r"(1));
-    }
-};
-template <>
-struct Wg<__half, 128> {
-    static __device__ __forceinline__ void ss0(float (&d)[64], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
-                     : "l"(da), "l"(db), "r"(0));
-    }
-    static __device__ __forceinline__ void ss1(float (&d)[64], u64 da, u64 db) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                     : "l"(da), "l"(db), "r"(1));
-    }
-};
-
-// D (64 x N, f32) (+)= A (64 x 16, registers: the mma.sync A-fragment layout per warp) * B (16 x N,
-// MN-major smem descriptor), accumulating iff acc != 0; N = the padded head size HS (a multiple of
-// 16, 32 .. 128). The accumulator is N/2 registers, operands %0 .. %(N/2 - 1): SM90_ACC<N> lists
-// them, SM90_REGS<N> their placeholders; the A registers, descriptor and acc follow (numbers passed).
-#define SM90_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define SM90_ACC32 SM90_D8(0), SM90_D8(8)
-#define SM90_ACC48 SM90_ACC32, SM90_D8(16)
-#define SM90_ACC64 SM90_ACC48, SM90_D8(24)
-#define SM90_ACC80 SM90_ACC64, SM90_D8(32)
-#define SM90_ACC96 SM90_ACC80, SM90_D8(40)
-#define SM90_ACC112 SM90_ACC96, SM90_D8(48)
-#define SM90_ACC128 SM90_ACC112, SM90_D8(56)
-#define SM90_REGS32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-#define SM90_REGS48 SM90_REGS32 ", %16, %17, %18, %19, %20, %21, %22, %23"
-#define SM90_REGS64 SM90_REGS48 ", %24, %25, %26, %27, %28, %29, %30, %31"
-#define SM90_REGS80 SM90_REGS64 ", %32, %33, %34, %35, %36, %37, %38, %39"
-#define SM90_REGS96 SM90_REGS80 ", %40, %41, %42, %43, %44, %45, %46, %47"
-#define SM90_REGS112 SM90_REGS96 ", %48, %49, %50, %51, %52, %53, %54, %55"
-#define SM90_REGS128 SM90_REGS112 ", %56, %57, %58, %59, %60, %61, %62, %63"
-template <typename E, int N>
-struct WgRs;
-#define SM90_RS(E, TY, N, A0, A1, A2, A3, B, P)                                                      \
-    template <>                                                                                      \
-    struct WgRs<E, N> {                                                                              \
-        static __device__ __forceinline__ void rs(float (&d)[N / 2], const u32 (&a)[4], u64 db, int acc) { \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                             \
-                         "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" SM90_REGS##N \
-                         "}, {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", p, 1, 1, 1;\n}\n"      \
-                         : SM90_ACC##N                                                               \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));            \
-        }                                                                                            \
-    };
-#define SM90_RS_SIZES(E, TY)                      \
-    SM90_RS(E, TY, 32, 16, 17, 18, 19, 20, 21)    \
-    SM90_RS(E, TY, 48, 24, 25, 26, 27, 28, 29)    \
-    SM90_RS(E, TY, 64, 32, 33, 34, 35, 36, 37)    \
-    SM90_RS(E, TY, 80, 40, 41, 42, 43, 44, 45)    \
-    SM90_RS(E, TY, 96, 48, 49, 50, 51, 52, 53)    \
-    SM90_RS(E, TY, 112, 56, 57, 58, 59, 60, 61)   \
-    SM90_RS(E, TY, 128, 64, 65, 66, 67, 68, 69)
-SM90_RS_SIZES(__nv_bfloat16, "bf16")
-SM90_RS_SIZES(__half, "f16")
 
 // Rows row0 .. row0+NROWS-1, columns 0 .. HS-1 of a [T_, stride] matrix (g = the head's column 0
 // of row 0) into the swizzled tile at shared address `tile`; rows >= T_ and columns >= hs
@@ -342,7 +187,7 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     const u64 dk0 = sm90_desc_k(Kt + 64 * wg * 128), dv0 = sm90_desc_k(Vt + 64 * wg * 128);
 
     for (int i = 0; i < ntiles; i++) {
-        sm90_cp_wait_all();
+        sm90_cp_wait<0>();
         sm90_fence_proxy();
         __syncthreads();  // tile i landed; every warpgroup is done with the stage refilled next
         if (i + 1 < ntiles) {
@@ -467,7 +312,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     int acc = 0;
 
     for (int i = 0; i < ntiles; i++) {
-        sm90_cp_wait_all();
+        sm90_cp_wait<0>();
         sm90_fence_proxy();
         __syncthreads();
         if (i + 1 < ntiles) {

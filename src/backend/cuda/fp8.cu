@@ -22,22 +22,11 @@
 //
 // Formats: `format` 0 = e4m3 (max 448), 1 = e5m2 (max 57344).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-typedef unsigned long long u64;
-typedef __nv_bfloat16 bf16;
-typedef __half f16;
+// Prepended by mod.rs: elementwise_common.cuh (u64, bf16, f16, to_float, from_float, load8,
+// store8 but load8<f16>, the GELU formula).
 
 // Instantiates one extern "C" wrapper per tensor type: M(suffix, T).
 #define FOR_EACH_TYPE(M) M(bf16, bf16) M(f16, f16)
-
-__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(f16 x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ f16 from_float<f16>(float x) { return __float2half_rn(x); }
 
 __device__ __forceinline__ float fp8_max_finite(int format) { return format == 0 ? 448.0f : 57344.0f; }
 
@@ -150,17 +139,7 @@ __device__ __forceinline__ float fp8_block_scale(const float* partials, int num_
     return scale;
 }
 
-// Loads 8 consecutive elements as float (exact); p must be 16-byte aligned.
-template <typename T> __device__ __forceinline__ void load8(const T* p, float* f);
-template <> __device__ __forceinline__ void load8<bf16>(const bf16* p, float* f) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        f[2 * k] = __uint_as_float(w[k] << 16);
-        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
-}
+// load8<f16> (see elementwise_common.cuh) through cvt.
 template <> __device__ __forceinline__ void load8<f16>(const f16* p, float* f) {
     const uint4 u = *reinterpret_cast<const uint4*>(p);
     const __half2* h = reinterpret_cast<const __half2*>(&u);
@@ -170,26 +149,6 @@ template <> __device__ __forceinline__ void load8<f16>(const f16* p, float* f) {
         f[2 * k] = v.x;
         f[2 * k + 1] = v.y;
     }
-}
-
-// Stores 8 floats rounded to T (nearest even); p must be 16-byte aligned.
-template <typename T> __device__ __forceinline__ void store8(T* p, const float* f);
-template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float* f) {
-    unsigned w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k]));
-        const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k + 1]));
-        w[k] = lo | (hi << 16);
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-template <> __device__ __forceinline__ void store8<f16>(f16* p, const float* f) {
-    uint4 u;
-    __half2* h = reinterpret_cast<__half2*>(&u);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(f[2 * k], f[2 * k + 1]);  // .x = low half
-    *reinterpret_cast<uint4*>(p) = u;
 }
 
 // fp8_amax_partial_T: partials[blockIdx.x] = max |x[i]| over the elements this block visits
@@ -220,17 +179,11 @@ __device__ void fp8_amax_partial_impl(float* partials, const T* x, long long n) 
 FOR_EACH_TYPE(DEF_AMAX_PARTIAL)
 
 // The gradient of GELU's input as gelu_backward_bf16 (kernels.cu) stores it, for the output
-// gradient casts that apply the GELU derivative themselves: scale·gelu'(x)·g in f32 (the same
-// expression, so the same bits), rounded to bf16 because that is the tensor the unfused path
-// would have cast (its amax, codes and column sums are then the same).
-#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
-#define GELU_CUBIC 0.044715f
+// gradient casts that apply the GELU derivative themselves: gelu_input_grad (the same function,
+// so the same bits), rounded to bf16 because that is the tensor the unfused path would have cast
+// (its amax, codes and column sums are then the same).
 __device__ __forceinline__ float dgelu_bf16(float x, float g, float scale) {
-    const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    const float sig = 1.0f / (1.0f + expf(-(u + u)));
-    const float du_dx = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x);
-    const float local = sig + 2.0f * x * sig * (1.0f - sig) * du_dx;
-    return __bfloat162float(__float2bfloat16_rn((scale * local) * g));
+    return __bfloat162float(__float2bfloat16_rn(gelu_input_grad(x, g, scale)));
 }
 
 // fp8_amax_partial_dgelu_bf16: fp8_amax_partial_bf16 of dgelu_bf16(pre, d, gelu_scale) (the
@@ -258,12 +211,10 @@ fp8_amax_partial_dgelu_bf16(float* partials, const bf16* d, const bf16* pre, flo
 }
 
 // GELU's output as gelu_forward_bf16 (kernels.cu) stores it, for the input casts that apply
-// GELU themselves (the MLP's down-projection): scale·x·σ(2u) in f32 (the same expression, so the
-// same bits), rounded to bf16 because that is the tensor the unfused path would have cast.
+// GELU themselves (the MLP's down-projection): gelu_value (the same function, so the same bits),
+// rounded to bf16 because that is the tensor the unfused path would have cast.
 __device__ __forceinline__ float gelu_bf16(float x, float scale) {
-    const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    const float sig = 1.0f / (1.0f + expf(-(u + u)));
-    return __bfloat162float(__float2bfloat16_rn(scale * (x * sig)));
+    return __bfloat162float(__float2bfloat16_rn(gelu_value(x, scale)));
 }
 
 // fp8_amax_partial_gelu_bf16: fp8_amax_partial_bf16 of gelu_bf16(pre, gelu_scale) (the tensor

@@ -19,25 +19,12 @@
 //   deterministic for a given set of pointers and sizes).
 // - Block-reduction kernels need blockDim.x to be a multiple of 32 (at most 1024).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-typedef unsigned long long u64;
-typedef __nv_bfloat16 bf16;
-typedef __half f16;
+// Prepended by mod.rs: elementwise_common.cuh (u64, bf16, f16, to_float, from_float, load8,
+// store8 but load8<f16>, the GELU formula).
 
 // ---------------------------------------------------------------------------------------------
 // Conversions, packed accesses, reductions
 // ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(f16 x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ f16 from_float<f16>(float x) { return __float2half_rn(x); }
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
@@ -46,24 +33,6 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<u64>(p) & 15ull) == 0;
 }
 
-// Loads 8 consecutive elements as float; p must be 16-byte aligned.
-template <typename T> __device__ __forceinline__ void load8(const T* p, float* f);
-template <> __device__ __forceinline__ void load8<float>(const float* p, float* f) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
-    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-}
-template <> __device__ __forceinline__ void load8<bf16>(const bf16* p, float* f) {
-    // A bf16 is the top half of a float, so widening is a shift; element 0 is the low half.
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        f[2 * k] = __uint_as_float(w[k] << 16);
-        f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
-}
 // f16 bits → float, exactly, with integer and FP32 ops at full rate instead of a conversion
 // instruction (quarter rate; the f16 classifier was bound by them). The magnitude bits shifted
 // into place are the value scaled by 2^-112 (exponent bias 127 vs 15), subnormals included (the
@@ -75,6 +44,7 @@ __device__ __forceinline__ float f16_bits_to_float(unsigned h) {
                                          : __float_as_uint(finite);
     return __uint_as_float(bits | sign);
 }
+// load8<f16> (see elementwise_common.cuh) through f16_bits_to_float.
 template <> __device__ __forceinline__ void load8<f16>(const f16* p, float* f) {
     const uint4 u = *reinterpret_cast<const uint4*>(p);
     const unsigned w[4] = {u.x, u.y, u.z, u.w};
@@ -83,30 +53,6 @@ template <> __device__ __forceinline__ void load8<f16>(const f16* p, float* f) {
         f[2 * k] = f16_bits_to_float(w[k] & 0xffffu);  // element 2k is the low half
         f[2 * k + 1] = f16_bits_to_float(w[k] >> 16);
     }
-}
-
-// Stores 8 floats rounded to T; p must be 16-byte aligned.
-template <typename T> __device__ __forceinline__ void store8(T* p, const float* f);
-template <> __device__ __forceinline__ void store8<float>(float* p, const float* f) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
-}
-template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float* f) {
-    unsigned w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        const unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k]));
-        const unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * k + 1]));
-        w[k] = lo | (hi << 16);
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-template <> __device__ __forceinline__ void store8<f16>(f16* p, const float* f) {
-    uint4 u;
-    __half2* h = reinterpret_cast<__half2*>(&u);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(f[2 * k], f[2 * k + 1]);  // .x = low half
-    *reinterpret_cast<uint4*>(p) = u;
 }
 
 // Xor butterflies: a + b is commutative bit for bit, so every lane ends with the same value.
@@ -219,19 +165,10 @@ template <typename T> __device__ void scale_impl(T* x, float s, int n) {
     extern "C" __global__ void scale_##S(T* x, float s, int n) { scale_impl<T>(x, s, n); }
 FOR_EACH_TYPE(DEF_SCALE)
 
-#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
-#define GELU_CUBIC 0.044715f
-
-// ½(1 + tanh u) as the logistic 1/(1 + e^(−2u)): one expf, and it saturates to 0 or 1 without NaN.
-__device__ __forceinline__ float sigmoid_2x(float u) { return 1.0f / (1.0f + expf(-(u + u))); }
-
 /// gelu_forward_T: tanh-approximation GELU times `scale` (1 outside unit scaling),
 /// scale·x·σ(2u) with u = √(2/π)(x + 0.044715x³).
 template <typename T> __device__ void gelu_forward_impl(T* out, const T* inp, float scale, int n) {
-    map_elements<1>(out, inp, inp, n, [=](float x, float, u64) {
-        const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-        return scale * (x * sigmoid_2x(u));
-    });
+    map_elements<1>(out, inp, inp, n, [=](float x, float, u64) { return gelu_value(x, scale); });
 }
 #define DEF_GELU_FWD(S, T)                                                                    \
     extern "C" __global__ void gelu_forward_##S(T* out, const T* inp, float scale, int n) {   \
@@ -243,13 +180,7 @@ FOR_EACH_TYPE(DEF_GELU_FWD)
 /// scale (overwrites dinp; dinp may alias dout).
 template <typename T>
 __device__ void gelu_backward_impl(T* dinp, const T* inp, const T* dout, float scale, int n) {
-    map_elements<2>(dinp, inp, dout, n, [=](float x, float g, u64) {
-        // With σ = ½(1 + tanh u): d(xσ)/dx = σ + x·2σ(1 − σ)·du/dx.
-        const float sig = sigmoid_2x(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
-        const float du_dx = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x);
-        const float local = sig + 2.0f * x * sig * (1.0f - sig) * du_dx;
-        return (scale * local) * g;
-    });
+    map_elements<2>(dinp, inp, dout, n, [=](float x, float g, u64) { return gelu_input_grad(x, g, scale); });
 }
 #define DEF_GELU_BWD(S, T)                                                                     \
     extern "C" __global__ void gelu_backward_##S(T* dinp, const T* inp, const T* dout,         \

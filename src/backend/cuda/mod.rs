@@ -8,7 +8,9 @@
 //! - Every other op is a CUDA C kernel (`kernels.cu`, `attention.cu`) compiled by NVRTC for the
 //!   device's architecture at first use and cached on disk, keyed by a hash of source, options and
 //!   driver version. On Hopper the attention forward is `attention_wgmma.cu` and the backward
-//!   `attention_wgmma_bwd.cu` (sm_90a, wgmma).
+//!   `attention_wgmma_bwd.cu` (sm_90a, wgmma). Helpers shared by two sources live once in a
+//!   `.cuh` that the `const`s below prepend to each (`elementwise_common.cuh`: kernels.cu and
+//!   fp8.cu; `wgmma_common.cuh`: the two wgmma files).
 //! - Buffers are raw device allocations tagged with their storage [`DType`]; kernels come in
 //!   `_f32`, `_bf16` and `_f16` flavours, picked by the activations' dtype. Parameter gradients,
 //!   optimizer state, LayerNorm statistics, log-sum-exps and losses are always f32.
@@ -38,12 +40,26 @@ use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GeluOut, Gem
 use crate::numerics::{self, DType, TensorStats};
 use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
-const KERNELS_CU: &str = include_str!("kernels.cu");
+/// kernels.cu and fp8.cu, each prefixed with the helpers both use (`elementwise_common.cuh`).
+const KERNELS_CU: &str = concat!(
+    include_str!("elementwise_common.cuh"),
+    include_str!("kernels.cu")
+);
 const ATTENTION_CU: &str = include_str!("attention.cu");
-const ATTENTION_WGMMA_CU: &str = include_str!("attention_wgmma.cu");
-const FP8_CU: &str = include_str!("fp8.cu");
-/// Hopper-only (sm_90a, wgmma) attention backward, compiled only on compute capability 9.0.
-const ATTENTION_WGMMA_BWD_CU: &str = include_str!("attention_wgmma_bwd.cu");
+const FP8_CU: &str = concat!(
+    include_str!("elementwise_common.cuh"),
+    include_str!("fp8.cu")
+);
+/// Hopper-only (sm_90a, wgmma) attention forward and backward, compiled only on compute
+/// capability 9.0; each is prefixed with the device helpers both use (`wgmma_common.cuh`).
+const ATTENTION_WGMMA_CU: &str = concat!(
+    include_str!("wgmma_common.cuh"),
+    include_str!("attention_wgmma.cu")
+);
+const ATTENTION_WGMMA_BWD_CU: &str = concat!(
+    include_str!("wgmma_common.cuh"),
+    include_str!("attention_wgmma_bwd.cu")
+);
 /// The modules every GPU loads (name, source); the sm_90a ones above are optional.
 const BASE_MODULES: [(&str, &str); 3] = [
     ("kernels", KERNELS_CU),
