@@ -4,9 +4,9 @@
 # shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
 #   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|all]...
 # Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
-# ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s, heldout ~6 min (not in `all`;
-# HELDOUT_PEER=0 skips the peer's half), f16tiled ~1.5 min (not in `all`: the opt-in tiled FP8
-# casts of f16 tensors, checked and timed against the default path). Files land in $OUT (or /tmp).
+# ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s. Not in `all`: heldout ~6 min
+# (HELDOUT_PEER=0 skips the peer's half), f16tiled ~1.5 min (the opt-in tiled FP8 casts of f16
+# tensors, checked and timed against the default path). Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
 BIN=${BIN:-./.device/halfling}
@@ -24,32 +24,7 @@ for what in "${@:-all}"; do
     for recipe in bf16 fp8; do
       $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
         --set precision.recipe=$recipe 2>&1 | tail -1
-      if [[ $what == f16tiled ]]; then
-    HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
-    echo "selftest (f16 tiled) rc=$? $(tail -1 "$OUT/selftest-f16tiled.txt")"
-    grep FAIL "$OUT/selftest-f16tiled.txt" | head
-    for on in 0 1 0 1; do
-      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
-        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
-        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
     done
-  fi
-  if [[ $what == heldout ]]; then
-    # Shapes no config names: layers width heads batch context. Each is benched here and, unless
-    # HELDOUT_PEER=0, by torch.compile at the same shape.
-    for shape in "24 1024 16 8 1024" "12 768 6 16 1024" "12 768 12 8 2048" "12 960 10 8 1024" \
-      "8 1280 16 8 1024" "6 512 8 32 512"; do
-      read -r l d h b t <<< "$shape"
-      echo "shape L$l d$d h$h (head size $((d / h))) batch $b context $t:"
-      $BIN bench --config configs/gpt2_124m.toml --device cuda --steps 10 --warmup 3 \
-        --set model.n_layer=$l --set model.n_embd=$d --set model.n_head=$h \
-        --set train.batch_size=$b --set model.block_size=$t 2>&1 | tail -1
-      [[ ${HELDOUT_PEER:-1} == 1 ]] && PYTHONUNBUFFERED=1 python3 .device/peer_gpt2.py \
-        --modes compile --layers $l --dim $d --heads $h --batch $b --seq $t --steps 10 \
-        --warmup 4 2>&1 | grep '^{"mode'
-    done
-  fi
-done
   fi
   if [[ $what == peer || $what == all ]]; then
     modes=compile
@@ -71,32 +46,7 @@ done
         --set precision.monitor_interval=100 --set precision.recipe=$r > /tmp/r-$r.log 2>&1 \
         || { echo "$r failed:"; tail -5 /tmp/r-$r.log; continue; }
       echo "$r: $(wall $s) s"; runs+=(/tmp/r/$r)
-      if [[ $what == f16tiled ]]; then
-    HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
-    echo "selftest (f16 tiled) rc=$? $(tail -1 "$OUT/selftest-f16tiled.txt")"
-    grep FAIL "$OUT/selftest-f16tiled.txt" | head
-    for on in 0 1 0 1; do
-      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
-        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
-        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
     done
-  fi
-  if [[ $what == heldout ]]; then
-    # Shapes no config names: layers width heads batch context. Each is benched here and, unless
-    # HELDOUT_PEER=0, by torch.compile at the same shape.
-    for shape in "24 1024 16 8 1024" "12 768 6 16 1024" "12 768 12 8 2048" "12 960 10 8 1024" \
-      "8 1280 16 8 1024" "6 512 8 32 512"; do
-      read -r l d h b t <<< "$shape"
-      echo "shape L$l d$d h$h (head size $((d / h))) batch $b context $t:"
-      $BIN bench --config configs/gpt2_124m.toml --device cuda --steps 10 --warmup 3 \
-        --set model.n_layer=$l --set model.n_embd=$d --set model.n_head=$h \
-        --set train.batch_size=$b --set model.block_size=$t 2>&1 | tail -1
-      [[ ${HELDOUT_PEER:-1} == 1 ]] && PYTHONUNBUFFERED=1 python3 .device/peer_gpt2.py \
-        --modes compile --layers $l --dim $d --heads $h --batch $b --seq $t --steps 10 \
-        --warmup 4 2>&1 | grep '^{"mode'
-    done
-  fi
-done
     $BIN compare "${runs[@]}" --out "$OUT/recipes_gpu_bpe2048.svg"
     [[ -d /tmp/r/fp8 ]] && $BIN report --run /tmp/r/fp8 > "$OUT/report-fp8.txt" 2>&1
   fi
@@ -106,16 +56,6 @@ done
       > /tmp/baby.log 2>&1
     echo "baby GPT: rc=$? $(wall $s) s $(grep -o '"final_val_loss":[^,]*' /tmp/baby/summary.json)"
   fi
-  if [[ $what == f16tiled ]]; then
-    HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
-    echo "selftest (f16 tiled) rc=$? $(tail -1 "$OUT/selftest-f16tiled.txt")"
-    grep FAIL "$OUT/selftest-f16tiled.txt" | head
-    for on in 0 1 0 1; do
-      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
-        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
-        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
-    done
-  fi
   if [[ $what == heldout ]]; then
     # Shapes no config names: layers width heads batch context. Each is benched here and, unless
     # HELDOUT_PEER=0, by torch.compile at the same shape.
@@ -129,6 +69,16 @@ done
       [[ ${HELDOUT_PEER:-1} == 1 ]] && PYTHONUNBUFFERED=1 python3 .device/peer_gpt2.py \
         --modes compile --layers $l --dim $d --heads $h --batch $b --seq $t --steps 10 \
         --warmup 4 2>&1 | grep '^{"mode'
+    done
+  fi
+  if [[ $what == f16tiled ]]; then
+    HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
+    echo "selftest (f16 tiled) rc=$? $(tail -1 "$OUT/selftest-f16tiled.txt")"
+    grep FAIL "$OUT/selftest-f16tiled.txt" | head
+    for on in 0 1 0 1; do
+      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
+        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
+        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
     done
   fi
 done
