@@ -370,6 +370,13 @@ pub trait Backend {
             .collect()
     }
 
+    /// An error, saying what to change, when the attention ops cannot run `n_head` heads over a
+    /// width of `n_embd` (checked when a model is built, before any data reaches it).
+    fn check_attention_shape(&self, n_embd: usize, n_head: usize) -> Result<()> {
+        let _ = (n_embd, n_head);
+        Ok(())
+    }
+
     /// Whether the backend can store and compute with `dtype` buffers.
     fn supports(&self, dtype: DType) -> bool {
         let _ = dtype;

@@ -340,6 +340,7 @@ impl<B: Backend> Gpt<B> {
         values: &[Vec<f32>],
     ) -> Result<Self> {
         cfg.check()?;
+        backend.check_attention_shape(cfg.n_embd, cfg.n_head)?;
         let specs = Self::param_specs(&cfg);
         if values.len() != specs.len() {
             bail!(

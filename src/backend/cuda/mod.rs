@@ -1699,6 +1699,10 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn check_attention_shape(&self, n_embd: usize, n_head: usize) -> Result<()> {
+        attention::variant(n_embd, n_head).map(|_| ())
+    }
+
     fn attention_forward(
         &self,
         out: &mut CudaBuf,
@@ -2355,7 +2359,7 @@ mod attention {
     }
 
     /// Kernel variant (the largest head size it handles) for head size `hs`.
-    fn variant(c: usize, nh: usize) -> Result<(usize, usize)> {
+    pub(super) fn variant(c: usize, nh: usize) -> Result<(usize, usize)> {
         let hs = if nh > 0 && c % nh == 0 { c / nh } else { 0 };
         if hs == 0 || hs % 8 != 0 || hs > 128 {
             bail!(
@@ -2487,6 +2491,17 @@ mod attention {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn head_sizes_outside_the_kernels_range_are_refused() {
+            assert_eq!(variant(768, 12).unwrap(), (64, 64));
+            assert_eq!(variant(960, 10).unwrap(), (96, 128));
+            assert_eq!(variant(48, 6).unwrap(), (8, 64));
+            for (c, nh) in [(2048, 8), (100, 10), (768, 7), (768, 0)] {
+                let err = variant(c, nh).unwrap_err().to_string();
+                assert!(err.contains("multiple of 8 up to 128"), "{c}/{nh}: {err}");
+            }
+        }
 
         #[test]
         fn bf16_geometry_matches_the_cu_headers() {
