@@ -44,6 +44,8 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const UNIT_MODEL_FILE: &str = "unit_model.safetensors";
 /// Metadata key of [`UNIT_MODEL_FILE`] naming [`unit::RESIDUAL_RULE`].
 pub const UNIT_RULE_KEY: &str = "residual_rule";
+/// Metadata key of [`OPTIMIZER_FILE`] naming [`unit::LR_RULE`] (unit-scaled runs only).
+pub const UNIT_LR_RULE_KEY: &str = "unit_lr_rule";
 
 /// Where training stood when a checkpoint was written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,6 +147,9 @@ pub fn save_checkpoint<B: Backend>(
     }
     let mut meta = BTreeMap::new();
     meta.insert("step".to_string(), optimizer.step.to_string());
+    if model.recipe().unit_scaling {
+        meta.insert(UNIT_LR_RULE_KEY.to_string(), unit::LR_RULE.to_string());
+    }
     let options = ModelSaveOptions {
         dtype: checkpoint::SaveDType::F32,
         dropout: parts.config.model.dropout,
@@ -375,6 +380,21 @@ pub fn load_training_state<B: Backend>(
             state_path.display(),
             state.step
         );
+    }
+    if model.recipe().unit_scaling {
+        let rule = meta.get(UNIT_LR_RULE_KEY).map(String::as_str);
+        if rule != Some(unit::LR_RULE) {
+            // Resuming is still sound (Adam's moments do not depend on the rates), but the
+            // continuation differs from the one the original rates would have given.
+            eprintln!(
+                "note: {} was written under an older unit-scaling learning-rate rule ({}); the \
+                 run continues with the current per-matrix rates ({}), not exactly as it would \
+                 have",
+                dir.join(OPTIMIZER_FILE).display(),
+                rule.unwrap_or("untagged"),
+                unit::LR_RULE
+            );
+        }
     }
     optimizer.step = state.step;
     Ok(state)

@@ -259,6 +259,39 @@ fn resume_is_exact_for_unit_scaling() {
 }
 
 #[test]
+fn resume_under_an_older_unit_learning_rate_rule_says_so() {
+    let sb = Sandbox::new();
+    sb.ok(&[
+        "train",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "runs/unit",
+        "--stop-at",
+        "10",
+        "--quiet",
+        "--set",
+        "precision.recipe=fp8-unit",
+    ]);
+    // The optimizer state records the rule its rates came from ...
+    let opt = sb.path("runs/unit/checkpoint/optimizer.safetensors");
+    let (tensors, mut meta) = halfling::checkpoint::load_tensors(&opt).expect("optimizer state");
+    assert_eq!(
+        meta.remove(halfling::runs::UNIT_LR_RULE_KEY).as_deref(),
+        Some(halfling::model::unit::LR_RULE)
+    );
+    // ... and a checkpoint written before it did resumes with a note.
+    halfling::checkpoint::save_tensors(&opt, &tensors, &meta).unwrap();
+    let out = sb.run(&["train", "--resume", "runs/unit", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("older unit-scaling learning-rate rule"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn gradient_accumulation_matches_one_big_batch() {
     let sb = Sandbox::new();
     let common = [

@@ -52,6 +52,10 @@
 //!   Decoupled weight decay is divided by the same factor, so `lr·wd` is unchanged. Vectors
 //!   keep the base rate.
 
+/// Names the per-matrix learning-rate rule of unit scaling (`Gpt::lr_scales`). Checkpoints
+/// record it with the optimizer state, so a resume under another rule says so.
+pub const LR_RULE: &str = "fan-in";
+
 /// Names the residual rule of [`UnitScales::unit`]. Unit-scaled weights saved under another
 /// rule compute another function, so checkpoints record it (see `runs::UNIT_MODEL_FILE`).
 pub const RESIDUAL_RULE: &str = "embedding-as-L-branches";
