@@ -2,11 +2,12 @@
 # Device calls for the GPU machine: correctness, speed side by side with the PyTorch peer, and the
 # recipe comparison. Run from the repo root there, with the stripped release binary, env.sh and
 # shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
-#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|all]...
+#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|profile|all]...
 # Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
 # ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s. Not in `all`: heldout ~6 min
 # (HELDOUT_PEER=0 skips the peer's half), f16tiled ~1.5 min (the opt-in tiled FP8 casts of f16
-# tensors, checked and timed against the default path). Files land in $OUT (or /tmp).
+# tensors, checked and timed against the default path), profile ~1 min (device time per kernel,
+# 124M bf16 and 0.91B fp8, into $OUT/prof-*.txt). Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
 BIN=${BIN:-./.device/halfling}
@@ -70,6 +71,13 @@ for what in "${@:-all}"; do
         --modes compile --layers $l --dim $d --heads $h --batch $b --seq $t --steps 10 \
         --warmup 4 2>&1 | grep '^{"mode'
     done
+  fi
+  if [[ $what == profile ]]; then
+    HALFLING_CUDA_PROFILE=1 $BIN bench --config configs/gpt2_124m.toml --device cuda --steps 3 \
+      --warmup 2 > "$OUT/prof-124m.txt" 2>&1
+    HALFLING_CUDA_PROFILE=1 $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 3 \
+      --warmup 1 --set precision.recipe=fp8 > "$OUT/prof-0p9b-fp8.txt" 2>&1
+    head -25 "$OUT/prof-124m.txt"; tail -1 "$OUT/prof-124m.txt"
   fi
   if [[ $what == f16tiled ]]; then
     HALFLING_CUDA_FP8_F16_TILED=1 $BIN selftest --device cuda > "$OUT/selftest-f16tiled.txt" 2>&1
