@@ -56,6 +56,15 @@ template <int NROWS>
 __device__ __forceinline__ u64 sm90_koff(int kt) {
     return (u64)(((kt >> 2) * (NROWS * 128) + (kt & 3) * 32) >> 4);
 }
+// acc = A·Bᵀ reduced over the head dimension in HS/16 wgmma k-steps (acc overwritten): A the
+// MROWS-row K-major tile at descriptor a, B the BN-row one at b (both from sm90_desc_k).
+template <typename E, int BN, int MROWS, int HS>
+__device__ __forceinline__ void sm90_ss_over_head(float (&acc)[BN / 2], u64 a, u64 b) {
+    Wg<E, BN>::ss0(acc, a, b);
+#pragma unroll
+    for (int kt = 1; kt < HS / 16; kt++)
+        Wg<E, BN>::ss1(acc, a + sm90_koff<MROWS>(kt), b + sm90_koff<BN>(kt));
+}
 // MN-major operand (the reduction over the tile's rows, N = all head columns): k-step kk (rows
 // 16kk..16kk+15) adds kk * 128; the two 64-column blocks of HS = 128 are NROWS*128 bytes apart.
 template <int NROWS>
@@ -205,14 +214,8 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
             float st[BN / 2], dpt[BN / 2];
             const u64 dq = sm90_desc_k(Qt), ddo = sm90_desc_k(dOt);
             sm90_wg_fence();
-            Wg<E, BN>::ss0(st, dk0, dq);
-#pragma unroll
-            for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(st, dk0 + sm90_koff<BM>(kt), dq + sm90_koff<BN>(kt));
-            Wg<E, BN>::ss0(dpt, dv0, ddo);
-#pragma unroll
-            for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(dpt, dv0 + sm90_koff<BM>(kt), ddo + sm90_koff<BN>(kt));
+            sm90_ss_over_head<E, BN, BM, HS>(st, dk0, dq);
+            sm90_ss_over_head<E, BN, BM, HS>(dpt, dv0, ddo);
             sm90_wg_commit();
             sm90_wg_wait<0>();
             sm90_fence_acc(st);
@@ -327,14 +330,8 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
             float s[BN / 2], dp[BN / 2];
             const u64 dkt = sm90_desc_k(Kt), dvt = sm90_desc_k(Vt);
             sm90_wg_fence();
-            Wg<E, BN>::ss0(s, dq0, dkt);
-#pragma unroll
-            for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(s, dq0 + sm90_koff<BM>(kt), dkt + sm90_koff<BN>(kt));
-            Wg<E, BN>::ss0(dp, ddo0, dvt);
-#pragma unroll
-            for (int kt = 1; kt < HS / 16; kt++)
-                Wg<E, BN>::ss1(dp, ddo0 + sm90_koff<BM>(kt), dvt + sm90_koff<BN>(kt));
+            sm90_ss_over_head<E, BN, BM, HS>(s, dq0, dkt);
+            sm90_ss_over_head<E, BN, BM, HS>(dp, ddo0, dvt);
             sm90_wg_commit();
             sm90_wg_wait<0>();
             sm90_fence_acc(s);
