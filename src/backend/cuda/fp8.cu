@@ -572,52 +572,35 @@ __device__ __forceinline__ void fp8_cast_tiled(unsigned char* out, unsigned char
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-fp8_cast_tiled_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows, int cols,
-                    int format, const float* partials, int num_partials, float fixed_scale,
-                    int margin, unsigned* amax_slot, float* inv_scale_out) {
-    fp8_cast_tiled<128, 4, false, false>(out, out_t, x, rows, cols, format, partials, num_partials,
-                                         fixed_scale, margin, amax_slot, inv_scale_out, nullptr,
-                                         nullptr, 1.0f);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-fp8_cast_tiled_dbias_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows,
-                          int cols, int format, const float* partials, int num_partials,
-                          float fixed_scale, int margin, unsigned* amax_slot,
-                          float* inv_scale_out, float* col_sums) {
-    fp8_cast_tiled<128, 4, true, false>(out, out_t, x, rows, cols, format, partials, num_partials,
-                                        fixed_scale, margin, amax_slot, inv_scale_out, col_sums,
-                                        nullptr, 1.0f);
-}
-
-// fp8_cast_tiled_f16 / fp8_cast_tiled_dbias_f16: the two kernels above on an f16 tensor
-// (fp8-unit), same parameters but x; the codes, amax and sums are fp8_cast_f16's / the f32 sums
-// of x's values.
-extern "C" __global__ void __launch_bounds__(256)
-fp8_cast_tiled_f16(unsigned char* out, unsigned char* out_t, const f16* x, int rows, int cols,
-                   int format, const float* partials, int num_partials, float fixed_scale,
-                   int margin, unsigned* amax_slot, float* inv_scale_out) {
-    fp8_cast_tiled<128, 4, false, false>(out, out_t, x, rows, cols, format, partials, num_partials,
-                                         fixed_scale, margin, amax_slot, inv_scale_out, nullptr,
-                                         nullptr, 1.0f);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-fp8_cast_tiled_dbias_f16(unsigned char* out, unsigned char* out_t, const f16* x, int rows,
-                         int cols, int format, const float* partials, int num_partials,
-                         float fixed_scale, int margin, unsigned* amax_slot,
-                         float* inv_scale_out, float* col_sums) {
-    fp8_cast_tiled<128, 4, true, false>(out, out_t, x, rows, cols, format, partials, num_partials,
-                                        fixed_scale, margin, amax_slot, inv_scale_out, col_sums,
-                                        nullptr, 1.0f);
-}
+// fp8_cast_tiled_T and fp8_cast_tiled_dbias_T (T = bf16, or f16 for fp8-unit): the tiled cast
+// of x, without and with the column sums; on f16 the codes and amax are fp8_cast_f16's and the
+// sums the f32 sums of x's values.
+#define DEF_TILED_CAST(S, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        fp8_cast_tiled_##S(unsigned char* out, unsigned char* out_t, const T* x, int rows,     \
+                           int cols, int format, const float* partials, int num_partials,      \
+                           float fixed_scale, int margin, unsigned* amax_slot,                 \
+                           float* inv_scale_out) {                                             \
+        fp8_cast_tiled<128, 4, false, false>(out, out_t, x, rows, cols, format, partials,      \
+                                             num_partials, fixed_scale, margin, amax_slot,     \
+                                             inv_scale_out, nullptr, nullptr, 1.0f);           \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        fp8_cast_tiled_dbias_##S(unsigned char* out, unsigned char* out_t, const T* x,         \
+                                 int rows, int cols, int format, const float* partials,        \
+                                 int num_partials, float fixed_scale, int margin,              \
+                                 unsigned* amax_slot, float* inv_scale_out, float* col_sums) { \
+        fp8_cast_tiled<128, 4, true, false>(out, out_t, x, rows, cols, format, partials,       \
+                                            num_partials, fixed_scale, margin, amax_slot,      \
+                                            inv_scale_out, col_sums, nullptr, 1.0f);           \
+    }
+FOR_EACH_TYPE(DEF_TILED_CAST)
 
 // fp8_cast_tiled_dgelu_bf16 / fp8_cast_tiled_dbias_dgelu_bf16: fp8_cast_tiled_bf16 and
-// fp8_cast_tiled_dbias_bf16 with x the gradient of GELU's output and `pre` [rows, cols] (bf16, 16-byte aligned) its input: they cast
-// dgelu_bf16(pre, x, gelu_scale), the gradient of GELU's input, which is never stored (the MLP's
-// up-projection backward reads it only here). Scale and amax are that tensor's (current scaling
-// takes its partials from fp8_amax_partial_dgelu_bf16).
+// fp8_cast_tiled_dbias_bf16 with x the gradient of GELU's output and `pre` [rows, cols] (bf16,
+// 16-byte aligned) its input: they cast dgelu_bf16(pre, x, gelu_scale), the gradient of GELU's
+// input, which is never stored (the MLP's up-projection backward reads it only here). Scale and
+// amax are that tensor's (current scaling takes its partials from fp8_amax_partial_dgelu_bf16).
 extern "C" __global__ void __launch_bounds__(256)
 fp8_cast_tiled_dgelu_bf16(unsigned char* out, unsigned char* out_t, const bf16* x, int rows,
                           int cols, int format, const float* partials, int num_partials,
