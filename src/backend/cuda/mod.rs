@@ -177,6 +177,16 @@ pub fn cuda_available() -> bool {
     CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
 }
 
+/// An environment switch that is on unless set to "0" (the fast paths, off to compare).
+fn env_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
+/// An environment switch that is off unless set to "1" (diagnostics and opt-in paths).
+fn env_opt_in(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
 fn gemm_type(dtype: DType) -> Result<GemmType> {
     match dtype {
         DType::F32 => Ok(GemmType::F32),
@@ -380,8 +390,8 @@ impl CudaBackend {
         }
         // The wgmma forward needs the sm_90a target (compute capability 9.0 exactly). It is an
         // optional fast path: where NVRTC or the driver cannot build it, attention.cu's kernels run.
-        let wgmma_attention = (major, minor) == (9, 0)
-            && std::env::var("HALFLING_CUDA_WGMMA_ATTN").map_or(true, |v| v != "0")
+        let wgmma_wanted = (major, minor) == (9, 0) && env_on("HALFLING_CUDA_WGMMA_ATTN");
+        let wgmma_attention = wgmma_wanted
             && compile_cached(
                 "attention_wgmma",
                 ATTENTION_WGMMA_CU,
@@ -394,10 +404,8 @@ impl CudaBackend {
             .map(|m| modules.push(m))
             .is_some();
         // The wgmma backward likewise (a separate module: its own tiling variants).
-        let wgmma_bwd_wanted = (major, minor) == (9, 0)
-            && std::env::var("HALFLING_CUDA_WGMMA_ATTN").map_or(true, |v| v != "0");
         let wgmma_attention_bwd = match attention::sm90_choice()? {
-            Some(v) if wgmma_bwd_wanted => compile_cached(
+            Some(v) if wgmma_wanted => compile_cached(
                 "attention_wgmma_bwd",
                 ATTENTION_WGMMA_BWD_CU,
                 "sm_90a",
@@ -424,22 +432,18 @@ impl CudaBackend {
             live: Rc::new(Cell::new(0)),
             peak: Cell::new(0),
             name: format!("cuda:{ordinal} ({name})"),
-            sync_each_launch: std::env::var("HALFLING_CUDA_SYNC").is_ok_and(|v| v == "1"),
-            fused_epilogues: std::env::var("HALFLING_CUDA_FUSED_EPILOGUES")
-                .map_or(true, |v| v != "0"),
-            profile: std::env::var("HALFLING_CUDA_PROFILE")
-                .is_ok_and(|v| v == "1")
-                .then(|| RefCell::new(Vec::new())),
+            sync_each_launch: env_opt_in("HALFLING_CUDA_SYNC"),
+            fused_epilogues: env_on("HALFLING_CUDA_FUSED_EPILOGUES"),
+            profile: env_opt_in("HALFLING_CUDA_PROFILE").then(|| RefCell::new(Vec::new())),
             fp8: RefCell::new(fp8::Fp8Scratch::default()),
-            fp8_enabled: std::env::var("HALFLING_CUDA_FP8").map_or(true, |v| v != "0"),
+            fp8_enabled: env_on("HALFLING_CUDA_FP8"),
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
             wgmma_attention,
-            fp8_f16_tiled: std::env::var("HALFLING_CUDA_FP8_F16_TILED").is_ok_and(|v| v == "1"),
-            fp8_keep: std::env::var("HALFLING_CUDA_FP8_KEEP").map_or(true, |v| v != "0"),
-            fp8_dgelu_cast: std::env::var("HALFLING_CUDA_FP8_DGELU_CAST")
-                .map_or(true, |v| v != "0"),
-            fp8_gelu_cast: std::env::var("HALFLING_CUDA_FP8_GELU_CAST").map_or(true, |v| v != "0"),
+            fp8_f16_tiled: env_opt_in("HALFLING_CUDA_FP8_F16_TILED"),
+            fp8_keep: env_on("HALFLING_CUDA_FP8_KEEP"),
+            fp8_dgelu_cast: env_on("HALFLING_CUDA_FP8_DGELU_CAST"),
+            fp8_gelu_cast: env_on("HALFLING_CUDA_FP8_GELU_CAST"),
             wgmma_attention_bwd,
         })
     }
