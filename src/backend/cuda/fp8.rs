@@ -35,9 +35,9 @@
 //!
 //! The casts write into scratch buffers kept per role and grown to the largest shape seen, so a
 //! training step allocates nothing after its first. Casts that need no dequantized copy run
-//! `fp8_cast_tiled_T`, which writes both layouts from one read at close to copy bandwidth (f16
-//! tensors only with `HALFLING_CUDA_FP8_F16_TILED=1`, not yet run on a GPU; otherwise their
-//! casts go through `fp8_cast_f16` and nothing of theirs is kept).
+//! `fp8_cast_tiled_T`, which writes both layouts from one read at close to copy bandwidth, for
+//! bf16 and f16 tensors alike (`HALFLING_CUDA_FP8_F16_TILED=0` sends f16 casts through the
+//! per-tensor `fp8_cast_f16` instead and keeps nothing of theirs, to compare).
 //!
 //! Operands with a [`KeepToken`] are cast once into a copy kept under the token (with its own
 //! scale cell) and read from there by every later GEMM presenting the same token: a weight's
@@ -578,8 +578,8 @@ impl CudaBackend {
         self.fp8_keep && op.keep.is_some() && op.format.is_float8() && self.fp8_tiled(x.dtype)
     }
 
-    /// Whether casts of a `dtype` tensor run the tiled kernels (bf16, and f16 with
-    /// `HALFLING_CUDA_FP8_F16_TILED=1`).
+    /// Whether casts of a `dtype` tensor run the tiled kernels (bf16, and f16 unless
+    /// `HALFLING_CUDA_FP8_F16_TILED=0`).
     fn fp8_tiled(&self, dtype: DType) -> bool {
         dtype == DType::BF16 || (dtype == DType::F16 && self.fp8_f16_tiled)
     }

@@ -137,9 +137,8 @@ pub struct CudaBackend {
     /// `HALFLING_CUDA_WGMMA_ATTN=0` keeps attention.cu's mma.sync forward instead.
     wgmma_attention: bool,
     /// Whether f16 tensors (fp8-unit) take the tiled FP8 casts, fused bias gradient and kept
-    /// copies as bf16 ones do. Opt-in (`HALFLING_CUDA_FP8_F16_TILED=1`) until a GPU run has
-    /// checked it (the f16 kernels were compile-checked only); otherwise they take the per-tensor
-    /// `fp8_cast_f16` on every read.
+    /// copies as bf16 ones do (H100: fp8-unit at 0.91B 84.6 → 79.5 ms/step, +3.5 GB of kept
+    /// copies); `HALFLING_CUDA_FP8_F16_TILED=0` takes the per-tensor `fp8_cast_f16` on every read.
     fp8_f16_tiled: bool,
     /// Whether FP8 casts may be kept for later GEMMs under the caller's `KeepToken`s;
     /// `HALFLING_CUDA_FP8_KEEP=0` casts every operand where it is read (less memory, to compare).
@@ -440,7 +439,7 @@ impl CudaBackend {
             fp8_fast_accum: fp8::FastAccum::from_env(),
             fp8_host_scales: std::env::var("HALFLING_CUDA_FP8_SCALES").is_ok_and(|v| v == "host"),
             wgmma_attention,
-            fp8_f16_tiled: env_opt_in("HALFLING_CUDA_FP8_F16_TILED"),
+            fp8_f16_tiled: env_on("HALFLING_CUDA_FP8_F16_TILED"),
             fp8_keep: env_on("HALFLING_CUDA_FP8_KEEP"),
             fp8_dgelu_cast: env_on("HALFLING_CUDA_FP8_DGELU_CAST"),
             fp8_gelu_cast: env_on("HALFLING_CUDA_FP8_GELU_CAST"),
