@@ -533,6 +533,15 @@ pub trait Backend {
         self.gelu_backward(dpre, pre, gelu_scale)
     }
 
+    /// Whether [`Backend::mlp_forward`] with these forward GEMMs on `act` tensors is meant to
+    /// write GELU's output (the default, true). A backend that applies GELU where linear₂ reads
+    /// it says false, and a model then keeps no GELU buffer per layer for the backward: one
+    /// shared buffer serves where the backend must form the values after all.
+    fn mlp_forward_writes_gelu(&self, act: DType, gemms: [GemmSpec; 2]) -> bool {
+        let _ = (act, gemms);
+        true
+    }
+
     /// The MLP `out = linear₂(gelu(linear₁(inp)))` (`inp` [n, c], linear₁ `c` → `h` with
     /// `w1`, `b1`, linear₂ `h` → `c` with `w2`, `b2`; `gemms` their forward GEMMs): `pre =
     /// linear₁(inp)` [n, h] and `out` [n, c] overwritten. Returns whether `gelu_out` [n, h] now

@@ -237,7 +237,7 @@ const FCPROJ: usize = 3;
 
 /// The versions behind a pass's [`KeepToken`]s: the activations' (a training pass only) and
 /// the amax buffer's.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct KeepVersions {
     acts: Option<u64>,
     amax: u64,
@@ -574,8 +574,17 @@ impl<B: Backend> Gpt<B> {
         let (c, nh, vp) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.padded_vocab_size);
         let bt = b * t;
         let act = self.recipe.activations;
-        // The GELU output is saved per layer only when a backward will read it.
-        let keep_gelu = training && !self.recompute_gelu;
+        // The GELU output is saved per layer only when a backward will read it and the forward
+        // writes it (a backend may apply GELU where the down-projection reads it instead).
+        let gemms = self.block_gemms(&self.unit_scales(b, t), KeepVersions::default());
+        let keep_gelu: Vec<bool> = (0..self.cfg.n_layer)
+            .map(|l| {
+                let (fc, fcproj) = (&gemms[l * 4 + FC], &gemms[l * 4 + FCPROJ]);
+                training
+                    && !self.recompute_gelu
+                    && backend.mlp_forward_writes_gelu(act, [fc.fwd, fcproj.fwd])
+            })
+            .collect();
         // Training passes may compute the logits a chunk of rows at a time (never the logits of
         // inference, which sampling reads); chunks are multiples of 128 rows, which keeps every
         // chunk's first row 256-byte aligned for the GEMMs.
@@ -588,7 +597,7 @@ impl<B: Backend> Gpt<B> {
             };
         let f32 = DType::F32;
         let layers = (0..self.cfg.n_layer)
-            .map(|_| {
+            .map(|l| {
                 Ok(LayerActs {
                     ln1: backend.alloc(act, bt * c)?,
                     ln1_mean: backend.alloc(f32, bt)?,
@@ -601,7 +610,7 @@ impl<B: Backend> Gpt<B> {
                     ln2_mean: backend.alloc(f32, bt)?,
                     ln2_rstd: backend.alloc(f32, bt)?,
                     fch: backend.alloc(act, bt * 4 * c)?,
-                    fch_gelu: if keep_gelu {
+                    fch_gelu: if keep_gelu[l] {
                         Some(backend.alloc(act, bt * 4 * c)?)
                     } else {
                         None
@@ -637,7 +646,7 @@ impl<B: Backend> Gpt<B> {
             logits: backend.alloc(act, head_rows * vp)?,
             head_rows,
             losses: backend.alloc(f32, bt)?,
-            gelu_shared: if keep_gelu {
+            gelu_shared: if keep_gelu.iter().all(|&k| k) {
                 None
             } else {
                 Some(backend.alloc(act, bt * 4 * c)?)
@@ -834,6 +843,7 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
             )?;
+            let own_buffer = la.fch_gelu.is_some();
             let gelu_out = match la.fch_gelu.as_mut() {
                 Some(saved) => saved,
                 None => acts
@@ -842,8 +852,9 @@ impl<B: Backend> Gpt<B> {
                     .ok_or_else(|| anyhow!("internal error: no GELU buffer"))?,
             };
             // Both MLP linears in one op: a backend may apply GELU where the down-projection's
-            // GEMM reads it and leave `gelu_out` unwritten (the backward then gets it deferred).
-            la.gelu_stored = backend.mlp_forward(
+            // GEMM reads it and leave `gelu_out` unwritten (the backward then gets it deferred,
+            // as it does a shared buffer, which later layers overwrite).
+            let written = backend.mlp_forward(
                 &mut acts.branch,
                 &mut la.fch,
                 gelu_out,
@@ -855,6 +866,7 @@ impl<B: Backend> Gpt<B> {
                 amax.as_deref_mut(),
                 us.gelu,
             )?;
+            la.gelu_stored = own_buffer && written;
             if let Some(seed) = drop {
                 backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
             }

@@ -578,6 +578,14 @@ impl CudaBackend {
         self.fp8_keep && op.keep.is_some() && op.format.is_float8() && self.fp8_tiled(x.dtype)
     }
 
+    /// Whether the MLP's forward applies GELU in the down-projection's FP8 input cast
+    /// ([`CudaBackend::fp8_mlp_forward`], bf16 tensors), given that projection's forward GEMM:
+    /// only where its input codes are kept for the backward, which would otherwise form GELU's
+    /// output again to cast it.
+    pub(super) fn fp8_mlp_gelu_cast(&self, fcproj: &[GemmSpec]) -> bool {
+        self.fp8_gelu_cast && self.fp8_keep && involved(fcproj)
+    }
+
     /// Whether casts of a `dtype` tensor run the tiled kernels (bf16, and f16 unless
     /// `HALFLING_CUDA_FP8_F16_TILED=0`).
     fn fp8_tiled(&self, dtype: DType) -> bool {

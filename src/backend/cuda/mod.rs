@@ -1439,6 +1439,10 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn mlp_forward_writes_gelu(&self, act: DType, gemms: [GemmSpec; 2]) -> bool {
+        !(act == DType::BF16 && self.fp8_mlp_gelu_cast(&gemms[1..]))
+    }
+
     fn mlp_forward(
         &self,
         out: &mut CudaBuf,
@@ -1452,9 +1456,7 @@ impl Backend for CudaBackend {
         mut amax: Option<&mut CudaBuf>,
         gelu_scale: f32,
     ) -> Result<bool> {
-        // Only where the down-projection's input codes are kept for the backward (which would
-        // otherwise form GELU's output again to cast it).
-        if self.fp8_gelu_cast && self.fp8_keep && fp8::involved(&gemms[1..]) {
+        if self.fp8_mlp_gelu_cast(&gemms[1..]) {
             let ran = self.fp8_mlp_forward(
                 out,
                 pre,
