@@ -923,12 +923,26 @@ impl Lt {
     /// instead of `g.out` (0: they may write `g.out`). Rerunning `g` in place changes its result
     /// when it accumulates (`beta != 0`, weight gradients) or when `out` overlaps an operand it
     /// reads (an in-place product): those time on a scratch output.
-    pub fn tune_need(&self, g: &Gemm, fp8: Option<&Fp8Scales>) -> Option<usize> {
+    pub fn tune_need(
+        &mut self,
+        stream: &CudaStream,
+        g: &Gemm,
+        fp8: Option<&Fp8Scales>,
+    ) -> Option<usize> {
         if !self.tuning.enabled || g.m == 0 || g.n == 0 {
             return None;
         }
         let key = PlanKey::new(g, fp8);
-        if self.refused.contains(&key) || self.plans.get(&key).is_some_and(|p| p.settled) {
+        if self.refused.contains(&key) {
+            return None;
+        }
+        // The plan is built here, not in `tune`: one whose choice is on disk is settled then,
+        // and needs no scratch. A GEMM that cannot be planned is left to `matmul_scaled`, which
+        // says why.
+        if !self.plans.contains_key(&key) && !matches!(self.prepare(stream, g, fp8), Ok(Some(_))) {
+            return None;
+        }
+        if self.plans.get(&key).is_some_and(|p| p.settled) {
             return None;
         }
         let (m, n, k) = (g.m, g.n, g.k);

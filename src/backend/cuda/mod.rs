@@ -555,7 +555,7 @@ impl CudaBackend {
     /// write a scratch output from [`Backend::alloc`], so the peak memory reported counts it;
     /// it is freed after. If that allocation fails the plan keeps the heuristic's first answer.
     fn tune_gemm(&self, g: &Gemm, f: Option<&cublaslt::Fp8Scales>) -> Result<()> {
-        let Some(bytes) = self.lt.borrow().tune_need(g, f) else {
+        let Some(bytes) = self.lt.borrow_mut().tune_need(&self.stream, g, f) else {
             return Ok(());
         };
         let scratch = if bytes > 0 {
