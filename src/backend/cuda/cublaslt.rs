@@ -7,6 +7,12 @@
 //! - **Cached plans.** A training step issues the same few dozen GEMM shapes over and over. The
 //!   matmul descriptor, the matrix layouts and the heuristic's chosen algorithm are built once per
 //!   shape/type/epilogue key and reused; a call then only sets the per-call pointers and launches.
+//! - **Measured algorithms.** The heuristic's first answer is often not the fastest (the GELU
+//!   epilogues at GPT-2 124M ran at ~450 TFLOP/s where plain GEMMs of the shape reach 700+).
+//!   Each plan's first call times the heuristic's candidates on the call's own operands and keeps
+//!   the fastest; choices persist on disk per GPU and cuBLASLt version, so later runs take the
+//!   same algorithms (same numerics run to run) without timing. `HALFLING_CUDA_GEMM_TUNE=0` takes
+//!   the heuristic's first answer (see [`Lt::tune`]).
 //! - **Mixed output types.** bf16 (or f16) inputs with an f32 output (and `beta = 1`) let weight-gradient
 //!   GEMMs accumulate straight into fp32 gradient buffers.
 //! - **Exact fp32.** The compute type is `CUBLAS_COMPUTE_32F` (not the TF32 fast path), so f32 GEMMs
@@ -22,10 +28,12 @@
 //! Pointers are raw `CUdeviceptr`s (`u64`); the caller owns the memory and keeps it alive until the
 //! work on the stream is done.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use cudarc::cublaslt::{result, sys};
@@ -37,6 +45,16 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// The alignment the heuristic assumes by default (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES`
 /// default to 256); every operand we pass is a whole `cuMemAlloc` allocation, which satisfies it.
 const REQUIRED_ALIGN: u64 = 256;
+
+/// How many of the heuristic's candidates a plan's tuning times.
+const TUNE_CANDIDATES: usize = 16;
+
+/// Timed runs per candidate (after one untimed warm-up run); the median counts.
+const TUNE_REPS: usize = 5;
+
+/// A candidate replaces the heuristic's first only when its median is below this fraction of
+/// the first's: a near tie is noise, and keeping the first then costs nothing.
+const TUNE_MARGIN: f32 = 0.97;
 
 /// `cublasOperation_t` values (cudarc's cublaslt bindings do not export the enum; it is a C int).
 const CUBLAS_OP_N: i32 = 0;
@@ -78,6 +96,15 @@ impl GemmType {
 
     fn is_fp8(self) -> bool {
         matches!(self, GemmType::F8E4M3 | GemmType::F8E5M2)
+    }
+
+    /// Bytes per element.
+    fn bytes(self) -> usize {
+        match self {
+            GemmType::F32 => 4,
+            GemmType::BF16 | GemmType::F16 => 2,
+            GemmType::F8E4M3 | GemmType::F8E5M2 => 1,
+        }
     }
 }
 
@@ -407,7 +434,12 @@ struct Plan {
     lt_b_layout: sys::cublasLtMatrixLayout_t,
     /// Layout of C and D = our `out`.
     d_layout: sys::cublasLtMatrixLayout_t,
+    /// The algorithm every call runs.
     algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's candidates in its order (`algo` starts as the first), when tuning is on.
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    /// Whether `algo` is final: tuned, read from the disk cache, or tuning is off.
+    settled: bool,
 }
 
 impl Plan {
@@ -420,6 +452,8 @@ impl Plan {
             // SAFETY: cublasLtMatmulAlgo_t is a plain C struct of integers (opaque data words);
             // all-zero is a valid bit pattern, and it is overwritten by the heuristic before use.
             algo: unsafe { std::mem::zeroed() },
+            candidates: Vec::new(),
+            settled: false,
         }
     }
 }
@@ -456,6 +490,165 @@ pub struct Lt {
     plans: HashMap<PlanKey, Plan>,
     /// Keys the heuristic found no algorithm for (see [`Lt::supports`]).
     refused: HashSet<PlanKey>,
+    /// Algorithm choice by measurement (see [`Lt::tune`]).
+    tuning: Tuning,
+}
+
+/// The state of [`Lt::tune`].
+struct Tuning {
+    /// `HALFLING_CUDA_GEMM_TUNE` is not `0`.
+    enabled: bool,
+    /// `HALFLING_CUDA_GEMM_TUNE_LOG=1`: one line per plan on stderr (candidates' times, choice).
+    log: bool,
+    /// The file of choices on disk (none without a cache directory).
+    file: Option<PathBuf>,
+    /// Choices by plan (`PlanKey`'s `Debug` form): the file's entries and this run's.
+    saved: BTreeMap<String, [u64; 8]>,
+    /// Plans timed so far and the wall time it took (host side, synchronisation included).
+    plans_timed: usize,
+    seconds: f64,
+}
+
+impl Tuning {
+    /// From the environment: the switch, and the choices saved for this GPU and cuBLASLt.
+    fn from_env(gpu: &str) -> Tuning {
+        let enabled = std::env::var("HALFLING_CUDA_GEMM_TUNE").map_or(true, |v| v != "0");
+        let log = std::env::var("HALFLING_CUDA_GEMM_TUNE_LOG").is_ok_and(|v| v == "1");
+        // SAFETY: the library is loaded (checked by `Lt::new` before this).
+        let version = unsafe { sys::cublasLtGetVersion() };
+        // Next to the NVRTC kernel cache (`mod.rs`, `compile_cached`).
+        let file = enabled
+            .then(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            })
+            .flatten()
+            .map(|d| {
+                d.join("halfling")
+                    .join("gemm")
+                    .join(choice_file_name(gpu, version))
+            });
+        let saved = file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|text| parse_choices(&text))
+            .unwrap_or_default();
+        Tuning {
+            enabled,
+            log,
+            file,
+            saved,
+            plans_timed: 0,
+            seconds: 0.0,
+        }
+    }
+
+    /// Records `key`'s choice and rewrites the file (entries other runs added since are kept).
+    fn save(&mut self, key: &PlanKey, algo: &sys::cublasLtMatmulAlgo_t) {
+        self.saved.insert(format!("{key:?}"), algo.data);
+        let Some(path) = &self.file else { return };
+        let mut all = std::fs::read_to_string(path)
+            .map(|t| parse_choices(&t))
+            .unwrap_or_default();
+        all.extend(self.saved.iter().map(|(k, v)| (k.clone(), *v)));
+        // The file is an optimisation: failing to write it is not an error.
+        if let Some(dir) = path.parent() {
+            if std::fs::create_dir_all(dir).is_ok() {
+                let _ = crate::checkpoint::write_atomic(path, format_choices(&all).as_bytes());
+            }
+        }
+    }
+}
+
+/// The choices file of one GPU model and cuBLASLt version (the algorithm words are only
+/// meaningful to the library version that produced them; the workspace bounds the candidates).
+fn choice_file_name(gpu: &str, version: usize) -> String {
+    let gpu: String = gpu
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{gpu}-cublaslt{version}-ws{}m.txt", WORKSPACE_BYTES >> 20)
+}
+
+/// Lines `plan key<TAB>eight hex words`; malformed lines are skipped (the file is a cache).
+fn parse_choices(text: &str) -> BTreeMap<String, [u64; 8]> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some((key, words)) = line.split_once('\t') else {
+            continue;
+        };
+        let parsed: Result<Vec<u64>, _> = words
+            .split(' ')
+            .map(|w| u64::from_str_radix(w, 16))
+            .collect();
+        if let Some(data) = parsed.ok().and_then(|p| <[u64; 8]>::try_from(p).ok()) {
+            out.insert(key.to_string(), data);
+        }
+    }
+    out
+}
+
+fn format_choices(choices: &BTreeMap<String, [u64; 8]>) -> String {
+    let mut text = String::from("# halfling: cuBLASLt algorithms chosen by timing, per plan\n");
+    for (key, data) in choices {
+        let words: Vec<String> = data.iter().map(|w| format!("{w:x}")).collect();
+        text.push_str(&format!("{key}\t{}\n", words.join(" ")));
+    }
+    text
+}
+
+/// Which candidate to keep: the fastest, unless it does not beat the first (index 0) by the
+/// margin. `times[i]` is `None` where candidate i failed to run.
+fn choose(times: &[Option<f32>]) -> Option<usize> {
+    let best = times
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.map(|t| (i, t)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    match times.first().copied().flatten() {
+        Some(first) if best.1 >= first * TUNE_MARGIN => Some(0),
+        _ => Some(best.0),
+    }
+}
+
+/// `id, tile, split-k, stages` of an algorithm (cuBLASLt's config attributes), for the log.
+fn describe_algo(algo: &sys::cublasLtMatmulAlgo_t) -> String {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as C;
+    let get = |attr: C| -> String {
+        // Each of these attributes is a 32-bit integer.
+        let mut value = 0u32;
+        let mut written = 0usize;
+        // SAFETY: `algo` is a live algorithm struct; the buffer is 4 bytes, as passed.
+        let ok = unsafe {
+            sys::cublasLtMatmulAlgoConfigGetAttribute(
+                algo,
+                attr,
+                &mut value as *mut u32 as *mut c_void,
+                size_of::<u32>(),
+                &mut written,
+            )
+        }
+        .result()
+        .is_ok();
+        if ok {
+            value.to_string()
+        } else {
+            "?".to_string()
+        }
+    };
+    format!(
+        "id {}, tile {}, split-k {}, stages {}",
+        get(C::CUBLASLT_ALGO_CONFIG_ID),
+        get(C::CUBLASLT_ALGO_CONFIG_TILE_ID),
+        get(C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+        get(C::CUBLASLT_ALGO_CONFIG_STAGES_ID)
+    )
+}
+
+/// Whether the byte ranges `[a, a + a_len)` and `[b, b + b_len)` overlap.
+fn overlaps(a: u64, a_len: usize, b: u64, b_len: usize) -> bool {
+    a < b + b_len as u64 && b < a + a_len as u64
 }
 
 // SAFETY: the cuBLASLt handle, preference and descriptors are plain heap objects that may be used
@@ -506,6 +699,7 @@ impl Lt {
             workspace_ptr,
             plans: HashMap::new(),
             refused: HashSet::new(),
+            tuning: Tuning::from_env(&stream.context().name().unwrap_or_default()),
         };
         let max_ws = WORKSPACE_BYTES as u64;
         // SAFETY: pref is live; the attribute is a u64 read during the call.
@@ -557,22 +751,36 @@ impl Lt {
         g: &Gemm,
         fp8: Option<&Fp8Scales>,
     ) -> Result<()> {
+        let Some(key) = self.prepare(stream, g, fp8)? else {
+            return Ok(());
+        };
+        let plan = self
+            .plans
+            .get(&key)
+            .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
+        self.launch(stream, plan, &plan.algo, g)
+            .map_err(|e| anyhow!("cuBLASLt matmul {key} failed: {}", status(e)))
+    }
+
+    /// Checks `g`, builds its plan if it has none, and sets the call's pointers on the plan's
+    /// descriptor. `None`: an empty product (m or n is 0), nothing to run.
+    fn prepare(
+        &mut self,
+        stream: &CudaStream,
+        g: &Gemm,
+        fp8: Option<&Fp8Scales>,
+    ) -> Result<Option<PlanKey>> {
         let Gemm {
             out,
             out_type,
             a,
             b,
-            inputs,
             m,
             n,
             k,
-            trans_a,
-            trans_b,
-            alpha,
-            beta,
             epilogue,
+            ..
         } = *g;
-        let _ = (inputs, trans_a, trans_b);
         let key = PlanKey::new(g, fp8);
         if fp8.is_some() {
             Self::check_fp8(&key)?;
@@ -590,7 +798,7 @@ impl Lt {
             }
         }
         if m == 0 || n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if k == 0 {
             bail!("cuBLASLt matmul {key}: k = 0 is not supported");
@@ -671,31 +879,224 @@ impl Lt {
                 )
             })?;
         }
+        Ok(Some(key))
+    }
+
+    /// Launches `g` with `plan` (prepared for `g` by [`Lt::prepare`]) and `algo`.
+    fn launch(
+        &self,
+        stream: &CudaStream,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        g: &Gemm,
+    ) -> std::result::Result<(), result::CublasError> {
         // Operands swapped: cuBLASLt's A is our b, cuBLASLt's B is our a (see `build_plan`).
         // SAFETY: all descriptors are live; alpha/beta are host f32 (scale type f32, default host
         // pointer mode) that outlive the call; device pointers are owned by the caller and valid
-        // for the shapes given; the workspace is ours and WORKSPACE_BYTES long.
+        // for the shapes given; the workspace is ours and WORKSPACE_BYTES long; `algo` is one
+        // the heuristic returned for this plan.
         unsafe {
             result::matmul(
                 self.handle,
                 plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                b as *const c_void,
+                &g.alpha as *const f32 as *const c_void,
+                &g.beta as *const f32 as *const c_void,
+                g.b as *const c_void,
                 plan.lt_a_layout,
-                a as *const c_void,
+                g.a as *const c_void,
                 plan.lt_b_layout,
-                out as *const c_void,
+                g.out as *const c_void,
                 plan.d_layout,
-                out as *mut c_void,
+                g.out as *mut c_void,
                 plan.d_layout,
-                &plan.algo,
+                algo,
                 self.workspace_ptr as *mut c_void,
                 WORKSPACE_BYTES,
                 stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(|e| anyhow!("cuBLASLt matmul {key} failed: {}", status(e)))
+    }
+
+    /// What [`Lt::tune`] needs before `g`'s call: `None` when there is nothing to time (tuning
+    /// off, the plan already settled or refused, an empty product, or a GELU input matrix that
+    /// overlaps an operand); otherwise the bytes of a scratch output the timing runs must write
+    /// instead of `g.out` (0: they may write `g.out`). Rerunning `g` in place changes its result
+    /// when it accumulates (`beta != 0`, weight gradients) or when `out` overlaps an operand it
+    /// reads (an in-place product): those time on a scratch output.
+    pub fn tune_need(
+        &mut self,
+        stream: &CudaStream,
+        g: &Gemm,
+        fp8: Option<&Fp8Scales>,
+    ) -> Option<usize> {
+        if !self.tuning.enabled || g.m == 0 || g.n == 0 {
+            return None;
+        }
+        let key = PlanKey::new(g, fp8);
+        if self.refused.contains(&key) {
+            return None;
+        }
+        // The plan is built here, not in `tune`: one whose choice is on disk is settled then,
+        // and needs no scratch. A GEMM that cannot be planned is left to `matmul_scaled`, which
+        // says why.
+        if !self.plans.contains_key(&key) && !matches!(self.prepare(stream, g, fp8), Ok(Some(_))) {
+            return None;
+        }
+        if self.plans.get(&key).is_some_and(|p| p.settled) {
+            return None;
+        }
+        let (m, n, k) = (g.m, g.n, g.k);
+        let out_bytes = m * n * key.out_type.bytes();
+        let mut inputs = vec![
+            (g.a, m * k * key.inputs.bytes()),
+            (g.b, k * n * key.b_type.bytes()),
+        ];
+        match g.epilogue {
+            Epilogue::None => {}
+            Epilogue::Bias { bias } => inputs.push((bias, n * key.out_type.bytes())),
+            Epilogue::GeluAux { bias, pre } => {
+                if let Some(bias) = bias {
+                    inputs.push((bias, n * key.out_type.bytes()));
+                }
+                // `pre` is written in place by every timing run; it must not be an operand.
+                if inputs
+                    .iter()
+                    .any(|&(p, len)| overlaps(pre, out_bytes, p, len))
+                {
+                    return None;
+                }
+            }
+            Epilogue::DGelu { pre } => inputs.push((pre, out_bytes)),
+        }
+        let in_place = inputs
+            .iter()
+            .any(|&(p, len)| overlaps(g.out, out_bytes, p, len));
+        Some(if g.beta != 0.0 || in_place {
+            out_bytes
+        } else {
+            0
+        })
+    }
+
+    /// Chooses `g`'s algorithm by timing, once per plan (a no-op for a settled plan): each of
+    /// the heuristic's candidates (up to [`TUNE_CANDIDATES`], all within the workspace) runs
+    /// once untimed and [`TUNE_REPS`] times between CUDA events on `g`'s operands, and the
+    /// fastest median is kept (see [`choose`]); a candidate that fails to launch is skipped.
+    /// With `scratch` the runs write there instead of `g.out` (see [`Lt::tune_need`]; it must
+    /// hold `g`'s output and stay alive until the stream has run the work, which this call
+    /// waits for). The choice is saved to disk. Blocks on the stream.
+    pub fn tune(
+        &mut self,
+        stream: &CudaStream,
+        g: &Gemm,
+        fp8: Option<&Fp8Scales>,
+        scratch: Option<u64>,
+    ) -> Result<()> {
+        let run = Gemm {
+            out: scratch.unwrap_or(g.out),
+            ..*g
+        };
+        let Some(key) = self.prepare(stream, &run, fp8)? else {
+            return Ok(());
+        };
+        let plan = self
+            .plans
+            .get(&key)
+            .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
+        if plan.settled {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let times: Vec<Option<f32>> = plan
+            .candidates
+            .iter()
+            .map(|algo| self.time_algo(stream, plan, algo, &run).ok())
+            .collect();
+        // Waits for the timing runs, which may write `scratch`, before the caller frees it.
+        stream
+            .synchronize()
+            .map_err(|e| anyhow!("cuBLASLt matmul {key}: tuning failed: {e:?}"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.tuning.plans_timed += 1;
+        self.tuning.seconds += seconds;
+        let plan = self
+            .plans
+            .get_mut(&key)
+            .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
+        plan.settled = true;
+        let choice = choose(&times);
+        if let Some(i) = choice {
+            plan.algo = plan.candidates[i];
+        }
+        let algo = plan.algo;
+        if choice.is_some() {
+            self.tuning.save(&key, &algo);
+        }
+        if self.tuning.log {
+            let ms = |t: Option<f32>| t.map_or("fail".to_string(), |t| format!("{t:.4}"));
+            let best = times
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| t.map(|t| (i, t)))
+                .min_by(|a, b| a.1.total_cmp(&b.1));
+            let all: Vec<String> = times.iter().map(|&t| ms(t)).collect();
+            eprintln!(
+                "gemm-tune {key}: first {} ms, best {} ms (#{}), chose #{} ({}), {} candidates \
+                 [{}], {:.1} ms tuning ({} plans, {:.3} s so far)",
+                ms(times.first().copied().flatten()),
+                ms(best.map(|b| b.1)),
+                best.map_or(0, |b| b.0),
+                choice.unwrap_or(0),
+                describe_algo(&algo),
+                times.len(),
+                all.join(" "),
+                seconds * 1e3,
+                self.tuning.plans_timed,
+                self.tuning.seconds,
+            );
+        }
+        Ok(())
+    }
+
+    /// Settles `g`'s plan on the heuristic's first answer without timing (where
+    /// [`Lt::tune`] cannot run: no memory for its scratch output).
+    pub fn settle(&mut self, stream: &CudaStream, g: &Gemm, fp8: Option<&Fp8Scales>) -> Result<()> {
+        if let Some(key) = self.prepare(stream, g, fp8)? {
+            if let Some(plan) = self.plans.get_mut(&key) {
+                plan.settled = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The median time in ms of [`TUNE_REPS`] runs of `g` with `algo`, after one warm-up run.
+    fn time_algo(
+        &self,
+        stream: &CudaStream,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        g: &Gemm,
+    ) -> Result<f32> {
+        let event = || {
+            stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| anyhow!("cannot record a CUDA event: {e:?}"))
+        };
+        self.launch(stream, plan, algo, g)
+            .map_err(|e| anyhow!("{}", status(e)))?;
+        let mut events = vec![event()?];
+        for _ in 0..TUNE_REPS {
+            self.launch(stream, plan, algo, g)
+                .map_err(|e| anyhow!("{}", status(e)))?;
+            events.push(event()?);
+        }
+        let mut times = events
+            .windows(2)
+            .map(|w| w[0].elapsed_ms(&w[1]))
+            .collect::<std::result::Result<Vec<f32>, _>>()
+            .map_err(|e| anyhow!("timing a GEMM failed: {e:?}"))?;
+        times.sort_by(f32::total_cmp);
+        Ok(times[TUNE_REPS / 2])
     }
 
     /// Whether cuBLASLt has an algorithm for `g`'s shape, types and epilogue (the plan is built
@@ -895,10 +1296,18 @@ impl Lt {
         plan.d_layout = result::create_matrix_layout(key.out_type.cuda(), dim(n)?, dim(m)?, ld(n)?)
             .map_err(|e| err("creating the layout of out", e))?;
 
-        // Heuristic: take the first (best) algorithm that fits in the workspace.
-        // SAFETY: `heuristic` is zero-initialised plain C data, written by cuBLASLt; all handles
-        // are live.
-        let mut heuristic: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // Heuristic: its candidates, best first, that fit in the workspace (only the first
+        // without tuning).
+        let requested = if self.tuning.enabled {
+            TUNE_CANDIDATES
+        } else {
+            1
+        };
+        // SAFETY: `cublasLtMatmulHeuristicResult_t` is plain C data (zeroes are valid), written
+        // by cuBLASLt; all handles are live; the array holds `requested` results.
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = (0..requested)
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
         let mut count: i32 = 0;
         unsafe {
             sys::cublasLtMatmulAlgoGetHeuristic(
@@ -909,24 +1318,39 @@ impl Lt {
                 plan.d_layout,
                 plan.d_layout,
                 self.pref,
-                1,
-                &mut heuristic,
+                requested as i32,
+                results.as_mut_ptr(),
                 &mut count,
             )
         }
         .result()
         .map_err(|e| err("cublasLtMatmulAlgoGetHeuristic", e))?;
-        if count < 1 {
-            bail!(
+        let returned = &results[..(count.max(0) as usize).min(requested)];
+        let first = returned.first().ok_or_else(|| {
+            anyhow!(
                 "cuBLASLt matmul {key}: no algorithm found by the heuristic \
                  (workspace limit {WORKSPACE_BYTES} bytes)"
-            );
-        }
-        heuristic
+            )
+        })?;
+        first
             .state
             .result()
             .map_err(|e| err("the heuristic's algorithm", e))?;
-        plan.algo = heuristic.algo;
+        plan.algo = first.algo;
+        plan.candidates = returned
+            .iter()
+            .filter(|r| r.state.result().is_ok() && r.workspaceSize <= WORKSPACE_BYTES)
+            .map(|r| r.algo)
+            .collect();
+        // Settled unless a timing is due: tuning off, or this plan's choice saved on disk and
+        // still among the candidates (a different cuBLASLt or heuristic retunes it).
+        plan.settled = !self.tuning.enabled;
+        if let Some(saved) = self.tuning.saved.get(&format!("{key:?}")) {
+            if let Some(algo) = plan.candidates.iter().find(|a| &a.data == saved) {
+                plan.algo = *algo;
+                plan.settled = true;
+            }
+        }
         Ok(plan)
     }
 }
@@ -946,5 +1370,53 @@ impl Drop for Lt {
                 let _ = result::destroy_handle(self.handle);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_keeps_the_first_unless_a_candidate_beats_it_by_the_margin() {
+        assert_eq!(choose(&[]), None);
+        assert_eq!(choose(&[None, None]), None);
+        assert_eq!(choose(&[Some(1.0), Some(0.99), Some(0.98)]), Some(0));
+        assert_eq!(choose(&[Some(1.0), Some(0.9), Some(0.8), None]), Some(2));
+        // A first that failed loses to any candidate that ran.
+        assert_eq!(choose(&[None, Some(2.0), Some(1.5)]), Some(2));
+    }
+
+    #[test]
+    fn choices_round_trip_through_their_file_and_skip_malformed_lines() {
+        let mut choices = BTreeMap::new();
+        choices.insert(
+            "PlanKey { m: 1 }".to_string(),
+            [1, 2, 3, 4, 5, 6, 7, u64::MAX],
+        );
+        choices.insert("PlanKey { m: 2 }".to_string(), [0; 8]);
+        let text = format_choices(&choices);
+        assert_eq!(parse_choices(&text), choices);
+        let damaged = format!(
+            "{text}no tab here\nPlanKey {{ m: 3 }}\t1 2 3\nPlanKey {{ m: 4 }}\t1 2 3 4 5 6 7 zz\n\
+             PlanKey {{ m: 5 }}\t1 2 3 4 5 6 7 8 9\n"
+        );
+        assert_eq!(parse_choices(&damaged), choices);
+    }
+
+    #[test]
+    fn choice_file_names_are_plain() {
+        assert_eq!(
+            choice_file_name("NVIDIA H100 80GB HBM3", 130100),
+            "NVIDIA_H100_80GB_HBM3-cublaslt130100-ws32m.txt"
+        );
+    }
+
+    #[test]
+    fn byte_ranges_overlap_only_when_they_share_a_byte() {
+        assert!(overlaps(0, 10, 9, 1));
+        assert!(!overlaps(0, 10, 10, 5));
+        assert!(!overlaps(10, 5, 0, 10));
+        assert!(overlaps(256, 512, 0, 1024));
     }
 }

@@ -890,11 +890,13 @@ impl CudaBackend {
     /// when cuBLASLt refused to run it although it had planned it (it is refused from then on,
     /// with a note on stderr, and the caller takes the dequantized path).
     fn gemm_fp8(&self, g: Gemm, f: Fp8Scales) -> Result<bool> {
+        let ran = self.tune_gemm(&g, Some(&f));
         let start = self.profile_event()?;
-        let ran = self
-            .lt
-            .borrow_mut()
-            .matmul_scaled(&self.stream, &g, Some(&f));
+        let ran = ran.and_then(|()| {
+            self.lt
+                .borrow_mut()
+                .matmul_scaled(&self.stream, &g, Some(&f))
+        });
         if let Err(e) = ran {
             eprintln!(
                 "note: {e:#}; this GEMM runs in {} on dequantized FP8 operands instead",

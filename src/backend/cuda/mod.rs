@@ -528,6 +528,7 @@ impl CudaBackend {
             epilogue,
             ..
         } = g;
+        self.tune_gemm(&g, None)?;
         let start = self.profile_event()?;
         self.lt.borrow_mut().matmul(&self.stream, &g)?;
         if start.is_some() {
@@ -546,6 +547,26 @@ impl CudaBackend {
                 .map_err(|e| anyhow!("cuBLASLt matmul {m}x{n}x{k} failed: {e:?}"))?;
         }
         Ok(())
+    }
+
+    /// Chooses `g`'s cuBLASLt algorithm by timing at its plan's first call (`Lt::tune`; nothing
+    /// to do afterwards). Where rerunning `g` in place would change its result, the timing runs
+    /// write a scratch output from [`Backend::alloc`], so the peak memory reported counts it;
+    /// it is freed after. If that allocation fails the plan keeps the heuristic's first answer.
+    fn tune_gemm(&self, g: &Gemm, f: Option<&cublaslt::Fp8Scales>) -> Result<()> {
+        let Some(bytes) = self.lt.borrow_mut().tune_need(&self.stream, g, f) else {
+            return Ok(());
+        };
+        let scratch = if bytes > 0 {
+            match self.alloc(DType::F32, bytes.div_ceil(4)) {
+                Ok(buf) => Some(buf),
+                Err(_) => return self.lt.borrow_mut().settle(&self.stream, g, f),
+            }
+        } else {
+            None
+        };
+        let out = scratch.as_ref().map(|buf| self.ptr(buf));
+        self.lt.borrow_mut().tune(&self.stream, g, f, out)
     }
 
     /// Whether `g`'s fused epilogue can run (cuBLASLt has an algorithm for it and the matrices
