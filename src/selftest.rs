@@ -667,6 +667,26 @@ fn case_layernorm<B: Backend>(
         n,
         c,
         grad_scales,
+        None,
+    )?;
+    // Again with the residual bias gradient (onto nonzero gradients: all of them accumulate),
+    // from the other stored statistics.
+    let mut dinp2 = up(be, dt, &x[4])?;
+    let acc = || up(be, DType::F32, &x[2]);
+    let (mut dw2, mut db2, mut dres) = (acc()?, acc()?, acc()?);
+    be.layernorm_backward(
+        &mut dinp2,
+        &mut dw2,
+        &mut db2,
+        &dout,
+        &resid,
+        &w,
+        &fused_mean,
+        &fused_rstd,
+        n,
+        c,
+        grad_scales,
+        Some((&mut dres, op_scale(scaled, 0))),
     )?;
     Ok(vec![
         ("out", be.download(&out)?),
@@ -677,6 +697,10 @@ fn case_layernorm<B: Backend>(
         ("residual", be.download(&resid)?),
         ("residual+ln out", be.download(&fused_out)?),
         ("residual+ln rstd", be.download(&fused_rstd)?),
+        ("+bias dinp", be.download(&dinp2)?),
+        ("+bias dw", be.download(&dw2)?),
+        ("+bias db", be.download(&db2)?),
+        ("+bias dres", be.download(&dres)?),
     ])
 }
 
@@ -1154,10 +1178,22 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 );
             }
         }
-        // The larger shapes split the column sums over several row blocks.
-        for (i, &(n, c)) in [(5, 7), (64, 128), (33, 768), (1000, 768), (300, 36)]
-            .iter()
-            .enumerate()
+        // The larger shapes split the column sums over several row blocks. CUDA's fused
+        // backward takes C <= 4096 (257·1000: whole warps past C; 129·2050: no 16-byte path);
+        // 4104 and 4099 take the separate kernels, with and without the 16-byte path.
+        for (i, &(n, c)) in [
+            (5, 7),
+            (64, 128),
+            (33, 768),
+            (1000, 768),
+            (300, 36),
+            (257, 1000),
+            (129, 2050),
+            (37, 4104),
+            (19, 4099),
+        ]
+        .iter()
+        .enumerate()
         {
             let x = vec![
                 inputs.normal(n * c, 2.0),
@@ -1176,6 +1212,27 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                     case_layernorm(&reference, dt, &x, (n, c), scaled)?,
                 );
             }
+        }
+        // Bit-reproducibility of the LayerNorm backward (fixed-order column sums over many row
+        // blocks) at the 124M model's shape. CUDA only, as the attention reruns below.
+        if be.kind() == "cuda" {
+            let (n, c) = (8192, 768);
+            let x = vec![
+                inputs.normal(n * c, 2.0),
+                inputs.normal(c, 1.0),
+                inputs.normal(c, 1.0),
+                inputs.normal(n * c, 1.0),
+                inputs.normal(n * c, 1.0),
+            ];
+            let first = case_layernorm(be, dt, &x, (n, c), true)?;
+            push(
+                "layernorm rerun",
+                format!("n={n} c={c}"),
+                dt,
+                0.0,
+                case_layernorm(be, dt, &x, (n, c), true)?,
+                first,
+            );
         }
         for n in [7, 4099] {
             let x = vec![inputs.normal(n, 2.0), inputs.normal(n, 1.0)];

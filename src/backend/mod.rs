@@ -648,6 +648,12 @@ pub trait Backend {
     /// Backward of LayerNorm. `dinp += sx · …` so it adds straight into the residual-stream
     /// gradient; `dweight += sp · …`, `dbias += sp · …`, with `scales = (sx, sp)`: `(1, 1)` gives
     /// the exact gradients, unit scaling passes its residual-branch and parameter-gradient scales.
+    ///
+    /// With `res_bias = Some((db, s))`, also `db[j] += s · Σ_rows dinp[·, j]` of the *updated*
+    /// `dinp` as stored (rounded to its dtype): the bias gradient that
+    /// [`Backend::linear_backward`] adds for a linear whose output gradient `dout` is this
+    /// `dinp`, with `s` that linear's `dw_gemm.alpha`, so the caller passes `None` there. A
+    /// backend may form it in the same pass over the rows (CUDA) or after it (CPU).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
@@ -662,6 +668,7 @@ pub trait Backend {
         n: usize,
         c: usize,
         scales: (f32, f32),
+        res_bias: Option<(&mut Self::Buf, f32)>,
     ) -> Result<()>;
 
     /// Fused causal self-attention over `qkv[b, t, 3c]` with `nh` heads (scores scaled by

@@ -1101,10 +1101,24 @@ impl<B: Backend> Gpt<B> {
             ],
             dloss,
         )?;
+        // Without dropout, the output gradient of each block's two C-wide projections (the
+        // attention projection, the MLP's down-projection) is `gs.dresid` exactly as the
+        // LayerNorm backward before it leaves it (nothing runs in between: `branch_grad` passes
+        // it through), so that op also forms their bias gradients, with the weight gradient's
+        // alpha as `linear_backward` would, and the linears get no bias to form.
+        let fuse_bias = drop.is_none();
+        // The projection bias (parameter index and weight-gradient GEMM) a LayerNorm backward
+        // forms: attention's of layer `l` after LN2 (`k = PROJ`), the MLP's of layer `l` after
+        // the next LayerNorm (`k = FCPROJ`).
+        let res_bias = |l: usize, k: usize| {
+            let param = if k == PROJ { PROJ_B } else { FCPROJ_B };
+            fuse_bias.then(|| (layer_param(l, param), gemms[l * 4 + k].dw.alpha))
+        };
         backend.fill(&mut gs.dresid, 0.0)?;
         let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
-        let (lnf_w, lnf_b) = (layer_param(nl, 0), layer_param(nl, 1));
-        let (dlnf_w, dlnf_b) = pair_mut(grads, lnf_w, lnf_b);
+        let lnf_w = layer_param(nl, 0);
+        let fused = nl.checked_sub(1).and_then(|l| res_bias(l, FCPROJ));
+        let (dlnf_w, dlnf_b, db) = ln_grads_mut(grads, lnf_w, fused);
         backend.layernorm_backward(
             &mut gs.dresid,
             dlnf_w,
@@ -1117,6 +1131,7 @@ impl<B: Backend> Gpt<B> {
             bt,
             c,
             (1.0, us.norm_grad),
+            db,
         )?;
 
         for l in (0..nl).rev() {
@@ -1156,11 +1171,13 @@ impl<B: Backend> Gpt<B> {
                 bail!("internal error: MLP gradients");
             };
             let (fc, fcproj) = (&gemms[l * 4 + FC], &gemms[l * 4 + FCPROJ]);
+            // (The down-projection's bias was formed by the LayerNorm backward above.)
+            let dfcproj_b = (!fuse_bias).then_some(dfcproj_b);
             backend.mlp_backward(
                 &mut gs.dln,
                 &mut gs.dfch,
                 (dfc_w, Some(dfc_b)),
-                (dfcproj_w, Some(dfcproj_b)),
+                (dfcproj_w, dfcproj_b),
                 dbranch,
                 (&la.ln2, &la.fch, gelu_out),
                 (w(lp(FC_W)), w(lp(FCPROJ_W))),
@@ -1175,7 +1192,7 @@ impl<B: Backend> Gpt<B> {
             if skip != 1.0 {
                 backend.scale(&mut gs.dresid, skip)?;
             }
-            let (dw, db) = pair_mut(grads, lp(LN2_W), lp(LN2_B));
+            let (dw, db, dproj_b) = ln_grads_mut(grads, lp(LN2_W), res_bias(l, PROJ));
             backend.layernorm_backward(
                 &mut gs.dresid,
                 dw,
@@ -1188,6 +1205,7 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 (branch, us.norm_grad),
+                dproj_b,
             )?;
 
             // Attention branch: resid2 = input + dropout(proj(attn(qkv(ln1(input))))).
@@ -1202,7 +1220,7 @@ impl<B: Backend> Gpt<B> {
             backend.linear_backward(
                 Some(&mut gs.datty),
                 dw,
-                Some(db),
+                (!fuse_bias).then_some(db),
                 dbranch,
                 &la.atty,
                 w(lp(PROJ_W)),
@@ -1244,7 +1262,9 @@ impl<B: Backend> Gpt<B> {
             if skip != 1.0 {
                 backend.scale(&mut gs.dresid, skip)?;
             }
-            let (dw, db) = pair_mut(grads, lp(LN1_W), lp(LN1_B));
+            // The previous layer's MLP output gradient is this dresid.
+            let fused = l.checked_sub(1).and_then(|l| res_bias(l, FCPROJ));
+            let (dw, db, dfcproj_b) = ln_grads_mut(grads, lp(LN1_W), fused);
             backend.layernorm_backward(
                 &mut gs.dresid,
                 dw,
@@ -1257,6 +1277,7 @@ impl<B: Backend> Gpt<B> {
                 bt,
                 c,
                 (branch, us.norm_grad),
+                dfcproj_b,
             )?;
         }
 
@@ -1292,6 +1313,28 @@ fn branch_grad<'a, B: Backend>(
         }
         None => Ok(dresid),
     }
+}
+
+/// A LayerNorm's weight and bias gradients (`xs[w]`, `xs[w + 1]`) and, from `fused = (i,
+/// alpha)` with `i < w`, the bias gradient `xs[i]` its backward also forms, with its scale.
+#[allow(clippy::type_complexity)]
+fn ln_grads_mut<T>(
+    xs: &mut [T],
+    w: usize,
+    fused: Option<(usize, f32)>,
+) -> (&mut T, &mut T, Option<(&mut T, f32)>) {
+    let (lo, hi) = xs.split_at_mut(w);
+    let [dw, db, ..] = hi else {
+        panic!("ln_grads_mut: no LayerNorm gradients at {w}");
+    };
+    let extra = fused.map(|(i, alpha)| {
+        assert!(
+            i < w,
+            "ln_grads_mut wants the fused bias before the LayerNorm"
+        );
+        (&mut lo[i], alpha)
+    });
+    (dw, db, extra)
 }
 
 /// Two distinct elements of a slice, mutably.

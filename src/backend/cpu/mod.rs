@@ -536,6 +536,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         n: usize,
         c: usize,
         (sx, sp): (f32, f32),
+        res_bias: Option<(&mut CpuBuf<T>, f32)>,
     ) -> Result<()> {
         check_len("layernorm input grad", dinp, n * c)?;
         check_len("layernorm dout", dout, n * c)?;
@@ -556,6 +557,13 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Self::round(dinp);
         Self::round(dweight);
         Self::round(dbias);
+        // The same column sums, over the same rounded values, as `linear_backward`'s bias
+        // gradient of this `dinp` would be: the CPU's results do not move with the fusion.
+        if let Some((db, scale)) = res_bias {
+            check_len("residual bias grad", db, c)?;
+            kernels::bias_backward(&mut db.data, &dinp.data, n, c, T::widen_from(scale));
+            Self::round(db);
+        }
         Ok(())
     }
 
@@ -944,6 +952,90 @@ mod tests {
             db.as_slice()[0],
             0.5 * (0.1f32.to_bf16_f32() + 0.2f32.to_bf16_f32())
         );
+    }
+
+    /// The residual bias option adds `scale ·` the column sums of the updated (bf16-rounded)
+    /// input gradient, bit for bit what `linear_backward` adds for that output gradient, and
+    /// leaves the LayerNorm's own outputs as they are without it.
+    #[test]
+    fn layernorm_backward_forms_the_residual_bias_gradient() {
+        let be = CpuBackend::<f32>::new();
+        let (n, c) = (5, 7);
+        let vals = |k: usize, m: usize| -> Vec<f32> {
+            (0..m)
+                .map(|i| ((i * 37 + k * 11) % 17) as f32 * 0.13 - 1.0)
+                .collect()
+        };
+        let inp = be.buf_from(DType::BF16, &vals(1, n * c));
+        let dout = be.buf_from(DType::BF16, &vals(2, n * c));
+        let w = be.buf_from(DType::BF16, &vals(3, c));
+        let b = be.buf_from(DType::BF16, &vals(4, c));
+        let mut out = be.alloc(DType::BF16, n * c).unwrap();
+        let mut mean = be.alloc(DType::F32, n).unwrap();
+        let mut rstd = be.alloc(DType::F32, n).unwrap();
+        be.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, n, c)
+            .unwrap();
+        let run = |res: Option<f32>| {
+            let mut dinp = be.buf_from(DType::BF16, &vals(5, n * c));
+            let mut dw = be.buf_from(DType::F32, &vals(6, c));
+            let mut db = be.buf_from(DType::F32, &vals(7, c));
+            let mut dres = be.buf_from(DType::F32, &vals(8, c));
+            be.layernorm_backward(
+                &mut dinp,
+                &mut dw,
+                &mut db,
+                &dout,
+                &inp,
+                &w,
+                &mean,
+                &rstd,
+                n,
+                c,
+                (0.7, 1.3),
+                res.map(|s| (&mut dres, s)),
+            )
+            .unwrap();
+            (dinp, dw, db, dres)
+        };
+        let (dinp0, dw0, db0, dres0) = run(None);
+        assert_eq!(
+            dres0.as_slice(),
+            &vals(8, c)[..],
+            "untouched without the option"
+        );
+        for scale in [1.0, 0.45] {
+            let (dinp, dw, db, dres) = run(Some(scale));
+            assert_eq!(dinp.as_slice(), dinp0.as_slice());
+            assert_eq!(dw.as_slice(), dw0.as_slice());
+            assert_eq!(db.as_slice(), db0.as_slice());
+            // What linear_backward's bias gradient of output gradient `dinp` would be.
+            let mut want = be.buf_from(DType::F32, &vals(8, c));
+            let x = be.buf_from(DType::BF16, &vals(9, n * 3));
+            let wl = be.buf_from(DType::BF16, &vals(10, c * 3));
+            let mut dwl = be.alloc(DType::F32, c * 3).unwrap();
+            let dw_spec = GemmSpec::new(
+                GemmOperand::plain(DType::BF16),
+                GemmOperand::plain(DType::BF16),
+            )
+            .with_alpha(scale);
+            be.linear_backward(
+                None,
+                &mut dwl,
+                Some(&mut want),
+                &dinp,
+                &x,
+                &wl,
+                n,
+                3,
+                c,
+                dw_spec,
+                dw_spec,
+                None,
+            )
+            .unwrap();
+            assert_eq!(dres.as_slice(), want.as_slice(), "scale {scale}");
+            assert_ne!(dres.as_slice(), &vals(8, c)[..]);
+        }
     }
 
     trait Bf16 {

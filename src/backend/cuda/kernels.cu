@@ -690,6 +690,155 @@ __device__ void layernorm_backward_dinp_impl(T* dinp, const T* dout, const T* in
     }
 FOR_EACH_TYPE(DEF_LN_BWD_DINP)
 
+// Fused LayerNorm backward: dinp as above plus the column sums of the parameter gradients and,
+// with `res_sums`, of the updated dinp as stored (the bias gradient of the linear whose output
+// gradient this residual-stream gradient is), from one read of dout, inp and dinp. Replaces the
+// dinp kernel and the separate column-sum passes (three more reads of [N, C]) where C <= 8·tpr.
+//
+// Block = `teams` teams of `tpr` threads (tpr a multiple of 32, 8·tpr >= C, teams <= 8, block <=
+// 512): a team takes one row at a time, thread x of it owning columns [8x, 8x + 8), so the weights
+// and the running column sums stay in registers. Block g takes rows [g·R, (g+1)·R), R =
+// rows_per_block; team j its rows g·R + j, g·R + j + teams, ... in order (one barrier of the
+// team's own per row, so teams do not wait on each other: each warp's row sums go through shared
+// memory, double-buffered, and the team adds its warps' in order); the next row is loaded while
+// the current one is reduced. At the end the teams' column sums are added in team order and one
+// partial row per output is written: partials[(g·nout + o)·C + c] with o = 0: Σ dout·norm, 1:
+// Σ dout, 2 (nout = 3): Σ dinp. layernorm_backward_reduce finishes them.
+// Dynamic shared memory: teams·8·tpr floats.
+#define LN_FUSED_MAX_WARPS 16
+
+// Barrier `id` (1..15; 0 is __syncthreads') of the `n` threads (a multiple of 32) that use it.
+__device__ __forceinline__ void named_barrier(int id, int n) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void load_cols8(const T* p, int c0, int C, bool vec, float* f) {
+    if (vec) {
+        load8(p + c0, f);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = c0 + k < C ? to_float(p[c0 + k]) : 0.0f;
+    }
+}
+
+template <typename T>
+__device__ void layernorm_backward_fused_impl(float* partials, T* dinp, const T* dout,
+                                              const T* inp, const T* weight, const float* mean,
+                                              const float* rstd, float sx, int N, int C, int tpr,
+                                              int rows_per_block, int nout) {
+    extern __shared__ float fold[];  // [teams][8·tpr]
+    __shared__ float red[2][LN_FUSED_MAX_WARPS][2];
+    const int tid = (int)threadIdx.x, teams = (int)blockDim.x / tpr;
+    const int team = tid / tpr, x = tid % tpr, warp = tid >> 5, lane = tid & 31;
+    const int wpt = tpr >> 5, w0 = team * wpt;
+    const int c0 = 8 * x;
+    const bool has = c0 < C;
+    const long long r0l = (long long)blockIdx.x * rows_per_block;
+    const int r0 = (int)(r0l < N ? r0l : N);
+    const int r1 = (int)(r0l + rows_per_block < N ? r0l + rows_per_block : N);
+    const int steps = r0 + team < r1 ? (r1 - r0 - team + teams - 1) / teams : 0;
+    const bool vec = (C % 8 == 0) && aligned16(dinp) && aligned16(dout) && aligned16(inp) &&
+                     aligned16(weight);
+    float w[8], s_dw[8], s_db[8], s_res[8];
+    float cx[8], cg[8], cd[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        w[k] = s_dw[k] = s_db[k] = s_res[k] = 0.0f;
+        cx[k] = cg[k] = cd[k] = 0.0f;
+    }
+    if (has) load_cols8(weight, c0, C, vec, w);
+    int r = r0 + team;
+    if (has && r < r1) {
+        const u64 base = (u64)r * C;
+        load_cols8(inp + base, c0, C, vec, cx);
+        load_cols8(dout + base, c0, C, vec, cg);
+        load_cols8(dinp + base, c0, C, vec, cd);
+    }
+    for (int s = 0; s < steps; ++s, r += teams) {
+        float nx[8], ng[8], nd[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) nx[k] = ng[k] = nd[k] = 0.0f;
+        if (has && r + teams < r1) {
+            const u64 base = (u64)(r + teams) * C;
+            load_cols8(inp + base, c0, C, vec, nx);
+            load_cols8(dout + base, c0, C, vec, ng);
+            load_cols8(dinp + base, c0, C, vec, nd);
+        }
+        const float mu = mean[r], rs = rstd[r];
+        float nrm[8], a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            nrm[k] = (cx[k] - mu) * rs;
+            const float dn = cg[k] * w[k];
+            a += dn;
+            b += dn * nrm[k];
+        }
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) {
+            red[s & 1][warp][0] = a;
+            red[s & 1][warp][1] = b;
+        }
+        named_barrier(1 + team, tpr);
+        float ta = 0.0f, tb = 0.0f;
+        for (int j = 0; j < wpt; ++j) {
+            ta += red[s & 1][w0 + j][0];
+            tb += red[s & 1][w0 + j][1];
+        }
+        if (has) {
+            const float m_dn = ta / (float)C, m_dn_n = tb / (float)C, rs_scaled = rs * sx;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                cd[k] = to_float(
+                    from_float<T>(cd[k] + rs_scaled * (cg[k] * w[k] - m_dn - nrm[k] * m_dn_n)));
+                s_dw[k] += cg[k] * nrm[k];
+                s_db[k] += cg[k];
+                s_res[k] += cd[k];
+            }
+            T* d = dinp + (u64)r * C;
+            if (vec) {
+                store8(d + c0, cd);
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k)
+                    if (c0 + k < C) d[c0 + k] = from_float<T>(cd[k]);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            cx[k] = nx[k];
+            cg[k] = ng[k];
+            cd[k] = nd[k];
+        }
+    }
+    const int width = 8 * tpr;
+#pragma unroll
+    for (int o = 0; o < 3; ++o) {
+        if (o < nout) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                fold[team * width + c0 + k] = o == 0 ? s_dw[k] : (o == 1 ? s_db[k] : s_res[k]);
+            __syncthreads();
+            for (int c = tid; c < C; c += (int)blockDim.x) {
+                float t = 0.0f;
+                for (int j = 0; j < teams; ++j) t += fold[j * width + c];
+                partials[((u64)blockIdx.x * nout + o) * C + c] = t;
+            }
+            __syncthreads();
+        }
+    }
+}
+#define DEF_LN_BWD_FUSED(S, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(512) layernorm_backward_fused_##S(             \
+        float* partials, T* dinp, const T* dout, const T* inp, const T* weight,                  \
+        const float* mean, const float* rstd, float sx, int N, int C, int tpr,                   \
+        int rows_per_block, int nout) {                                                          \
+        layernorm_backward_fused_impl<T>(partials, dinp, dout, inp, weight, mean, rstd, sx, N,   \
+                                         C, tpr, rows_per_block, nout);                          \
+    }
+FOR_EACH_TYPE(DEF_LN_BWD_FUSED)
+
 // Column sums of a [N, C] matrix over row blocks: block (t, g) of grid (ceil(C/256), G) sums
 // rows [g·R, (g+1)·R) of columns [256t, 256t + 256) and writes one partial row per output. The
 // block is 32 column lanes × 8 row lanes: thread (x, y) takes 8 adjacent columns (one 16-byte
@@ -785,34 +934,29 @@ FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
 #define REDUCE_COLS 32
 #define REDUCE_GROUPS 8
 
-/// layernorm_backward_params_reduce: dweight[c] += scale·Σ_g dw partials, dbias[c] += scale·Σ_g
-/// db partials (the sums are formed first and scaled once, as on the CPU; scale = 1 outside unit
-/// scaling).
-extern "C" __global__ void layernorm_backward_params_reduce(float* dweight, float* dbias,
-                                                            const float* partials, float scale,
-                                                            int G, int C) {
-    __shared__ float sw_s[REDUCE_GROUPS][REDUCE_COLS];
-    __shared__ float sb_s[REDUCE_GROUPS][REDUCE_COLS];
+/// layernorm_backward_reduce: for output o = blockIdx.y, out_o[c] += scale_o·Σ_g partials[(g·nout
+/// + o)·C + c] (rows laid out as the fused kernel and layernorm_backward_params_partial write them):
+/// o = 0 dweight, 1 dbias (scale sp), 2 dres (scale sr; only with nout = 3). The sums are formed
+/// first and scaled once, as on the CPU (scales are 1 outside unit scaling). Grid (ceil(C/32),
+/// nout), block 256.
+extern "C" __global__ void layernorm_backward_reduce(float* dweight, float* dbias, float* dres,
+                                                     const float* partials, float sp, float sr,
+                                                     int G, int C, int nout) {
+    __shared__ float s_s[REDUCE_GROUPS][REDUCE_COLS];
+    const int o = (int)blockIdx.y;
     const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
     const int c = (int)blockIdx.x * REDUCE_COLS + x;
-    float sw = 0.0f, sb = 0.0f;
+    float s = 0.0f;
     if (c < C) {
-        for (int g = y; g < G; g += REDUCE_GROUPS) {
-            sw += partials[(u64)(2 * g) * C + c];
-            sb += partials[(u64)(2 * g + 1) * C + c];
-        }
+        for (int g = y; g < G; g += REDUCE_GROUPS) s += partials[((u64)g * nout + o) * C + c];
     }
-    sw_s[y][x] = sw;
-    sb_s[y][x] = sb;
+    s_s[y][x] = s;
     __syncthreads();
     if (y == 0 && c < C) {
-        float tw = 0.0f, tb = 0.0f;
-        for (int j = 0; j < REDUCE_GROUPS; ++j) {
-            tw += sw_s[j][x];
-            tb += sb_s[j][x];
-        }
-        dweight[c] += scale * tw;
-        dbias[c] += scale * tb;
+        float t = 0.0f;
+        for (int j = 0; j < REDUCE_GROUPS; ++j) t += s_s[j][x];
+        float* out = o == 0 ? dweight : (o == 1 ? dbias : dres);
+        out[c] += (o == 2 ? sr : sp) * t;
     }
 }
 

@@ -156,6 +156,13 @@ pub struct CudaBackend {
     /// `Some(v)` runs its tiling variant `v` where it applies; `None` (other GPUs, a failed
     /// build, `HALFLING_CUDA_WGMMA_ATTN=0` or `HALFLING_CUDA_ATTN_BWD=mma`) attention.cu's.
     wgmma_attention_bwd: Option<usize>,
+    /// Streaming multiprocessors, for grids sized to one wave of resident blocks.
+    sm_count: u32,
+    /// Resident blocks per SM by (kernel, block size, dynamic shared bytes), from the driver.
+    occupancy: RefCell<HashMap<(String, u32, u32), u32>>,
+    /// Whether the LayerNorm backward runs as the one fused kernel where the width allows;
+    /// `HALFLING_CUDA_LN_FUSED=0` runs the separate dinp and column-sum kernels (to compare).
+    ln_fused: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -420,6 +427,12 @@ impl CudaBackend {
             _ => None,
         };
         let lt = Lt::new(&stream)?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| anyhow!("cannot query the GPU: {e:?}"))?
+            .max(1) as u32;
         Ok(Self {
             ctx,
             stream,
@@ -444,6 +457,9 @@ impl CudaBackend {
             fp8_dgelu_cast: env_on("HALFLING_CUDA_FP8_DGELU_CAST"),
             fp8_gelu_cast: env_on("HALFLING_CUDA_FP8_GELU_CAST"),
             wgmma_attention_bwd,
+            sm_count,
+            occupancy: RefCell::new(HashMap::new()),
+            ln_fused: env_on("HALFLING_CUDA_LN_FUSED"),
         })
     }
 
@@ -473,6 +489,22 @@ impl CudaBackend {
         args: &[Arg],
     ) -> Result<()> {
         self.launch_as(name, None, grid, block, shared, args)
+    }
+
+    /// Blocks of `name` (with `block` threads and `shared` dynamic shared bytes) that fit on the
+    /// whole GPU at once (at least 1).
+    fn resident_blocks(&self, name: &str, block: u32, shared: u32) -> Result<usize> {
+        let key = (name.to_string(), block, shared);
+        if let Some(&n) = self.occupancy.borrow().get(&key) {
+            return Ok(n as usize * self.sm_count as usize);
+        }
+        let f = self.function(name)?;
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(block, shared as usize, None)
+            .map_err(|e| anyhow!("kernel {name}: cannot query its occupancy: {e:?}"))?
+            .max(1);
+        self.occupancy.borrow_mut().insert(key, per_sm);
+        Ok(per_sm as usize * self.sm_count as usize)
     }
 
     /// [`CudaBackend::launch`], profiled under `label` (the kernel's name if `None`).
@@ -1656,13 +1688,21 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
         (sx, sp): (f32, f32),
+        mut res_bias: Option<(&mut CudaBuf, f32)>,
     ) -> Result<()> {
         let t = dinp.dtype;
+        self.expect("layernorm input grad", dinp, t, n * c)?;
         self.expect("layernorm dout", dout, t, n * c)?;
         self.expect("layernorm input", inp, t, n * c)?;
         self.expect("layernorm weight", weight, t, c)?;
         self.expect("layernorm weight grad", dweight, DType::F32, c)?;
         self.expect("layernorm bias grad", dbias, DType::F32, c)?;
+        if let Some((db, _)) = &res_bias {
+            self.expect("residual bias grad", db, DType::F32, c)?;
+        }
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
         let sfx = suffix(t)?;
         let (pg, pi, pw, pm, pr) = (
             self.ptr(dout),
@@ -1672,57 +1712,112 @@ impl Backend for CudaBackend {
             self.ptr(rstd),
         );
         let pd = self.ptr_mut(dinp);
-        self.launch(
-            &format!("layernorm_backward_dinp_{sfx}"),
-            (n.div_ceil(8) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(pd),
-                Arg::Ptr(pg),
-                Arg::Ptr(pi),
-                Arg::Ptr(pw),
-                Arg::Ptr(pm),
-                Arg::Ptr(pr),
-                op_scale("LayerNorm input gradient", sx)?,
-                Arg::Int(int(n)?),
-                Arg::Int(int(c)?),
-            ],
-        )?;
-        let (grid, rows_per_block) = column_sums_grid(n, c)?;
-        let g = grid.1 as usize;
-        let partials = self.scratch_ptr(g * 2 * c * 4)?;
-        self.launch(
-            &format!("layernorm_backward_params_partial_{sfx}"),
-            grid,
-            256,
-            0,
-            &[
-                Arg::Ptr(partials),
-                Arg::Ptr(pg),
-                Arg::Ptr(pi),
-                Arg::Ptr(pm),
-                Arg::Ptr(pr),
-                Arg::Int(int(n)?),
-                Arg::Int(int(c)?),
-                Arg::Int(int(rows_per_block)?),
-            ],
-        )?;
+        let sx = op_scale("LayerNorm input gradient", sx)?;
+        // Threads per row in the fused kernel: 8 columns each, whole warps, at most 512.
+        let tpr = c.div_ceil(8).next_multiple_of(32);
+        let (partials, g, nout) = if self.ln_fused && tpr <= 512 {
+            let name = format!("layernorm_backward_fused_{sfx}");
+            // As many teams of `tpr` threads as fit in 512 (at most 8; the kernel's registers
+            // allow one such block per SM), one wave of blocks (fewer blocks write fewer partial
+            // rows; more would only queue), at least 4 rows a team.
+            let teams = (512 / tpr).clamp(1, 8);
+            let block = (teams * tpr) as u32;
+            let shared = block * 8 * 4;
+            let waves = self.resident_blocks(&name, block, shared)?;
+            let g = waves.min(n.div_ceil(4 * teams)).max(1);
+            let rows_per_block = n.div_ceil(g);
+            let g = n.div_ceil(rows_per_block);
+            let nout = if res_bias.is_some() { 3 } else { 2 };
+            let partials = self.scratch_ptr(g * nout * c * 4)?;
+            self.launch(
+                &name,
+                (block_index(g)?, 1, 1),
+                block,
+                shared,
+                &[
+                    Arg::Ptr(partials),
+                    Arg::Ptr(pd),
+                    Arg::Ptr(pg),
+                    Arg::Ptr(pi),
+                    Arg::Ptr(pw),
+                    Arg::Ptr(pm),
+                    Arg::Ptr(pr),
+                    sx,
+                    Arg::Int(int(n)?),
+                    Arg::Int(int(c)?),
+                    Arg::Int(int(tpr)?),
+                    Arg::Int(int(rows_per_block)?),
+                    Arg::Int(int(nout)?),
+                ],
+            )?;
+            (partials, g, nout)
+        } else {
+            // Wider rows: the warp-per-row dinp kernel, then the column sums in their own pass
+            // (and the residual bias through `bias_backward`, after dinp is final).
+            self.launch(
+                &format!("layernorm_backward_dinp_{sfx}"),
+                (n.div_ceil(8) as u32, 1, 1),
+                256,
+                0,
+                &[
+                    Arg::Ptr(pd),
+                    Arg::Ptr(pg),
+                    Arg::Ptr(pi),
+                    Arg::Ptr(pw),
+                    Arg::Ptr(pm),
+                    Arg::Ptr(pr),
+                    sx,
+                    Arg::Int(int(n)?),
+                    Arg::Int(int(c)?),
+                ],
+            )?;
+            let (grid, rows_per_block) = column_sums_grid(n, c)?;
+            let g = grid.1 as usize;
+            let partials = self.scratch_ptr(g * 2 * c * 4)?;
+            self.launch(
+                &format!("layernorm_backward_params_partial_{sfx}"),
+                grid,
+                256,
+                0,
+                &[
+                    Arg::Ptr(partials),
+                    Arg::Ptr(pg),
+                    Arg::Ptr(pi),
+                    Arg::Ptr(pm),
+                    Arg::Ptr(pr),
+                    Arg::Int(int(n)?),
+                    Arg::Int(int(c)?),
+                    Arg::Int(int(rows_per_block)?),
+                ],
+            )?;
+            (partials, g, 2)
+        };
         let (pdw, pdb) = (self.ptr_mut(dweight), self.ptr_mut(dbias));
+        let (pres, sr) = match res_bias.as_mut() {
+            Some((db, s)) if nout == 3 => (self.ptr_mut(db), *s),
+            _ => (0, 1.0),
+        };
         self.launch(
-            "layernorm_backward_params_reduce",
-            (c.div_ceil(32) as u32, 1, 1),
+            "layernorm_backward_reduce",
+            (c.div_ceil(32) as u32, nout as u32, 1),
             256,
             0,
             &[
                 Arg::Ptr(pdw),
                 Arg::Ptr(pdb),
+                Arg::Ptr(pres),
                 Arg::Ptr(partials),
                 op_scale("LayerNorm parameter gradient", sp)?,
+                op_scale("bias gradient", sr)?,
                 Arg::Int(int(g)?),
                 Arg::Int(int(c)?),
+                Arg::Int(int(nout)?),
             ],
-        )
+        )?;
+        match res_bias {
+            Some((db, s)) if nout == 2 => self.bias_backward(db, dinp, n, c, s),
+            _ => Ok(()),
+        }
     }
 
     fn check_attention_shape(&self, n_embd: usize, n_head: usize) -> Result<()> {
