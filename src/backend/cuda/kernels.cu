@@ -712,14 +712,97 @@ __device__ __forceinline__ void named_barrier(int id, int n) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
+// 8 elements of T as stored (16 bytes for bf16 and f16, 32 for float): rows in flight are kept
+// packed, which halves their registers for the 16-bit types.
+template <typename T> struct Pack8 {
+    uint4 v[sizeof(T) / 2];
+};
+__device__ __forceinline__ unsigned bits_of(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ unsigned bits_of(bf16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ unsigned bits_of(f16 x) { return __half_as_ushort(x); }
+
+// Columns [c0, c0 + 8) of the row at p (zeros past C); 16-byte loads with `vec`.
 template <typename T>
-__device__ __forceinline__ void load_cols8(const T* p, int c0, int C, bool vec, float* f) {
+__device__ __forceinline__ Pack8<T> load_pack8(const T* p, int c0, int C, bool vec) {
+    constexpr int W = (int)sizeof(T) / 2;
+    Pack8<T> r;
     if (vec) {
-        load8(p + c0, f);
+#pragma unroll
+        for (int i = 0; i < W; ++i) r.v[i] = reinterpret_cast<const uint4*>(p + c0)[i];
+    } else {
+        unsigned w[4 * W];
+#pragma unroll
+        for (int i = 0; i < 4 * W; ++i) w[i] = 0u;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const unsigned b = c0 + k < C ? bits_of(p[c0 + k]) : 0u;
+            if constexpr (W == 2) {
+                w[k] = b;
+            } else {
+                w[k / 2] |= b << (16 * (k % 2));  // element 2i is the low half, as in memory
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < W; ++i)
+            r.v[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+    }
+    return r;
+}
+
+// A 16-bit element's bits as float (exact); the pointer only picks the type.
+__device__ __forceinline__ float bits16_to_float(const bf16*, unsigned h) {
+    return __uint_as_float(h << 16);
+}
+__device__ __forceinline__ float bits16_to_float(const f16*, unsigned h) {
+    return f16_bits_to_float(h);
+}
+__device__ __forceinline__ float bits16_to_float(const float*, unsigned) { return 0.0f; }
+
+// The 8 values of a Pack8 as float (exact).
+template <typename T> __device__ __forceinline__ void unpack8(const Pack8<T>& r, float* f) {
+    constexpr int W = (int)sizeof(T) / 2;
+    unsigned w[4 * W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+        w[4 * i] = r.v[i].x;
+        w[4 * i + 1] = r.v[i].y;
+        w[4 * i + 2] = r.v[i].z;
+        w[4 * i + 3] = r.v[i].w;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        if constexpr (W == 2) {
+            f[k] = __uint_as_float(w[k]);
+        } else {
+            const unsigned h = (w[k / 2] >> (16 * (k % 2))) & 0xffffu;
+            f[k] = bits16_to_float(static_cast<const T*>(nullptr), h);
+        }
+    }
+}
+
+// One row of the fused backward's pipeline: its statistics and its columns of inp, dout, dinp.
+template <typename T> struct LnRow {
+    float mu, rs;
+    Pack8<T> x, g, d;
+};
+template <typename T>
+__device__ __forceinline__ LnRow<T> load_ln_row(const T* inp, const T* dout, const T* dinp,
+                                                const float* mean, const float* rstd, int r,
+                                                bool live, bool has, int c0, int C, bool vec) {
+    LnRow<T> row;
+    row.mu = live ? mean[r] : 0.0f;
+    row.rs = live ? rstd[r] : 0.0f;
+    if (live && has) {
+        const u64 base = (u64)r * C;
+        row.x = load_pack8(inp + base, c0, C, vec);
+        row.g = load_pack8(dout + base, c0, C, vec);
+        row.d = load_pack8(dinp + base, c0, C, vec);
     } else {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) f[k] = c0 + k < C ? to_float(p[c0 + k]) : 0.0f;
+        for (int i = 0; i < (int)sizeof(T) / 2; ++i)
+            row.x.v[i] = row.g.v[i] = row.d.v[i] = make_uint4(0u, 0u, 0u, 0u);
     }
+    return row;
 }
 
 template <typename T>
@@ -741,32 +824,27 @@ __device__ void layernorm_backward_fused_impl(float* partials, T* dinp, const T*
     const bool vec = (C % 8 == 0) && aligned16(dinp) && aligned16(dout) && aligned16(inp) &&
                      aligned16(weight);
     float w[8], s_dw[8], s_db[8], s_res[8];
-    float cx[8], cg[8], cd[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        w[k] = s_dw[k] = s_db[k] = s_res[k] = 0.0f;
-        cx[k] = cg[k] = cd[k] = 0.0f;
-    }
-    if (has) load_cols8(weight, c0, C, vec, w);
+    for (int k = 0; k < 8; ++k) w[k] = s_dw[k] = s_db[k] = s_res[k] = 0.0f;
+    if (has) unpack8(load_pack8(weight, c0, C, vec), w);
+    // Rows in flight: two ahead of the one worked on for the 16-bit types (packed, they fit the
+    // registers), one for float. A load waited for in the loop would put a memory latency on
+    // every row.
+    constexpr bool two_ahead = sizeof(T) == 2;
     int r = r0 + team;
-    if (has && r < r1) {
-        const u64 base = (u64)r * C;
-        load_cols8(inp + base, c0, C, vec, cx);
-        load_cols8(dout + base, c0, C, vec, cg);
-        load_cols8(dinp + base, c0, C, vec, cd);
-    }
+    LnRow<T> cur = load_ln_row(inp, dout, dinp, mean, rstd, r, r < r1, has, c0, C, vec);
+    LnRow<T> next = load_ln_row(inp, dout, dinp, mean, rstd, r + teams, r + teams < r1, has, c0,
+                                C, vec);
     for (int s = 0; s < steps; ++s, r += teams) {
-        float nx[8], ng[8], nd[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) nx[k] = ng[k] = nd[k] = 0.0f;
-        if (has && r + teams < r1) {
-            const u64 base = (u64)(r + teams) * C;
-            load_cols8(inp + base, c0, C, vec, nx);
-            load_cols8(dout + base, c0, C, vec, ng);
-            load_cols8(dinp + base, c0, C, vec, nd);
+        LnRow<T> after;
+        if constexpr (two_ahead) {
+            const int ra = r + 2 * teams;
+            after = load_ln_row(inp, dout, dinp, mean, rstd, ra, ra < r1, has, c0, C, vec);
         }
-        const float mu = mean[r], rs = rstd[r];
-        float nrm[8], a = 0.0f, b = 0.0f;
+        float cx[8], cg[8], cd[8], nrm[8], a = 0.0f, b = 0.0f;
+        unpack8(cur.x, cx);
+        unpack8(cur.g, cg);
+        const float mu = cur.mu, rs = cur.rs;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             nrm[k] = (cx[k] - mu) * rs;
@@ -787,6 +865,7 @@ __device__ void layernorm_backward_fused_impl(float* partials, T* dinp, const T*
             tb += red[s & 1][w0 + j][1];
         }
         if (has) {
+            unpack8(cur.d, cd);
             const float m_dn = ta / (float)C, m_dn_n = tb / (float)C, rs_scaled = rs * sx;
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
@@ -805,11 +884,12 @@ __device__ void layernorm_backward_fused_impl(float* partials, T* dinp, const T*
                     if (c0 + k < C) d[c0 + k] = from_float<T>(cd[k]);
             }
         }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            cx[k] = nx[k];
-            cg[k] = ng[k];
-            cd[k] = nd[k];
+        cur = next;
+        if constexpr (two_ahead) {
+            next = after;
+        } else {
+            const int rn = r + 2 * teams;
+            next = load_ln_row(inp, dout, dinp, mean, rstd, rn, rn < r1, has, c0, C, vec);
         }
     }
     const int width = 8 * tpr;
