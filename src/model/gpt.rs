@@ -456,20 +456,15 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Per-parameter learning-rate multipliers: 1, or under unit scaling `√(C/fan_in)/σ` for each
-    /// matrix, σ the standard init std, and a further `(2L)^-½` for the matrices inside the
-    /// residual blocks (u-μP's depth factor; see `model::unit`).
+    /// matrix, σ the standard init std (see `model::unit`).
     pub fn lr_scales(&self) -> Vec<f32> {
         let base = self.recipe.base_init_std;
         let width = self.cfg.n_embd as f32;
-        let depth = (1.0 / (2.0 * self.cfg.n_layer as f32)).sqrt();
         self.specs
             .iter()
             .map(|s| match (self.recipe.unit_scaling, s.shape.as_slice()) {
                 // Matrices are [fan_out, fan_in]; the embeddings' fan-in is the width.
-                (true, &[_, fan_in]) => {
-                    let in_block = if s.name.starts_with("h.") { depth } else { 1.0 };
-                    (width / fan_in as f32).sqrt() / base * in_block
-                }
+                (true, &[_, fan_in]) => (width / fan_in as f32).sqrt() / base,
                 _ => 1.0,
             })
             .collect()
@@ -1396,11 +1391,10 @@ mod tests {
     }
 
     #[test]
-    fn unit_scaling_learning_rates_follow_fan_in_and_depth() {
+    fn unit_scaling_learning_rates_follow_fan_in() {
         let be = CpuBackend::<f32>::new();
         let m = Gpt::new(&be, tiny(), Recipe::new(RecipeName::Fp8Unit), 0.0, 0.02, 1).unwrap();
         let sigma = m.recipe().base_init_std;
-        let depth = 1.0 / (2.0 * tiny().n_layer as f32).sqrt();
         for (spec, &scale) in m.specs().iter().zip(&m.lr_scales()) {
             let want = match spec
                 .name
@@ -1409,10 +1403,9 @@ mod tests {
             {
                 "bias" => 1.0,
                 _ if spec.name.contains("ln_") => 1.0,
-                "wte" | "wpe" => 1.0 / sigma,
-                // Inside the blocks: the depth factor, and fan-in 4C halves the rate.
-                _ if spec.name.ends_with("mlp.c_proj.weight") => 0.5 / sigma * depth,
-                _ => 1.0 / sigma * depth,
+                // fan-in 4C: half the rate of the fan-in-C matrices.
+                _ if spec.name.ends_with("mlp.c_proj.weight") => 0.5 / sigma,
+                _ => 1.0 / sigma,
             };
             assert!(
                 (scale - want).abs() <= 1e-6 * want,

@@ -46,18 +46,15 @@
 //!   is multiplied by `√(C/fan_in)/σ`. That is u-μP's Adam rule (Blake et al. 2024: a matrix's
 //!   rate ∝ fan_in^-½, the embeddings' fan-in being the width C), normalized so a matrix of
 //!   fan-in C moves, relative to its size, as the standard model's does at the same `lr`; the
-//!   MLP's down-projection (fan-in 4C) moves at half that. The matrices inside the residual
-//!   blocks take u-μP's depth factor on top, `(2L)^-½` (2L branches), the embeddings none.
-//!   Dividing by each matrix's own standard σ instead, which gives the residual projections
-//!   √(2L) times more, ended 1.5% worse on the CPU benchmark and its good range of `lr` ended
-//!   lower; the fan-in rule without the depth factor ended 2.0% above this one at the default
-//!   `lr` and fell off a cliff above 2e-3, where this one trains on up to 6e-3 (BENCHMARKS.md).
+//!   MLP's down-projection (fan-in 4C) moves at half that. Dividing by each matrix's own
+//!   standard σ instead, which gives the residual projections √(2L) times more, ended 1.5%
+//!   worse on the CPU benchmark and its good range of `lr` ended lower (BENCHMARKS.md).
 //!   Decoupled weight decay is divided by the same factor, so `lr·wd` is unchanged. Vectors
 //!   keep the base rate.
 
 /// Names the per-matrix learning-rate rule of unit scaling (`Gpt::lr_scales`). Checkpoints
 /// record it with the optimizer state, so a resume under another rule says so.
-pub const LR_RULE: &str = "fan-in-depth";
+pub const LR_RULE: &str = "fan-in";
 
 /// Names the residual rule of [`UnitScales::unit`]. Unit-scaled weights saved under another
 /// rule compute another function, so checkpoints record it (see `runs::UNIT_MODEL_FILE`).
