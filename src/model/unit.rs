@@ -48,7 +48,10 @@
 //!   fan-in C moves, relative to its size, as the standard model's does at the same `lr`; the
 //!   MLP's down-projection (fan-in 4C) moves at half that. Dividing by each matrix's own
 //!   standard σ instead, which gives the residual projections √(2L) times more, ended 1.5%
-//!   worse on the CPU benchmark and its good range of `lr` ended lower (BENCHMARKS.md).
+//!   worse on the CPU benchmark and its good range of `lr` ended lower. u-μP's further depth
+//!   factor, `(2L)^-½` on the matrices inside the blocks, helped the 4-layer CPU model at twice
+//!   the default `lr` but left the 6-layer GPU recipe run 2.1% behind bf16 at its `lr`, so it
+//!   is not applied (BENCHMARKS.md).
 //!   Decoupled weight decay is divided by the same factor, so `lr·wd` is unchanged. Vectors
 //!   keep the base rate.
 
