@@ -512,23 +512,15 @@ struct Tuning {
 impl Tuning {
     /// From the environment: the switch, and the choices saved for this GPU and cuBLASLt.
     fn from_env(gpu: &str) -> Tuning {
-        let enabled = std::env::var("HALFLING_CUDA_GEMM_TUNE").map_or(true, |v| v != "0");
-        let log = std::env::var("HALFLING_CUDA_GEMM_TUNE_LOG").is_ok_and(|v| v == "1");
+        let enabled = super::env_on("HALFLING_CUDA_GEMM_TUNE");
+        let log = super::env_opt_in("HALFLING_CUDA_GEMM_TUNE_LOG");
         // SAFETY: the library is loaded (checked by `Lt::new` before this).
         let version = unsafe { sys::cublasLtGetVersion() };
-        // Next to the NVRTC kernel cache (`mod.rs`, `compile_cached`).
+        // Next to the NVRTC kernel cache.
         let file = enabled
-            .then(|| {
-                std::env::var_os("XDG_CACHE_HOME")
-                    .map(PathBuf::from)
-                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            })
+            .then(|| super::cache_dir("gemm"))
             .flatten()
-            .map(|d| {
-                d.join("halfling")
-                    .join("gemm")
-                    .join(choice_file_name(gpu, version))
-            });
+            .map(|d| d.join(choice_file_name(gpu, version)));
         let saved = file
             .as_ref()
             .and_then(|f| std::fs::read_to_string(f).ok())

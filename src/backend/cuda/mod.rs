@@ -193,6 +193,15 @@ fn env_opt_in(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
+/// `$XDG_CACHE_HOME/halfling/<what>` (else `~/.cache/halfling/<what>`): where compiled kernels
+/// and GEMM algorithm choices are kept between runs; `None` without either variable.
+fn cache_dir(what: &str) -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("halfling").join(what))
+}
+
 fn gemm_type(dtype: DType) -> Result<GemmType> {
     match dtype {
         DType::F32 => Ok(GemmType::F32),
@@ -285,10 +294,7 @@ fn compile_cached(
         format!("--include-path={}", include.display()),
     ];
     let key = ptx_cache_key(&[source, &options.join(" "), &driver_version.to_string()]);
-    let cache_dir = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("halfling").join("ptx"));
+    let cache_dir = cache_dir("ptx");
     let cache_file = cache_dir
         .as_ref()
         .map(|d| d.join(format!("{name}-{key:016x}.ptx")));
