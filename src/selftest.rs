@@ -1291,6 +1291,10 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             (1, 200, 224, 2),
             (2, 190, 144, 3),
             (1, 77, 80, 2),
+            // hs 64 (GPT-2's) at odd T over several sequences: the QKV bias gradient's partial
+            // rows of the Hopper kernels, one per 64-row tile of each sequence, the last partly
+            // past T
+            (3, 201, 192, 3),
         ]
         .iter()
         .enumerate()
