@@ -130,39 +130,66 @@ template <> __device__ __forceinline__ float2 sm90_unpack<__half>(u32 v) {
     return __half22float2(*reinterpret_cast<__half2*>(&v));
 }
 
-// This warp's column sums of what sm90_store stores (the same rows r0, r0 + 8 of its 16, values
-// rounded to E, rows >= T_ counting 0) into red[0 .. hs-1]: a thread adds its two rows, the 8
-// lanes of a column (same t4) fold by shuffles in a fixed order, and lanes 0..3 (g = 0) write.
+// Halves the values a lane holds for the reduction over the 8 lanes of a column (step m = 16, 8,
+// 4): of lanes l and l^m, the one without bit m keeps the first N of its 2N values, the other the
+// second N, each adding its partner's copy of those (so every sum is formed once, in one order).
+template <int NV, int N>
+__device__ __forceinline__ void sm90_xfold(float (&v)[NV], int m, bool up) {
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        const float send = up ? v[k] : v[k + N];
+        const float keep = up ? v[k + N] : v[k];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+    }
+}
+
+// sm90_store, and this warp's column sums of the values it stores (rounded to E; rows >= T_ count
+// 0) into red[0 .. hs-1]. A thread adds its two rows per column (NV values, padded with zeros to a
+// multiple of 8), three sm90_xfold steps sum them over the 8 lanes sharing its columns (same t4)
+// and leave each lane NV/8 of them, which it writes. Whole warps only (hs is a multiple of 8).
 template <int HS, typename E>
-__device__ __forceinline__ void sm90_colsum(float* red, int r0, int T_, int hs, const float (&acc)[HS / 2],
-                                            float mul, int lane) {
+__device__ __forceinline__ void sm90_store_colsum(E* dst, long long stride, int r0, int T_, int hs,
+                                                  const float (&acc)[HS / 2], float mul, int lane,
+                                                  float* red) {
+    constexpr int NV = (HS / 4 + 7) / 8 * 8;
     const int t4 = lane & 3;
+    float v[NV];
+#pragma unroll
+    for (int k = 0; k < NV; k++) v[k] = 0.f;
 #pragma unroll
     for (int j = 0; j < HS / 8; j++) {
-        if (8 * j >= hs) break;  // warp-uniform: hs is a multiple of 8 (the shuffles need whole warps)
-        const u32 lo = r0 < T_ ? sm90_pack<E>(acc[4 * j] * mul, acc[4 * j + 1] * mul) : 0u;
-        const u32 hi = r0 + 8 < T_ ? sm90_pack<E>(acc[4 * j + 2] * mul, acc[4 * j + 3] * mul) : 0u;
-        const float2 a = sm90_unpack<E>(lo), b = sm90_unpack<E>(hi);
-        float s0 = a.x + b.x, s1 = a.y + b.y;
+        if (8 * j >= hs) break;  // warp-uniform
+        const int d = 8 * j + 2 * t4;
+        const u32 lo = sm90_pack<E>(acc[4 * j] * mul, acc[4 * j + 1] * mul);
+        const u32 hi = sm90_pack<E>(acc[4 * j + 2] * mul, acc[4 * j + 3] * mul);
+        if (r0 < T_) *reinterpret_cast<u32*>(dst + r0 * stride + d) = lo;
+        if (r0 + 8 < T_) *reinterpret_cast<u32*>(dst + (r0 + 8) * stride + d) = hi;
+        const float2 a = sm90_unpack<E>(r0 < T_ ? lo : 0u), b = sm90_unpack<E>(r0 + 8 < T_ ? hi : 0u);
+        v[2 * j] = a.x + b.x;
+        v[2 * j + 1] = a.y + b.y;
+    }
+    sm90_xfold<NV, NV / 2>(v, 16, lane & 16);
+    sm90_xfold<NV, NV / 4>(v, 8, lane & 8);
+    sm90_xfold<NV, NV / 8>(v, 4, lane & 4);
+    // v[i] is the sum of value k = base + i: column 8*(k/2) + 2*t4 + k%2.
+    const int base = (lane & 16 ? NV / 2 : 0) + (lane & 8 ? NV / 4 : 0) + (lane & 4 ? NV / 8 : 0);
 #pragma unroll
-        for (int m = 4; m < 32; m <<= 1) {
-            s0 += __shfl_xor_sync(0xffffffffu, s0, m);
-            s1 += __shfl_xor_sync(0xffffffffu, s1, m);
-        }
-        if (lane < 4) {
-            red[8 * j + 2 * t4] = s0;
-            red[8 * j + 2 * t4 + 1] = s1;
-        }
+    for (int i = 0; i < NV / 8; i++) {
+        const int k = base + i, col = 8 * (k >> 1) + 2 * t4 + (k & 1);
+        if (col < hs) red[col] = v[i];
     }
 }
 
 // The block's partial row of the QKV bias gradient (see the header): warp w's sums of part p are
-// at red[(p*NW + w)*HS + d] (NW warps), folded over warps in order; part p of this block lands at
-// qb[p*C + d] (qb: this row tile's row, at the head's first column of the first part).
+// at red[(p*NW + w)*HS + d] (NW warps), folded over warps in order by thread d; part p of this
+// block lands at qb[p*C + d] (qb: this row tile's row, at the head's first column of part 0).
 template <int HS, int NW, int NPART, int NTH>
 __device__ __forceinline__ void sm90_colsum_fold(float* qb, const float* red, int hs, int C) {
-    for (int k = (int)threadIdx.x; k < NPART * hs; k += NTH) {
-        const int p = k / hs, d = k - p * hs;
+    static_assert(NTH >= HS, "a thread per column");
+    const int d = (int)threadIdx.x;
+    if (d >= hs) return;
+#pragma unroll
+    for (int p = 0; p < NPART; p++) {
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < NW; w++) s += red[(p * NW + w) * HS + d];
@@ -323,8 +350,6 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     sm90_fence_acc(dv);
     E* dst = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
     const float gs = scale * out_scale;  // D was divided by out_scale (attn_bwd_pre)
-    sm90_store<HS>(dst + C, C3, sk0, T_, hs, dk, gs, t4);
-    sm90_store<HS>(dst + 2 * C, C3, sk0, T_, hs, dv, out_scale, t4);
     if (QB) {
         // The tiles are free once every warpgroup's products are done (each waited above).
         constexpr int NW = 4 * NWG;
@@ -332,12 +357,15 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
         float* red = reinterpret_cast<float*>(sm);
         const int w = tid >> 5;
         __syncthreads();
-        sm90_colsum<HS, E>(red + w * HS, sk0, T_, hs, dk, gs, lane);
-        sm90_colsum<HS, E>(red + (NW + w) * HS, sk0, T_, hs, dv, out_scale, lane);
+        sm90_store_colsum<HS>(dst + C, C3, sk0, T_, hs, dk, gs, lane, red + w * HS);
+        sm90_store_colsum<HS>(dst + 2 * C, C3, sk0, T_, hs, dv, out_scale, lane, red + (NW + w) * HS);
         __syncthreads();
         const int nqb = (T_ + BM - 1) / BM;
         float* row = qb + ((long long)b * nqb + blockIdx.y) * C3 + C + (long long)h * hs;
         sm90_colsum_fold<HS, NW, 2, NTH>(row, red, hs, C);
+    } else {
+        sm90_store<HS>(dst + C, C3, sk0, T_, hs, dk, gs, t4);
+        sm90_store<HS>(dst + 2 * C, C3, sk0, T_, hs, dv, out_scale, t4);
     }
 }
 
@@ -439,16 +467,18 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     }
     sm90_wg_wait<0>();
     sm90_fence_acc(dq);
-    sm90_store<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, tq0, T_, hs, dq, scale * out_scale, t4);
+    E* dst = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
     if (QB) {
         constexpr int NW = 4 * NWG;
         static_assert(NW * HS * 4 <= Cf::OWN, "the sums fit where Q was");
         float* red = reinterpret_cast<float*>(sm);
         __syncthreads();  // every warpgroup's products are done (each waited above)
-        sm90_colsum<HS, E>(red + (tid >> 5) * HS, tq0, T_, hs, dq, scale * out_scale, lane);
+        sm90_store_colsum<HS>(dst, C3, tq0, T_, hs, dq, scale * out_scale, lane, red + (tid >> 5) * HS);
         __syncthreads();
         float* row = qb + ((long long)b * nqb + q0 / BM) * C3 + (long long)h * hs;
         sm90_colsum_fold<HS, NW, 1, NTH>(row, red, hs, C);
+    } else {
+        sm90_store<HS>(dst, C3, tq0, T_, hs, dq, scale * out_scale, t4);
     }
 }
 
