@@ -735,11 +735,27 @@ fn case_attention<B: Backend>(
     let mut lse = be.alloc(DType::F32, b * nh * t)?;
     be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh, s)?;
     let mut dqkv = be.alloc(dt, b * t * 3 * c)?;
-    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh, s)?;
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, b, t, c, nh, s, None)?;
+    // Again with the QKV bias gradient (CUDA: formed by the Hopper kernels with
+    // HALFLING_CUDA_ATTN_QKV_BIAS=1, else by a column-sum pass after them), onto nonzero values:
+    // it accumulates. Compared as what it added, so the starting values hide no error.
+    let mut dqkv2 = be.alloc(dt, b * t * 3 * c)?;
+    let start = &x[2];
+    let mut db = up(be, DType::F32, start)?;
+    let bias = Some((&mut db, op_scale(scaled, 2)));
+    be.attention_backward(&mut dqkv2, &dout, &qkv, &out, &lse, b, t, c, nh, s, bias)?;
+    let added: Vec<f32> = be
+        .download(&db)?
+        .iter()
+        .zip(start)
+        .map(|(&v, &s0)| v - s0)
+        .collect();
     Ok(vec![
         ("out", be.download(&out)?),
         ("lse", be.download(&lse)?),
         ("dqkv", be.download(&dqkv)?),
+        ("+bias dqkv", be.download(&dqkv2)?),
+        ("+bias db", added),
     ])
 }
 
@@ -1275,6 +1291,10 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             (1, 200, 224, 2),
             (2, 190, 144, 3),
             (1, 77, 80, 2),
+            // hs 64 (GPT-2's) at odd T over several sequences: the QKV bias gradient's partial
+            // rows of the Hopper kernels, one per 64-row tile of each sequence, the last partly
+            // past T
+            (3, 201, 192, 3),
         ]
         .iter()
         .enumerate()
@@ -1282,6 +1302,7 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             let x = vec![
                 inputs.normal(b * t * 3 * c, 1.0),
                 inputs.normal(b * t * c, 1.0),
+                inputs.normal(3 * c, 1.0),
             ];
             let s = (b, t, c, nh);
             for &scaled in variants(i) {
@@ -1304,6 +1325,7 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                 let x = vec![
                     inputs.normal(b * t * 3 * c, 1.0),
                     inputs.normal(b * t * c, 1.0),
+                    inputs.normal(3 * c, 1.0),
                 ];
                 let s = (b, t, c, nh);
                 let first = case_attention(be, dt, &x, s, false)?;

@@ -689,6 +689,12 @@ pub trait Backend {
 
     /// Backward of attention, the exact derivative of the forward with the same `out_scale`
     /// (which the saved `out` includes): overwrites `dqkv`.
+    ///
+    /// With `qkv_bias = Some((db, s))`, also `db[j] += s · Σ_rows dqkv[·, j]` (`db` of `3c`)
+    /// of `dqkv` as stored (rounded to its dtype): the bias gradient that
+    /// [`Backend::linear_backward`] adds for the QKV linear, whose output gradient `dout` is this
+    /// `dqkv`, with `s` that linear's `dw_gemm.alpha`, so the caller passes `None` there. A
+    /// backend may form it as the kernels write `dqkv` (CUDA, opt-in) or after them (CPU).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -702,7 +708,18 @@ pub trait Backend {
         c: usize,
         nh: usize,
         out_scale: f32,
+        qkv_bias: Option<(&mut Self::Buf, f32)>,
     ) -> Result<()>;
+
+    /// Whether a model should hand the QKV linear's bias gradient to
+    /// [`Backend::attention_backward`] (true, the default: the same column sums of the same
+    /// stored values) rather than to that linear's [`Backend::linear_backward`], for `act`
+    /// tensors. A backend whose linear forms it more cheaply where its attention cannot (CUDA:
+    /// the FP8 output-gradient casts sum as they read) says false.
+    fn attention_forms_qkv_bias(&self, act: DType) -> bool {
+        let _ = act;
+        true
+    }
 
     /// `out[b·t, c] = scale · (wte[token] + wpe[position])` (`scale` 1 outside unit scaling).
     #[allow(clippy::too_many_arguments)]

@@ -1109,6 +1109,11 @@ impl<B: Backend> Gpt<B> {
             let param = if k == PROJ { PROJ_B } else { FCPROJ_B };
             fuse_bias.then(|| (layer_param(l, param), gemms[l * 4 + k].dw.alpha))
         };
+        // The QKV linear's output gradient is `gs.dqkv` exactly as the attention backward writes
+        // it (nothing runs in between, with dropout or without), so where the backend says so
+        // that op forms the QKV bias gradient, with the weight gradient's alpha as
+        // `linear_backward` would, and the linear gets no bias to form.
+        let attn_qkv_bias = backend.attention_forms_qkv_bias(self.recipe.activations);
         backend.fill(&mut gs.dresid, 0.0)?;
         let last = acts.layers.last().map_or(&acts.encoded, |la| &la.resid_out);
         let lnf_w = layer_param(nl, 0);
@@ -1226,6 +1231,8 @@ impl<B: Backend> Gpt<B> {
                 gemms[l * 4 + PROJ].dw,
                 acts.amax.as_mut(),
             )?;
+            let (dw, db) = pair_mut(grads, lp(QKV_W), lp(QKV_B));
+            let qkv_alpha = gemms[l * 4 + QKV].dw.alpha;
             backend.attention_backward(
                 &mut gs.dqkv,
                 &gs.datty,
@@ -1237,12 +1244,12 @@ impl<B: Backend> Gpt<B> {
                 c,
                 nh,
                 us.attention,
+                attn_qkv_bias.then_some((&mut *db, qkv_alpha)),
             )?;
-            let (dw, db) = pair_mut(grads, lp(QKV_W), lp(QKV_B));
             backend.linear_backward(
                 Some(&mut gs.dln),
                 dw,
-                Some(db),
+                (!attn_qkv_bias).then_some(db),
                 &gs.dqkv,
                 &la.ln1,
                 w(lp(QKV_W)),
@@ -1916,8 +1923,20 @@ mod tests {
         let (mut out, mut lse, mut dqkv) = (f32b(n * c), f32b(b * nh * t), f32b(n * 3 * c));
         be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh, us.attention)
             .unwrap();
-        be.attention_backward(&mut dqkv, &dy, &qkv, &out, &lse, b, t, c, nh, us.attention)
-            .unwrap();
+        be.attention_backward(
+            &mut dqkv,
+            &dy,
+            &qkv,
+            &out,
+            &lse,
+            b,
+            t,
+            c,
+            nh,
+            us.attention,
+            None,
+        )
+        .unwrap();
         check("attention out".into(), &out);
         check("attention dqkv".into(), &dqkv);
         // Weighted residual adds.

@@ -600,6 +600,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         c: usize,
         nh: usize,
         out_scale: f32,
+        qkv_bias: Option<(&mut CpuBuf<T>, f32)>,
     ) -> Result<()> {
         check_len("attention qkv grad", dqkv, b * t * 3 * c)?;
         check_len("attention dout", dout, b * t * c)?;
@@ -616,6 +617,13 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
             T::widen_from(out_scale),
         );
         Self::round(dqkv);
+        // The same column sums, over the same rounded values, as the QKV linear's
+        // `linear_backward` would form: the CPU's results do not move with the fusion.
+        if let Some((db, scale)) = qkv_bias {
+            check_len("qkv bias grad", db, 3 * c)?;
+            kernels::bias_backward(&mut db.data, &dqkv.data, b * t, 3 * c, T::widen_from(scale));
+            Self::round(db);
+        }
         Ok(())
     }
 
@@ -1035,6 +1043,83 @@ mod tests {
             .unwrap();
             assert_eq!(dres.as_slice(), want.as_slice(), "scale {scale}");
             assert_ne!(dres.as_slice(), &vals(8, c)[..]);
+        }
+    }
+
+    /// The QKV bias option adds `scale ·` the column sums of `dqkv` as stored (bf16-rounded),
+    /// bit for bit what `linear_backward` adds for that output gradient, and leaves `dqkv` as
+    /// it is without it.
+    #[test]
+    fn attention_backward_forms_the_qkv_bias_gradient() {
+        let be = CpuBackend::<f32>::new();
+        let (b, t, c, nh) = (2, 5, 8, 2);
+        let (n, c3) = (b * t, 3 * c);
+        let vals = |k: usize, m: usize| -> Vec<f32> {
+            (0..m)
+                .map(|i| ((i * 37 + k * 11) % 17) as f32 * 0.13 - 1.0)
+                .collect()
+        };
+        let qkv = be.buf_from(DType::BF16, &vals(1, n * c3));
+        let dout = be.buf_from(DType::BF16, &vals(2, n * c));
+        let mut out = be.alloc(DType::BF16, n * c).unwrap();
+        let mut lse = be.alloc(DType::F32, b * nh * t).unwrap();
+        be.attention_forward(&mut out, &mut lse, &qkv, b, t, c, nh, 0.8)
+            .unwrap();
+        let run = |bias: Option<f32>| {
+            let mut dqkv = be.alloc(DType::BF16, n * c3).unwrap();
+            let mut db = be.buf_from(DType::F32, &vals(3, c3));
+            be.attention_backward(
+                &mut dqkv,
+                &dout,
+                &qkv,
+                &out,
+                &lse,
+                b,
+                t,
+                c,
+                nh,
+                0.8,
+                bias.map(|s| (&mut db, s)),
+            )
+            .unwrap();
+            (dqkv, db)
+        };
+        let (dqkv0, db0) = run(None);
+        assert_eq!(
+            db0.as_slice(),
+            &vals(3, c3)[..],
+            "untouched without the option"
+        );
+        for scale in [1.0, 0.45] {
+            let (dqkv, db) = run(Some(scale));
+            assert_eq!(dqkv.as_slice(), dqkv0.as_slice());
+            // What the QKV linear's bias gradient of output gradient `dqkv` would be.
+            let mut want = be.buf_from(DType::F32, &vals(3, c3));
+            let x = be.buf_from(DType::BF16, &vals(4, n * c));
+            let wl = be.buf_from(DType::BF16, &vals(5, c3 * c));
+            let mut dwl = be.alloc(DType::F32, c3 * c).unwrap();
+            let dw_spec = GemmSpec::new(
+                GemmOperand::plain(DType::BF16),
+                GemmOperand::plain(DType::BF16),
+            )
+            .with_alpha(scale);
+            be.linear_backward(
+                None,
+                &mut dwl,
+                Some(&mut want),
+                &dqkv,
+                &x,
+                &wl,
+                n,
+                c,
+                c3,
+                dw_spec,
+                dw_spec,
+                None,
+            )
+            .unwrap();
+            assert_eq!(db.as_slice(), want.as_slice(), "scale {scale}");
+            assert_ne!(db.as_slice(), &vals(3, c3)[..]);
         }
     }
 

@@ -14,6 +14,13 @@
 //   < hs are stored. Shared-memory tiles hold HSP = HS rounded up to 64 (whole swizzle blocks).
 //   grid = (B*NH, ceil(T_/BM), 2), block = 128*NWG, dynamic smem = Sm90Bwd::SMEM bytes,
 //   BM = 64*NWG. Variant table (NWG, BN, NS, OVL, MINB) at the end of this file.
+//   attention_backward_sm90_hs{HS}_v0_qb_{bf16,f16}(same arguments, float* qb): v0 that also
+//   writes the QKV bias gradient's partial column sums (HALFLING_CUDA_ATTN_QKV_BIAS=1): with
+//   NQB = ceil(T_/BM) row tiles per sequence, qb[(b*NQB + tile)*3C + j] = Σ over the tile's rows
+//   r < T_ of dqkv[b, r, j] as stored (rounded to E), for every column j (each (row tile, j)
+//   written by exactly one block: dQ blocks the Q columns of their head, dK/dV blocks the K and
+//   V ones); the host then adds s·Σ_rows into the bias gradient (bias_backward_reduce, G =
+//   B*NQB). Same geometry and shared memory as v0.
 //
 // STRUCTURE. Like attention.cu: blockIdx.z == 0 blocks own BM keys and sum dK, dV over query
 // tiles; blockIdx.z == 1 blocks own BM queries and sum dQ over key tiles (S and dP recomputed:
@@ -114,6 +121,82 @@ __device__ __forceinline__ void sm90_store(E* dst, long long stride, int r0, int
     }
 }
 
+// Two values of E in one register (as sm90_pack writes them) back to floats.
+template <typename E> __device__ __forceinline__ float2 sm90_unpack(u32 v);
+template <> __device__ __forceinline__ float2 sm90_unpack<__nv_bfloat16>(u32 v) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+}
+template <> __device__ __forceinline__ float2 sm90_unpack<__half>(u32 v) {
+    return __half22float2(*reinterpret_cast<__half2*>(&v));
+}
+
+// Halves the values a lane holds for the reduction over the 8 lanes of a column (step m = 16, 8,
+// 4): of lanes l and l^m, the one without bit m keeps the first N of its 2N values, the other the
+// second N, each adding its partner's copy of those (so every sum is formed once, in one order).
+template <int NV, int N>
+__device__ __forceinline__ void sm90_xfold(float (&v)[NV], int m, bool up) {
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        const float send = up ? v[k] : v[k + N];
+        const float keep = up ? v[k + N] : v[k];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+    }
+}
+
+// sm90_store, and this warp's column sums of the values it stores (rounded to E; rows >= T_ count
+// 0) into red[0 .. hs-1]. A thread adds its two rows per column (NV values, padded with zeros to a
+// multiple of 8), three sm90_xfold steps sum them over the 8 lanes sharing its columns (same t4)
+// and leave each lane NV/8 of them, which it writes. Whole warps only (hs is a multiple of 8).
+template <int HS, typename E>
+__device__ __forceinline__ void sm90_store_colsum(E* dst, long long stride, int r0, int T_, int hs,
+                                                  const float (&acc)[HS / 2], float mul, int lane,
+                                                  float* red) {
+    constexpr int NV = (HS / 4 + 7) / 8 * 8;
+    const int t4 = lane & 3;
+    float v[NV];
+#pragma unroll
+    for (int k = 0; k < NV; k++) v[k] = 0.f;
+#pragma unroll
+    for (int j = 0; j < HS / 8; j++) {
+        if (8 * j >= hs) break;  // warp-uniform
+        const int d = 8 * j + 2 * t4;
+        const u32 lo = sm90_pack<E>(acc[4 * j] * mul, acc[4 * j + 1] * mul);
+        const u32 hi = sm90_pack<E>(acc[4 * j + 2] * mul, acc[4 * j + 3] * mul);
+        if (r0 < T_) *reinterpret_cast<u32*>(dst + r0 * stride + d) = lo;
+        if (r0 + 8 < T_) *reinterpret_cast<u32*>(dst + (r0 + 8) * stride + d) = hi;
+        const float2 a = sm90_unpack<E>(r0 < T_ ? lo : 0u), b = sm90_unpack<E>(r0 + 8 < T_ ? hi : 0u);
+        v[2 * j] = a.x + b.x;
+        v[2 * j + 1] = a.y + b.y;
+    }
+    sm90_xfold<NV, NV / 2>(v, 16, lane & 16);
+    sm90_xfold<NV, NV / 4>(v, 8, lane & 8);
+    sm90_xfold<NV, NV / 8>(v, 4, lane & 4);
+    // v[i] is the sum of value k = base + i: column 8*(k/2) + 2*t4 + k%2.
+    const int base = (lane & 16 ? NV / 2 : 0) + (lane & 8 ? NV / 4 : 0) + (lane & 4 ? NV / 8 : 0);
+#pragma unroll
+    for (int i = 0; i < NV / 8; i++) {
+        const int k = base + i, col = 8 * (k >> 1) + 2 * t4 + (k & 1);
+        if (col < hs) red[col] = v[i];
+    }
+}
+
+// The block's partial row of the QKV bias gradient (see the header): warp w's sums of part p are
+// at red[(p*NW + w)*HS + d] (NW warps), folded over warps in order by thread d; part p of this
+// block lands at qb[p*C + d] (qb: this row tile's row, at the head's first column of part 0).
+template <int HS, int NW, int NPART, int NTH>
+__device__ __forceinline__ void sm90_colsum_fold(float* qb, const float* red, int hs, int C) {
+    static_assert(NTH >= HS, "a thread per column");
+    const int d = (int)threadIdx.x;
+    if (d >= hs) return;
+#pragma unroll
+    for (int p = 0; p < NPART; p++) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) s += red[(p * NW + w) * HS + d];
+        qb[(long long)p * C + d] = s;
+    }
+}
+
 // Accumulator (64 x BN, this warp's rows) -> BN/16 A fragments of the next product (k = columns).
 template <int BN, typename E>
 __device__ __forceinline__ void sm90_to_a(u32 (&a)[BN / 16][4], const float (&s)[BN / 2]) {
@@ -146,9 +229,10 @@ __device__ __forceinline__ unsigned char* sm90_smem_base() {
 }
 
 // dK, dV for keys k0 .. k0+BM-1 (warpgroup w: keys k0+64w ..), loop over query tiles t >= k0.
-template <int HS, int NWG, int BN, int NS, bool OVL, typename E>
+template <int HS, int NWG, int BN, int NS, bool OVL, bool QB, typename E>
 __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, const float* lse,
-                                          const float* D, int T_, int C, int NH, float out_scale) {
+                                          const float* D, int T_, int C, int NH, float out_scale,
+                                          float* qb) {
     typedef Sm90Bwd<HS, NWG, BN, NS> Cf;
     constexpr int BM = Cf::BM, NTH = Cf::NTH;
     static_assert(!OVL || NS >= 3, "an in-flight second product reads the stage two tiles back");
@@ -266,14 +350,30 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     sm90_fence_acc(dv);
     E* dst = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
     const float gs = scale * out_scale;  // D was divided by out_scale (attn_bwd_pre)
-    sm90_store<HS>(dst + C, C3, sk0, T_, hs, dk, gs, t4);
-    sm90_store<HS>(dst + 2 * C, C3, sk0, T_, hs, dv, out_scale, t4);
+    if (QB) {
+        // The tiles are free once every warpgroup's products are done (each waited above).
+        constexpr int NW = 4 * NWG;
+        static_assert(2 * NW * HS * 4 <= 2 * Cf::OWN, "the sums fit where K and V were");
+        float* red = reinterpret_cast<float*>(sm);
+        const int w = tid >> 5;
+        __syncthreads();
+        sm90_store_colsum<HS>(dst + C, C3, sk0, T_, hs, dk, gs, lane, red + w * HS);
+        sm90_store_colsum<HS>(dst + 2 * C, C3, sk0, T_, hs, dv, out_scale, lane, red + (NW + w) * HS);
+        __syncthreads();
+        const int nqb = (T_ + BM - 1) / BM;
+        float* row = qb + ((long long)b * nqb + blockIdx.y) * C3 + C + (long long)h * hs;
+        sm90_colsum_fold<HS, NW, 2, NTH>(row, red, hs, C);
+    } else {
+        sm90_store<HS>(dst + C, C3, sk0, T_, hs, dk, gs, t4);
+        sm90_store<HS>(dst + 2 * C, C3, sk0, T_, hs, dv, out_scale, t4);
+    }
 }
 
 // dQ for queries q0 .. q0+BM-1 (warpgroup w: queries q0+64w ..), loop over key tiles s <= t.
-template <int HS, int NWG, int BN, int NS, bool OVL, typename E>
+template <int HS, int NWG, int BN, int NS, bool OVL, bool QB, typename E>
 __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, const float* lse,
-                                        const float* D, int T_, int C, int NH, float out_scale) {
+                                        const float* D, int T_, int C, int NH, float out_scale,
+                                        float* qb) {
     typedef Sm90Bwd<HS, NWG, BN, NS> Cf;
     constexpr int BM = Cf::BM, NTH = Cf::NTH;
     static_assert(!OVL || NS >= 3, "an in-flight second product reads the stage two tiles back");
@@ -367,7 +467,19 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     }
     sm90_wg_wait<0>();
     sm90_fence_acc(dq);
-    sm90_store<HS>(dqkv + (long long)b * T_ * C3 + (long long)h * hs, C3, tq0, T_, hs, dq, scale * out_scale, t4);
+    E* dst = dqkv + (long long)b * T_ * C3 + (long long)h * hs;
+    if (QB) {
+        constexpr int NW = 4 * NWG;
+        static_assert(NW * HS * 4 <= Cf::OWN, "the sums fit where Q was");
+        float* red = reinterpret_cast<float*>(sm);
+        __syncthreads();  // every warpgroup's products are done (each waited above)
+        sm90_store_colsum<HS>(dst, C3, tq0, T_, hs, dq, scale * out_scale, lane, red + (tid >> 5) * HS);
+        __syncthreads();
+        float* row = qb + ((long long)b * nqb + q0 / BM) * C3 + (long long)h * hs;
+        sm90_colsum_fold<HS, NW, 1, NTH>(row, red, hs, C);
+    } else {
+        sm90_store<HS>(dst, C3, tq0, T_, hs, dq, scale * out_scale, t4);
+    }
 }
 
 #define SM90_BWD_KERNEL(name, E, HS, NWG, BN, NS, OVL, MINB)                                                    \
@@ -375,17 +487,28 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     name(E* dqkv, const E* dout, const E* qkv, const float* lse, const float* D, int B, int T_, int C, \
          int NH, float out_scale) {                                                                 \
         if (blockIdx.z == 0)                                                                        \
-            sm90_dkdv<HS, NWG, BN, NS, OVL, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale);          \
+            sm90_dkdv<HS, NWG, BN, NS, OVL, false, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale, nullptr); \
         else                                                                                        \
-            sm90_dq<HS, NWG, BN, NS, OVL, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale);            \
+            sm90_dq<HS, NWG, BN, NS, OVL, false, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale, nullptr);   \
+    }
+// The same with the QKV bias gradient's partial sums (`qb`, see the header).
+#define SM90_BWD_KERNEL_QB(name, E, HS, NWG, BN, NS, OVL, MINB)                                       \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                      \
+    name(E* dqkv, const E* dout, const E* qkv, const float* lse, const float* D, int B, int T_, int C, \
+         int NH, float out_scale, float* qb) {                                                      \
+        if (blockIdx.z == 0)                                                                        \
+            sm90_dkdv<HS, NWG, BN, NS, OVL, true, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale, qb); \
+        else                                                                                        \
+            sm90_dq<HS, NWG, BN, NS, OVL, true, E>(dqkv, dout, qkv, lse, D, T_, C, NH, out_scale, qb);   \
     }
 
 // Variants (NWG, BN, NS, OVL, MINB = blocks per SM the registers must allow); the host's table
 // (mod.rs, `sm90_tiling`) must match. v0, the default, exists for every padded head size HS (32 to
-// 128 in steps of 16; MINB as measured at hs 64 and 128); v1, v2 only at HS 64 and 128, kept for
-// tuning (HALFLING_CUDA_ATTN_BWD=v1, v2).
-#define SM90_BWD_V0(E, sfx, HS) \
-    SM90_BWD_KERNEL(attention_backward_sm90_hs##HS##_v0_##sfx, E, HS, 1, 64, 2, false, (HS <= 64 ? 3 : 2))
+// 128 in steps of 16; MINB as measured at hs 64 and 128), with its _qb twin; v1, v2 only at HS 64
+// and 128, kept for tuning (HALFLING_CUDA_ATTN_BWD=v1, v2), without one.
+#define SM90_BWD_V0(E, sfx, HS)                                                                          \
+    SM90_BWD_KERNEL(attention_backward_sm90_hs##HS##_v0_##sfx, E, HS, 1, 64, 2, false, (HS <= 64 ? 3 : 2)) \
+    SM90_BWD_KERNEL_QB(attention_backward_sm90_hs##HS##_v0_qb_##sfx, E, HS, 1, 64, 2, false, (HS <= 64 ? 3 : 2))
 #define SM90_BWD_VARIANTS(E, sfx)                                                                       \
     SM90_BWD_V0(E, sfx, 32) SM90_BWD_V0(E, sfx, 48) SM90_BWD_V0(E, sfx, 64) SM90_BWD_V0(E, sfx, 80)   \
     SM90_BWD_V0(E, sfx, 96) SM90_BWD_V0(E, sfx, 112) SM90_BWD_V0(E, sfx, 128)                        \

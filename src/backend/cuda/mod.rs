@@ -163,6 +163,10 @@ pub struct CudaBackend {
     /// Whether the LayerNorm backward runs as the one fused kernel where the width allows;
     /// `HALFLING_CUDA_LN_FUSED=0` runs the separate dinp and column-sum kernels (to compare).
     ln_fused: bool,
+    /// `HALFLING_CUDA_ATTN_QKV_BIAS=1` (opt-in until measured): the Hopper attention backward
+    /// forms the QKV bias gradient's column sums as it stores dqkv, and the model hands it that
+    /// bias ([`Backend::attention_forms_qkv_bias`]); otherwise the QKV linear forms it, as before.
+    attn_qkv_bias: bool,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -466,6 +470,7 @@ impl CudaBackend {
             sm_count,
             occupancy: RefCell::new(HashMap::new()),
             ln_fused: env_on("HALFLING_CUDA_LN_FUSED"),
+            attn_qkv_bias: env_opt_in("HALFLING_CUDA_ATTN_QKV_BIAS"),
         })
     }
 
@@ -791,6 +796,19 @@ impl CudaBackend {
                 Arg::Int(int(rows_per_block)?),
             ],
         )?;
+        self.bias_backward_reduce(dbias, partials, g, oc, scale)
+    }
+
+    /// `dbias[oc] += scale · Σ_g partials[g, oc]` (f32 partial rows, summed in a fixed order).
+    fn bias_backward_reduce(
+        &self,
+        dbias: &mut CudaBuf,
+        partials: u64,
+        g: usize,
+        oc: usize,
+        scale: f32,
+    ) -> Result<()> {
+        self.expect("bias gradient", dbias, DType::F32, oc)?;
         let db = self.ptr_mut(dbias);
         self.launch(
             "bias_backward_reduce",
@@ -1863,13 +1881,37 @@ impl Backend for CudaBackend {
         c: usize,
         nh: usize,
         out_scale: f32,
+        qkv_bias: Option<(&mut CudaBuf, f32)>,
     ) -> Result<()> {
         let dt = dqkv.dtype;
         self.expect("attention qkv grad", dqkv, dt, b * t * 3 * c)?;
         self.expect("attention dout", dout, dt, b * t * c)?;
+        if let Some((db, _)) = &qkv_bias {
+            self.expect("qkv bias gradient", db, DType::F32, 3 * c)?;
+        }
         let (pg, pq, po, pl) = (self.ptr(dout), self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let pd = self.ptr_mut(dqkv);
-        attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh, out_scale)
+        let fuse = qkv_bias.is_some() && self.attn_qkv_bias;
+        let partials =
+            attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh, out_scale, fuse)?;
+        let Some((db, scale)) = qkv_bias else {
+            return Ok(());
+        };
+        match partials {
+            // The kernels wrote one partial row per row tile of every sequence.
+            Some((p, g)) => self.bias_backward_reduce(db, p, g, 3 * c, scale),
+            // Not opted in, or a kernel without the sums (attention.cu, f32, a tuning variant):
+            // the column sums of dqkv as stored, as the QKV linear would form them.
+            None => self.bias_backward(db, dqkv, b * t, 3 * c, scale),
+        }
+    }
+
+    fn attention_forms_qkv_bias(&self, act: DType) -> bool {
+        // Only where the Hopper kernels form it; elsewhere the linear keeps it, so the FP8
+        // output-gradient casts still sum it as they read dqkv.
+        self.attn_qkv_bias
+            && self.wgmma_attention_bwd.is_some()
+            && matches!(act, DType::BF16 | DType::F16)
     }
 
     fn embedding_forward(
@@ -2551,11 +2593,32 @@ mod attention {
         c: usize,
         nh: usize,
         out_scale: f32,
-    ) -> Result<()> {
+        qkv_bias: bool,
+    ) -> Result<Option<(u64, usize)>> {
         let (hs, hs_max) = variant(c, nh)?;
         let sfx = suffix(dt)?;
         let bh = b * nh;
-        let d = be.scratch_ptr(bh * t * 4)?;
+        // The wgmma kernels take 16-byte aligned tensors (cp.async); a tuning variant not built
+        // for this head size runs as v0.
+        let aligned = (dqkv | dout | qkv) % 16 == 0;
+        let hsw = wgmma_hs(hs);
+        let sm90 = be
+            .wgmma_attention_bwd
+            .filter(|_| matches!(dt, DType::BF16 | DType::F16) && aligned)
+            .and_then(|v| {
+                let v = if sm90_tiling(hsw, v).is_some() { v } else { 0 };
+                sm90_tiling(hsw, v).map(|tiling| (v, tiling))
+            });
+        // With `qkv_bias`, v0 (the only variant with a `_qb` twin) also writes the bias
+        // gradient's partial rows, one per row tile of each sequence, after D in the scratch.
+        let qb_rows = match &sm90 {
+            Some((0, tiling)) if qkv_bias => Some(b * t.div_ceil(tiling.geometry(hsw).0)),
+            _ => None,
+        };
+        let d_bytes = (bh * t * 4).next_multiple_of(256);
+        let qb_bytes = qb_rows.map_or(0, |g| g * 3 * c * 4);
+        let d = be.scratch_ptr(d_bytes + qb_bytes)?;
+        let partials = qb_rows.map(|g| (d + d_bytes as u64, g));
         // Both kernels end with the same arguments: the sizes and the output scale.
         let ints = [
             Arg::Int(int(b)?),
@@ -2580,27 +2643,24 @@ mod attention {
             Arg::Ptr(lse),
             Arg::Ptr(d),
         ];
-        let args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
-        // The wgmma kernels take 16-byte aligned tensors (cp.async); a tuning variant not built
-        // for this head size runs as v0.
-        let aligned = (dqkv | dout | qkv) % 16 == 0;
-        let hsw = wgmma_hs(hs);
-        let sm90 = be
-            .wgmma_attention_bwd
-            .filter(|_| matches!(dt, DType::BF16 | DType::F16) && aligned)
-            .and_then(|v| {
-                let v = if sm90_tiling(hsw, v).is_some() { v } else { 0 };
-                sm90_tiling(hsw, v).map(|tiling| (v, tiling))
-            });
+        let mut args: Vec<Arg> = main.into_iter().chain(ints.iter().copied()).collect();
         if let Some((v, tiling)) = sm90 {
             let (bm, block, shared) = tiling.geometry(hsw);
-            return be.launch(
-                &format!("attention_backward_sm90_hs{hsw}_v{v}_{sfx}"),
+            let qb = match partials {
+                Some((p, _)) => {
+                    args.push(Arg::Ptr(p));
+                    "_qb"
+                }
+                None => "",
+            };
+            be.launch(
+                &format!("attention_backward_sm90_hs{hsw}_v{v}{qb}_{sfx}"),
                 (bh as u32, t.div_ceil(bm) as u32, 2),
                 block,
                 shared,
                 &args,
-            );
+            )?;
+            return Ok(partials);
         }
         let (tiles, block, shared) = match dt {
             DType::BF16 | DType::F16 => bwd_bf16(hs_max).geometry(t),
@@ -2612,7 +2672,8 @@ mod attention {
             block,
             shared,
             &args,
-        )
+        )?;
+        Ok(None)
     }
 
     #[cfg(test)]
@@ -2681,6 +2742,8 @@ mod attention {
                     bwd.contains(&format!("SM90_BWD_V0(E, sfx, {w})")),
                     "hs {hs}"
                 );
+                // (each with its `_qb` twin, which the QKV bias gradient option launches)
+                assert!(bwd.contains("attention_backward_sm90_hs##HS##_v0_qb_##sfx"));
             }
         }
     }
