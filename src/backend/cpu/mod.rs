@@ -1016,31 +1016,7 @@ mod tests {
             assert_eq!(dinp.as_slice(), dinp0.as_slice());
             assert_eq!(dw.as_slice(), dw0.as_slice());
             assert_eq!(db.as_slice(), db0.as_slice());
-            // What linear_backward's bias gradient of output gradient `dinp` would be.
-            let mut want = be.buf_from(DType::F32, &vals(8, c));
-            let x = be.buf_from(DType::BF16, &vals(9, n * 3));
-            let wl = be.buf_from(DType::BF16, &vals(10, c * 3));
-            let mut dwl = be.alloc(DType::F32, c * 3).unwrap();
-            let dw_spec = GemmSpec::new(
-                GemmOperand::plain(DType::BF16),
-                GemmOperand::plain(DType::BF16),
-            )
-            .with_alpha(scale);
-            be.linear_backward(
-                None,
-                &mut dwl,
-                Some(&mut want),
-                &dinp,
-                &x,
-                &wl,
-                n,
-                3,
-                c,
-                dw_spec,
-                dw_spec,
-                None,
-            )
-            .unwrap();
+            let want = linear_bias_grad(&be, &dinp, n, c, &vals(8, c), scale);
             assert_eq!(dres.as_slice(), want.as_slice(), "scale {scale}");
             assert_ne!(dres.as_slice(), &vals(8, c)[..]);
         }
@@ -1093,34 +1069,48 @@ mod tests {
         for scale in [1.0, 0.45] {
             let (dqkv, db) = run(Some(scale));
             assert_eq!(dqkv.as_slice(), dqkv0.as_slice());
-            // What the QKV linear's bias gradient of output gradient `dqkv` would be.
-            let mut want = be.buf_from(DType::F32, &vals(3, c3));
-            let x = be.buf_from(DType::BF16, &vals(4, n * c));
-            let wl = be.buf_from(DType::BF16, &vals(5, c3 * c));
-            let mut dwl = be.alloc(DType::F32, c3 * c).unwrap();
-            let dw_spec = GemmSpec::new(
-                GemmOperand::plain(DType::BF16),
-                GemmOperand::plain(DType::BF16),
-            )
-            .with_alpha(scale);
-            be.linear_backward(
-                None,
-                &mut dwl,
-                Some(&mut want),
-                &dqkv,
-                &x,
-                &wl,
-                n,
-                c,
-                c3,
-                dw_spec,
-                dw_spec,
-                None,
-            )
-            .unwrap();
+            let want = linear_bias_grad(&be, &dqkv, n, c3, &vals(3, c3), scale);
             assert_eq!(db.as_slice(), want.as_slice(), "scale {scale}");
             assert_ne!(db.as_slice(), &vals(3, c3)[..]);
         }
+    }
+
+    /// The bias gradient `linear_backward` leaves, starting from `start`, for output gradient
+    /// `dout` [n, oc] under a weight-gradient alpha of `scale` (the input and weight are
+    /// arbitrary: they do not enter the bias gradient).
+    fn linear_bias_grad(
+        be: &CpuBackend<f32>,
+        dout: &CpuBuf<f32>,
+        n: usize,
+        oc: usize,
+        start: &[f32],
+        scale: f32,
+    ) -> CpuBuf<f32> {
+        let mut db = be.buf_from(DType::F32, start);
+        let x = be.buf_from(DType::BF16, &vec![0.5; n * 2]);
+        let w = be.buf_from(DType::BF16, &vec![0.25; oc * 2]);
+        let mut dw = be.alloc(DType::F32, oc * 2).unwrap();
+        let spec = GemmSpec::new(
+            GemmOperand::plain(DType::BF16),
+            GemmOperand::plain(DType::BF16),
+        )
+        .with_alpha(scale);
+        be.linear_backward(
+            None,
+            &mut dw,
+            Some(&mut db),
+            dout,
+            &x,
+            &w,
+            n,
+            2,
+            oc,
+            spec,
+            spec,
+            None,
+        )
+        .unwrap();
+        db
     }
 
     trait Bf16 {
