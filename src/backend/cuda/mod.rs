@@ -169,8 +169,9 @@ pub struct CudaBackend {
     attn_qkv_bias: bool,
     /// `HALFLING_CUDA_CE_CLUSTER=1` (opt-in until measured) on compute capability 9.0+: the
     /// training classifier holds each logits row on chip across a cluster of blocks
-    /// (`crossentropy_forward_backward_clN_T`), reading it once instead of twice.
-    ce_cluster: bool,
+    /// (`crossentropy_forward_backward_clN_T`), reading it once instead of twice. Turned off,
+    /// with a note, if the driver refuses the cluster launch.
+    ce_cluster: Cell<bool>,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -476,8 +477,10 @@ impl CudaBackend {
             ln_fused: env_on("HALFLING_CUDA_LN_FUSED"),
             attn_qkv_bias: env_opt_in("HALFLING_CUDA_ATTN_QKV_BIAS"),
             // (kernels.cu builds the cluster kernels for sm_90 and later targets only)
-            ce_cluster: !matches!(arch, "sm_80" | "sm_86" | "sm_89")
-                && env_opt_in("HALFLING_CUDA_CE_CLUSTER"),
+            ce_cluster: Cell::new(
+                !matches!(arch, "sm_80" | "sm_86" | "sm_89")
+                    && env_opt_in("HALFLING_CUDA_CE_CLUSTER"),
+            ),
         })
     }
 
@@ -865,14 +868,24 @@ impl CudaBackend {
         match dloss {
             Some(d) => {
                 args.push(Arg::Float(d));
-                let on_chip = self.ce_cluster
+                let on_chip = self.ce_cluster.get()
                     && matches!(dtype, DType::BF16 | DType::F16)
                     && vp % 8 == 0
                     && rows.logits % 16 == 0;
                 if let Some(cl) = on_chip.then(|| ce_cluster_size(vp)).flatten() {
                     let name = format!("crossentropy_forward_backward_cl{cl}_{sfx}");
                     let grid = block_index(rows.n * cl)?;
-                    return self.launch(&name, (grid, 1, 1), CE_CL_THREADS, 0, &args);
+                    match self.launch(&name, (grid, 1, 1), CE_CL_THREADS, 0, &args) {
+                        Ok(()) => return Ok(()),
+                        // A launch the driver refuses has not run: the two-pass kernel below
+                        // takes the rows, now and from here on.
+                        Err(e) => {
+                            eprintln!(
+                                "note: {e:#}; the classifier runs its two-pass kernel instead"
+                            );
+                            self.ce_cluster.set(false);
+                        }
+                    }
                 }
                 let name = format!("crossentropy_forward_backward_{sfx}");
                 self.launch(&name, (block_index(rows.n)?, 1, 1), 512, 0, &args)
