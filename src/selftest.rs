@@ -447,6 +447,20 @@ fn case_mlp<B: Backend>(
     ])
 }
 
+/// `g` with its operands' amax slots moved up by `base` (the MLP cases' second linear records
+/// into slots 3..6).
+fn slots_from(g: GemmSpec, base: usize) -> GemmSpec {
+    let shift = |o: GemmOperand| GemmOperand {
+        amax_slot: o.amax_slot.map(|s| s + base),
+        ..o
+    };
+    GemmSpec {
+        a: shift(g.a),
+        b: shift(g.b),
+        ..g
+    }
+}
+
 /// The MLP's backward in one op ([`Backend::mlp_backward`]) with FP8 GEMMs on bf16 tensors:
 /// down-projection (`h` → `c`, amax slots 3..6) then up-projection (`c` → `h`, slots 0..3)
 /// through the GELU, whose derivative the CUDA backend applies inside the up-projection's output
@@ -459,22 +473,11 @@ fn case_fp8_mlp_backward<B: Backend>(
     gelu_scale: f32,
 ) -> Result<Outputs> {
     let dt = DType::BF16;
-    let slots = |g: GemmSpec, base: usize| {
-        let shift = |o: GemmOperand| GemmOperand {
-            amax_slot: o.amax_slot.map(|s| s + base),
-            ..o
-        };
-        GemmSpec {
-            a: shift(g.a),
-            b: shift(g.b),
-            ..g
-        }
-    };
     let gemms = [
-        slots(specs[1], 3),
-        slots(specs[2], 3),
-        slots(specs[1], 0),
-        slots(specs[2], 0),
+        slots_from(specs[1], 3),
+        slots_from(specs[2], 3),
+        slots_from(specs[1], 0),
+        slots_from(specs[2], 0),
     ];
     let (inp, pre, w1, w2, dout) = (
         up(be, dt, &x[0])?,
@@ -532,20 +535,9 @@ fn case_fp8_mlp<B: Backend>(
     static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let version = VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dt = DType::BF16;
-    let slots = |g: GemmSpec, base: usize| {
-        let shift = |o: GemmOperand| GemmOperand {
-            amax_slot: o.amax_slot.map(|s| s + base),
-            ..o
-        };
-        GemmSpec {
-            a: shift(g.a),
-            b: shift(g.b),
-            ..g
-        }
-    };
     let [fwd, dx, dw] = specs;
-    let (fc, mut fcproj) = (slots(fwd, 0), slots(fwd, 3));
-    let mut dw2_gemm = slots(dw, 3);
+    let (fc, mut fcproj) = (slots_from(fwd, 0), slots_from(fwd, 3));
+    let mut dw2_gemm = slots_from(dw, 3);
     if keep {
         let token = Some(KeepToken {
             id: 1000,
@@ -554,7 +546,12 @@ fn case_fp8_mlp<B: Backend>(
         });
         (fcproj.a.keep, dw2_gemm.b.keep) = (token, token);
     }
-    let gemms = [slots(dx, 3), dw2_gemm, slots(dx, 0), slots(dw, 0)];
+    let gemms = [
+        slots_from(dx, 3),
+        dw2_gemm,
+        slots_from(dx, 0),
+        slots_from(dw, 0),
+    ];
     let (inp, w1, b1, w2, b2, dout) = (
         up(be, dt, &x[0])?,
         up(be, dt, &x[1])?,
