@@ -154,8 +154,11 @@ template <> __device__ __forceinline__ void load8<f16>(const f16* p, float* f) {
 // fp8_amax_partial_T: partials[blockIdx.x] = max |x[i]| over the elements this block visits
 // (grid-stride, 8 elements per thread and step, then the tail one by one).
 // Launch: grid (G, 1, 1) with 1 <= G <= 1024, block (256, 1, 1); x is 16-byte aligned.
-template <typename T>
-__device__ void fp8_amax_partial_impl(float* partials, const T* x, long long n) {
+// The loop of every amax partial kernel: `eight(i, f)` fills f with the values of elements
+// 8i .. 8i+7 (16-byte loads), `one(i)` gives element i of the tail.
+template <typename Eight, typename One>
+__device__ __forceinline__ void amax_partial_loop(float* partials, long long n, Eight eight,
+                                                  One one) {
     __shared__ float red[8];
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -163,18 +166,20 @@ __device__ void fp8_amax_partial_impl(float* partials, const T* x, long long n) 
     float m = 0.0f;
     for (long long i = tid; i < n8; i += stride) {
         float f[8];
-        load8(x + 8 * i, f);
+        eight(i, f);
 #pragma unroll
         for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(f[k]));
     }
-    for (long long i = 8 * n8 + tid; i < n; i += stride) m = fmaxf(m, fabsf(to_float(x[i])));
+    for (long long i = 8 * n8 + tid; i < n; i += stride) m = fmaxf(m, fabsf(one(i)));
     m = block_max256(m, red);
     if (threadIdx.x == 0) partials[blockIdx.x] = m;
 }
 #define DEF_AMAX_PARTIAL(S, T)                                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                          \
         fp8_amax_partial_##S(float* partials, const T* x, long long n) {                       \
-        fp8_amax_partial_impl<T>(partials, x, n);                                              \
+        amax_partial_loop(                                                                     \
+            partials, n, [&](long long i, float* f) { load8(x + 8 * i, f); },                  \
+            [&](long long i) { return to_float(x[i]); });                                      \
     }
 FOR_EACH_TYPE(DEF_AMAX_PARTIAL)
 
@@ -192,22 +197,16 @@ __device__ __forceinline__ float dgelu_bf16(float x, float g, float scale) {
 extern "C" __global__ void __launch_bounds__(256)
 fp8_amax_partial_dgelu_bf16(float* partials, const bf16* d, const bf16* pre, float gelu_scale,
                             long long n) {
-    __shared__ float red[8];
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long n8 = n / 8;
-    float m = 0.0f;
-    for (long long i = tid; i < n8; i += stride) {
-        float g[8], x[8];
-        load8(d + 8 * i, g);
-        load8(pre + 8 * i, x);
+    amax_partial_loop(
+        partials, n,
+        [&](long long i, float* f) {
+            float g[8], x[8];
+            load8(d + 8 * i, g);
+            load8(pre + 8 * i, x);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(dgelu_bf16(x[k], g[k], gelu_scale)));
-    }
-    for (long long i = 8 * n8 + tid; i < n; i += stride)
-        m = fmaxf(m, fabsf(dgelu_bf16(to_float(pre[i]), to_float(d[i]), gelu_scale)));
-    m = block_max256(m, red);
-    if (threadIdx.x == 0) partials[blockIdx.x] = m;
+            for (int k = 0; k < 8; ++k) f[k] = dgelu_bf16(x[k], g[k], gelu_scale);
+        },
+        [&](long long i) { return dgelu_bf16(to_float(pre[i]), to_float(d[i]), gelu_scale); });
 }
 
 // GELU's output as gelu_forward_bf16 (kernels.cu) stores it, for the input casts that apply
@@ -222,21 +221,14 @@ __device__ __forceinline__ float gelu_bf16(float x, float scale) {
 // 16-byte aligned.
 extern "C" __global__ void __launch_bounds__(256)
 fp8_amax_partial_gelu_bf16(float* partials, const bf16* pre, float gelu_scale, long long n) {
-    __shared__ float red[8];
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long n8 = n / 8;
-    float m = 0.0f;
-    for (long long i = tid; i < n8; i += stride) {
-        float x[8];
-        load8(pre + 8 * i, x);
+    amax_partial_loop(
+        partials, n,
+        [&](long long i, float* f) {
+            load8(pre + 8 * i, f);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(gelu_bf16(x[k], gelu_scale)));
-    }
-    for (long long i = 8 * n8 + tid; i < n; i += stride)
-        m = fmaxf(m, fabsf(gelu_bf16(to_float(pre[i]), gelu_scale)));
-    m = block_max256(m, red);
-    if (threadIdx.x == 0) partials[blockIdx.x] = m;
+            for (int k = 0; k < 8; ++k) f[k] = gelu_bf16(f[k], gelu_scale);
+        },
+        [&](long long i) { return gelu_bf16(to_float(pre[i]), gelu_scale); });
 }
 
 // fp8_amax_record: slot = max(slot, max(partials[0..num])) (an operand whose amax is recorded
