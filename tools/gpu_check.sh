@@ -2,16 +2,14 @@
 # Device calls for the GPU machine: correctness, speed side by side with the PyTorch peer, and the
 # recipe comparison. Run from the repo root there, with the stripped release binary, env.sh and
 # shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
-#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|cecluster|profile|all]...
+#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|profile|all]...
 # Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
 # ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s. Not in `all`: heldout ~6 min
 # (HELDOUT_PEER=0 skips the peer's half), f16tiled ~1 min (fp8-unit at 0.91B with
 # the tiled FP8 casts of f16 tensors on and off), qkvbias ~2 min (the opt-in QKV bias gradient
 # in the Hopper attention backward: selftest with HALFLING_CUDA_ATTN_QKV_BIAS=1 into
 # $OUT/selftest-qkvbias.txt, 124M with it 0/1 alternating twice, 0.91B fp8 with it 0/1, and a
-# 124M profile with it on into $OUT/prof-124m-qkvbias.txt), cecluster ~2 min (the opt-in
-# on-chip classifier: selftest with HALFLING_CUDA_CE_CLUSTER=1 into $OUT/selftest-cecluster.txt,
-# 124M with it 0/1 alternating twice, a profile line), profile ~1 min (device time per
+# 124M profile with it on into $OUT/prof-124m-qkvbias.txt), profile ~1 min (device time per
 # kernel, 124M bf16 and 0.91B fp8, into $OUT/prof-*.txt). Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
@@ -105,17 +103,6 @@ for what in "${@:-all}"; do
     HALFLING_CUDA_ATTN_QKV_BIAS=1 HALFLING_CUDA_PROFILE=1 $BIN bench --config configs/gpt2_124m.toml \
       --device cuda --steps 3 --warmup 2 > "$OUT/prof-124m-qkvbias.txt" 2>&1
     grep -E 'attention_backward|bias_backward' "$OUT/prof-124m-qkvbias.txt"; tail -1 "$OUT/prof-124m-qkvbias.txt"
-  fi
-  if [[ $what == cecluster ]]; then
-    HALFLING_CUDA_CE_CLUSTER=1 $BIN selftest --device cuda > "$OUT/selftest-cecluster.txt" 2>&1
-    echo "selftest (on-chip classifier) rc=$? $(tail -1 "$OUT/selftest-cecluster.txt")"
-    grep FAIL "$OUT/selftest-cecluster.txt" | head
-    for on in 0 1 0 1; do
-      echo "124M, HALFLING_CUDA_CE_CLUSTER=$on: $(HALFLING_CUDA_CE_CLUSTER=$on $BIN bench \
-        --config configs/gpt2_124m.toml --device cuda --steps 20 --warmup 3 2>&1 | tail -1)"
-    done
-    HALFLING_CUDA_CE_CLUSTER=1 HALFLING_CUDA_PROFILE=1 $BIN bench --config configs/gpt2_124m.toml \
-      --device cuda --steps 3 --warmup 2 2>&1 | grep -E 'crossentropy|^\{'
   fi
   if [[ $what == f16tiled ]]; then
     for on in 0 1 0 1; do

@@ -167,11 +167,6 @@ pub struct CudaBackend {
     /// forms the QKV bias gradient's column sums as it stores dqkv, and the model hands it that
     /// bias ([`Backend::attention_forms_qkv_bias`]); otherwise the QKV linear forms it, as before.
     attn_qkv_bias: bool,
-    /// `HALFLING_CUDA_CE_CLUSTER=1` (opt-in until measured) on compute capability 9.0+: the
-    /// training classifier holds each logits row on chip across a cluster of blocks
-    /// (`crossentropy_forward_backward_clN_T`), reading it once instead of twice. Turned off,
-    /// with a note, if the driver refuses the cluster launch.
-    ce_cluster: Cell<bool>,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -476,11 +471,6 @@ impl CudaBackend {
             occupancy: RefCell::new(HashMap::new()),
             ln_fused: env_on("HALFLING_CUDA_LN_FUSED"),
             attn_qkv_bias: env_opt_in("HALFLING_CUDA_ATTN_QKV_BIAS"),
-            // (kernels.cu builds the cluster kernels for sm_90 and later targets only)
-            ce_cluster: Cell::new(
-                !matches!(arch, "sm_80" | "sm_86" | "sm_89")
-                    && env_opt_in("HALFLING_CUDA_CE_CLUSTER"),
-            ),
         })
     }
 
@@ -868,49 +858,19 @@ impl CudaBackend {
         match dloss {
             Some(d) => {
                 args.push(Arg::Float(d));
-                let on_chip = self.ce_cluster.get()
-                    && matches!(dtype, DType::BF16 | DType::F16)
-                    && vp % 8 == 0
-                    && rows.logits % 16 == 0;
-                if let Some(cl) = on_chip.then(|| ce_cluster_size(vp)).flatten() {
-                    let name = format!("crossentropy_forward_backward_cl{cl}_{sfx}");
-                    let grid = block_index(rows.n * cl)?;
-                    match self.launch(&name, (grid, 1, 1), CE_CL_THREADS, 0, &args) {
-                        Ok(()) => return Ok(()),
-                        // A launch the driver refuses has not run: the two-pass kernel below
-                        // takes the rows, now and from here on.
-                        Err(e) => {
-                            eprintln!(
-                                "note: {e:#}; the classifier runs its two-pass kernel instead"
-                            );
-                            self.ce_cluster.set(false);
-                        }
-                    }
-                }
                 let name = format!("crossentropy_forward_backward_{sfx}");
-                self.launch(&name, (block_index(rows.n)?, 1, 1), 512, 0, &args)
+                self.launch(&name, (block_index(rows.n)?, 1, 1), CE_THREADS, 0, &args)
             }
             None => {
                 let name = format!("crossentropy_forward_{sfx}");
-                self.launch(&name, (block_index(rows.n)?, 1, 1), 512, 0, &args)
+                self.launch(&name, (block_index(rows.n)?, 1, 1), CE_THREADS, 0, &args)
             }
         }
     }
 }
 
-/// Threads of a block of the on-chip classifier, and the 16-byte packs of logits each holds at
-/// most (`CE_CL_THREADS`, `CE_CL_PACKS` in kernels.cu).
-const CE_CL_THREADS: u32 = 256;
-const CE_CL_PACKS: usize = 8;
-
-/// The cluster size (blocks sharing a row; kernels.cu instantiates 4 and 8) for rows of `vp`
-/// 16-bit logits held in registers, or `None` where a row is too long for 8 blocks.
-fn ce_cluster_size(vp: usize) -> Option<usize> {
-    let packs = vp.div_ceil(8);
-    [4, 8]
-        .into_iter()
-        .find(|&cl| packs.div_ceil(cl).div_ceil(CE_CL_THREADS as usize) <= CE_CL_PACKS)
-}
+/// Threads of a classifier block (one row each; kernels.cu's launch bounds).
+const CE_THREADS: u32 = 512;
 
 /// The largest chunk of at most `rows` rows (of `row_bytes` each) whose every start is a row
 /// cuBLASLt may begin an operand at (256-byte aligned; see `cublaslt::REQUIRED_ALIGN`), or all
@@ -2795,18 +2755,6 @@ mod attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn classifier_clusters_hold_rows_up_to_eight_blocks_of_registers() {
-        // 8 packs of 8 logits a thread, 256 threads a block: 16384 logits a block.
-        assert_eq!(ce_cluster_size(8), Some(4));
-        assert_eq!(ce_cluster_size(50304), Some(4)); // GPT-2: 7 packs a thread
-        assert_eq!(ce_cluster_size(4 * 16384), Some(4));
-        assert_eq!(ce_cluster_size(4 * 16384 + 8), Some(8));
-        assert_eq!(ce_cluster_size(128256), Some(8)); // Llama 3
-        assert_eq!(ce_cluster_size(8 * 16384), Some(8));
-        assert_eq!(ce_cluster_size(8 * 16384 + 8), None);
-    }
 
     #[test]
     fn token_buckets_group_positions_in_order() {
