@@ -461,24 +461,24 @@ fn slots_from(g: GemmSpec, base: usize) -> GemmSpec {
     }
 }
 
-/// The MLP's backward in one op ([`Backend::mlp_backward`]) with FP8 GEMMs on bf16 tensors:
-/// down-projection (`h` → `c`, amax slots 3..6) then up-projection (`c` → `h`, slots 0..3)
-/// through the GELU, whose derivative the CUDA backend applies inside the up-projection's output
-/// gradient cast. `x` holds inp, pre, w1, w2, dout, then the initial dw1, db1, dw2, db2.
-fn case_fp8_mlp_backward<B: Backend>(
+/// The MLP's backward in one op ([`Backend::mlp_backward`]): down-projection (`h` → `c`) then
+/// up-projection (`c` → `h`) through the GELU, with both biases' gradients. On CUDA, with FP8
+/// GEMMs (`fp8`: amax slots 3..6 and 0..3 recorded) the GELU derivative is applied inside the
+/// up-projection's output gradient cast; without, the down-projection's GEMM applies it in its
+/// DGELU epilogue at alpha = 1. `deferred`: GELU's output is formed by the op itself (as when
+/// the forward did not write it). `x` holds inp, pre, w1, w2, dout, then the initial dw1,
+/// db1, dw2, db2.
+#[allow(clippy::too_many_arguments)]
+fn case_mlp_backward<B: Backend>(
     be: &B,
+    dt: DType,
     x: &[Vec<f32>],
     (n, c, h): (usize, usize, usize),
-    specs: [GemmSpec; 3],
+    gemms: [GemmSpec; 4],
     gelu_scale: f32,
+    fp8: bool,
+    deferred: bool,
 ) -> Result<Outputs> {
-    let dt = DType::BF16;
-    let gemms = [
-        slots_from(specs[1], 3),
-        slots_from(specs[2], 3),
-        slots_from(specs[1], 0),
-        slots_from(specs[2], 0),
-    ];
     let (inp, pre, w1, w2, dout) = (
         up(be, dt, &x[0])?,
         up(be, dt, &x[1])?,
@@ -487,32 +487,44 @@ fn case_fp8_mlp_backward<B: Backend>(
         up(be, dt, &x[4])?,
     );
     let mut gelu_out = be.alloc(dt, n * h)?;
-    be.gelu_forward(&mut gelu_out, &pre, gelu_scale)?;
+    if !deferred {
+        be.gelu_forward(&mut gelu_out, &pre, gelu_scale)?;
+    }
     let (mut dw1, mut db1) = (up(be, DType::F32, &x[5])?, up(be, DType::F32, &x[6])?);
     let (mut dw2, mut db2) = (up(be, DType::F32, &x[7])?, up(be, DType::F32, &x[8])?);
-    let mut amax = up(be, DType::F32, &[0.0, 0.05, 0.0, 0.0, 0.0, 0.01])?;
+    let mut amax = match fp8 {
+        true => Some(up(be, DType::F32, &[0.0, 0.05, 0.0, 0.0, 0.0, 0.01])?),
+        false => None,
+    };
     let (mut dinp, mut dhidden) = (be.alloc(dt, n * c)?, be.alloc(dt, n * h)?);
+    let gelu = match deferred {
+        true => GeluOut::Deferred(&mut gelu_out),
+        false => GeluOut::Stored(&gelu_out),
+    };
     be.mlp_backward(
         &mut dinp,
         &mut dhidden,
         (&mut dw1, Some(&mut db1)),
         (&mut dw2, Some(&mut db2)),
         &dout,
-        (&inp, &pre, GeluOut::Stored(&gelu_out)),
+        (&inp, &pre, gelu),
         (&w1, &w2),
         (n, c, h),
         gemms,
-        Some(&mut amax),
+        amax.as_mut(),
         gelu_scale,
     )?;
-    Ok(vec![
+    let mut outputs = vec![
         ("dinp", be.download(&dinp)?),
         ("dw1", be.download(&dw1)?),
         ("dbias1", be.download(&db1)?),
         ("dw2", be.download(&dw2)?),
         ("dbias2", be.download(&db2)?),
-        ("amax", be.download(&amax)?),
-    ])
+    ];
+    if let Some(amax) = &amax {
+        outputs.push(("amax", be.download(amax)?));
+    }
+    Ok(outputs)
 }
 
 /// The MLP's forward and backward in one op each ([`Backend::mlp_forward`], then
@@ -1190,6 +1202,37 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
                     case_mlp(&reference, dt, &x, s, scales)?,
                 );
             }
+            // The whole MLP backward with both biases' gradients, GELU's output stored or formed
+            // by the op.
+            let x = vec![
+                inputs.normal(n * c, 1.0),
+                inputs.normal(n * h, 1.5),
+                inputs.normal(h * c, 0.3),
+                inputs.normal(c * h, 0.1),
+                inputs.normal(n * c, 1.0),
+                inputs.normal(h * c, 0.1),
+                inputs.normal(h, 0.1),
+                inputs.normal(c * h, 0.1),
+                inputs.normal(c, 0.1),
+            ];
+            for &(alpha, gelu_scale) in scale_sets {
+                for deferred in [false, true] {
+                    let gemms = [GemmSpec::both(dt).with_alpha(alpha); 4];
+                    push(
+                        &label("mlp backward", (alpha, gelu_scale) != (1.0, 1.0)),
+                        format!(
+                            "n={n} c={c} h={h} a={alpha} g={gelu_scale}{}",
+                            if deferred { " gelu formed" } else { "" }
+                        ),
+                        dt,
+                        tol,
+                        case_mlp_backward(be, dt, &x, s, gemms, gelu_scale, false, deferred)?,
+                        case_mlp_backward(
+                            &reference, dt, &x, s, gemms, gelu_scale, false, deferred,
+                        )?,
+                    );
+                }
+            }
         }
         // The larger shapes split the column sums over several row blocks. CUDA's fused
         // backward takes C <= 4096 (257·1000: whole warps past C; 129·2050: no 16-byte path);
@@ -1560,13 +1603,20 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             ("fixed, gelu scale", fp8_specs(fixed, 0.5), UNIT[1]),
         ] {
             let s = (n, c, h);
+            let gemms = [
+                slots_from(specs[1], 3),
+                slots_from(specs[2], 3),
+                slots_from(specs[1], 0),
+                slots_from(specs[2], 0),
+            ];
+            let (dt, fp8, deferred) = (DType::BF16, true, false);
             push(
                 &format!("fp8 mlp backward bf16 ({label})"),
                 format!("n={n} c={c} h={h}"),
                 DType::F8E4M3,
-                tolerance(DType::BF16),
-                case_fp8_mlp_backward(be, &x, s, specs, gelu_scale)?,
-                case_fp8_mlp_backward(&reference, &x, s, specs, gelu_scale)?,
+                tolerance(dt),
+                case_mlp_backward(be, dt, &x, s, gemms, gelu_scale, fp8, deferred)?,
+                case_mlp_backward(&reference, dt, &x, s, gemms, gelu_scale, fp8, deferred)?,
             );
         }
     }

@@ -302,6 +302,17 @@ impl Epilogue {
         }
     }
 
+    /// The suffix of a profile line for a GEMM with this epilogue (`gemm 16384x3072x768
+    /// BF16->BF16 +dgelu`).
+    pub fn profile_tag(&self) -> &'static str {
+        match self {
+            Epilogue::None => "",
+            Epilogue::Bias { .. } => " +bias",
+            Epilogue::GeluAux { .. } => " +gelu",
+            Epilogue::DGelu { .. } => " +dgelu",
+        }
+    }
+
     /// The vector set as `CUBLASLT_MATMUL_DESC_BIAS_POINTER` (the bias) and the matrix set as `CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER`.
     fn pointers(&self) -> (Option<u64>, Option<u64>) {
         match *self {
@@ -498,7 +509,8 @@ pub struct Lt {
 struct Tuning {
     /// `HALFLING_CUDA_GEMM_TUNE` is not `0`.
     enabled: bool,
-    /// `HALFLING_CUDA_GEMM_TUNE_LOG=1`: one line per plan on stderr (candidates' times, choice).
+    /// `HALFLING_CUDA_GEMM_TUNE_LOG=1`: one line per plan on stderr (candidates' times, choice),
+    /// and one per plan cuBLASLt refused (why).
     log: bool,
     /// The file of choices on disk (none without a cache directory).
     file: Option<PathBuf>,
@@ -1116,7 +1128,10 @@ impl Lt {
                 self.plans.insert(key, plan);
                 true
             }
-            Err(_) => {
+            Err(e) => {
+                if self.tuning.log {
+                    eprintln!("gemm tune: no plan for {key}: {e:#}");
+                }
                 self.refused.insert(key);
                 false
             }

@@ -906,12 +906,7 @@ impl CudaBackend {
             return Ok(false);
         }
         if start.is_some() {
-            let tag = match g.epilogue {
-                Epilogue::None => "",
-                Epilogue::Bias { .. } => " +bias",
-                Epilogue::GeluAux { .. } => " +gelu",
-                Epilogue::DGelu { .. } => " +dgelu",
-            };
+            let tag = g.epilogue.profile_tag();
             let fast = if f.fast_accum { " fast" } else { "" };
             let label = format!(
                 "gemm {}x{}x{} {:?}x{:?}->{:?}{tag}{fast}",

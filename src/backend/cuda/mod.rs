@@ -575,12 +575,7 @@ impl CudaBackend {
         let start = self.profile_event()?;
         self.lt.borrow_mut().matmul(&self.stream, &g)?;
         if start.is_some() {
-            let tag = match epilogue {
-                Epilogue::None => "",
-                Epilogue::Bias { .. } => " +bias",
-                Epilogue::GeluAux { .. } => " +gelu",
-                Epilogue::DGelu { .. } => " +dgelu",
-            };
+            let tag = epilogue.profile_tag();
             let label = format!("gemm {m}x{n}x{k} {inputs:?}->{out_type:?}{tag}");
             self.profile_record(&label, start)?;
         }
