@@ -75,6 +75,21 @@ impl Inputs {
     fn normal(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.rng.normal_f32() * scale).collect()
     }
+    /// The operands of [`case_mlp_backward`] at `(n, c, h)`: inp, pre, w1, w2, dout, then the
+    /// initial dw1, db1, dw2, db2.
+    fn mlp_backward(&mut self, (n, c, h): (usize, usize, usize)) -> Vec<Vec<f32>> {
+        vec![
+            self.normal(n * c, 1.0),
+            self.normal(n * h, 1.5),
+            self.normal(h * c, 0.1),
+            self.normal(c * h, 0.1),
+            self.normal(n * c, 1.0),
+            self.normal(h * c, 0.1),
+            self.normal(h, 0.1),
+            self.normal(c * h, 0.1),
+            self.normal(c, 0.1),
+        ]
+    }
     fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
         (0..n)
             .map(|_| self.rng.below(vocab as u64) as u32)
@@ -466,8 +481,7 @@ fn slots_from(g: GemmSpec, base: usize) -> GemmSpec {
 /// GEMMs (`fp8`: amax slots 3..6 and 0..3 recorded) the GELU derivative is applied inside the
 /// up-projection's output gradient cast; without, the down-projection's GEMM applies it in its
 /// DGELU epilogue at alpha = 1. `deferred`: GELU's output is formed by the op itself (as when
-/// the forward did not write it). `x` holds inp, pre, w1, w2, dout, then the initial dw1,
-/// db1, dw2, db2.
+/// the forward did not write it). `x` as [`Inputs::mlp_backward`] makes it.
 #[allow(clippy::too_many_arguments)]
 fn case_mlp_backward<B: Backend>(
     be: &B,
@@ -1204,17 +1218,7 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             }
             // The whole MLP backward with both biases' gradients, GELU's output stored or formed
             // by the op.
-            let x = vec![
-                inputs.normal(n * c, 1.0),
-                inputs.normal(n * h, 1.5),
-                inputs.normal(h * c, 0.3),
-                inputs.normal(c * h, 0.1),
-                inputs.normal(n * c, 1.0),
-                inputs.normal(h * c, 0.1),
-                inputs.normal(h, 0.1),
-                inputs.normal(c * h, 0.1),
-                inputs.normal(c, 0.1),
-            ];
+            let x = inputs.mlp_backward(s);
             for &(alpha, gelu_scale) in scale_sets {
                 for deferred in [false, true] {
                     let gemms = [GemmSpec::both(dt).with_alpha(alpha); 4];
@@ -1586,17 +1590,7 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
     // paths), a GELU scale, and sizes with no FP8 GEMM (the composed ops). The amaxes include
     // the pre-activation gradient's, which is rounded from a GEMM output: close, not exact.
     for (n, c, h) in [(208, 80, 336), (256, 128, 512), (37, 24, 60)] {
-        let x = vec![
-            inputs.normal(n * c, 1.0),
-            inputs.normal(n * h, 1.5),
-            inputs.normal(h * c, 0.1),
-            inputs.normal(c * h, 0.1),
-            inputs.normal(n * c, 1.0),
-            inputs.normal(h * c, 0.1),
-            inputs.normal(h, 0.1),
-            inputs.normal(c * h, 0.1),
-            inputs.normal(c, 0.1),
-        ];
+        let x = inputs.mlp_backward((n, c, h));
         for (label, specs, gelu_scale) in [
             ("current", fp8_specs(None, 1.0), 1.0),
             ("fixed", fp8_specs(fixed, 1.0), 1.0),
