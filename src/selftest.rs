@@ -1762,6 +1762,17 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
             case_training(&reference, Recipe::new(recipe), &ids)?,
         );
     }
+    // bf16 with two micro-batches a step: the second accumulates onto gradients the first wrote
+    // (on CUDA with HALFLING_CUDA_LAZY_ZERO=1, over zeros that were never written).
+    let ids = inputs.tokens(64, 11);
+    push(
+        "train 3 steps",
+        "tiny gpt, bf16, 2 micro-batches".to_string(),
+        DType::BF16,
+        training_tolerance(DType::BF16),
+        case_training(be, Recipe::new(RecipeName::Bf16), &ids)?,
+        case_training(&reference, Recipe::new(RecipeName::Bf16), &ids)?,
+    );
     // FP8 with two micro-batches a step (weights' casts kept across them), delayed and current
     // scaling.
     for scaling in [Fp8ScalingKind::Delayed, Fp8ScalingKind::Current] {

@@ -2,14 +2,17 @@
 # Device calls for the GPU machine: correctness, speed side by side with the PyTorch peer, and the
 # recipe comparison. Run from the repo root there, with the stripped release binary, env.sh and
 # shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
-#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|profile|all]...
+#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|lazyzero|profile|all]...
 # Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
 # ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s. Not in `all`: heldout ~6 min
 # (HELDOUT_PEER=0 skips the peer's half), f16tiled ~1 min (fp8-unit at 0.91B with
 # the tiled FP8 casts of f16 tensors on and off), qkvbias ~2 min (the opt-in QKV bias gradient
 # in the Hopper attention backward: selftest with HALFLING_CUDA_ATTN_QKV_BIAS=1 into
 # $OUT/selftest-qkvbias.txt, 124M with it 0/1 alternating twice, 0.91B fp8 with it 0/1, and a
-# 124M profile with it on into $OUT/prof-124m-qkvbias.txt), profile ~1 min (device time per
+# 124M profile with it on into $OUT/prof-124m-qkvbias.txt), lazyzero ~4 min (the opt-in
+# deferred gradient zeroing: selftest with HALFLING_CUDA_LAZY_ZERO=1 into
+# $OUT/selftest-lazyzero.txt, a 200-step baby GPT run with it off and on (final val losses must
+# match), 124M 0/1 alternating twice, 0.91B fp8 0/1), profile ~1 min (device time per
 # kernel, 124M bf16 and 0.91B fp8, into $OUT/prof-*.txt). Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
@@ -103,6 +106,27 @@ for what in "${@:-all}"; do
     HALFLING_CUDA_ATTN_QKV_BIAS=1 HALFLING_CUDA_PROFILE=1 $BIN bench --config configs/gpt2_124m.toml \
       --device cuda --steps 3 --warmup 2 > "$OUT/prof-124m-qkvbias.txt" 2>&1
     grep -E 'attention_backward|bias_backward' "$OUT/prof-124m-qkvbias.txt"; tail -1 "$OUT/prof-124m-qkvbias.txt"
+  fi
+  if [[ $what == lazyzero ]]; then
+    HALFLING_CUDA_LAZY_ZERO=1 $BIN selftest --device cuda > "$OUT/selftest-lazyzero.txt" 2>&1
+    echo "selftest (lazy zeroing) rc=$? $(tail -1 "$OUT/selftest-lazyzero.txt")"
+    grep FAIL "$OUT/selftest-lazyzero.txt" | head
+    # The same training run either way: the losses must agree bit for bit.
+    for on in 0 1; do
+      HALFLING_CUDA_LAZY_ZERO=$on $BIN train --config configs/shakespeare_char_gpu.toml \
+        --device cuda --quiet --out /tmp/lz$on --set train.max_steps=200 \
+        --set train.eval_interval=100 --set train.sample_tokens=0 > /tmp/lz$on.log 2>&1
+      echo "train, HALFLING_CUDA_LAZY_ZERO=$on: $(grep -o '"final_val_loss":[^,]*' /tmp/lz$on/summary.json)"
+    done
+    for on in 0 1 0 1; do
+      echo "124M, HALFLING_CUDA_LAZY_ZERO=$on: $(HALFLING_CUDA_LAZY_ZERO=$on $BIN bench \
+        --config configs/gpt2_124m.toml --device cuda --steps 20 --warmup 3 2>&1 | tail -1)"
+    done
+    for on in 0 1; do
+      echo "0.91B fp8, HALFLING_CUDA_LAZY_ZERO=$on: $(HALFLING_CUDA_LAZY_ZERO=$on $BIN bench \
+        --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
+        --set precision.recipe=fp8 2>&1 | tail -1)"
+    done
   fi
   if [[ $what == f16tiled ]]; then
     for on in 0 1 0 1; do

@@ -68,7 +68,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::cublaslt::{Epilogue, Fp8Scales, Gemm, GemmType};
-use super::{gemm_type, int, oom, op_scale, suffix, Arg, CudaBackend, CudaBuf, BLOCK};
+use super::{gemm_type, int, oom, op_scale, suffix, Arg, CudaBackend, CudaBuf};
 use crate::backend::{GeluOut, GemmOperand, GemmSpec, KeepToken, OperandScale};
 use crate::numerics::DType;
 
@@ -315,7 +315,7 @@ impl CudaBackend {
         let blocks = x.len.div_ceil(256 * 8).clamp(1, PARTIALS);
         let cells = self.fp8_cells()?;
         let grid = (blocks as u32, 1, 1);
-        let (px, n) = (Arg::Ptr(self.ptr(x)), Arg::U64(x.len as u64));
+        let (px, n) = (Arg::Ptr(self.ptr(x)?), Arg::U64(x.len as u64));
         match of {
             None => {
                 let name = format!("fp8_amax_partial_{}", tensor_suffix(x.dtype)?);
@@ -384,7 +384,7 @@ impl CudaBackend {
             &[
                 Arg::Ptr(out.unwrap_or(0)),
                 Arg::Ptr(out_t.unwrap_or(0)),
-                Arg::Ptr(self.ptr(x)),
+                Arg::Ptr(self.ptr(x)?),
                 Arg::Int(int(rows)?),
                 Arg::Int(int(cols)?),
                 Arg::Int(format),
@@ -471,7 +471,7 @@ impl CudaBackend {
         let mut args = vec![
             Arg::Ptr(out),
             Arg::Ptr(out_t),
-            Arg::Ptr(self.ptr(x)),
+            Arg::Ptr(self.ptr(x)?),
             Arg::Int(int(rows)?),
             Arg::Int(int(cols)?),
             Arg::Int(format),
@@ -556,20 +556,7 @@ impl CudaBackend {
         let Some((db, alpha)) = bias else {
             return Ok((out, out_t, scale_ptr));
         };
-        let pdb = self.ptr_mut(db);
-        self.launch(
-            "bias_backward_reduce",
-            (oc.div_ceil(32) as u32, 1, 1),
-            BLOCK,
-            0,
-            &[
-                Arg::Ptr(pdb),
-                Arg::Ptr(sums),
-                op_scale("bias gradient", alpha)?,
-                Arg::Int(int(groups)?),
-                Arg::Int(int(oc)?),
-            ],
-        )?;
+        self.bias_backward_reduce(db, sums, groups, oc, alpha)?;
         Ok((out, out_t, scale_ptr))
     }
 
@@ -629,7 +616,7 @@ impl CudaBackend {
             return None;
         }
         let token = op.keep?;
-        let src = self.ptr(x);
+        let src = self.ptr(x).ok()?;
         let scratch = self.fp8.borrow();
         let k = scratch.kept.get(&token.id)?;
         let matches = k.token == token
@@ -642,7 +629,8 @@ impl CudaBackend {
         if !matches {
             return None;
         }
-        let (cell, t) = (self.ptr(&k.buf), self.ptr(&k.buf) + CELL_STRIDE as u64);
+        let cell = self.ptr(&k.buf).ok()?;
+        let t = cell + CELL_STRIDE as u64;
         let p = t + (rows * cols).next_multiple_of(256) as u64;
         Some((
             if plain { p } else { 0 },
@@ -683,7 +671,8 @@ impl CudaBackend {
                 crate::backend::Backend::alloc(self, DType::F8E4M3, bytes)?
             }
         };
-        let (cell, t) = (self.ptr(&buf), self.ptr(&buf) + CELL_STRIDE as u64);
+        let cell = self.ptr(&buf)?;
+        let t = cell + CELL_STRIDE as u64;
         let p = match plain_role {
             None => t + (rows * cols).next_multiple_of(256) as u64,
             Some(role) => self.fp8_buf(role, rows * cols)?,
@@ -705,7 +694,7 @@ impl CudaBackend {
         )?;
         let kept = Kept {
             token,
-            src: self.ptr(x),
+            src: self.ptr(x)?,
             rows,
             cols,
             format: op.format,
@@ -841,7 +830,7 @@ impl CudaBackend {
         if cell != 0 {
             self.fp8_record(x, cell)?;
         }
-        Ok(self.ptr(x))
+        self.ptr(x)
     }
 
     /// The [`Fp8Scales`] of a GEMM of `spec` if both its operands are FP8 (scale pointers are
@@ -931,7 +920,7 @@ impl CudaBackend {
                     bail!("internal error: the amax buffer is {}, not f32", buf.dtype);
                 }
                 let len = buf.len;
-                Ok((Some(self.ptr_mut(buf)), len))
+                Ok((Some(self.ptr_mut(buf)?), len))
             }
         }
     }
@@ -1065,9 +1054,10 @@ impl CudaBackend {
                 oc * ic
             );
         }
-        let pdw = self.ptr_mut(dw);
+        // The address (and whether dw's zeros were deferred) is taken where the GEMM runs: an
+        // early return before it must leave dw as it was.
         let mut g_dw = Gemm {
-            out: pdw,
+            out: 0,
             out_type: gemm_type(dw.dtype)?,
             a: 0,
             b: 0,
@@ -1198,7 +1188,12 @@ impl CudaBackend {
             }
         }
 
-        // ---- dw += doutᵀ · inp ----
+        // ---- dw += doutᵀ · inp (= where dw's zeros were deferred) ----
+        let (pdw, overwrite) = self.ptr_first_write(dw);
+        g_dw.out = pdw;
+        if overwrite {
+            g_dw.beta = 0.0;
+        }
         let mut done = false;
         if let (true, Some(mut f)) = (dw_direct, f_dw) {
             let (pdt, sd) = match dyt_ready {
@@ -1289,10 +1284,10 @@ impl CudaBackend {
             self.expect("linear bias", b, t, oc)?;
         }
         let epilogue = match bias {
-            Some(b) => Epilogue::Bias { bias: self.ptr(b) },
+            Some(b) => Epilogue::Bias { bias: self.ptr(b)? },
             None => Epilogue::None,
         };
-        let po = self.ptr_mut(out);
+        let po = self.ptr_mut(out)?;
         self.fp8_linear_forward(po, t, inp, w, epilogue, n, ic, oc, gemm, amax)
     }
 
@@ -1318,11 +1313,11 @@ impl CudaBackend {
             self.expect("linear bias", b, t, oc)?;
         }
         let epilogue = Epilogue::GeluAux {
-            bias: bias.map(|b| self.ptr(b)),
-            pre: self.ptr_mut(pre),
+            bias: bias.map(|b| self.ptr(b)).transpose()?,
+            pre: self.ptr_mut(pre)?,
         };
         if gelu_scale == 1.0 && self.fp8_forward_fusable(epilogue, t, n, ic, oc, &gemm)? {
-            let po = self.ptr_mut(out);
+            let po = self.ptr_mut(out)?;
             return self.fp8_linear_forward(po, t, inp, w, epilogue, n, ic, oc, gemm, amax);
         }
         self.fp8_op_linear_forward(pre, inp, w, bias, n, ic, oc, gemm, amax)?;
@@ -1349,7 +1344,7 @@ impl CudaBackend {
             Some(d) => {
                 let t = d.dtype;
                 self.expect("linear input grad", d, t, n * ic)?;
-                Some((self.ptr_mut(d), t))
+                Some((self.ptr_mut(d)?, t))
             }
             None => None,
         };
@@ -1384,7 +1379,7 @@ impl CudaBackend {
         // 0.81 ms at 0.91B's 8192x8192x2048 against 0.25 ms for the GELU_AUX forward of the same
         // size; the plain FP8 GEMM plus the separate in-place GELU backward is much cheaper.
         let pre_ptr = None;
-        let dinp = Some((self.ptr_mut(dpre), t));
+        let dinp = Some((self.ptr_mut(dpre)?, t));
         let fused = self.fp8_linear_backward(
             dinp, pre_ptr, dw, dbias, dout, gelu_out, w, n, ic, oc, dinp_gemm, dw_gemm, amax, None,
             None,
@@ -1430,7 +1425,7 @@ impl CudaBackend {
             self.expect("linear bias", b, t, c)?;
         }
         let mut g = Gemm {
-            out: self.ptr_mut(out),
+            out: self.ptr_mut(out)?,
             out_type: gemm_type(t)?,
             a: 0,
             b: 0,
@@ -1443,7 +1438,7 @@ impl CudaBackend {
             alpha: fcproj.alpha,
             beta: 0.0,
             epilogue: match b2 {
-                Some(b) => Epilogue::Bias { bias: self.ptr(b) },
+                Some(b) => Epilogue::Bias { bias: self.ptr(b)? },
                 None => Epilogue::None,
             },
         };
@@ -1530,10 +1525,10 @@ impl CudaBackend {
             GeluOut::Stored(g) => (g, None),
             GeluOut::Deferred(g) => {
                 self.expect("GELU output", g, t, n * h)?;
-                let at = self.ptr_mut(g);
+                let at = self.ptr_mut(g)?;
                 let pending = GeluPending {
                     at,
-                    pre: self.ptr(pre),
+                    pre: self.ptr(pre)?,
                     scale: gelu_scale,
                     len: n * h,
                 };
@@ -1541,7 +1536,7 @@ impl CudaBackend {
             }
         };
         self.expect("linear input grad", dhidden, t, n * h)?;
-        let dh = Some((self.ptr_mut(dhidden), t));
+        let dh = Some((self.ptr_mut(dhidden)?, t));
         self.fp8_linear_backward(
             dh,
             None,
@@ -1560,12 +1555,12 @@ impl CudaBackend {
             pending,
         )?;
         self.expect("linear input grad", dinp, dinp.dtype, n * c)?;
-        let d = Some((self.ptr_mut(dinp), dinp.dtype));
+        let d = Some((self.ptr_mut(dinp)?, dinp.dtype));
         let g = DGeluCast {
-            pre: self.ptr(pre),
+            pre: self.ptr(pre)?,
             scale: gelu_scale,
         };
-        let pd = self.ptr_mut(dhidden);
+        let pd = self.ptr_mut(dhidden)?;
         let ran = self.fp8_linear_backward(
             d,
             None,

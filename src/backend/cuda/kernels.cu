@@ -1015,13 +1015,14 @@ FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
 #define REDUCE_GROUPS 8
 
 /// layernorm_backward_reduce: for output o = blockIdx.y, out_o[c] += scale_o·Σ_g partials[(g·nout
-/// + o)·C + c] (rows laid out as the fused kernel and layernorm_backward_params_partial write them):
+/// + o)·C + c] (= where bit o of `overwrite` is set: that output's zeros were deferred; rows laid
+/// out as the fused kernel and layernorm_backward_params_partial write them):
 /// o = 0 dweight, 1 dbias (scale sp), 2 dres (scale sr; only with nout = 3). The sums are formed
 /// first and scaled once, as on the CPU (scales are 1 outside unit scaling). Grid (ceil(C/32),
 /// nout), block 256.
 extern "C" __global__ void layernorm_backward_reduce(float* dweight, float* dbias, float* dres,
                                                      const float* partials, float sp, float sr,
-                                                     int G, int C, int nout) {
+                                                     int G, int C, int nout, int overwrite) {
     __shared__ float s_s[REDUCE_GROUPS][REDUCE_COLS];
     const int o = (int)blockIdx.y;
     const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
@@ -1036,14 +1037,15 @@ extern "C" __global__ void layernorm_backward_reduce(float* dweight, float* dbia
         float t = 0.0f;
         for (int j = 0; j < REDUCE_GROUPS; ++j) t += s_s[j][x];
         float* out = o == 0 ? dweight : (o == 1 ? dbias : dres);
-        out[c] += (o == 2 ? sr : sp) * t;
+        const float v = (o == 2 ? sr : sp) * t;
+        out[c] = (overwrite >> o & 1) ? v : out[c] + v;
     }
 }
 
 /// bias_backward_reduce: dbias[oc] += scale·Σ_g partials[g, oc] (row groups as above; scale is the
-/// weight gradient's alpha, 1 outside unit scaling).
+/// weight gradient's alpha, 1 outside unit scaling), or = with `overwrite` (zeros deferred).
 extern "C" __global__ void bias_backward_reduce(float* dbias, const float* partials, float scale,
-                                                int G, int OC) {
+                                                int G, int OC, int overwrite) {
     __shared__ float s_s[REDUCE_GROUPS][REDUCE_COLS];
     const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
     const int c = (int)blockIdx.x * REDUCE_COLS + x;
@@ -1056,7 +1058,7 @@ extern "C" __global__ void bias_backward_reduce(float* dbias, const float* parti
     if (y == 0 && c < OC) {
         float t = 0.0f;
         for (int j = 0; j < REDUCE_GROUPS; ++j) t += s_s[j][x];
-        dbias[c] += scale * t;
+        dbias[c] = overwrite ? scale * t : dbias[c] + scale * t;
     }
 }
 

@@ -80,6 +80,11 @@ pub struct CudaBuf {
     len: usize,
     mem: CudaSlice<u8>,
     live: Rc<Cell<u64>>,
+    /// Zeros not yet written: with `HALFLING_CUDA_LAZY_ZERO=1`, [`Backend::zero`] only marks
+    /// its buffers, and each buffer's first op either writes the zeros first
+    /// ([`CudaBackend::ptr`]) or, writing every element, overwrites instead of accumulating
+    /// ([`CudaBackend::ptr_first_write`]): the gradient memset of every step, saved.
+    unzeroed: Cell<bool>,
 }
 
 impl Drop for CudaBuf {
@@ -163,6 +168,10 @@ pub struct CudaBackend {
     /// Whether the LayerNorm backward runs as the one fused kernel where the width allows;
     /// `HALFLING_CUDA_LN_FUSED=0` runs the separate dinp and column-sum kernels (to compare).
     ln_fused: bool,
+    /// `HALFLING_CUDA_LAZY_ZERO=1` (opt-in until measured on a GPU): [`Backend::zero`] defers
+    /// its zeros to each buffer's first op (see `CudaBuf::unzeroed`), so the gradients' first
+    /// writers overwrite them and the per-step memset goes.
+    lazy_zero: bool,
     /// `HALFLING_CUDA_ATTN_QKV_BIAS=1` (opt-in until measured): the Hopper attention backward
     /// forms the QKV bias gradient's column sums as it stores dqkv, and the model hands it that
     /// bias ([`Backend::attention_forms_qkv_bias`]); otherwise the QKV linear forms it, as before.
@@ -470,6 +479,7 @@ impl CudaBackend {
             sm_count,
             occupancy: RefCell::new(HashMap::new()),
             ln_fused: env_on("HALFLING_CUDA_LN_FUSED"),
+            lazy_zero: env_opt_in("HALFLING_CUDA_LAZY_ZERO"),
             attn_qkv_bias: env_opt_in("HALFLING_CUDA_ATTN_QKV_BIAS"),
         })
     }
@@ -603,7 +613,7 @@ impl CudaBackend {
         } else {
             None
         };
-        let out = scratch.as_ref().map(|buf| self.ptr(buf));
+        let out = scratch.as_ref().map(|buf| self.ptr(buf)).transpose()?;
         self.lt.borrow_mut().tune(&self.stream, g, f, out)
     }
 
@@ -644,14 +654,42 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn ptr(&self, buf: &CudaBuf) -> u64 {
+    /// `buf`'s device address for an op that reads it (or accumulates into it): a buffer
+    /// [`Backend::zero`] left unzeroed gets its zeros first.
+    fn ptr(&self, buf: &CudaBuf) -> Result<u64> {
         let (p, _sync) = buf.mem.device_ptr(&self.stream);
-        p
+        self.write_deferred_zeros(&buf.unzeroed, p, buf.mem.len())?;
+        Ok(p)
     }
 
-    fn ptr_mut(&self, buf: &mut CudaBuf) -> u64 {
+    /// [`CudaBackend::ptr`] for an op that writes `buf`.
+    fn ptr_mut(&self, buf: &mut CudaBuf) -> Result<u64> {
+        let bytes = buf.mem.len();
         let (p, _sync) = buf.mem.device_ptr_mut(&self.stream);
-        p
+        self.write_deferred_zeros(&buf.unzeroed, p, bytes)?;
+        Ok(p)
+    }
+
+    /// `buf`'s device address for an op that writes every element, and whether it must
+    /// overwrite instead of accumulate (true where [`Backend::zero`] left the buffer unzeroed:
+    /// the op stands in for the zeros, which are never written).
+    fn ptr_first_write(&self, buf: &mut CudaBuf) -> (u64, bool) {
+        let (p, _sync) = buf.mem.device_ptr_mut(&self.stream);
+        (p, buf.unzeroed.replace(false))
+    }
+
+    /// Writes the zeros [`Backend::zero`] deferred (`unzeroed`) for the `bytes` at device
+    /// address `p`, if any.
+    fn write_deferred_zeros(&self, unzeroed: &Cell<bool>, p: u64, bytes: usize) -> Result<()> {
+        if unzeroed.replace(false) {
+            // SAFETY: p is a live allocation of `bytes` bytes; the memset is ordered on our
+            // stream before the op that asked for the address.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(p, 0, bytes, self.stream.cu_stream())
+            }
+            .map_err(|e| anyhow!("zeroing a GPU buffer failed: {e:?}"))?;
+        }
+        Ok(())
     }
 
     /// The device address of a multi-tensor kernel's table with contents `bytes`, uploaded only
@@ -737,9 +775,9 @@ impl CudaBackend {
         self.expect("layernorm mean", mean, DType::F32, n)?;
         self.expect("layernorm rstd", rstd, DType::F32, n)?;
         let (add_a, add_b, sa, sb) = add.unwrap_or((0, 0, 1.0, 1.0));
-        let (pw, pb) = (self.ptr(weight), self.ptr(bias));
-        let (pm, pr) = (self.ptr_mut(mean), self.ptr_mut(rstd));
-        let po = self.ptr_mut(out);
+        let (pw, pb) = (self.ptr(weight)?, self.ptr(bias)?);
+        let (pm, pr) = (self.ptr_mut(mean)?, self.ptr_mut(rstd)?);
+        let po = self.ptr_mut(out)?;
         // One warp per row, 8 rows per block.
         self.launch(
             &format!("layernorm_forward_{}", suffix(t)?),
@@ -785,7 +823,7 @@ impl CudaBackend {
             0,
             &[
                 Arg::Ptr(partials),
-                Arg::Ptr(self.ptr(dout)),
+                Arg::Ptr(self.ptr(dout)?),
                 Arg::Int(int(n)?),
                 Arg::Int(int(oc)?),
                 Arg::Int(int(rows_per_block)?),
@@ -794,7 +832,8 @@ impl CudaBackend {
         self.bias_backward_reduce(dbias, partials, g, oc, scale)
     }
 
-    /// `dbias[oc] += scale · Σ_g partials[g, oc]` (f32 partial rows, summed in a fixed order).
+    /// `dbias[oc] += scale · Σ_g partials[g, oc]` (f32 partial rows, summed in a fixed order;
+    /// `=` where `dbias`'s zeros were deferred).
     fn bias_backward_reduce(
         &self,
         dbias: &mut CudaBuf,
@@ -804,7 +843,7 @@ impl CudaBackend {
         scale: f32,
     ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
-        let db = self.ptr_mut(dbias);
+        let (db, overwrite) = self.ptr_first_write(dbias);
         self.launch(
             "bias_backward_reduce",
             (oc.div_ceil(32) as u32, 1, 1),
@@ -816,6 +855,7 @@ impl CudaBackend {
                 op_scale("bias gradient", scale)?,
                 Arg::Int(int(g)?),
                 Arg::Int(int(oc)?),
+                Arg::Int(i32::from(overwrite)),
             ],
         )
     }
@@ -939,6 +979,7 @@ impl Backend for CudaBackend {
             len,
             mem,
             live: self.live.clone(),
+            unzeroed: Cell::new(false),
         })
     }
 
@@ -981,6 +1022,7 @@ impl Backend for CudaBackend {
             );
         }
         let bytes = numerics::encode(dst.dtype, src);
+        self.ptr_mut(dst)?; // deferred zeros first: the copy may not cover the allocation
         self.stream
             .memcpy_htod(&bytes, &mut dst.mem.slice_mut(..bytes.len()))
             .map_err(|e| anyhow!("upload to the GPU failed: {e:?}"))?;
@@ -1028,6 +1070,7 @@ impl Backend for CudaBackend {
         }
         let size = src.dtype.size_bytes();
         let mut bytes = vec![0u8; len * size];
+        self.ptr(src)?; // deferred zeros first
         self.stream
             .memcpy_dtoh(
                 &src.mem.slice(offset * size..(offset + len) * size),
@@ -1070,8 +1113,11 @@ impl Backend for CudaBackend {
             let members: Vec<usize> = (0..bufs.len())
                 .filter(|&i| bufs[i].dtype == dtype)
                 .collect();
-            let rows = members.iter().map(|&i| (self.ptr(bufs[i]), bufs[i].len));
-            let (table, blocks) = tensor_table(rows, MT_CHUNK)?;
+            let rows = members
+                .iter()
+                .map(|&i| Ok((self.ptr(bufs[i])?, bufs[i].len)))
+                .collect::<Result<Vec<_>>>()?;
+            let (table, blocks) = tensor_table(rows.into_iter(), MT_CHUNK)?;
             // The same block layout as `tensor_table`: each tensor's chunks in order.
             let mut next = slots;
             for &i in &members {
@@ -1189,10 +1235,17 @@ impl Backend for CudaBackend {
     }
 
     fn zero(&self, bufs: &mut [CudaBuf]) -> Result<()> {
-        let rows: Vec<(u64, usize)> = bufs
+        if self.lazy_zero {
+            // Each buffer's first op writes the zeros or stands in for them (`CudaBuf::unzeroed`).
+            for b in bufs.iter() {
+                b.unzeroed.set(true);
+            }
+            return Ok(());
+        }
+        let rows = bufs
             .iter_mut()
-            .map(|b| (self.ptr_mut(b), b.mem.len()))
-            .collect();
+            .map(|b| Ok((self.ptr_mut(b)?, b.mem.len())))
+            .collect::<Result<Vec<_>>>()?;
         // zero_multi's blocks take MT_CHUNK f32s' worth of bytes each.
         let (table, blocks) = tensor_table(rows.into_iter(), MT_CHUNK * 4)?;
         if blocks == 0 {
@@ -1213,6 +1266,7 @@ impl Backend for CudaBackend {
         if value.to_bits() == 0 {
             // +0.0 is all-zero bytes in every format: the driver's memset (zeroing gradients at
             // every step) is cheaper than a kernel.
+            buf.unzeroed.set(false);
             return self
                 .stream
                 .memset_zeros(&mut buf.mem)
@@ -1220,7 +1274,7 @@ impl Backend for CudaBackend {
         }
         let n = buf.len;
         let name = format!("fill_{}", suffix(buf.dtype)?);
-        let p = self.ptr_mut(buf);
+        let p = self.ptr_mut(buf)?;
         self.elementwise(
             &name,
             n,
@@ -1241,8 +1295,8 @@ impl Backend for CudaBackend {
             (a, b) if a == b => format!("copy_{}", suffix(a)?),
             (a, b) => format!("copy_{}_to_{}", suffix(a)?, suffix(b)?),
         };
-        let s = self.ptr(src);
-        let d = self.ptr_mut(dst);
+        let s = self.ptr(src)?;
+        let d = self.ptr_mut(dst)?;
         self.elementwise(&name, n, &[Arg::Ptr(d), Arg::Ptr(s), Arg::Int(int(n)?)])
     }
 
@@ -1257,8 +1311,8 @@ impl Backend for CudaBackend {
         self.expect("residual a", a, out.dtype, n)?;
         self.expect("residual b", b, out.dtype, n)?;
         let name = format!("residual_forward_{}", suffix(out.dtype)?);
-        let (pa, pb) = (self.ptr(a), self.ptr(b));
-        let po = self.ptr_mut(out);
+        let (pa, pb) = (self.ptr(a)?, self.ptr(b)?);
+        let po = self.ptr_mut(out)?;
         self.elementwise(
             &name,
             n,
@@ -1276,7 +1330,7 @@ impl Backend for CudaBackend {
     fn scale(&self, buf: &mut CudaBuf, factor: f32) -> Result<()> {
         let n = buf.len;
         let name = format!("scale_{}", suffix(buf.dtype)?);
-        let p = self.ptr_mut(buf);
+        let p = self.ptr_mut(buf)?;
         self.elementwise(
             &name,
             n,
@@ -1288,8 +1342,8 @@ impl Backend for CudaBackend {
         let n = out.len;
         self.expect("gelu input", inp, out.dtype, n)?;
         let name = format!("gelu_forward_{}", suffix(out.dtype)?);
-        let pi = self.ptr(inp);
-        let po = self.ptr_mut(out);
+        let pi = self.ptr(inp)?;
+        let po = self.ptr_mut(out)?;
         self.elementwise(
             &name,
             n,
@@ -1306,8 +1360,8 @@ impl Backend for CudaBackend {
         let n = d.len;
         self.expect("gelu input", inp, d.dtype, n)?;
         let name = format!("gelu_backward_{}", suffix(d.dtype)?);
-        let pi = self.ptr(inp);
-        let pd = self.ptr_mut(d);
+        let pi = self.ptr(inp)?;
+        let pd = self.ptr_mut(d)?;
         // In place: the kernel reads each element of dout before writing it as dinp.
         self.elementwise(
             &name,
@@ -1325,7 +1379,7 @@ impl Backend for CudaBackend {
     fn dropout_forward(&self, x: &mut CudaBuf, p: f32, seed: u64) -> Result<()> {
         let n = x.len;
         let name = format!("dropout_{}", suffix(x.dtype)?);
-        let px = self.ptr_mut(x);
+        let px = self.ptr_mut(x)?;
         self.elementwise(
             &name,
             n,
@@ -1368,11 +1422,11 @@ impl Backend for CudaBackend {
             self.expect("linear bias", b, t, oc)?;
         }
         let epilogue = match bias {
-            Some(b) => Epilogue::Bias { bias: self.ptr(b) },
+            Some(b) => Epilogue::Bias { bias: self.ptr(b)? },
             None => Epilogue::None,
         };
-        let (pi, pw) = (self.ptr(inp), self.ptr(w));
-        let po = self.ptr_mut(out);
+        let (pi, pw) = (self.ptr(inp)?, self.ptr(w)?);
+        let po = self.ptr_mut(out)?;
         self.gemm(Gemm {
             out: po,
             out_type: gemm_type(t)?,
@@ -1420,10 +1474,10 @@ impl Backend for CudaBackend {
             self.expect("linear bias", b, t, oc)?;
         }
         let g = Gemm {
-            out: self.ptr_mut(out),
+            out: self.ptr_mut(out)?,
             out_type: gemm_type(t)?,
-            a: self.ptr(inp),
-            b: self.ptr(w),
+            a: self.ptr(inp)?,
+            b: self.ptr(w)?,
             inputs: gemm_type(inputs)?,
             m: n,
             n: oc,
@@ -1433,8 +1487,8 @@ impl Backend for CudaBackend {
             alpha: gemm.alpha,
             beta: 0.0,
             epilogue: Epilogue::GeluAux {
-                bias: bias.map(|b| self.ptr(b)),
-                pre: self.ptr_mut(pre),
+                bias: bias.map(|b| self.ptr(b)).transpose()?,
+                pre: self.ptr_mut(pre)?,
             },
         };
         // The epilogue computes gelu(pre) unscaled.
@@ -1476,10 +1530,10 @@ impl Backend for CudaBackend {
         self.expect("GELU input grad", dpre, t, n * ic)?;
         self.expect("GELU input", pre, t, n * ic)?;
         let g = Gemm {
-            out: self.ptr_mut(dpre),
+            out: self.ptr_mut(dpre)?,
             out_type: gemm_type(t)?,
-            a: self.ptr(dout),
-            b: self.ptr(w),
+            a: self.ptr(dout)?,
+            b: self.ptr(w)?,
             inputs: gemm_type(dinp_format)?,
             m: n,
             n: ic,
@@ -1488,7 +1542,9 @@ impl Backend for CudaBackend {
             trans_b: false,
             alpha: dinp_gemm.alpha,
             beta: 0.0,
-            epilogue: Epilogue::DGelu { pre: self.ptr(pre) },
+            epilogue: Epilogue::DGelu {
+                pre: self.ptr(pre)?,
+            },
         };
         // The epilogue multiplies by gelu'(pre) unscaled.
         if gelu_scale != 1.0 || !self.fusable(&g) {
@@ -1605,11 +1661,11 @@ impl Backend for CudaBackend {
         self.expect("linear dout", dout, dinp_format, n * oc)?;
         self.expect("linear weight", w, dinp_format, oc * ic)?;
         self.expect("linear input", inp, dw_format, n * ic)?;
-        let (pd, pw, pi) = (self.ptr(dout), self.ptr(w), self.ptr(inp));
+        let (pd, pw, pi) = (self.ptr(dout)?, self.ptr(w)?, self.ptr(inp)?);
         if let Some(dinp) = dinp {
             let t = dinp.dtype;
             self.expect("linear input grad", dinp, t, n * ic)?;
-            let px = self.ptr_mut(dinp);
+            let px = self.ptr_mut(dinp)?;
             self.gemm(Gemm {
                 out: px,
                 out_type: gemm_type(t)?,
@@ -1634,8 +1690,9 @@ impl Backend for CudaBackend {
             );
         }
         let out_type = gemm_type(dw.dtype)?;
-        let pdw = self.ptr_mut(dw);
-        // Accumulates (beta = 1) into the fp32 gradient across micro-batches.
+        let (pdw, overwrite) = self.ptr_first_write(dw);
+        // Accumulates (beta = 1) into the fp32 gradient across micro-batches, or writes it where
+        // its zeros were deferred.
         let g = Gemm {
             out: pdw,
             out_type,
@@ -1648,7 +1705,7 @@ impl Backend for CudaBackend {
             trans_a: true,
             trans_b: false,
             alpha: dw_gemm.alpha,
-            beta: 1.0,
+            beta: if overwrite { 0.0 } else { 1.0 },
             epilogue: Epilogue::None,
         };
         self.gemm(g)?;
@@ -1670,7 +1727,7 @@ impl Backend for CudaBackend {
         c: usize,
     ) -> Result<()> {
         self.expect("layernorm input", inp, out.dtype, n * c)?;
-        let x = self.ptr(inp);
+        let x = self.ptr(inp)?;
         self.layernorm_forward_launch(out, mean, rstd, x, None, weight, bias, n, c)
     }
 
@@ -1692,8 +1749,8 @@ impl Backend for CudaBackend {
         self.expect("residual output", resid, t, n * c)?;
         self.expect("residual input", a, t, n * c)?;
         self.expect("residual input", b, t, n * c)?;
-        let x = self.ptr_mut(resid);
-        let add = (self.ptr(a), self.ptr(b), scales.0, scales.1);
+        let x = self.ptr_mut(resid)?;
+        let add = (self.ptr(a)?, self.ptr(b)?, scales.0, scales.1);
         self.layernorm_forward_launch(out, mean, rstd, x, Some(add), weight, bias, n, c)
     }
 
@@ -1727,13 +1784,13 @@ impl Backend for CudaBackend {
         }
         let sfx = suffix(t)?;
         let (pg, pi, pw, pm, pr) = (
-            self.ptr(dout),
-            self.ptr(inp),
-            self.ptr(weight),
-            self.ptr(mean),
-            self.ptr(rstd),
+            self.ptr(dout)?,
+            self.ptr(inp)?,
+            self.ptr(weight)?,
+            self.ptr(mean)?,
+            self.ptr(rstd)?,
         );
-        let pd = self.ptr_mut(dinp);
+        let pd = self.ptr_mut(dinp)?;
         let sx = op_scale("LayerNorm input gradient", sx)?;
         // Threads per row in the fused kernel: 8 columns each, whole warps, at most 512.
         let tpr = c.div_ceil(8).next_multiple_of(32);
@@ -1814,11 +1871,16 @@ impl Backend for CudaBackend {
             )?;
             (partials, g, 2)
         };
-        let (pdw, pdb) = (self.ptr_mut(dweight), self.ptr_mut(dbias));
-        let (pres, sr) = match res_bias.as_mut() {
-            Some((db, s)) if nout == 3 => (self.ptr_mut(db), *s),
-            _ => (0, 1.0),
+        // Bit o of `overwrite`: output o's zeros were deferred, so it is written, not added to.
+        let ((pdw, ow), (pdb, ob)) = (self.ptr_first_write(dweight), self.ptr_first_write(dbias));
+        let (pres, sr, or) = match res_bias.as_mut() {
+            Some((db, s)) if nout == 3 => {
+                let (p, o) = self.ptr_first_write(db);
+                (p, *s, o)
+            }
+            _ => (0, 1.0, false),
         };
+        let overwrite = i32::from(ow) | i32::from(ob) << 1 | i32::from(or) << 2;
         self.launch(
             "layernorm_backward_reduce",
             (c.div_ceil(32) as u32, nout as u32, 1),
@@ -1834,6 +1896,7 @@ impl Backend for CudaBackend {
                 Arg::Int(int(g)?),
                 Arg::Int(int(c)?),
                 Arg::Int(int(nout)?),
+                Arg::Int(overwrite),
             ],
         )?;
         match res_bias {
@@ -1861,9 +1924,9 @@ impl Backend for CudaBackend {
         self.expect("attention qkv", qkv, dt, b * t * 3 * c)?;
         self.expect("attention output", out, dt, b * t * c)?;
         self.expect("attention lse", lse, DType::F32, b * nh * t)?;
-        let pq = self.ptr(qkv);
-        let pl = self.ptr_mut(lse);
-        let po = self.ptr_mut(out);
+        let pq = self.ptr(qkv)?;
+        let pl = self.ptr_mut(lse)?;
+        let po = self.ptr_mut(out)?;
         attention::forward(self, dt, po, pl, pq, b, t, c, nh, out_scale)
     }
 
@@ -1887,8 +1950,13 @@ impl Backend for CudaBackend {
         if let Some((db, _)) = &qkv_bias {
             self.expect("qkv bias gradient", db, DType::F32, 3 * c)?;
         }
-        let (pg, pq, po, pl) = (self.ptr(dout), self.ptr(qkv), self.ptr(out), self.ptr(lse));
-        let pd = self.ptr_mut(dqkv);
+        let (pg, pq, po, pl) = (
+            self.ptr(dout)?,
+            self.ptr(qkv)?,
+            self.ptr(out)?,
+            self.ptr(lse)?,
+        );
+        let pd = self.ptr_mut(dqkv)?;
         let fuse = qkv_bias.is_some() && self.attn_qkv_bias;
         let partials =
             attention::backward(self, dt, pd, pg, pq, po, pl, b, t, c, nh, out_scale, fuse)?;
@@ -1929,8 +1997,8 @@ impl Backend for CudaBackend {
         if let Some(&bad) = tokens.host.iter().find(|&&tok| tok as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
-        let (pt, pw, pp) = (self.ptr_tokens(tokens), self.ptr(wte), self.ptr(wpe));
-        let po = self.ptr_mut(out);
+        let (pt, pw, pp) = (self.ptr_tokens(tokens), self.ptr(wte)?, self.ptr(wpe)?);
+        let po = self.ptr_mut(out)?;
         let name = format!("embedding_forward_{}", suffix(dt)?);
         self.elementwise(
             &name,
@@ -1961,8 +2029,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let sfx = suffix(dout.dtype)?;
         self.expect("embedding dout", dout, dout.dtype, b * t * c)?;
-        let pg = self.ptr(dout);
-        let pdp = self.ptr_mut(dwpe);
+        let pg = self.ptr(dout)?;
+        let pdp = self.ptr_mut(dwpe)?;
         self.elementwise(
             &format!("embedding_backward_wpe_{sfx}"),
             t * c,
@@ -1984,7 +2052,7 @@ impl Backend for CudaBackend {
             let (p, _s3) = tokens.positions.device_ptr(&self.stream);
             (a, s, p)
         };
-        let pdt = self.ptr_mut(dwte);
+        let pdt = self.ptr_mut(dwte)?;
         self.launch(
             &format!("embedding_backward_wte_{sfx}"),
             (tokens.num_buckets as u32, 1, 1),
@@ -2015,7 +2083,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.expect("classifier losses", losses, DType::F32, n)?;
         self.expect("classifier logits", logits, logits.dtype, n * vp)?;
-        let (pl, pg) = (self.ptr_mut(losses), self.ptr_mut(logits));
+        let (pl, pg) = (self.ptr_mut(losses)?, self.ptr_mut(logits)?);
         let rows = ClassifierRows {
             losses: pl,
             logits: pg,
@@ -2037,8 +2105,8 @@ impl Backend for CudaBackend {
         self.expect("classifier losses", losses, DType::F32, n)?;
         self.expect("classifier logits", logits, logits.dtype, n * vp)?;
         let rows = ClassifierRows {
-            losses: self.ptr_mut(losses),
-            logits: self.ptr(logits),
+            losses: self.ptr_mut(losses)?,
+            logits: self.ptr(logits)?,
             targets: self.ptr_tokens(targets),
             n,
         };
@@ -2070,8 +2138,10 @@ impl Backend for CudaBackend {
         let chunk = aligned_rows(chunk, n, c * x.dtype.size_bytes())?;
         self.expect("head input grad", dx, x.dtype, n * c)?;
         self.expect("head weight grad", dw, DType::F32, vp * c)?;
-        let (px, pw, pg) = (self.ptr(x), self.ptr(w), self.ptr_mut(logits));
-        let (pl, pdx, pdw) = (self.ptr_mut(losses), self.ptr_mut(dx), self.ptr_mut(dw));
+        let (px, pw, pg) = (self.ptr(x)?, self.ptr(w)?, self.ptr_mut(logits)?);
+        let (pl, pdx) = (self.ptr_mut(losses)?, self.ptr_mut(dx)?);
+        // The first chunk writes the weight gradient where its zeros were deferred.
+        let (pdw, overwrite) = self.ptr_first_write(dw);
         let pt = self.ptr_tokens(targets);
         let (t, elem) = (gemm_type(x.dtype)?, x.dtype.size_bytes() as u64);
         for start in (0..n).step_by(chunk) {
@@ -2098,16 +2168,11 @@ impl Backend for CudaBackend {
                 vp,
                 dinp_gemm.alpha,
             ))?;
-            self.gemm(Gemm::linear_weight_grad(
-                pdw,
-                pg,
-                x_rows,
-                t,
-                rows,
-                c,
-                vp,
-                dw_gemm.alpha,
-            ))?;
+            let mut g = Gemm::linear_weight_grad(pdw, pg, x_rows, t, rows, c, vp, dw_gemm.alpha);
+            if overwrite && start == 0 {
+                g.beta = 0.0;
+            }
+            self.gemm(g)?;
         }
         Ok(())
     }
@@ -2127,8 +2192,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let chunk = linear_crossentropy_chunk(self, logits, x, w, losses, (n, c, vp), &[fwd])?;
         let chunk = aligned_rows(chunk, n, c * x.dtype.size_bytes())?;
-        let (px, pw, pg) = (self.ptr(x), self.ptr(w), self.ptr_mut(logits));
-        let (pl, pt) = (self.ptr_mut(losses), self.ptr_tokens(targets));
+        let (px, pw, pg) = (self.ptr(x)?, self.ptr(w)?, self.ptr_mut(logits)?);
+        let (pl, pt) = (self.ptr_mut(losses)?, self.ptr_tokens(targets));
         let (t, elem) = (gemm_type(x.dtype)?, x.dtype.size_bytes() as u64);
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
@@ -2172,7 +2237,7 @@ impl Backend for CudaBackend {
                 let copy = match t.compute_copy.as_deref_mut() {
                     Some(c) => {
                         self.expect("adamw compute copy", c, c.dtype, n)?;
-                        self.ptr_mut(c)
+                        self.ptr_mut(c)?
                     }
                     None => 0,
                 };
@@ -2180,10 +2245,10 @@ impl Backend for CudaBackend {
                 // struct AdamWRow in kernels.cu: five pointers, n, lr_scale, weight_decay,
                 // first_block, index.
                 for ptr in [
-                    self.ptr_mut(t.param),
-                    self.ptr(t.grad),
-                    self.ptr_mut(t.m),
-                    self.ptr_mut(t.v),
+                    self.ptr_mut(t.param)?,
+                    self.ptr(t.grad)?,
+                    self.ptr_mut(t.m)?,
+                    self.ptr_mut(t.v)?,
                     copy,
                 ] {
                     table.extend_from_slice(&ptr.to_le_bytes());
@@ -2247,8 +2312,9 @@ impl Backend for CudaBackend {
             let rows = bufs
                 .iter()
                 .filter(|b| b.dtype == dtype)
-                .map(|b| (self.ptr(b), b.len));
-            let (table, blocks) = tensor_table(rows, MT_CHUNK)?;
+                .map(|b| Ok((self.ptr(b)?, b.len)))
+                .collect::<Result<Vec<_>>>()?;
+            let (table, blocks) = tensor_table(rows.into_iter(), MT_CHUNK)?;
             tables.push((dtype, table, slots, blocks));
             slots += blocks;
         }
