@@ -21,6 +21,21 @@ OUT=${OUT:-/tmp}
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/xdg}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 wall() { python3 -c "import time; print(round(time.time() - $1, 1))"; }
+# ab VAR "0 1 0 1" CONFIG STEPS [RECIPE]: `bench` with the environment switch VAR at each value
+# in turn (alternating, so drift shows), one JSON line each.
+ab() {
+  local var=$1 order=$2 config=$3 steps=$4 recipe=${5:-bf16}
+  for on in $order; do
+    echo "$config $recipe, $var=$on: $(env "$var=$on" $BIN bench --config "$config" \
+      --device cuda --steps "$steps" --warmup 3 --set precision.recipe="$recipe" 2>&1 | tail -1)"
+  done
+}
+# selftest_with VAR FILE: `selftest --device cuda` with the switch VAR=1 into $OUT/FILE.
+selftest_with() {
+  env "$1=1" $BIN selftest --device cuda > "$OUT/$2" 2>&1
+  echo "selftest with $1=1: rc=$? $(tail -1 "$OUT/$2")"
+  grep FAIL "$OUT/$2" | head
+}
 for what in "${@:-all}"; do
   if [[ $what == selftest || $what == all ]]; then
     $BIN selftest --device cuda > "$OUT/selftest.txt" 2>&1
@@ -86,31 +101,20 @@ for what in "${@:-all}"; do
     head -25 "$OUT/prof-124m.txt"; tail -1 "$OUT/prof-124m.txt"
   fi
   if [[ $what == qkvbias ]]; then
-    HALFLING_CUDA_ATTN_QKV_BIAS=1 $BIN selftest --device cuda > "$OUT/selftest-qkvbias.txt" 2>&1
-    echo "selftest (QKV bias on) rc=$? $(tail -1 "$OUT/selftest-qkvbias.txt")"
-    grep FAIL "$OUT/selftest-qkvbias.txt" | head
+    selftest_with HALFLING_CUDA_ATTN_QKV_BIAS selftest-qkvbias.txt
     # the largest errors of the bias gradient against the CPU, per dtype
     for dt in f32 bf16 f16; do
       grep -E '^attention.* \+bias db ' "$OUT/selftest-qkvbias.txt" | awk -v dt=$dt '$(NF-3) == dt' \
         | awk '{print $(NF-2), $0}' | sort -g | tail -1 | cut -d' ' -f2-
     done
-    for on in 0 1 0 1; do
-      echo "124M, HALFLING_CUDA_ATTN_QKV_BIAS=$on: $(HALFLING_CUDA_ATTN_QKV_BIAS=$on $BIN bench \
-        --config configs/gpt2_124m.toml --device cuda --steps 20 --warmup 3 2>&1 | tail -1)"
-    done
-    for on in 0 1; do
-      echo "0.91B fp8, HALFLING_CUDA_ATTN_QKV_BIAS=$on: $(HALFLING_CUDA_ATTN_QKV_BIAS=$on $BIN bench \
-        --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
-        --set precision.recipe=fp8 2>&1 | tail -1)"
-    done
+    ab HALFLING_CUDA_ATTN_QKV_BIAS "0 1 0 1" configs/gpt2_124m.toml 20
+    ab HALFLING_CUDA_ATTN_QKV_BIAS "0 1" configs/bench_0p9b.toml 10 fp8
     HALFLING_CUDA_ATTN_QKV_BIAS=1 HALFLING_CUDA_PROFILE=1 $BIN bench --config configs/gpt2_124m.toml \
       --device cuda --steps 3 --warmup 2 > "$OUT/prof-124m-qkvbias.txt" 2>&1
-    grep -E 'attention_backward|bias_backward' "$OUT/prof-124m-qkvbias.txt"; tail -1 "$OUT/prof-124m-qkvbias.txt"
+    grep -E 'attention_backward|bias_backward|column_sums' "$OUT/prof-124m-qkvbias.txt"; tail -1 "$OUT/prof-124m-qkvbias.txt"
   fi
   if [[ $what == lazyzero ]]; then
-    HALFLING_CUDA_LAZY_ZERO=1 $BIN selftest --device cuda > "$OUT/selftest-lazyzero.txt" 2>&1
-    echo "selftest (lazy zeroing) rc=$? $(tail -1 "$OUT/selftest-lazyzero.txt")"
-    grep FAIL "$OUT/selftest-lazyzero.txt" | head
+    selftest_with HALFLING_CUDA_LAZY_ZERO selftest-lazyzero.txt
     # The same training run either way: the losses must agree bit for bit.
     for on in 0 1; do
       HALFLING_CUDA_LAZY_ZERO=$on $BIN train --config configs/shakespeare_char_gpu.toml \
@@ -118,21 +122,10 @@ for what in "${@:-all}"; do
         --set train.eval_interval=100 --set train.sample_tokens=0 > /tmp/lz$on.log 2>&1
       echo "train, HALFLING_CUDA_LAZY_ZERO=$on: $(grep -o '"final_val_loss":[^,]*' /tmp/lz$on/summary.json)"
     done
-    for on in 0 1 0 1; do
-      echo "124M, HALFLING_CUDA_LAZY_ZERO=$on: $(HALFLING_CUDA_LAZY_ZERO=$on $BIN bench \
-        --config configs/gpt2_124m.toml --device cuda --steps 20 --warmup 3 2>&1 | tail -1)"
-    done
-    for on in 0 1; do
-      echo "0.91B fp8, HALFLING_CUDA_LAZY_ZERO=$on: $(HALFLING_CUDA_LAZY_ZERO=$on $BIN bench \
-        --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
-        --set precision.recipe=fp8 2>&1 | tail -1)"
-    done
+    ab HALFLING_CUDA_LAZY_ZERO "0 1 0 1" configs/gpt2_124m.toml 20
+    ab HALFLING_CUDA_LAZY_ZERO "0 1" configs/bench_0p9b.toml 10 fp8
   fi
   if [[ $what == f16tiled ]]; then
-    for on in 0 1 0 1; do
-      echo "fp8-unit 0.91B, HALFLING_CUDA_FP8_F16_TILED=$on: $(HALFLING_CUDA_FP8_F16_TILED=$on \
-        $BIN bench --config configs/bench_0p9b.toml --device cuda --steps 10 --warmup 3 \
-        --set precision.recipe=fp8-unit 2>&1 | tail -1)"
-    done
+    ab HALFLING_CUDA_FP8_F16_TILED "0 1 0 1" configs/bench_0p9b.toml 10 fp8-unit
   fi
 done

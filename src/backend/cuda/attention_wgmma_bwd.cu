@@ -19,7 +19,7 @@
 //   NQB = ceil(T_/BM) row tiles per sequence, qb[(b*NQB + tile)*3C + j] = Σ over the tile's rows
 //   r < T_ of dqkv[b, r, j] as stored (rounded to E), for every column j (each (row tile, j)
 //   written by exactly one block: dQ blocks the Q columns of their head, dK/dV blocks the K and
-//   V ones); the host then adds s·Σ_rows into the bias gradient (bias_backward_reduce, G =
+//   V ones); the host then adds s·Σ_rows into the bias gradient (column_sums_reduce, G =
 //   B*NQB). Same geometry and shared memory as v0.
 //
 // STRUCTURE. Like attention.cu: blockIdx.z == 0 blocks own BM keys and sum dK, dV over query

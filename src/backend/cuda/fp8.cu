@@ -403,7 +403,7 @@ __device__ __forceinline__ unsigned fp8_encode2(float lo, float hi, int format) 
 // the scale from the partials (current scaling) or `fixed_scale`, the amax max-accumulated into
 // amax_slot, 1/scale into inv_scale_out.
 // fp8_cast_tiled_dbias_bf16: the same, and col_sums [ceil(rows / 64), cols] (f32): row g gets the
-// column sums of x over tile row g (the partials bias_backward_reduce sums). A separate kernel
+// column sums of x over tile row g (the partials column_sums_reduce sums). A separate kernel
 // because the sums cost registers (48 against 32) that the plain casts would pay for in occupancy.
 // Launch: grid (ceil(cols / 128), ceil(rows / 64), 1), block (256, 1, 1). Full tiles of a tensor
 // with rows % 16 == 0 and cols % 8 == 0 (x, out, out_t and pre 16-byte aligned) take the vector path;

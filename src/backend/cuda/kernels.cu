@@ -703,7 +703,7 @@ FOR_EACH_TYPE(DEF_LN_BWD_DINP)
 // memory, double-buffered, and the team adds its warps' in order); the next row is loaded while
 // the current one is reduced. At the end the teams' column sums are added in team order and one
 // partial row per output is written: partials[(g·nout + o)·C + c] with o = 0: Σ dout·norm, 1:
-// Σ dout, 2 (nout = 3): Σ dinp. layernorm_backward_reduce finishes them.
+// Σ dout, 2 (nout = 3): Σ dinp. column_sums_reduce finishes them.
 // Dynamic shared memory: teams·8·tpr floats.
 #define LN_FUSED_MAX_WARPS 16
 
@@ -1014,13 +1014,14 @@ FOR_EACH_TYPE(DEF_BIAS_PARTIAL)
 #define REDUCE_COLS 32
 #define REDUCE_GROUPS 8
 
-/// layernorm_backward_reduce: for output o = blockIdx.y, out_o[c] += scale_o·Σ_g partials[(g·nout
-/// + o)·C + c] (= where bit o of `overwrite` is set: that output's zeros were deferred; rows laid
-/// out as the fused kernel and layernorm_backward_params_partial write them):
-/// o = 0 dweight, 1 dbias (scale sp), 2 dres (scale sr; only with nout = 3). The sums are formed
-/// first and scaled once, as on the CPU (scales are 1 outside unit scaling). Grid (ceil(C/32),
-/// nout), block 256.
-extern "C" __global__ void layernorm_backward_reduce(float* dweight, float* dbias, float* dres,
+/// column_sums_reduce: for output o = blockIdx.y, out_o[c] += scale_o·Σ_g partials[(g·nout + o)·C
+/// + c] (= where bit o of `overwrite` is set: that output's zeros were deferred). LayerNorm's
+/// (rows as the fused kernel and layernorm_backward_params_partial write them): o = 0 dweight,
+/// 1 dbias (scale sp), 2 dres (scale sr; only with nout = 3); a bias gradient's (bias_partial
+/// rows, the FP8 casts' and the attention backward's): nout = 1, out_0 = dweight (scale sp). The
+/// sums are formed first and scaled once, as on the CPU (scales are 1 outside unit scaling;
+/// a bias gradient's is the weight gradient's alpha). Grid (ceil(C/32), nout), block 256.
+extern "C" __global__ void column_sums_reduce(float* dweight, float* dbias, float* dres,
                                                      const float* partials, float sp, float sr,
                                                      int G, int C, int nout, int overwrite) {
     __shared__ float s_s[REDUCE_GROUPS][REDUCE_COLS];
@@ -1039,26 +1040,6 @@ extern "C" __global__ void layernorm_backward_reduce(float* dweight, float* dbia
         float* out = o == 0 ? dweight : (o == 1 ? dbias : dres);
         const float v = (o == 2 ? sr : sp) * t;
         out[c] = (overwrite >> o & 1) ? v : out[c] + v;
-    }
-}
-
-/// bias_backward_reduce: dbias[oc] += scale·Σ_g partials[g, oc] (row groups as above; scale is the
-/// weight gradient's alpha, 1 outside unit scaling), or = with `overwrite` (zeros deferred).
-extern "C" __global__ void bias_backward_reduce(float* dbias, const float* partials, float scale,
-                                                int G, int OC, int overwrite) {
-    __shared__ float s_s[REDUCE_GROUPS][REDUCE_COLS];
-    const int x = threadIdx.x % REDUCE_COLS, y = threadIdx.x / REDUCE_COLS;
-    const int c = (int)blockIdx.x * REDUCE_COLS + x;
-    float s = 0.0f;
-    if (c < OC) {
-        for (int g = y; g < G; g += REDUCE_GROUPS) s += partials[(u64)g * OC + c];
-    }
-    s_s[y][x] = s;
-    __syncthreads();
-    if (y == 0 && c < OC) {
-        float t = 0.0f;
-        for (int j = 0; j < REDUCE_GROUPS; ++j) t += s_s[j][x];
-        dbias[c] = overwrite ? scale * t : dbias[c] + scale * t;
     }
 }
 
@@ -1366,7 +1347,6 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
         crossentropy_forward_backward_impl<T>(losses, logits, targets, N, V, Vp, dloss);         \
     }
 FOR_EACH_TYPE(DEF_CE_FWD_BWD)
-
 
 /// crossentropy_forward_T: losses[i] = logsumexp(logits[i, :V]) − logits[i, target]; no writes.
 template <typename T>

@@ -844,17 +844,22 @@ impl CudaBackend {
     ) -> Result<()> {
         self.expect("bias gradient", dbias, DType::F32, oc)?;
         let (db, overwrite) = self.ptr_first_write(dbias);
+        // LayerNorm's reduce with one output.
         self.launch(
-            "bias_backward_reduce",
+            "column_sums_reduce",
             (oc.div_ceil(32) as u32, 1, 1),
-            BLOCK,
+            256,
             0,
             &[
                 Arg::Ptr(db),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
                 Arg::Ptr(partials),
                 op_scale("bias gradient", scale)?,
+                Arg::Float(1.0),
                 Arg::Int(int(g)?),
                 Arg::Int(int(oc)?),
+                Arg::Int(1),
                 Arg::Int(i32::from(overwrite)),
             ],
         )
@@ -1882,7 +1887,7 @@ impl Backend for CudaBackend {
         };
         let overwrite = i32::from(ow) | i32::from(ob) << 1 | i32::from(or) << 2;
         self.launch(
-            "layernorm_backward_reduce",
+            "column_sums_reduce",
             (c.div_ceil(32) as u32, nout as u32, 1),
             256,
             0,
