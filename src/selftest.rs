@@ -1763,7 +1763,7 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
         );
     }
     // bf16 with two micro-batches a step: the second accumulates onto gradients the first wrote
-    // (on CUDA with HALFLING_CUDA_LAZY_ZERO=1, over zeros that were never written).
+    // (on CUDA, over zeros that were never written).
     let ids = inputs.tokens(64, 11);
     push(
         "train 3 steps",

@@ -9,9 +9,9 @@
 # the tiled FP8 casts of f16 tensors on and off), qkvbias ~2 min (the opt-in QKV bias gradient
 # in the Hopper attention backward: selftest with HALFLING_CUDA_ATTN_QKV_BIAS=1 into
 # $OUT/selftest-qkvbias.txt, 124M with it 0/1 alternating twice, 0.91B fp8 with it 0/1, and a
-# 124M profile with it on into $OUT/prof-124m-qkvbias.txt), lazyzero ~4 min (the opt-in
-# deferred gradient zeroing: selftest with HALFLING_CUDA_LAZY_ZERO=1 into
-# $OUT/selftest-lazyzero.txt, a 200-step baby GPT run with it off and on (final val losses must
+# 124M profile with it on into $OUT/prof-124m-qkvbias.txt), lazyzero ~4 min (deferred
+# gradient zeroing, the default: selftest with HALFLING_CUDA_LAZY_ZERO=0 into
+# $OUT/selftest-lazyzero0.txt, a 200-step baby GPT run with it off and on (final val losses must
 # match), 124M 0/1 alternating twice, 0.91B fp8 0/1), profile ~1 min (device time per
 # kernel, 124M bf16 and 0.91B fp8, into $OUT/prof-*.txt). Files land in $OUT (or /tmp).
 set -uo pipefail
@@ -30,10 +30,10 @@ ab() {
       --device cuda --steps "$steps" --warmup 3 --set precision.recipe="$recipe" 2>&1 | tail -1)"
   done
 }
-# selftest_with VAR FILE: `selftest --device cuda` with the switch VAR=1 into $OUT/FILE.
+# selftest_with VAR=VALUE FILE: `selftest --device cuda` with that switch into $OUT/FILE.
 selftest_with() {
-  env "$1=1" $BIN selftest --device cuda > "$OUT/$2" 2>&1
-  echo "selftest with $1=1: rc=$? $(tail -1 "$OUT/$2")"
+  env "$1" $BIN selftest --device cuda > "$OUT/$2" 2>&1
+  echo "selftest with $1: rc=$? $(tail -1 "$OUT/$2")"
   grep FAIL "$OUT/$2" | head
 }
 for what in "${@:-all}"; do
@@ -101,7 +101,7 @@ for what in "${@:-all}"; do
     head -25 "$OUT/prof-124m.txt"; tail -1 "$OUT/prof-124m.txt"
   fi
   if [[ $what == qkvbias ]]; then
-    selftest_with HALFLING_CUDA_ATTN_QKV_BIAS selftest-qkvbias.txt
+    selftest_with HALFLING_CUDA_ATTN_QKV_BIAS=1 selftest-qkvbias.txt
     # the largest errors of the bias gradient against the CPU, per dtype
     for dt in f32 bf16 f16; do
       grep -E '^attention.* \+bias db ' "$OUT/selftest-qkvbias.txt" | awk -v dt=$dt '$(NF-3) == dt' \
@@ -114,7 +114,7 @@ for what in "${@:-all}"; do
     grep -E 'attention_backward|bias_backward|column_sums' "$OUT/prof-124m-qkvbias.txt"; tail -1 "$OUT/prof-124m-qkvbias.txt"
   fi
   if [[ $what == lazyzero ]]; then
-    selftest_with HALFLING_CUDA_LAZY_ZERO selftest-lazyzero.txt
+    selftest_with HALFLING_CUDA_LAZY_ZERO=0 selftest-lazyzero0.txt
     # The same training run either way: the losses must agree bit for bit.
     for on in 0 1; do
       HALFLING_CUDA_LAZY_ZERO=$on $BIN train --config configs/shakespeare_char_gpu.toml \

@@ -80,7 +80,7 @@ pub struct CudaBuf {
     len: usize,
     mem: CudaSlice<u8>,
     live: Rc<Cell<u64>>,
-    /// Zeros not yet written: with `HALFLING_CUDA_LAZY_ZERO=1`, [`Backend::zero`] only marks
+    /// Zeros not yet written: [`Backend::zero`] only marks
     /// its buffers, and each buffer's first op either writes the zeros first
     /// ([`CudaBackend::ptr`]) or, writing every element, overwrites instead of accumulating
     /// ([`CudaBackend::ptr_first_write`]): the gradient memset of every step, saved.
@@ -168,9 +168,9 @@ pub struct CudaBackend {
     /// Whether the LayerNorm backward runs as the one fused kernel where the width allows;
     /// `HALFLING_CUDA_LN_FUSED=0` runs the separate dinp and column-sum kernels (to compare).
     ln_fused: bool,
-    /// `HALFLING_CUDA_LAZY_ZERO=1` (opt-in until measured on a GPU): [`Backend::zero`] defers
-    /// its zeros to each buffer's first op (see `CudaBuf::unzeroed`), so the gradients' first
-    /// writers overwrite them and the per-step memset goes.
+    /// [`Backend::zero`] defers its zeros to each buffer's first op (see `CudaBuf::unzeroed`),
+    /// so the gradients' first writers overwrite them and the per-step memset goes;
+    /// `HALFLING_CUDA_LAZY_ZERO=0` writes them at once (to compare).
     lazy_zero: bool,
     /// `HALFLING_CUDA_ATTN_QKV_BIAS=1` (opt-in until measured): the Hopper attention backward
     /// forms the QKV bias gradient's column sums as it stores dqkv, and the model hands it that
@@ -479,7 +479,7 @@ impl CudaBackend {
             sm_count,
             occupancy: RefCell::new(HashMap::new()),
             ln_fused: env_on("HALFLING_CUDA_LN_FUSED"),
-            lazy_zero: env_opt_in("HALFLING_CUDA_LAZY_ZERO"),
+            lazy_zero: env_on("HALFLING_CUDA_LAZY_ZERO"),
             attn_qkv_bias: env_opt_in("HALFLING_CUDA_ATTN_QKV_BIAS"),
         })
     }
