@@ -88,17 +88,17 @@ pub fn bench<B: Backend>(
             backend.profile_report()?;
             start = Instant::now();
         }
-        model.zero_grads(backend)?;
         let loss_weight = scaler.as_ref().map_or(1.0, |s| s.scale) as f32 / accum as f32;
         for micro in 0..accum {
             let (inputs, targets) = (batch(), batch());
-            model.forward_backward(
+            model.train_micro_batch(
                 backend,
                 &mut acts,
                 &inputs,
                 &targets,
                 loss_weight,
                 (step * accum + micro) as u64,
+                micro == 0,
             )?;
         }
         optim::apply_step(

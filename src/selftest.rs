@@ -1048,15 +1048,46 @@ fn case_training<B: Backend>(be: &B, recipe: Recipe, ids: &[u32]) -> Result<Outp
     // One micro-batch per 32 ids (16 inputs, 16 targets), gradients averaged over them.
     let micro = ids.len() / 32;
     for step in 0..3u64 {
-        model.zero_grads(be)?;
         for (m, batch) in ids.chunks_exact(32).enumerate() {
             let (inputs, targets) = batch.split_at(16);
             let seed = step + 100 * m as u64;
             let weight = 1.0 / micro as f32;
-            losses.push(model.forward_backward(be, &mut acts, inputs, targets, weight, seed)?);
+            losses.push(
+                model.train_micro_batch(be, &mut acts, inputs, targets, weight, seed, m == 0)?,
+            );
         }
         opt.update(be, &optim_cfg, model.params_mut(), 1e-2, 1.0)?;
         // Delayed FP8 scaling: the amaxes go into the histories (later steps use Fixed scales).
+        model.finish_step(be, &mut acts)?;
+    }
+    let weights: Vec<f32> = model.download_params(be)?.concat();
+    Ok(vec![("losses", losses), ("weights", weights)])
+}
+
+/// Six optimizer steps of a bf16 tiny GPT without dropout, two micro-batches a step, each step
+/// over its own 64 of `ids`: where the backend records graphs, the later steps replay recorded
+/// micro-batches (`recorded`; otherwise every one is queued as usual). The losses and weights.
+fn case_recorded_training<B: Backend>(be: &B, ids: &[u32], recorded: bool) -> Result<Outputs> {
+    let recipe = Recipe::new(RecipeName::Bf16);
+    let mut model = Gpt::new(be, tiny_gpt_config(), recipe, 0.0, 0.02, 5)?;
+    let mut opt = crate::optim::AdamWState::new(be, model.specs(), DType::F32)?;
+    let mut acts = model.activations(be, 2, 8, true)?;
+    let optim_cfg = crate::config::OptimConfig::default();
+    let mut losses = Vec::new();
+    for (step, ids) in ids.chunks_exact(64).enumerate() {
+        for (m, batch) in ids.chunks_exact(32).enumerate() {
+            let (inputs, targets) = batch.split_at(16);
+            let seed = step as u64;
+            losses.push(if recorded {
+                model.train_micro_batch(be, &mut acts, inputs, targets, 0.5, seed, m == 0)?
+            } else {
+                if m == 0 {
+                    model.zero_grads(be)?;
+                }
+                model.forward_backward(be, &mut acts, inputs, targets, 0.5, seed)?
+            });
+        }
+        opt.update(be, &optim_cfg, model.params_mut(), 1e-2, 1.0)?;
         model.finish_step(be, &mut acts)?;
     }
     let weights: Vec<f32> = model.download_params(be)?.concat();
@@ -1772,6 +1803,26 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
         training_tolerance(DType::BF16),
         case_training(be, Recipe::new(RecipeName::Bf16), &ids)?,
         case_training(&reference, Recipe::new(RecipeName::Bf16), &ids)?,
+    );
+    // Recorded micro-batches (CUDA graphs): against the reference, and bit for bit against the
+    // same backend queuing every launch (on the CPU, which records nothing, both queue them).
+    let ids = inputs.tokens(6 * 64, 11);
+    let recorded = case_recorded_training(be, &ids, true)?;
+    push(
+        "train 6 steps",
+        "tiny gpt, bf16, 2 micro-batches, recorded".to_string(),
+        DType::BF16,
+        training_tolerance(DType::BF16),
+        recorded.clone(),
+        case_recorded_training(&reference, &ids, false)?,
+    );
+    push(
+        "train 6 steps",
+        "tiny gpt, bf16, recorded vs queued on this backend".to_string(),
+        DType::BF16,
+        0.0,
+        recorded,
+        case_recorded_training(be, &ids, false)?,
     );
     // FP8 with two micro-batches a step (weights' casts kept across them), delayed and current
     // scaling.

@@ -339,20 +339,20 @@ pub fn train<B: Backend>(backend: &B, cfg: Config, opts: &TrainOptions) -> Resul
         let step = state.step;
         let step_start = Instant::now();
         let lr = optim::lr_at(&cfg.optim, step, max_steps);
-        model.zero_grads(backend)?;
         // With fp16 the loss (so every gradient) is multiplied by the loss scale; apply_step
         // divides it out again.
         let loss_weight = state.loss_scaler.as_ref().map_or(1.0, |s| s.scale) as f32 / accum as f32;
         let mut loss = 0.0f64;
         for micro in 0..accum {
             loader.next_batch(&mut inputs, &mut targets);
-            let l = model.forward_backward(
+            let l = model.train_micro_batch(
                 backend,
                 &mut acts,
                 &inputs,
                 &targets,
                 loss_weight,
                 dropout_seed(&cfg, step, micro),
+                micro == 0,
             )?;
             loss += f64::from(l) / accum as f64;
         }

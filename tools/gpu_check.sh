@@ -2,7 +2,7 @@
 # Device calls for the GPU machine: correctness, speed side by side with the PyTorch peer, and the
 # recipe comparison. Run from the repo root there, with the stripped release binary, env.sh and
 # shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
-#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|lazyzero|profile|all]...
+#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|lazyzero|graphs|profile|all]...
 # Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
 # ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s. Not in `all`: heldout ~6 min
 # (HELDOUT_PEER=0 skips the peer's half), f16tiled ~1 min (fp8-unit at 0.91B with
@@ -12,7 +12,10 @@
 # 124M profile with it on into $OUT/prof-124m-qkvbias.txt), lazyzero ~4 min (deferred
 # gradient zeroing, the default: selftest with HALFLING_CUDA_LAZY_ZERO=0 into
 # $OUT/selftest-lazyzero0.txt, a 200-step baby GPT run with it off and on (final val losses must
-# match), 124M 0/1 alternating twice, 0.91B fp8 0/1), profile ~1 min (device time per
+# match), 124M 0/1 alternating twice, 0.91B fp8 0/1), graphs ~4 min (training steps recorded
+# as CUDA graphs: selftest with HALFLING_CUDA_GRAPHS=0, a 300-step baby GPT run without dropout
+# with graphs off and on (final val losses must match), 124M 0/1 alternating twice, 0.91B bf16
+# 0/1), profile ~1 min (device time per
 # kernel, 124M bf16 and 0.91B fp8, into $OUT/prof-*.txt). Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
@@ -124,6 +127,19 @@ for what in "${@:-all}"; do
     done
     ab HALFLING_CUDA_LAZY_ZERO "0 1 0 1" configs/gpt2_124m.toml 20
     ab HALFLING_CUDA_LAZY_ZERO "0 1" configs/bench_0p9b.toml 10 fp8
+  fi
+  if [[ $what == graphs ]]; then
+    selftest_with HALFLING_CUDA_GRAPHS=0 selftest-graphs0.txt
+    grep -E 'recorded' "$OUT/selftest.txt" "$OUT/selftest-graphs0.txt" 2>/dev/null | head -8
+    # The same training run (no dropout, so recorded) either way: losses must agree bit for bit.
+    for on in 0 1; do
+      HALFLING_CUDA_GRAPHS=$on $BIN train --config configs/shakespeare_char_gpu.toml \
+        --device cuda --quiet --out /tmp/gr$on --set train.max_steps=300 --set model.dropout=0 \
+        --set train.eval_interval=100 --set train.sample_tokens=0 > /tmp/gr$on.log 2>&1
+      echo "train, HALFLING_CUDA_GRAPHS=$on: rc=$? $(grep -o '"final_val_loss":[^,]*' /tmp/gr$on/summary.json) $(grep -o '"tokens_per_s":[^,]*' /tmp/gr$on/summary.json)"
+    done
+    ab HALFLING_CUDA_GRAPHS "0 1 0 1" configs/gpt2_124m.toml 20
+    ab HALFLING_CUDA_GRAPHS "0 1" configs/bench_0p9b.toml 10
   fi
   if [[ $what == f16tiled ]]; then
     ab HALFLING_CUDA_FP8_F16_TILED "0 1 0 1" configs/bench_0p9b.toml 10 fp8-unit

@@ -332,6 +332,8 @@ pub trait Backend {
     type Buf;
     /// A buffer of token ids.
     type Tokens;
+    /// Device work recorded once and replayed (a CUDA graph); `()` where there is none.
+    type Graph;
 
     /// Human-readable device description, e.g. `cpu (2 threads)`.
     fn describe(&self) -> String;
@@ -394,6 +396,32 @@ pub trait Backend {
     /// profile (`HALFLING_CUDA_PROFILE=1` for CUDA); `None` otherwise.
     fn profile_report(&self) -> Result<Option<String>> {
         Ok(None)
+    }
+
+    // ---- recorded work (CUDA graphs) -------------------------------------------------------
+
+    /// Whether [`Backend::record_graph`] is available (and not switched off).
+    fn records_graphs(&self) -> bool {
+        false
+    }
+    /// Records the device work `body` queues, without running it, for
+    /// [`Backend::replay_graph`]. `body`'s host-side effects happen once, now, and it must read
+    /// nothing back from the device; buffers it addresses must outlive the recording.
+    fn record_graph(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph> {
+        let _ = body;
+        bail!("internal error: the {} backend records no graphs", self.kind())
+    }
+    /// Queues the recorded work again (after all work queued before).
+    fn replay_graph(&self, graph: &Self::Graph) -> Result<()> {
+        let _ = graph;
+        bail!("internal error: the {} backend records no graphs", self.kind())
+    }
+    /// A counter that changes whenever the backend replaces memory or state a recording may
+    /// address (scratch grown, a kernel table re-uploaded, a GEMM plan made or tuned): a graph
+    /// recorded at another value must not be replayed, and work that changed it is not yet
+    /// settled enough to record.
+    fn graph_epoch(&self) -> u64 {
+        0
     }
     /// Dense matrix-multiply peak of this device in FLOP/s for `dtype` inputs, used for MFU.
     fn peak_flops(&self, dtype: DType) -> f64;

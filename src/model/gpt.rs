@@ -13,6 +13,7 @@
 use anyhow::{anyhow, bail, Result};
 
 use super::fp8::{self, Fp8State};
+use super::step_graph::{GraphKey, Plan, StepGraphs};
 use super::unit::UnitScales;
 use crate::backend::{Backend, GeluOut, GemmSpec, KeepToken};
 use crate::data::Rng;
@@ -171,6 +172,8 @@ pub struct Activations<B: Backend> {
     pass_version: Option<u64>,
     /// Renewed whenever `amax` is cleared ([`KeepToken::amax_epoch`]).
     amax_epoch: u64,
+    /// Training micro-batches recorded as device work ([`Gpt::train_micro_batch`]).
+    graphs: StepGraphs<B::Graph>,
 }
 
 impl<B: Backend> Activations<B> {
@@ -654,6 +657,7 @@ impl<B: Backend> Gpt<B> {
             },
             pass_version: None,
             amax_epoch: fp8::fresh_epoch(),
+            graphs: StepGraphs::default(),
         })
     }
 
@@ -679,7 +683,8 @@ impl<B: Backend> Gpt<B> {
         inputs: &[u32],
         dropout_seed: Option<u64>,
     ) -> Result<()> {
-        self.forward_blocks(backend, acts, inputs, dropout_seed)?;
+        self.load_inputs(backend, acts, inputs)?;
+        self.forward_blocks(backend, acts, dropout_seed)?;
         let bt = acts.b * acts.t;
         if acts.head_rows < bt {
             return Ok(());
@@ -707,20 +712,11 @@ impl<B: Backend> Gpt<B> {
         &self,
         backend: &B,
         acts: &mut Activations<B>,
-        inputs: &[u32],
         dropout_seed: Option<u64>,
     ) -> Result<()> {
         let (b, t) = (acts.b, acts.t);
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let bt = b * t;
-        if inputs.len() != bt {
-            bail!(
-                "internal error: {} input tokens for a {b}x{t} batch",
-                inputs.len()
-            );
-        }
-        self.check_tokens(inputs, "inputs")?;
-        backend.upload_tokens(&mut acts.tokens, inputs)?;
         let p = self.dropout;
         let drop = dropout_seed.filter(|_| p > 0.0);
         acts.dropout_seed = drop;
@@ -1022,6 +1018,19 @@ impl<B: Backend> Gpt<B> {
         backend.download_range(&acts.logits, row * vp, self.cfg.vocab_size)
     }
 
+    /// Checks the `b·t` input ids and uploads them for the next forward pass.
+    fn load_inputs(&self, backend: &B, acts: &mut Activations<B>, inputs: &[u32]) -> Result<()> {
+        let (b, t) = (acts.b, acts.t);
+        if inputs.len() != b * t {
+            bail!(
+                "internal error: {} input tokens for a {b}x{t} batch",
+                inputs.len()
+            );
+        }
+        self.check_tokens(inputs, "inputs")?;
+        backend.upload_tokens(&mut acts.tokens, inputs)
+    }
+
     /// Forward, loss and backward for one micro-batch; adds `loss_weight · ∂mean_loss/∂θ` into
     /// the parameter gradients and returns the micro-batch's mean loss. `loss_weight` is
     /// `1/grad_accum` so that micro-batches average exactly like one large batch.
@@ -1034,7 +1043,97 @@ impl<B: Backend> Gpt<B> {
         loss_weight: f32,
         dropout_seed: u64,
     ) -> Result<f32> {
-        self.forward_blocks(backend, acts, inputs, Some(dropout_seed))?;
+        self.load_batch(backend, acts, inputs, targets)?;
+        self.queue_forward_backward(backend, acts, loss_weight, dropout_seed)?;
+        Self::batch_loss(backend, acts)
+    }
+
+    /// One training micro-batch as [`Gpt::forward_backward`], the gradients zeroed first when
+    /// `zero_grads` (the step's first micro-batch). Where the backend records graphs and the
+    /// step's device work takes no per-step arguments (no dropout, whose masks are seeded per
+    /// step, and no FP8, whose scales and kept casts change per step), that work is recorded
+    /// once and replayed (see `model::step_graph`): the same results, fewer launches.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_micro_batch(
+        &mut self,
+        backend: &B,
+        acts: &mut Activations<B>,
+        inputs: &[u32],
+        targets: &[u32],
+        loss_weight: f32,
+        dropout_seed: u64,
+        zero_grads: bool,
+    ) -> Result<f32> {
+        self.load_batch(backend, acts, inputs, targets)?;
+        let recordable = backend.records_graphs() && self.dropout == 0.0 && !self.recipe.fp8_gemms;
+        let key = GraphKey {
+            zero_grads,
+            loss_weight: loss_weight.to_bits(),
+        };
+        let epoch = backend.graph_epoch();
+        let plan = if recordable {
+            acts.graphs.plan(key, epoch)
+        } else {
+            Plan::Eager
+        };
+        match plan {
+            Plan::Replay(graph) => backend.replay_graph(graph)?,
+            Plan::Record => {
+                let graph = backend.record_graph(&mut || {
+                    if zero_grads {
+                        self.zero_grads(backend)?;
+                    }
+                    self.queue_forward_backward(backend, acts, loss_weight, dropout_seed)
+                })?;
+                if backend.graph_epoch() != epoch {
+                    bail!("internal error: recording the training step changed the backend's graph epoch");
+                }
+                backend.replay_graph(&graph)?;
+                acts.graphs.recorded(key, graph, epoch);
+            }
+            Plan::Eager => {
+                if zero_grads {
+                    self.zero_grads(backend)?;
+                }
+                self.queue_forward_backward(backend, acts, loss_weight, dropout_seed)?;
+                if recordable {
+                    acts.graphs.ran_eagerly(key, epoch, backend.graph_epoch());
+                }
+            }
+        }
+        Self::batch_loss(backend, acts)
+    }
+
+    /// Checks and uploads a micro-batch's input and target ids.
+    fn load_batch(
+        &self,
+        backend: &B,
+        acts: &mut Activations<B>,
+        inputs: &[u32],
+        targets: &[u32],
+    ) -> Result<()> {
+        self.load_inputs(backend, acts, inputs)?;
+        self.check_tokens(targets, "targets")?;
+        backend.upload_tokens(&mut acts.targets, targets)
+    }
+
+    /// The mean loss of the micro-batch [`Gpt::queue_forward_backward`] queued (waits for it).
+    fn batch_loss(backend: &B, acts: &Activations<B>) -> Result<f32> {
+        // Read only after the backward is queued: on a GPU the wait then does not leave the
+        // device idle mid-step.
+        Ok(mean(&backend.download(&acts.losses)?))
+    }
+
+    /// Queues forward, classifier and backward over the loaded batch ([`Gpt::load_batch`]),
+    /// reading nothing back: the device work of [`Gpt::forward_backward`].
+    fn queue_forward_backward(
+        &mut self,
+        backend: &B,
+        acts: &mut Activations<B>,
+        loss_weight: f32,
+        dropout_seed: u64,
+    ) -> Result<()> {
+        self.forward_blocks(backend, acts, Some(dropout_seed))?;
         let (b, t) = (acts.b, acts.t);
         let (c, nh, v, vp) = (
             self.cfg.n_embd,
@@ -1043,8 +1142,6 @@ impl<B: Backend> Gpt<B> {
             self.cfg.padded_vocab_size,
         );
         let bt = b * t;
-        self.check_tokens(targets, "targets")?;
-        backend.upload_tokens(&mut acts.targets, targets)?;
         let us = self.unit_scales(b, t);
         // Unit scaling gives the logit gradient unit variance instead of the mean's 1/N.
         let dloss = if self.recipe.unit_scaling {
@@ -1291,10 +1388,7 @@ impl<B: Backend> Gpt<B> {
             drop.map(|s| site_seed(s, 0, 0)),
         )?;
         let (dwte, dwpe) = pair_mut(grads, WTE, WPE);
-        backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c, us.embed_grads)?;
-        // Read the losses back only now: on a GPU the backward is already queued behind them,
-        // so the wait does not leave the device idle mid-step.
-        Ok(mean(&backend.download(&acts.losses)?))
+        backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c, us.embed_grads)
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod fp8;
 mod gpt;
+mod step_graph;
 pub mod unit;
 
 pub use fp8::Fp8State;

@@ -238,6 +238,7 @@ fn measured_cpu_peak_flops() -> f64 {
 impl<T: CpuElem> Backend for CpuBackend<T> {
     type Buf = CpuBuf<T>;
     type Tokens = Vec<u32>;
+    type Graph = ();
 
     fn describe(&self) -> String {
         format!(

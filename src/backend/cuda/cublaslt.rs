@@ -503,6 +503,8 @@ pub struct Lt {
     refused: HashSet<PlanKey>,
     /// Algorithm choice by measurement (see [`Lt::tune`]).
     tuning: Tuning,
+    /// Plans made, settled or refused so far (see [`Lt::plan_changes`]).
+    changes: u64,
 }
 
 /// The state of [`Lt::tune`].
@@ -704,6 +706,7 @@ impl Lt {
             plans: HashMap::new(),
             refused: HashSet::new(),
             tuning: Tuning::from_env(&stream.context().name().unwrap_or_default()),
+            changes: 0,
         };
         let max_ws = WORKSPACE_BYTES as u64;
         // SAFETY: pref is live; the attribute is a u64 read during the call.
@@ -839,6 +842,7 @@ impl Lt {
         if !self.plans.contains_key(&key) {
             let plan = self.build_plan(&key)?;
             self.plans.insert(key, plan);
+            self.changes += 1;
         }
         let plan = self
             .plans
@@ -919,6 +923,13 @@ impl Lt {
                 stream.cu_stream() as sys::cudaStream_t,
             )
         }
+    }
+
+    /// How many times a plan was made, settled (tuned) or refused: while it changes, GEMMs
+    /// are still being planned or timed (which waits on the stream), so a training step is not
+    /// yet ready to be recorded as a CUDA graph.
+    pub fn plan_changes(&self) -> u64 {
+        self.changes
     }
 
     /// What [`Lt::tune`] needs before `g`'s call: `None` when there is nothing to time (tuning
@@ -1028,6 +1039,7 @@ impl Lt {
             .get_mut(&key)
             .ok_or_else(|| anyhow!("cuBLASLt matmul {key}: plan cache lookup failed"))?;
         plan.settled = true;
+        self.changes += 1;
         let choice = choose(&times);
         if let Some(i) = choice {
             plan.algo = plan.candidates[i];
@@ -1068,6 +1080,7 @@ impl Lt {
         if let Some(key) = self.prepare(stream, g, fp8)? {
             if let Some(plan) = self.plans.get_mut(&key) {
                 plan.settled = true;
+                self.changes += 1;
             }
         }
         Ok(())
@@ -1126,6 +1139,7 @@ impl Lt {
         match self.build_plan(&key) {
             Ok(plan) => {
                 self.plans.insert(key, plan);
+                self.changes += 1;
                 true
             }
             Err(e) => {
@@ -1133,6 +1147,7 @@ impl Lt {
                     eprintln!("gemm tune: no plan for {key}: {e:#}");
                 }
                 self.refused.insert(key);
+                self.changes += 1;
                 false
             }
         }
@@ -1144,6 +1159,7 @@ impl Lt {
         let key = PlanKey::new(g, fp8);
         self.plans.remove(&key);
         self.refused.insert(key);
+        self.changes += 1;
     }
 
     /// Builds the descriptor, layouts and algorithm for `key`.

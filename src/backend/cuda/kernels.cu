@@ -1143,14 +1143,15 @@ __device__ void embedding_backward_wpe_impl(float* dwpe, const T* dout, float sc
 FOR_EACH_TYPE(DEF_EMB_BWD_WPE)
 
 /// embedding_backward_wte_T: block k adds scale·Σ dout[pos,:] over bucket k's positions (in order)
-/// into dwte[bucket_tokens[k],:]; buckets hold distinct tokens, so blocks never share a row.
+/// into dwte[bucket_tokens[k],:]; buckets hold distinct tokens, so blocks never share a row. The
+/// grid may exceed the bucket count *num_buckets (read here, so a recorded launch fits any batch).
 template <typename T>
 __device__ void embedding_backward_wte_impl(float* dwte, const T* dout,
                                             const unsigned* bucket_tokens, const int* bucket_starts,
-                                            const int* positions, float scale, int num_buckets,
-                                            int C) {
+                                            const int* positions, float scale,
+                                            const int* num_buckets, int C) {
     const int k = blockIdx.x;
-    if (k >= num_buckets || C <= 0) return;
+    if (k >= *num_buckets || C <= 0) return;
     const u64 tok = bucket_tokens[k];
     const int s0 = bucket_starts[k], s1 = bucket_starts[k + 1];
     const int bd = blockDim.x;
@@ -1174,7 +1175,7 @@ __device__ void embedding_backward_wte_impl(float* dwte, const T* dout,
 #define DEF_EMB_BWD_WTE(S, T)                                                                   \
     extern "C" __global__ void embedding_backward_wte_##S(                                     \
         float* dwte, const T* dout, const unsigned int* bucket_tokens, const int* bucket_starts, \
-        const int* positions, float scale, int num_buckets, int C) {                            \
+        const int* positions, float scale, const int* num_buckets, int C) {                     \
         embedding_backward_wte_impl<T>(dwte, dout, bucket_tokens, bucket_starts, positions,     \
                                        scale, num_buckets, C);                                  \
     }

@@ -31,9 +31,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GeluOut, GemmSpec};
@@ -105,7 +106,8 @@ pub struct CudaTokens {
     bucket_tokens: CudaSlice<u32>,
     bucket_starts: CudaSlice<i32>,
     positions: CudaSlice<i32>,
-    num_buckets: usize,
+    /// How many of the buckets are in use (one value, on the device).
+    num_buckets: CudaSlice<i32>,
 }
 
 /// The CUDA backend on one GPU.
@@ -176,6 +178,16 @@ pub struct CudaBackend {
     /// forms the QKV bias gradient's column sums as it stores dqkv, and the model hands it that
     /// bias ([`Backend::attention_forms_qkv_bias`]); otherwise the QKV linear forms it, as before.
     attn_qkv_bias: bool,
+    /// Whether the model may record its training step as a CUDA graph and replay it
+    /// ([`Backend::record_graph`]); off with `HALFLING_CUDA_GRAPHS=0`, `HALFLING_CUDA_PROFILE=1`
+    /// or `HALFLING_CUDA_SYNC=1` (both time or wait per launch).
+    graphs: bool,
+    /// Set while `stream` records a graph: what cannot be recorded (allocation, upload,
+    /// read-back, waiting) is refused then, with an error instead of a broken graph.
+    recording: Cell<bool>,
+    /// [`Backend::graph_epoch`]'s own part: bumped by every allocation, scratch growth and
+    /// table upload (the GEMM plans keep their own count).
+    memory_epoch: Cell<u64>,
 }
 
 /// A kernel argument: device pointers, ints, floats and 64-bit seeds.
@@ -392,7 +404,10 @@ impl CudaBackend {
         // One stream, ordered work: cudarc's per-buffer event tracking is not needed.
         // SAFETY: all work is issued on `stream`, so no cross-stream synchronisation is lost.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream, which cannot record graphs.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow!("cannot create a CUDA stream on GPU {ordinal}: {e:?}"))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| anyhow!("cannot query the GPU: {e:?}"))?;
@@ -481,6 +496,11 @@ impl CudaBackend {
             ln_fused: env_on("HALFLING_CUDA_LN_FUSED"),
             lazy_zero: env_on("HALFLING_CUDA_LAZY_ZERO"),
             attn_qkv_bias: env_opt_in("HALFLING_CUDA_ATTN_QKV_BIAS"),
+            graphs: env_on("HALFLING_CUDA_GRAPHS")
+                && !env_opt_in("HALFLING_CUDA_PROFILE")
+                && !env_opt_in("HALFLING_CUDA_SYNC"),
+            recording: Cell::new(false),
+            memory_epoch: Cell::new(0),
         })
     }
 
@@ -704,6 +724,8 @@ impl CudaBackend {
                 return Ok(p);
             }
         }
+        self.refuse_while_recording("a kernel table upload")?;
+        self.memory_epoch.set(self.memory_epoch.get() + 1);
         let mut mem = match tables.remove(kernel) {
             Some((_, mem)) if mem.len() >= bytes.len() => mem,
             _ => self
@@ -722,10 +744,21 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// An internal error if `stream` is recording a graph: `what` would not be recorded (or
+    /// would break the recording), so the step's code must not do it then.
+    fn refuse_while_recording(&self, what: &str) -> Result<()> {
+        if self.recording.get() {
+            bail!("internal error: {what} while recording a CUDA graph (HALFLING_CUDA_GRAPHS=0 runs without graphs)");
+        }
+        Ok(())
+    }
+
     /// A scratch area of at least `bytes`, grown (never shrunk) on demand.
     fn scratch_ptr(&self, bytes: usize) -> Result<u64> {
         let mut scratch = self.scratch.borrow_mut();
         if scratch.as_ref().map_or(true, |s| s.len() < bytes) {
+            self.refuse_while_recording("growing the scratch area")?;
+            self.memory_epoch.set(self.memory_epoch.get() + 1);
             let mem = self
                 .stream
                 .alloc_zeros::<u8>(bytes.max(1 << 20))
@@ -962,6 +995,7 @@ fn token_buckets(ids: &[u32]) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Tokens = CudaTokens;
+    type Graph = CudaGraph;
 
     fn describe(&self) -> String {
         self.name.clone()
@@ -972,6 +1006,8 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
+        self.refuse_while_recording("an allocation")?;
+        self.memory_epoch.set(self.memory_epoch.get() + 1);
         let bytes = len * dtype.size_bytes();
         let mem = self
             .stream
@@ -989,6 +1025,8 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_tokens(&self, len: usize) -> Result<CudaTokens> {
+        self.refuse_while_recording("an allocation")?;
+        self.memory_epoch.set(self.memory_epoch.get() + 1);
         let z = |n: usize| {
             self.stream
                 .alloc_zeros::<i32>(n.max(1))
@@ -1006,7 +1044,7 @@ impl Backend for CudaBackend {
                 .map_err(|e| oom(e, len * 4, self.live.get()))?,
             bucket_starts: z(len + 1)?,
             positions: z(len)?,
-            num_buckets: 0,
+            num_buckets: z(1)?,
         })
     }
 
@@ -1019,6 +1057,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
+        self.refuse_while_recording("an upload")?;
         if src.len() != dst.len {
             bail!(
                 "internal error: upload of {} values into a buffer of {}",
@@ -1035,6 +1074,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_tokens(&self, dst: &mut CudaTokens, src: &[u32]) -> Result<()> {
+        self.refuse_while_recording("an upload")?;
         if src.len() != dst.host.len() {
             bail!(
                 "internal error: token upload of {} ids into {}",
@@ -1051,7 +1091,11 @@ impl Backend for CudaBackend {
             )
             .map_err(err)?;
         let (tokens, starts, positions) = token_buckets(src);
-        dst.num_buckets = tokens.len();
+        // The count goes to the device too: the backward's grid is the capacity, so a
+        // recorded step replays over any batch's buckets.
+        self.stream
+            .memcpy_htod(&[int(tokens.len())?], &mut dst.num_buckets)
+            .map_err(err)?;
         if !tokens.is_empty() {
             self.stream
                 .memcpy_htod(&tokens, &mut dst.bucket_tokens.slice_mut(..tokens.len()))
@@ -1073,6 +1117,7 @@ impl Backend for CudaBackend {
                 src.len
             );
         }
+        self.refuse_while_recording("a read-back")?;
         let size = src.dtype.size_bytes();
         let mut bytes = vec![0u8; len * size];
         self.ptr(src)?; // deferred zeros first
@@ -1086,6 +1131,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.refuse_while_recording("waiting for the GPU")?;
         self.stream
             .synchronize()
             .map_err(|e| anyhow!("a CUDA kernel failed: {e:?}"))
@@ -1195,6 +1241,44 @@ impl Backend for CudaBackend {
 
     fn casts_for_gemm(&self, tensors: DType, operand: DType) -> bool {
         can_cast_for_gemm(tensors, operand)
+    }
+
+    fn records_graphs(&self) -> bool {
+        self.graphs
+    }
+
+    fn record_graph(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
+        if !self.graphs || self.recording.get() {
+            bail!("internal error: a CUDA graph recording while graphs are off or one is already recording");
+        }
+        // Thread-local mode: another thread's unsafe calls do not break this recording.
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| anyhow!("cannot start recording a CUDA graph: {e:?}"))?;
+        self.recording.set(true);
+        let queued = body();
+        self.recording.set(false);
+        // Always end the recording, so the stream runs work again whatever `body` did.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        queued?;
+        match graph {
+            Ok(Some(graph)) => Ok(graph),
+            Ok(None) => bail!("internal error: recorded an empty CUDA graph"),
+            Err(e) => bail!(
+                "recording the training step as a CUDA graph failed ({e:?}); HALFLING_CUDA_GRAPHS=0 runs without graphs"
+            ),
+        }
+    }
+
+    fn replay_graph(&self, graph: &CudaGraph) -> Result<()> {
+        self.refuse_while_recording("a graph replay")?;
+        graph
+            .launch()
+            .map_err(|e| anyhow!("replaying a CUDA graph failed: {e:?}"))
+    }
+
+    fn graph_epoch(&self) -> u64 {
+        self.memory_epoch.get() + self.lt.borrow().plan_changes()
     }
 
     fn profile_report(&self) -> Result<Option<String>> {
@@ -2048,19 +2132,23 @@ impl Backend for CudaBackend {
                 Arg::Int(int(c)?),
             ],
         )?;
-        if tokens.num_buckets == 0 {
+        // One block per possible bucket (a batch has at most one per token); those past the
+        // batch's count, which the kernel reads from the device, return at once.
+        let capacity = tokens.host.len();
+        if capacity == 0 {
             return Ok(());
         }
-        let (bt, bs, bp) = {
+        let (bt, bs, bp, nb) = {
             let (a, _s1) = tokens.bucket_tokens.device_ptr(&self.stream);
             let (s, _s2) = tokens.bucket_starts.device_ptr(&self.stream);
             let (p, _s3) = tokens.positions.device_ptr(&self.stream);
-            (a, s, p)
+            let (n, _s4) = tokens.num_buckets.device_ptr(&self.stream);
+            (a, s, p, n)
         };
         let pdt = self.ptr_mut(dwte)?;
         self.launch(
             &format!("embedding_backward_wte_{sfx}"),
-            (tokens.num_buckets as u32, 1, 1),
+            (block_index(capacity)?, 1, 1),
             BLOCK,
             0,
             &[
@@ -2070,7 +2158,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(bs),
                 Arg::Ptr(bp),
                 op_scale("token embedding gradient", s_te)?,
-                Arg::Int(int(tokens.num_buckets)?),
+                Arg::Ptr(nb),
                 Arg::Int(int(c)?),
             ],
         )
