@@ -974,10 +974,12 @@ fn case_adamw<B: Backend>(
 }
 
 fn case_dropout<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs> {
+    let mut seed = be.alloc_seed()?;
+    be.upload_seed(&mut seed, 42)?;
     let mut a = up(be, dt, &x[0])?;
-    be.dropout_forward(&mut a, 0.3, 42)?;
+    be.dropout_forward(&mut a, 0.3, &seed, 1 << 32 | 1)?;
     let mut d = up(be, dt, &x[1])?;
-    be.dropout_backward(&mut d, 0.3, 42)?;
+    be.dropout_backward(&mut d, 0.3, &seed, 1 << 32 | 1)?;
     Ok(vec![
         ("forward", be.download(&a)?),
         ("backward", be.download(&d)?),
@@ -1064,12 +1066,18 @@ fn case_training<B: Backend>(be: &B, recipe: Recipe, ids: &[u32]) -> Result<Outp
     Ok(vec![("losses", losses), ("weights", weights)])
 }
 
-/// Six optimizer steps of a bf16 tiny GPT without dropout, two micro-batches a step, each step
-/// over its own 64 of `ids`: where the backend records graphs, the later steps replay recorded
-/// micro-batches (`recorded`; otherwise every one is queued as usual). The losses and weights.
-fn case_recorded_training<B: Backend>(be: &B, ids: &[u32], recorded: bool) -> Result<Outputs> {
+/// Six optimizer steps of a bf16 tiny GPT with `dropout`, two micro-batches a step, each over
+/// its own 32 of `ids` with its own dropout seed: where the backend records graphs, the later
+/// steps replay recorded micro-batches (`recorded`; otherwise every one is queued as usual).
+/// The losses and weights.
+fn case_recorded_training<B: Backend>(
+    be: &B,
+    ids: &[u32],
+    dropout: f32,
+    recorded: bool,
+) -> Result<Outputs> {
     let recipe = Recipe::new(RecipeName::Bf16);
-    let mut model = Gpt::new(be, tiny_gpt_config(), recipe, 0.0, 0.02, 5)?;
+    let mut model = Gpt::new(be, tiny_gpt_config(), recipe, dropout, 0.02, 5)?;
     let mut opt = crate::optim::AdamWState::new(be, model.specs(), DType::F32)?;
     let mut acts = model.activations(be, 2, 8, true)?;
     let optim_cfg = crate::config::OptimConfig::default();
@@ -1077,7 +1085,7 @@ fn case_recorded_training<B: Backend>(be: &B, ids: &[u32], recorded: bool) -> Re
     for (step, ids) in ids.chunks_exact(64).enumerate() {
         for (m, batch) in ids.chunks_exact(32).enumerate() {
             let (inputs, targets) = batch.split_at(16);
-            let seed = step as u64;
+            let seed = (10 * step + m) as u64;
             losses.push(if recorded {
                 model.train_micro_batch(be, &mut acts, inputs, targets, 0.5, seed, m == 0)?
             } else {
@@ -1806,24 +1814,27 @@ pub fn run<B: Backend>(be: &B, seed: u64) -> Result<Vec<Row>> {
     );
     // Recorded micro-batches (CUDA graphs): against the reference, and bit for bit against the
     // same backend queuing every launch (on the CPU, which records nothing, both queue them).
-    let ids = inputs.tokens(6 * 64, 11);
-    let recorded = case_recorded_training(be, &ids, true)?;
-    push(
-        "train 6 steps",
-        "tiny gpt, bf16, 2 micro-batches, recorded".to_string(),
-        DType::BF16,
-        training_tolerance(DType::BF16),
-        recorded.clone(),
-        case_recorded_training(&reference, &ids, false)?,
-    );
-    push(
-        "train 6 steps",
-        "tiny gpt, bf16, recorded vs queued on this backend".to_string(),
-        DType::BF16,
-        0.0,
-        recorded,
-        case_recorded_training(be, &ids, false)?,
-    );
+    // Without dropout (the LayerNorm backward then forms projection biases) and with it.
+    for dropout in [0.0, 0.1] {
+        let ids = inputs.tokens(6 * 64, 11);
+        let recorded = case_recorded_training(be, &ids, dropout, true)?;
+        push(
+            "train 6 steps",
+            format!("tiny gpt, bf16, dropout {dropout}, 2 micro-batches, recorded"),
+            DType::BF16,
+            training_tolerance(DType::BF16),
+            recorded.clone(),
+            case_recorded_training(&reference, &ids, dropout, false)?,
+        );
+        push(
+            "train 6 steps",
+            format!("tiny gpt, bf16, dropout {dropout}, recorded vs queued on this backend"),
+            DType::BF16,
+            0.0,
+            recorded,
+            case_recorded_training(be, &ids, dropout, false)?,
+        );
+    }
     // FP8 with two micro-batches a step (weights' casts kept across them), delayed and current
     // scaling.
     for scaling in [Fp8ScalingKind::Delayed, Fp8ScalingKind::Current] {

@@ -28,6 +28,16 @@ use anyhow::{bail, Result};
 
 use crate::numerics::{DType, TensorStats};
 
+/// The mask seed of the dropout at `site` for a micro-batch seeded `seed` (splitmix64's
+/// finalizer of the two, so neighbouring sites and seeds get unrelated masks); the CUDA
+/// kernels form the same value on the device.
+pub fn dropout_site_seed(seed: u64, site: u64) -> u64 {
+    let mut z = seed ^ site.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// How one GEMM of a linear layer runs; the precision recipe and the model decide (see
 /// `precision`).
 ///
@@ -334,6 +344,9 @@ pub trait Backend {
     type Tokens;
     /// Device work recorded once and replayed (a CUDA graph); `()` where there is none.
     type Graph;
+    /// A micro-batch's random seed where the kernels read it (device memory on a GPU), so
+    /// that recorded work replays with each micro-batch's own seed.
+    type Seed;
 
     /// Human-readable device description, e.g. `cpu (2 threads)`.
     fn describe(&self) -> String;
@@ -354,6 +367,10 @@ pub trait Backend {
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
     /// Copies `src` into a token buffer of the same length.
     fn upload_tokens(&self, dst: &mut Self::Tokens, src: &[u32]) -> Result<()>;
+    /// A seed holder, initially 0.
+    fn alloc_seed(&self) -> Result<Self::Seed>;
+    /// Sets the seed the next queued ops read from `dst`.
+    fn upload_seed(&self, dst: &mut Self::Seed, seed: u64) -> Result<()>;
     /// Reads `len` elements starting at `offset`, widened to f32.
     fn download_range(&self, src: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>>;
     /// Reads the whole buffer, widened to f32.
@@ -455,10 +472,19 @@ pub trait Backend {
     /// `d = scale · gelu'(inp) ⊙ d` in place (`d` holds the output gradient on entry, the input
     /// gradient on return): the exact derivative of the forward with the same `scale`.
     fn gelu_backward(&self, d: &mut Self::Buf, inp: &Self::Buf, scale: f32) -> Result<()>;
-    /// Inverted dropout in place with a counter-based mask derived from `seed`.
-    fn dropout_forward(&self, x: &mut Self::Buf, p: f32, seed: u64) -> Result<()>;
-    /// Backward of [`Backend::dropout_forward`] with the same `p` and `seed`, in place.
-    fn dropout_backward(&self, dx: &mut Self::Buf, p: f32, seed: u64) -> Result<()>;
+    /// Inverted dropout in place with a counter-based mask keyed by
+    /// [`dropout_site_seed`]`(seed, site)`: the micro-batch's seed, read where the op runs, and
+    /// the fixed `site` of this dropout in the model.
+    fn dropout_forward(&self, x: &mut Self::Buf, p: f32, seed: &Self::Seed, site: u64)
+        -> Result<()>;
+    /// Backward of [`Backend::dropout_forward`] with the same `p`, `seed` and `site`, in place.
+    fn dropout_backward(
+        &self,
+        dx: &mut Self::Buf,
+        p: f32,
+        seed: &Self::Seed,
+        site: u64,
+    ) -> Result<()>;
 
     // ---- layers ----------------------------------------------------------------------------
 

@@ -164,7 +164,10 @@ pub struct Activations<B: Backend> {
     /// One GELU output buffer shared by all layers, when they do not keep their own.
     gelu_shared: Option<B::Buf>,
     grads: Option<GradScratch<B>>,
-    dropout_seed: Option<u64>,
+    /// Whether the pass in these buffers applied dropout (so its backward applies it too).
+    dropout: bool,
+    /// The micro-batch's dropout seed, where the backend's ops read it.
+    seed: B::Seed,
     /// This step's amax per FP8 operand (delayed scaling, training only), max-accumulated by the
     /// linear ops over the step's micro-batches.
     amax: Option<B::Buf>,
@@ -650,7 +653,8 @@ impl<B: Backend> Gpt<B> {
                 Some(backend.alloc(act, bt * 4 * c)?)
             },
             grads,
-            dropout_seed: None,
+            dropout: false,
+            seed: backend.alloc_seed()?,
             amax: match &self.fp8 {
                 Some(f) if training => Some(backend.alloc(DType::F32, f.slots())?),
                 _ => None,
@@ -684,7 +688,10 @@ impl<B: Backend> Gpt<B> {
         dropout_seed: Option<u64>,
     ) -> Result<()> {
         self.load_inputs(backend, acts, inputs)?;
-        self.forward_blocks(backend, acts, dropout_seed)?;
+        if let Some(seed) = dropout_seed {
+            backend.upload_seed(&mut acts.seed, seed)?;
+        }
+        self.forward_blocks(backend, acts, dropout_seed.is_some())?;
         let bt = acts.b * acts.t;
         if acts.head_rows < bt {
             return Ok(());
@@ -712,14 +719,14 @@ impl<B: Backend> Gpt<B> {
         &self,
         backend: &B,
         acts: &mut Activations<B>,
-        dropout_seed: Option<u64>,
+        training: bool,
     ) -> Result<()> {
         let (b, t) = (acts.b, acts.t);
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let bt = b * t;
         let p = self.dropout;
-        let drop = dropout_seed.filter(|_| p > 0.0);
-        acts.dropout_seed = drop;
+        let drop = training && p > 0.0;
+        acts.dropout = drop;
         let w = |i: usize| {
             if self.compute.is_empty() {
                 &self.master[i]
@@ -728,13 +735,13 @@ impl<B: Backend> Gpt<B> {
             }
         };
         let us = self.unit_scales(b, t);
-        acts.pass_version = dropout_seed.map(|_| fp8::fresh_epoch());
+        acts.pass_version = training.then(fp8::fresh_epoch);
         let keep = KeepVersions {
             acts: acts.pass_version,
             amax: acts.amax_epoch,
         };
         let gemms = self.block_gemms(&us, keep);
-        let mut amax = acts.amax.as_mut().filter(|_| dropout_seed.is_some());
+        let mut amax = acts.amax.as_mut().filter(|_| training);
 
         backend.embedding_forward(
             &mut acts.encoded,
@@ -746,8 +753,8 @@ impl<B: Backend> Gpt<B> {
             c,
             us.embed,
         )?;
-        if let Some(seed) = drop {
-            backend.dropout_forward(&mut acts.encoded, p, site_seed(seed, 0, 0))?;
+        if drop {
+            backend.dropout_forward(&mut acts.encoded, p, &acts.seed, dropout_site(0, 0))?;
         }
         let nl = self.cfg.n_layer;
         // Each residual add is fused with the LayerNorm that follows it: ln2 inside the block,
@@ -818,8 +825,8 @@ impl<B: Backend> Gpt<B> {
                 gemms[l * 4 + PROJ].fwd,
                 amax.as_deref_mut(),
             )?;
-            if let Some(seed) = drop {
-                backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 0))?;
+            if drop {
+                backend.dropout_forward(&mut acts.branch, p, &acts.seed, dropout_site(l + 1, 0))?;
             }
             backend.residual_layernorm_forward(
                 &mut la.resid2,
@@ -858,8 +865,8 @@ impl<B: Backend> Gpt<B> {
                 us.gelu,
             )?;
             la.gelu_stored = own_buffer && written;
-            if let Some(seed) = drop {
-                backend.dropout_forward(&mut acts.branch, p, site_seed(seed, l + 1, 1))?;
+            if drop {
+                backend.dropout_forward(&mut acts.branch, p, &acts.seed, dropout_site(l + 1, 1))?;
             }
             let (ln, mean, rstd, ln_w, ln_b) = match later.first_mut() {
                 Some(next) => (
@@ -1043,16 +1050,17 @@ impl<B: Backend> Gpt<B> {
         loss_weight: f32,
         dropout_seed: u64,
     ) -> Result<f32> {
-        self.load_batch(backend, acts, inputs, targets)?;
-        self.queue_forward_backward(backend, acts, loss_weight, dropout_seed)?;
+        self.load_batch(backend, acts, inputs, targets, dropout_seed)?;
+        self.queue_forward_backward(backend, acts, loss_weight)?;
         Self::batch_loss(backend, acts)
     }
 
     /// One training micro-batch as [`Gpt::forward_backward`], the gradients zeroed first when
     /// `zero_grads` (the step's first micro-batch). Where the backend records graphs and the
-    /// step's device work takes no per-step arguments (no dropout, whose masks are seeded per
-    /// step, and no FP8, whose scales and kept casts change per step), that work is recorded
-    /// once and replayed (see `model::step_graph`): the same results, fewer launches.
+    /// step's device work takes no per-step arguments (token ids and the dropout seed are read
+    /// from device buffers; FP8's scales and kept casts change per step, so FP8 steps are not
+    /// recorded), that work is recorded once and replayed (see `model::step_graph`): the same
+    /// results, fewer launches.
     #[allow(clippy::too_many_arguments)]
     pub fn train_micro_batch(
         &mut self,
@@ -1064,8 +1072,8 @@ impl<B: Backend> Gpt<B> {
         dropout_seed: u64,
         zero_grads: bool,
     ) -> Result<f32> {
-        self.load_batch(backend, acts, inputs, targets)?;
-        let recordable = backend.records_graphs() && self.dropout == 0.0 && !self.recipe.fp8_gemms;
+        self.load_batch(backend, acts, inputs, targets, dropout_seed)?;
+        let recordable = backend.records_graphs() && !self.recipe.fp8_gemms;
         let key = GraphKey {
             zero_grads,
             loss_weight: loss_weight.to_bits(),
@@ -1083,7 +1091,7 @@ impl<B: Backend> Gpt<B> {
                     if zero_grads {
                         self.zero_grads(backend)?;
                     }
-                    self.queue_forward_backward(backend, acts, loss_weight, dropout_seed)
+                    self.queue_forward_backward(backend, acts, loss_weight)
                 })?;
                 if backend.graph_epoch() != epoch {
                     bail!("internal error: recording the training step changed the backend's graph epoch");
@@ -1095,7 +1103,7 @@ impl<B: Backend> Gpt<B> {
                 if zero_grads {
                     self.zero_grads(backend)?;
                 }
-                self.queue_forward_backward(backend, acts, loss_weight, dropout_seed)?;
+                self.queue_forward_backward(backend, acts, loss_weight)?;
                 if recordable {
                     acts.graphs.ran_eagerly(key, epoch, backend.graph_epoch());
                 }
@@ -1104,17 +1112,22 @@ impl<B: Backend> Gpt<B> {
         Self::batch_loss(backend, acts)
     }
 
-    /// Checks and uploads a micro-batch's input and target ids.
+    /// Checks and uploads a micro-batch's input and target ids, and its dropout seed.
     fn load_batch(
         &self,
         backend: &B,
         acts: &mut Activations<B>,
         inputs: &[u32],
         targets: &[u32],
+        dropout_seed: u64,
     ) -> Result<()> {
         self.load_inputs(backend, acts, inputs)?;
         self.check_tokens(targets, "targets")?;
-        backend.upload_tokens(&mut acts.targets, targets)
+        backend.upload_tokens(&mut acts.targets, targets)?;
+        if self.dropout > 0.0 {
+            backend.upload_seed(&mut acts.seed, dropout_seed)?;
+        }
+        Ok(())
     }
 
     /// The mean loss of the micro-batch [`Gpt::queue_forward_backward`] queued (waits for it).
@@ -1131,9 +1144,8 @@ impl<B: Backend> Gpt<B> {
         backend: &B,
         acts: &mut Activations<B>,
         loss_weight: f32,
-        dropout_seed: u64,
     ) -> Result<()> {
-        self.forward_blocks(backend, acts, Some(dropout_seed))?;
+        self.forward_blocks(backend, acts, true)?;
         let (b, t) = (acts.b, acts.t);
         let (c, nh, v, vp) = (
             self.cfg.n_embd,
@@ -1167,7 +1179,9 @@ impl<B: Backend> Gpt<B> {
         };
 
         let p = self.dropout;
-        let drop = acts.dropout_seed;
+        // The dropout seed and site of a branch's mask, if this pass applied dropout.
+        let seed = &acts.seed;
+        let drop = |layer: usize, k: usize| acts.dropout.then(|| (seed, dropout_site(layer, k)));
         let nl = self.cfg.n_layer;
 
         // LM head (tied) and classifier: logits = lnf · wteᵀ, the loss and dlogits, dlnf =
@@ -1198,7 +1212,7 @@ impl<B: Backend> Gpt<B> {
         // LayerNorm backward before it leaves it (nothing runs in between: `branch_grad` passes
         // it through), so that op also forms their bias gradients, with the weight gradient's
         // alpha as `linear_backward` would, and the linears get no bias to form.
-        let fuse_bias = drop.is_none();
+        let fuse_bias = !acts.dropout;
         // The projection bias (parameter index and weight-gradient GEMM) a LayerNorm backward
         // forms: attention's of layer `l` after LN2 (`k = PROJ`), the MLP's of layer `l` after
         // the next LayerNorm (`k = FCPROJ`).
@@ -1247,7 +1261,7 @@ impl<B: Backend> Gpt<B> {
                 &gs.dresid,
                 &mut gs.dbranch,
                 p,
-                drop.map(|s| site_seed(s, l + 1, 1)),
+                drop(l + 1, 1),
             )?;
             // A GELU output the forward did not store (or a recomputing model never kept) goes
             // in deferred: the backend forms it where it needs its values.
@@ -1311,7 +1325,7 @@ impl<B: Backend> Gpt<B> {
                 &gs.dresid,
                 &mut gs.dbranch,
                 p,
-                drop.map(|s| site_seed(s, l + 1, 0)),
+                drop(l + 1, 0),
             )?;
             let (dw, db) = pair_mut(grads, lp(PROJ_W), lp(PROJ_B));
             backend.linear_backward(
@@ -1385,7 +1399,7 @@ impl<B: Backend> Gpt<B> {
             &gs.dresid,
             &mut gs.dbranch,
             p,
-            drop.map(|s| site_seed(s, 0, 0)),
+            drop(0, 0),
         )?;
         let (dwte, dwpe) = pair_mut(grads, WTE, WPE);
         backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c, us.embed_grads)
@@ -1399,12 +1413,12 @@ fn branch_grad<'a, B: Backend>(
     dresid: &'a B::Buf,
     scratch: &'a mut B::Buf,
     p: f32,
-    seed: Option<u64>,
+    mask: Option<(&B::Seed, u64)>,
 ) -> Result<&'a B::Buf> {
-    match seed {
-        Some(seed) => {
+    match mask {
+        Some((seed, site)) => {
             backend.copy(scratch, dresid)?;
-            backend.dropout_backward(scratch, p, seed)?;
+            backend.dropout_backward(scratch, p, seed, site)?;
             Ok(scratch)
         }
         None => Ok(dresid),
@@ -1440,12 +1454,10 @@ fn pair_mut<T>(xs: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
     (&mut lo[i], &mut hi[0])
 }
 
-/// Seed of one dropout site (layer `layer`, site `k` within it) for a pass seeded `seed`.
-fn site_seed(seed: u64, layer: usize, k: usize) -> u64 {
-    let mut z = seed ^ ((layer as u64) << 32 | k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// The site id of a dropout (`layer` 0 for the embeddings, else the block after, `k` the branch):
+/// with the micro-batch's seed it keys the mask ([`crate::backend::dropout_site_seed`]).
+fn dropout_site(layer: usize, k: usize) -> u64 {
+    (layer as u64) << 32 | k as u64
 }
 
 /// Mean of per-token losses, summed in f64 on the host.

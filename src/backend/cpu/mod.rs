@@ -20,7 +20,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use super::{
-    linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GemmOperand, GemmSpec, OperandScale,
+    dropout_site_seed, linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GemmOperand,
+    GemmSpec, OperandScale,
 };
 use crate::numerics::{self, DType};
 use kernels::Real;
@@ -239,6 +240,7 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
     type Buf = CpuBuf<T>;
     type Tokens = Vec<u32>;
     type Graph = ();
+    type Seed = u64;
 
     fn describe(&self) -> String {
         format!(
@@ -271,6 +273,15 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
 
     fn alloc_tokens(&self, len: usize) -> Result<Vec<u32>> {
         Ok(vec![0; len])
+    }
+
+    fn alloc_seed(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn upload_seed(&self, dst: &mut u64, seed: u64) -> Result<()> {
+        *dst = seed;
+        Ok(())
     }
 
     fn len(&self, buf: &CpuBuf<T>) -> usize {
@@ -375,14 +386,14 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn dropout_forward(&self, x: &mut CpuBuf<T>, p: f32, seed: u64) -> Result<()> {
-        kernels::dropout_forward(&mut x.data, p, seed);
+    fn dropout_forward(&self, x: &mut CpuBuf<T>, p: f32, seed: &u64, site: u64) -> Result<()> {
+        kernels::dropout_forward(&mut x.data, p, dropout_site_seed(*seed, site));
         Self::round(x);
         Ok(())
     }
 
-    fn dropout_backward(&self, dx: &mut CpuBuf<T>, p: f32, seed: u64) -> Result<()> {
-        kernels::dropout_backward(&mut dx.data, p, seed);
+    fn dropout_backward(&self, dx: &mut CpuBuf<T>, p: f32, seed: &u64, site: u64) -> Result<()> {
+        kernels::dropout_backward(&mut dx.data, p, dropout_site_seed(*seed, site));
         Self::round(dx);
         Ok(())
     }

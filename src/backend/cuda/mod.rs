@@ -996,6 +996,7 @@ impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Tokens = CudaTokens;
     type Graph = CudaGraph;
+    type Seed = CudaSlice<u64>;
 
     fn describe(&self) -> String {
         self.name.clone()
@@ -1108,6 +1109,21 @@ impl Backend for CudaBackend {
                 .map_err(err)?;
         }
         Ok(())
+    }
+
+    fn alloc_seed(&self) -> Result<CudaSlice<u64>> {
+        self.refuse_while_recording("an allocation")?;
+        self.memory_epoch.set(self.memory_epoch.get() + 1);
+        self.stream
+            .alloc_zeros::<u64>(1)
+            .map_err(|e| oom(e, 8, self.live.get()))
+    }
+
+    fn upload_seed(&self, dst: &mut CudaSlice<u64>, seed: u64) -> Result<()> {
+        self.refuse_while_recording("an upload")?;
+        self.stream
+            .memcpy_htod(&[seed], dst)
+            .map_err(|e| anyhow!("seed upload to the GPU failed: {e:?}"))
     }
 
     fn download_range(&self, src: &CudaBuf, offset: usize, len: usize) -> Result<Vec<f32>> {
@@ -1465,25 +1481,39 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn dropout_forward(&self, x: &mut CudaBuf, p: f32, seed: u64) -> Result<()> {
+    fn dropout_forward(
+        &self,
+        x: &mut CudaBuf,
+        p: f32,
+        seed: &CudaSlice<u64>,
+        site: u64,
+    ) -> Result<()> {
         let n = x.len;
         let name = format!("dropout_{}", suffix(x.dtype)?);
         let px = self.ptr_mut(x)?;
+        let (ps, _sync) = seed.device_ptr(&self.stream);
         self.elementwise(
             &name,
             n,
             &[
                 Arg::Ptr(px),
                 Arg::Float(p),
-                Arg::U64(seed),
+                Arg::Ptr(ps),
+                Arg::U64(site),
                 Arg::Int(int(n)?),
             ],
         )
     }
 
-    fn dropout_backward(&self, dx: &mut CudaBuf, p: f32, seed: u64) -> Result<()> {
+    fn dropout_backward(
+        &self,
+        dx: &mut CudaBuf,
+        p: f32,
+        seed: &CudaSlice<u64>,
+        site: u64,
+    ) -> Result<()> {
         // The mask is regenerated from the seed: the same kernel serves both directions.
-        self.dropout_forward(dx, p, seed)
+        self.dropout_forward(dx, p, seed, site)
     }
 
     fn linear_forward(
