@@ -1054,9 +1054,15 @@ fn case_training<B: Backend>(be: &B, recipe: Recipe, ids: &[u32]) -> Result<Outp
             let (inputs, targets) = batch.split_at(16);
             let seed = step + 100 * m as u64;
             let weight = 1.0 / micro as f32;
-            losses.push(
-                model.train_micro_batch(be, &mut acts, inputs, targets, weight, seed, m == 0)?,
-            );
+            losses.push(model.train_micro_batch(
+                be,
+                &mut acts,
+                inputs,
+                targets,
+                weight,
+                seed,
+                m == 0,
+            )?);
         }
         opt.update(be, &optim_cfg, model.params_mut(), 1e-2, 1.0)?;
         // Delayed FP8 scaling: the amaxes go into the histories (later steps use Fixed scales).

@@ -426,12 +426,18 @@ pub trait Backend {
     /// nothing back from the device; buffers it addresses must outlive the recording.
     fn record_graph(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph> {
         let _ = body;
-        bail!("internal error: the {} backend records no graphs", self.kind())
+        bail!(
+            "internal error: the {} backend records no graphs",
+            self.kind()
+        )
     }
     /// Queues the recorded work again (after all work queued before).
     fn replay_graph(&self, graph: &Self::Graph) -> Result<()> {
         let _ = graph;
-        bail!("internal error: the {} backend records no graphs", self.kind())
+        bail!(
+            "internal error: the {} backend records no graphs",
+            self.kind()
+        )
     }
     /// A counter that changes whenever the backend replaces memory or state a recording may
     /// address (scratch grown, a kernel table re-uploaded, a GEMM plan made or tuned): a graph
@@ -475,8 +481,13 @@ pub trait Backend {
     /// Inverted dropout in place with a counter-based mask keyed by
     /// [`dropout_site_seed`]`(seed, site)`: the micro-batch's seed, read where the op runs, and
     /// the fixed `site` of this dropout in the model.
-    fn dropout_forward(&self, x: &mut Self::Buf, p: f32, seed: &Self::Seed, site: u64)
-        -> Result<()>;
+    fn dropout_forward(
+        &self,
+        x: &mut Self::Buf,
+        p: f32,
+        seed: &Self::Seed,
+        site: u64,
+    ) -> Result<()>;
     /// Backward of [`Backend::dropout_forward`] with the same `p`, `seed` and `site`, in place.
     fn dropout_backward(
         &self,

@@ -715,12 +715,7 @@ impl<B: Backend> Gpt<B> {
 
     /// The forward pass up to the final LayerNorm (`acts.lnf`). A training pass (one with
     /// `dropout_seed`) records the FP8 operands' amaxes; evaluation leaves them alone.
-    fn forward_blocks(
-        &self,
-        backend: &B,
-        acts: &mut Activations<B>,
-        training: bool,
-    ) -> Result<()> {
+    fn forward_blocks(&self, backend: &B, acts: &mut Activations<B>, training: bool) -> Result<()> {
         let (b, t) = (acts.b, acts.t);
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let bt = b * t;
@@ -1256,13 +1251,7 @@ impl<B: Backend> Gpt<B> {
             let lp = |k| layer_param(l, k);
 
             // MLP branch: resid_out = resid2 + dropout(fcproj(gelu(fc(ln2(resid2))))).
-            let dbranch = branch_grad(
-                backend,
-                &gs.dresid,
-                &mut gs.dbranch,
-                p,
-                drop(l + 1, 1),
-            )?;
+            let dbranch = branch_grad(backend, &gs.dresid, &mut gs.dbranch, p, drop(l + 1, 1))?;
             // A GELU output the forward did not store (or a recomputing model never kept) goes
             // in deferred: the backend forms it where it needs its values.
             let stored = la.gelu_stored;
@@ -1320,13 +1309,7 @@ impl<B: Backend> Gpt<B> {
             )?;
 
             // Attention branch: resid2 = input + dropout(proj(attn(qkv(ln1(input))))).
-            let dbranch = branch_grad(
-                backend,
-                &gs.dresid,
-                &mut gs.dbranch,
-                p,
-                drop(l + 1, 0),
-            )?;
+            let dbranch = branch_grad(backend, &gs.dresid, &mut gs.dbranch, p, drop(l + 1, 0))?;
             let (dw, db) = pair_mut(grads, lp(PROJ_W), lp(PROJ_B));
             backend.linear_backward(
                 Some(&mut gs.datty),
@@ -1394,13 +1377,7 @@ impl<B: Backend> Gpt<B> {
             )?;
         }
 
-        let dencoded = branch_grad(
-            backend,
-            &gs.dresid,
-            &mut gs.dbranch,
-            p,
-            drop(0, 0),
-        )?;
+        let dencoded = branch_grad(backend, &gs.dresid, &mut gs.dbranch, p, drop(0, 0))?;
         let (dwte, dwpe) = pair_mut(grads, WTE, WPE);
         backend.embedding_backward(dwte, dwpe, dencoded, &acts.tokens, b, t, c, us.embed_grads)
     }

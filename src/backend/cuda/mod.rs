@@ -33,8 +33,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream,
-    DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GeluOut, GemmSpec};
@@ -975,20 +975,34 @@ fn oom(e: cudarc::driver::DriverError, bytes: usize, live: u64) -> anyhow::Error
     }
 }
 
-/// Buckets of equal token ids: (distinct tokens, CSR starts, positions), ids ascending.
+/// Buckets of equal token ids: (distinct tokens, CSR starts, positions), ids ascending and
+/// positions ascending within a bucket. A counting sort over the id range (linear in the batch
+/// and the vocabulary): this runs on the host before every training micro-batch, with the
+/// device idle when the step before has been waited for.
 fn token_buckets(ids: &[u32]) -> (Vec<u32>, Vec<i32>, Vec<i32>) {
-    let mut order: Vec<i32> = (0..ids.len() as i32).collect();
-    order.sort_by_key(|&p| (ids[p as usize], p));
-    let mut tokens = Vec::new();
-    let mut starts = Vec::new();
-    for (k, &p) in order.iter().enumerate() {
-        let tok = ids[p as usize];
-        if tokens.last() != Some(&tok) {
-            tokens.push(tok);
-            starts.push(k as i32);
-        }
+    let range = ids.iter().max().map_or(0, |&m| m as usize + 1);
+    let mut next = vec![0i32; range];
+    for &t in ids {
+        next[t as usize] += 1;
     }
-    starts.push(order.len() as i32);
+    let (mut tokens, mut starts) = (Vec::new(), Vec::new());
+    let mut start = 0i32;
+    for (t, slot) in next.iter_mut().enumerate() {
+        let count = *slot;
+        if count > 0 {
+            tokens.push(t as u32);
+            starts.push(start);
+        }
+        *slot = start;
+        start += count;
+    }
+    starts.push(start);
+    let mut order = vec![0i32; ids.len()];
+    for (p, &t) in ids.iter().enumerate() {
+        let slot = &mut next[t as usize];
+        order[*slot as usize] = p as i32;
+        *slot += 1;
+    }
     (tokens, starts, order)
 }
 
@@ -2946,6 +2960,25 @@ mod tests {
         assert_eq!(tokens, vec![2, 5, 7]);
         assert_eq!(starts, vec![0, 2, 5, 6]);
         assert_eq!(positions, vec![1, 4, 0, 2, 5, 3]);
+    }
+
+    #[test]
+    fn token_buckets_match_a_sort_of_positions_by_id() {
+        let mut rng = crate::data::Rng::new(3);
+        for (n, vocab) in [(0usize, 1), (1, 1), (1000, 7), (5000, 50_257)] {
+            let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+            let mut order: Vec<i32> = (0..n as i32).collect();
+            order.sort_by_key(|&p| (ids[p as usize], p));
+            let (tokens, starts, positions) = token_buckets(&ids);
+            assert_eq!(positions, order);
+            assert_eq!(starts.len(), tokens.len() + 1);
+            assert_eq!(starts.last().copied(), Some(n as i32));
+            for (k, &tok) in tokens.iter().enumerate() {
+                let bucket = &positions[starts[k] as usize..starts[k + 1] as usize];
+                assert!(!bucket.is_empty() && bucket.iter().all(|&p| ids[p as usize] == tok));
+            }
+            assert!(tokens.windows(2).all(|w| w[0] < w[1]));
+        }
     }
 
     /// Every kernel source compiles for every architecture it is built for. Needs NVRTC and the
