@@ -978,11 +978,16 @@ fn case_dropout<B: Backend>(be: &B, dt: DType, x: &[Vec<f32>]) -> Result<Outputs
     be.upload_seed(&mut seed, 42)?;
     let mut a = up(be, dt, &x[0])?;
     be.dropout_forward(&mut a, 0.3, &seed, 1 << 32 | 1)?;
-    let mut d = up(be, dt, &x[1])?;
-    be.dropout_backward(&mut d, 0.3, &seed, 1 << 32 | 1)?;
+    let dy = up(be, dt, &x[1])?;
+    let mut d = up(be, dt, &x[0])?;
+    be.dropout_backward(&mut d, &dy, 0.3, &seed, 1 << 32 | 1)?;
+    // p = 0 keeps everything: the backward is a copy.
+    let mut kept = up(be, dt, &x[0])?;
+    be.dropout_backward(&mut kept, &dy, 0.0, &seed, 1 << 32 | 1)?;
     Ok(vec![
         ("forward", be.download(&a)?),
         ("backward", be.download(&d)?),
+        ("backward p=0", be.download(&kept)?),
     ])
 }
 

@@ -488,10 +488,12 @@ pub trait Backend {
         seed: &Self::Seed,
         site: u64,
     ) -> Result<()>;
-    /// Backward of [`Backend::dropout_forward`] with the same `p`, `seed` and `site`, in place.
+    /// Backward of [`Backend::dropout_forward`] with the same `p`, `seed` and `site`: `dx` =
+    /// `dy` with the mask applied (same length; one pass, no copy of `dy` first).
     fn dropout_backward(
         &self,
         dx: &mut Self::Buf,
+        dy: &Self::Buf,
         p: f32,
         seed: &Self::Seed,
         site: u64,

@@ -1394,8 +1394,7 @@ fn branch_grad<'a, B: Backend>(
 ) -> Result<&'a B::Buf> {
     match mask {
         Some((seed, site)) => {
-            backend.copy(scratch, dresid)?;
-            backend.dropout_backward(scratch, p, seed, site)?;
+            backend.dropout_backward(scratch, dresid, p, seed, site)?;
             Ok(scratch)
         }
         None => Ok(dresid),

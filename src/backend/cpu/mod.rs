@@ -392,7 +392,16 @@ impl<T: CpuElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn dropout_backward(&self, dx: &mut CpuBuf<T>, p: f32, seed: &u64, site: u64) -> Result<()> {
+    fn dropout_backward(
+        &self,
+        dx: &mut CpuBuf<T>,
+        dy: &CpuBuf<T>,
+        p: f32,
+        seed: &u64,
+        site: u64,
+    ) -> Result<()> {
+        check_len("dropout output gradient", dy, dx.data.len())?;
+        dx.data.copy_from_slice(&dy.data);
         kernels::dropout_backward(&mut dx.data, p, dropout_site_seed(*seed, site));
         Self::round(dx);
         Ok(())

@@ -207,26 +207,31 @@ __device__ __forceinline__ float mask_uniform_keyed(u64 key, u64 i) {
     return (float)(counter_hash(key, i) >> 40) * (1.0f / 16777216.0f);
 }
 
-/// dropout_T: in place, keep x[i]·1/(1−p) iff mask_uniform(s, i) >= p, else +0 (fwd and bwd), with
-/// s = dropout_site_seed(*seed, site) of the backend module (the seed read here, so a recorded
-/// launch replays with each micro-batch's own).
-template <typename T> __device__ void dropout_impl(T* x, float p, const u64* seed, u64 site, int n) {
-    if (p <= 0.0f) return;
+/// dropout_T: out[i] = x[i]·1/(1−p) iff mask_uniform(s, i) >= p, else +0 (forward in place, out =
+/// x; backward from the output gradient x into out), with s = dropout_site_seed(*seed, site) of
+/// the backend module (the seed read here, so a recorded launch replays with each micro-batch's).
+template <typename T>
+__device__ void dropout_impl(T* out, const T* x, float p, const u64* seed, u64 site, int n) {
+    if (p <= 0.0f) {
+        if (out != x) map_elements<1>(out, x, x, n, [](float v, float, u64) { return v; });
+        return;
+    }
     if (p >= 1.0f) {
-        map_elements<0>(x, x, x, n, [](float, float, u64) { return 0.0f; });
+        map_elements<0>(out, x, x, n, [](float, float, u64) { return 0.0f; });
         return;
     }
     const float keep_scale = 1.0f / (1.0f - p);
     const u64 site_seed = mix64(*seed ^ (site * 0x9E3779B97F4A7C15ull));
     const u64 key = mix64(site_seed ^ 0x5851F42D4C957F2Dull);
-    map_elements<1>(x, x, x, n, [=](float v, float, u64 i) {
+    map_elements<1>(out, x, x, n, [=](float v, float, u64 i) {
         return mask_uniform_keyed(key, i) >= p ? v * keep_scale : 0.0f;
     });
 }
-#define DEF_DROPOUT(S, T)                                                                  \
-    extern "C" __global__ void dropout_##S(T* x, float p, const unsigned long long* seed,  \
-                                           unsigned long long site, int n) {               \
-        dropout_impl<T>(x, p, seed, site, n);                                              \
+#define DEF_DROPOUT(S, T)                                                                      \
+    extern "C" __global__ void dropout_##S(T* out, const T* x, float p,                        \
+                                           const unsigned long long* seed,                     \
+                                           unsigned long long site, int n) {                   \
+        dropout_impl<T>(out, x, p, seed, site, n);                                             \
     }
 FOR_EACH_TYPE(DEF_DROPOUT)
 

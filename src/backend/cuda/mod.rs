@@ -744,6 +744,33 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// `dropout_T` from `x` into `out` (the same address in place) over `n` elements.
+    #[allow(clippy::too_many_arguments)]
+    fn dropout_launch(
+        &self,
+        out: u64,
+        x: u64,
+        n: usize,
+        dtype: DType,
+        p: f32,
+        seed: &CudaSlice<u64>,
+        site: u64,
+    ) -> Result<()> {
+        let (ps, _sync) = seed.device_ptr(&self.stream);
+        self.elementwise(
+            &format!("dropout_{}", suffix(dtype)?),
+            n,
+            &[
+                Arg::Ptr(out),
+                Arg::Ptr(x),
+                Arg::Float(p),
+                Arg::Ptr(ps),
+                Arg::U64(site),
+                Arg::Int(int(n)?),
+            ],
+        )
+    }
+
     /// An internal error if `stream` is recording a graph: `what` would not be recorded (or
     /// would break the recording), so the step's code must not do it then.
     fn refuse_while_recording(&self, what: &str) -> Result<()> {
@@ -1502,32 +1529,23 @@ impl Backend for CudaBackend {
         seed: &CudaSlice<u64>,
         site: u64,
     ) -> Result<()> {
-        let n = x.len;
-        let name = format!("dropout_{}", suffix(x.dtype)?);
         let px = self.ptr_mut(x)?;
-        let (ps, _sync) = seed.device_ptr(&self.stream);
-        self.elementwise(
-            &name,
-            n,
-            &[
-                Arg::Ptr(px),
-                Arg::Float(p),
-                Arg::Ptr(ps),
-                Arg::U64(site),
-                Arg::Int(int(n)?),
-            ],
-        )
+        self.dropout_launch(px, px, x.len, x.dtype, p, seed, site)
     }
 
     fn dropout_backward(
         &self,
         dx: &mut CudaBuf,
+        dy: &CudaBuf,
         p: f32,
         seed: &CudaSlice<u64>,
         site: u64,
     ) -> Result<()> {
         // The mask is regenerated from the seed: the same kernel serves both directions.
-        self.dropout_forward(dx, p, seed, site)
+        self.expect("dropout output gradient", dy, dx.dtype, dx.len)?;
+        let pg = self.ptr(dy)?;
+        let pdx = self.ptr_mut(dx)?;
+        self.dropout_launch(pdx, pg, dx.len, dx.dtype, p, seed, site)
     }
 
     fn linear_forward(
