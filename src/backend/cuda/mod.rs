@@ -338,6 +338,31 @@ fn compile_cached(
     Ok(text)
 }
 
+/// [`compile_cached`] for each `(name, source, arch)`, all at once (one thread each: NVRTC
+/// compiles a program on the calling thread, and on a machine without the cache compiling the
+/// sources one after another took minutes); results in the order given.
+fn compile_all(
+    sources: &[(&str, &str, &'static str)],
+    include: &std::path::Path,
+    driver_version: i32,
+) -> Vec<Result<String>> {
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = sources
+            .iter()
+            .map(|&(name, source, arch)| {
+                scope.spawn(move || compile_cached(name, source, arch, include, driver_version))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow!("internal error: a kernel compile panicked")))
+            })
+            .collect()
+    })
+}
+
 /// Compiles `source` (`name`.cu) to PTX for `arch` with NVRTC; needs no GPU.
 fn compile_ptx(
     name: &str,
@@ -420,46 +445,39 @@ impl CudaBackend {
         // SAFETY: the driver library is loaded (checked above); the out-pointer is valid.
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
         let arch = arch_name(major, minor);
+        // The wgmma attention kernels need the sm_90a target (compute capability 9.0 exactly).
+        // They are an optional fast path: where NVRTC or the driver cannot build them,
+        // attention.cu's kernels run. The backward is a separate module (its tiling variants).
+        let wgmma_wanted = (major, minor) == (9, 0) && env_on("HALFLING_CUDA_WGMMA_ATTN");
+        let bwd_variant = attention::sm90_choice()?.filter(|_| wgmma_wanted);
+        let mut sources: Vec<(&str, &str, &'static str)> =
+            BASE_MODULES.iter().map(|&(f, s)| (f, s, arch)).collect();
+        if wgmma_wanted {
+            sources.push(("attention_wgmma", ATTENTION_WGMMA_CU, "sm_90a"));
+        }
+        if bwd_variant.is_some() {
+            sources.push(("attention_wgmma_bwd", ATTENTION_WGMMA_BWD_CU, "sm_90a"));
+        }
+        let mut compiled = compile_all(&sources, &include, driver_version).into_iter();
         let mut modules = Vec::new();
-        for (file, src) in BASE_MODULES {
-            let ptx = compile_cached(file, src, arch, &include, driver_version)?;
+        for (file, _) in BASE_MODULES {
+            let ptx = compiled
+                .next()
+                .ok_or_else(|| anyhow!("internal error: {file}.cu was not compiled"))??;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
                 .map_err(|e| anyhow!("cannot load the compiled {file}.cu on the GPU: {e:?}"))?;
             modules.push(module);
         }
-        // The wgmma forward needs the sm_90a target (compute capability 9.0 exactly). It is an
-        // optional fast path: where NVRTC or the driver cannot build it, attention.cu's kernels run.
-        let wgmma_wanted = (major, minor) == (9, 0) && env_on("HALFLING_CUDA_WGMMA_ATTN");
-        let wgmma_attention = wgmma_wanted
-            && compile_cached(
-                "attention_wgmma",
-                ATTENTION_WGMMA_CU,
-                "sm_90a",
-                &include,
-                driver_version,
-            )
-            .ok()
-            .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
-            .map(|m| modules.push(m))
-            .is_some();
-        // The wgmma backward likewise (a separate module: its own tiling variants).
-        let wgmma_attention_bwd = match attention::sm90_choice()? {
-            Some(v) if wgmma_wanted => compile_cached(
-                "attention_wgmma_bwd",
-                ATTENTION_WGMMA_BWD_CU,
-                "sm_90a",
-                &include,
-                driver_version,
-            )
-            .ok()
-            .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
-            .map(|m| {
-                modules.push(m);
-                v
-            }),
-            _ => None,
+        // An optional module: loaded if it compiled and the driver takes it.
+        let mut load_optional = |ptx: Option<Result<String>>| {
+            ptx.and_then(|ptx| ptx.ok())
+                .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
+                .map(|m| modules.push(m))
+                .is_some()
         };
+        let wgmma_attention = wgmma_wanted && load_optional(compiled.next());
+        let wgmma_attention_bwd = bwd_variant.filter(|_| load_optional(compiled.next()));
         let lt = Lt::new(&stream)?;
         let sm_count = ctx
             .attribute(
