@@ -1700,6 +1700,62 @@ mod tests {
         assert_eq!(grads(false), grads(true));
     }
 
+    /// `train_micro_batch` (what the trainer calls) is `zero_grads` + `forward_backward` for a
+    /// step's first micro-batch and `forward_backward` for the rest, dropout masks (seeded per
+    /// micro-batch, through the backend's seed holder) included: the same losses and gradients.
+    #[test]
+    fn train_micro_batches_match_zero_then_forward_backward() {
+        let be = CpuBackend::<f64>::new();
+        let cfg = tiny();
+        let values = random_values(&cfg, 5);
+        let mut rng = Rng::new(6);
+        let batches: Vec<(Vec<u32>, Vec<u32>)> = (0..4)
+            .map(|_| {
+                let mut ids = || (0..2 * 4).map(|_| rng.below(7) as u32).collect::<Vec<_>>();
+                (ids(), ids())
+            })
+            .collect();
+        let run = |through_trainer_entry: bool| {
+            let recipe = Recipe::new(RecipeName::Fp32);
+            let mut m = Gpt::from_values(&be, cfg.clone(), recipe, 0.2, &values).unwrap();
+            let mut a = m.activations(&be, 2, 4, true).unwrap();
+            let mut out = Vec::new();
+            // Two steps of two micro-batches, each with its own dropout seed.
+            for (i, (inputs, targets)) in batches.iter().enumerate() {
+                let (first, seed) = (i % 2 == 0, 100 + i as u64);
+                let loss = if through_trainer_entry {
+                    m.train_micro_batch(&be, &mut a, inputs, targets, 0.5, seed, first)
+                } else {
+                    if first {
+                        m.zero_grads(&be).unwrap();
+                    }
+                    m.forward_backward(&be, &mut a, inputs, targets, 0.5, seed)
+                };
+                out.push(vec![f64::from(loss.unwrap())]);
+                if !first {
+                    out.extend(
+                        m.grads()
+                            .iter()
+                            .map(|g| be.download(g).unwrap())
+                            .map(|g| g.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>()),
+                    );
+                }
+            }
+            out
+        };
+        assert_eq!(run(true), run(false));
+        // Each micro-batch's seed reaches the masks: one batch under two seeds, two losses.
+        let recipe = Recipe::new(RecipeName::Fp32);
+        let mut m = Gpt::from_values(&be, cfg.clone(), recipe, 0.2, &values).unwrap();
+        let mut a = m.activations(&be, 2, 4, true).unwrap();
+        let (inputs, targets) = &batches[0];
+        let mut loss = |seed| {
+            m.train_micro_batch(&be, &mut a, inputs, targets, 1.0, seed, true)
+                .unwrap()
+        };
+        assert_ne!(loss(1), loss(2));
+    }
+
     /// A training pass whose LM head runs in chunks of rows (three here: 128, 128, 64) gives the
     /// losses and gradients of one that keeps all logits, and evaluates on its own activations.
     #[test]
