@@ -713,8 +713,9 @@ impl<B: Backend> Gpt<B> {
         )
     }
 
-    /// The forward pass up to the final LayerNorm (`acts.lnf`). A training pass (one with
-    /// `dropout_seed`) records the FP8 operands' amaxes; evaluation leaves them alone.
+    /// The forward pass up to the final LayerNorm (`acts.lnf`) over the loaded inputs. A
+    /// `training` pass applies the configured dropout (with the seed loaded in `acts`) and
+    /// records the FP8 operands' amaxes; evaluation does neither.
     fn forward_blocks(&self, backend: &B, acts: &mut Activations<B>, training: bool) -> Result<()> {
         let (b, t) = (acts.b, acts.t);
         let (c, nh) = (self.cfg.n_embd, self.cfg.n_head);

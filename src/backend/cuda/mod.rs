@@ -81,10 +81,10 @@ pub struct CudaBuf {
     len: usize,
     mem: CudaSlice<u8>,
     live: Rc<Cell<u64>>,
-    /// Zeros not yet written: [`Backend::zero`] only marks
-    /// its buffers, and each buffer's first op either writes the zeros first
-    /// ([`CudaBackend::ptr`]) or, writing every element, overwrites instead of accumulating
-    /// ([`CudaBackend::ptr_first_write`]): the gradient memset of every step, saved.
+    /// Zeros not yet written: [`Backend::zero`] only marks its buffers, and each buffer's first
+    /// op either writes the zeros first ([`CudaBackend::ptr`]) or, writing every element,
+    /// overwrites instead of accumulating ([`CudaBackend::ptr_first_write`]): the gradient
+    /// memset of every step, saved.
     unzeroed: Cell<bool>,
 }
 
