@@ -305,14 +305,33 @@ fn cuda_include_dir() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("cannot find the CUDA headers (cuda_bf16.h) that NVRTC needs: set CUDA_HOME to your CUDA installation (or CUDA_INC to its include directory)"))
 }
 
-/// Compiles `source` to PTX for `arch`, or reads it from the on-disk cache.
+/// A compiled CUDA source as the driver loads it: PTX, which the driver compiles to the GPU's
+/// machine code when loading (and keeps in its own cache), or a CUBIN, machine code NVRTC
+/// already made for one exact architecture.
+enum Image {
+    Ptx(String),
+    Cubin(Vec<u8>),
+}
+
+impl Image {
+    fn loadable(self) -> cudarc::nvrtc::Ptx {
+        match self {
+            Image::Ptx(text) => cudarc::nvrtc::Ptx::from_src(text),
+            Image::Cubin(bytes) => cudarc::nvrtc::Ptx::from_binary(bytes),
+        }
+    }
+}
+
+/// Compiles `source` for `arch` (to a CUBIN with `cubin`, else to PTX), or reads it from the
+/// on-disk cache.
 fn compile_cached(
     name: &str,
     source: &str,
     arch: &'static str,
     include: &std::path::Path,
     driver_version: i32,
-) -> Result<String> {
+    cubin: bool,
+) -> Result<Image> {
     let options = [
         format!("--gpu-architecture={arch}"),
         "-std=c++17".to_string(),
@@ -320,22 +339,85 @@ fn compile_cached(
     ];
     let key = ptx_cache_key(&[source, &options.join(" "), &driver_version.to_string()]);
     let cache_dir = cache_dir("ptx");
+    let extension = if cubin { "cubin" } else { "ptx" };
     let cache_file = cache_dir
         .as_ref()
-        .map(|d| d.join(format!("{name}-{key:016x}.ptx")));
-    if let Some(path) = &cache_file {
-        if let Ok(ptx) = std::fs::read_to_string(path) {
-            return Ok(ptx);
+        .map(|d| d.join(format!("{name}-{key:016x}.{extension}")));
+    let image = |bytes: Vec<u8>| -> Result<Image> {
+        Ok(if cubin {
+            Image::Cubin(bytes)
+        } else {
+            Image::Ptx(String::from_utf8(bytes)?)
+        })
+    };
+    if let Some(Ok(bytes)) = cache_file.as_ref().map(std::fs::read) {
+        if let Ok(cached) = image(bytes) {
+            return Ok(cached);
         }
     }
-    let text = compile_ptx(name, source, arch, include)?;
+    let bytes = if cubin {
+        compile_cubin(name, source, arch, include)?
+    } else {
+        compile_ptx(name, source, arch, include)?.into_bytes()
+    };
     if let (Some(dir), Some(path)) = (&cache_dir, &cache_file) {
         // The cache is an optimisation: failing to write it is not an error.
         if std::fs::create_dir_all(dir).is_ok() {
-            let _ = crate::checkpoint::write_atomic(path, text.as_bytes());
+            let _ = crate::checkpoint::write_atomic(path, &bytes);
         }
     }
-    Ok(text)
+    image(bytes)
+}
+
+/// Compiles `source` (`name`.cu) with NVRTC to a CUBIN for the exact architecture `arch`
+/// (`sm_90`, `sm_90a`, ...); needs no GPU.
+fn compile_cubin(
+    name: &str,
+    source: &str,
+    arch: &'static str,
+    include: &std::path::Path,
+) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
+    let failed = |what: &str, e: &dyn std::fmt::Debug| anyhow!("NVRTC {what} {name}.cu: {e:?}");
+    let src = std::ffi::CString::new(source).map_err(|e| failed("cannot read", &e))?;
+    let file =
+        std::ffi::CString::new(format!("{name}.cu")).map_err(|e| failed("cannot name", &e))?;
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        format!("--include-path={}", include.display()),
+    ];
+    let prog = result::create_program(&src, Some(&file)).map_err(|e| failed("cannot load", &e))?;
+    // SAFETY: `prog` was created above and is destroyed once, below; the buffers passed are
+    // sized as NVRTC reports.
+    let cubin = unsafe {
+        match result::compile_program(prog, &options) {
+            Ok(()) => {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|()| {
+                        let mut bytes = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr().cast())
+                            .result()
+                            .map(|()| bytes)
+                    })
+                    .map_err(|e| failed("has no CUBIN for", &e))
+            }
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|l| {
+                        let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    })
+                    .unwrap_or_default();
+                Err(anyhow!("NVRTC could not compile {name}.cu: {e:?}\n{log}"))
+            }
+        }
+    };
+    // SAFETY: as above.
+    let _ = unsafe { result::destroy_program(prog) };
+    cubin
 }
 
 /// [`compile_cached`] for each `(name, source, arch)`, all at once (one thread each: NVRTC
@@ -345,12 +427,15 @@ fn compile_all(
     sources: &[(&str, &str, &'static str)],
     include: &std::path::Path,
     driver_version: i32,
-) -> Vec<Result<String>> {
+    cubin: bool,
+) -> Vec<Result<Image>> {
     std::thread::scope(|scope| {
         let threads: Vec<_> = sources
             .iter()
             .map(|&(name, source, arch)| {
-                scope.spawn(move || compile_cached(name, source, arch, include, driver_version))
+                scope.spawn(move || {
+                    compile_cached(name, source, arch, include, driver_version, cubin)
+                })
             })
             .collect();
         threads
@@ -458,21 +543,27 @@ impl CudaBackend {
         if bwd_variant.is_some() {
             sources.push(("attention_wgmma_bwd", ATTENTION_WGMMA_BWD_CU, "sm_90a"));
         }
-        let mut compiled = compile_all(&sources, &include, driver_version).into_iter();
+        // `HALFLING_CUDA_CUBIN=1` (opt-in until run on a GPU): NVRTC makes the machine code
+        // itself, in the compile threads, instead of the driver compiling PTX one module after
+        // another at load (most of a first run's start-up). Only for an exact architecture
+        // (the PTX of a fallback one still runs on newer GPUs; its CUBIN would not).
+        let cubin = env_opt_in("HALFLING_CUDA_CUBIN") && arch == format!("sm_{major}{minor}");
+        let mut compiled = compile_all(&sources, &include, driver_version, cubin).into_iter();
         let mut modules = Vec::new();
         for (file, _) in BASE_MODULES {
-            let ptx = compiled
+            let image = compiled
                 .next()
                 .ok_or_else(|| anyhow!("internal error: {file}.cu was not compiled"))??;
             let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .load_module(image.loadable())
                 .map_err(|e| anyhow!("cannot load the compiled {file}.cu on the GPU: {e:?}"))?;
             modules.push(module);
         }
         // An optional module: loaded if it compiled and the driver takes it.
-        let mut load_optional = |ptx: Option<Result<String>>| {
-            ptx.and_then(|ptx| ptx.ok())
-                .and_then(|ptx| ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).ok())
+        let mut load_optional = |image: Option<Result<Image>>| {
+            image
+                .and_then(|image| image.ok())
+                .and_then(|image| ctx.load_module(image.loadable()).ok())
                 .map(|m| modules.push(m))
                 .is_some()
         };
@@ -3054,6 +3145,56 @@ mod tests {
                 std::fs::create_dir_all(dir).unwrap();
                 std::fs::write(dir.join(format!("{name}-{arch}.ptx")), ptx).unwrap();
             }
+        }
+    }
+
+    /// The CUBINs `HALFLING_CUDA_CUBIN=1` loads on an H100 build: ELF images naming their
+    /// kernels. Skipped where NVRTC is missing, as above.
+    #[test]
+    fn hopper_cubins_compile_with_nvrtc() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: NVRTC (libnvrtc.so) not found");
+            return;
+        }
+        let Ok(include) = cuda_include_dir() else {
+            eprintln!("skipped: no CUDA headers");
+            return;
+        };
+        // Each source with one kernel its CUBIN must hold (names the profile shows).
+        let builds = [
+            ("kernels", KERNELS_CU, "sm_90", "dropout_bf16"),
+            (
+                "attention",
+                ATTENTION_CU,
+                "sm_90",
+                "attention_backward_preprocess_bf16",
+            ),
+            ("fp8", FP8_CU, "sm_90", "fp8_amax_partial_bf16"),
+            (
+                "attention_wgmma",
+                ATTENTION_WGMMA_CU,
+                "sm_90a",
+                "attention_forward_wgmma_hs64_bf16",
+            ),
+            (
+                "attention_wgmma_bwd",
+                ATTENTION_WGMMA_BWD_CU,
+                "sm_90a",
+                "attention_backward_sm90_hs64_v0_bf16",
+            ),
+        ];
+        assert_eq!(BASE_MODULES.map(|m| m.0), ["kernels", "attention", "fp8"]);
+        for (name, src, arch, kernel) in builds {
+            let cubin =
+                compile_cubin(name, src, arch, &include).unwrap_or_else(|e| panic!("{e:#}"));
+            assert_eq!(
+                &cubin[..4],
+                b"\x7fELF",
+                "{name}.cu for {arch}: not an ELF image"
+            );
+            let named = cubin.windows(kernel.len()).any(|w| w == kernel.as_bytes());
+            assert!(named, "{name}.cu for {arch}: no {kernel} in the CUBIN");
         }
     }
 
