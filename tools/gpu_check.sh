@@ -2,7 +2,7 @@
 # Device calls for the GPU machine: correctness, speed side by side with the PyTorch peer, and the
 # recipe comparison. Run from the repo root there, with the stripped release binary, env.sh and
 # shared/bench/peer_gpt2.py carried in .device/ (and, for the torchao fp8 peer, its wheel in .whl/):
-#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|lazyzero|graphs|profile|all]...
+#   bash tools/gpu_check.sh [selftest|bench|peer|recipes|baby|heldout|f16tiled|qkvbias|lazyzero|graphs|cubin|profile|all]...
 # Each part takes: selftest ~40 s, bench ~1.5 min, peer ~5 min, recipes ~2.5 min (fp32 adds
 # ~1.5 min; RECIPES="bf16 fp16 fp8 fp8-unit fp32"), baby ~40 s. Not in `all`: heldout ~6 min
 # (HELDOUT_PEER=0 skips the peer's half), f16tiled ~1 min (fp8-unit at 0.91B with
@@ -15,7 +15,8 @@
 # match), 124M 0/1 alternating twice, 0.91B fp8 0/1), graphs ~4 min (training steps recorded
 # as CUDA graphs: selftest with HALFLING_CUDA_GRAPHS=0, a 300-step baby GPT run with graphs
 # off and on (final val losses must match), 124M 0/1 alternating twice, 0.91B bf16
-# 0/1), profile ~1 min (device time per
+# 0/1), cubin ~3 min (start-up with empty kernel caches, HALFLING_CUDA_CUBIN 0 then 1, and
+# selftest with it into $OUT/selftest-cubin.txt), profile ~1 min (device time per
 # kernel, 124M bf16 and 0.91B fp8, into $OUT/prof-*.txt). Files land in $OUT (or /tmp).
 set -uo pipefail
 source .device/env.sh >/dev/null 2>&1
@@ -140,6 +141,17 @@ for what in "${@:-all}"; do
     done
     ab HALFLING_CUDA_GRAPHS "0 1 0 1" configs/gpt2_124m.toml 20
     ab HALFLING_CUDA_GRAPHS "0 1" configs/bench_0p9b.toml 10
+  fi
+  if [[ $what == cubin ]]; then
+    # Start-up with empty kernel caches (ours and the driver's), PTX then CUBIN images.
+    for on in 0 1; do
+      rm -rf ~/.cache/halfling/ptx ~/.nv/ComputeCache
+      s=$(date +%s.%N)
+      HALFLING_CUDA_CUBIN=$on $BIN bench --config configs/shakespeare_char_gpu.toml --device cuda \
+        --steps 1 --warmup 0 > /tmp/cold$on.log 2>&1
+      echo "cold start, HALFLING_CUDA_CUBIN=$on: rc=$? $(wall $s) s"; tail -2 /tmp/cold$on.log
+    done
+    selftest_with HALFLING_CUDA_CUBIN=1 selftest-cubin.txt
   fi
   if [[ $what == f16tiled ]]; then
     ab HALFLING_CUDA_FP8_F16_TILED "0 1 0 1" configs/bench_0p9b.toml 10 fp8-unit
