@@ -90,7 +90,6 @@
 
 typedef unsigned int att_u32;
 
-#define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
 #define ATT_NEG_INF __int_as_float(0xff800000)
 
@@ -244,7 +243,7 @@ __device__ __forceinline__ void att_fwd_f32(float* out, float* lse, const float*
     const int C3 = 3 * C;
     const float* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const bool vec = (((size_t)qkv) & 15) == 0;
-    const float cs = (1.0f / sqrtf((float)hs)) * ATT_LOG2E;
+    const float cs = (1.0f / sqrtf((float)hs)) * LOG2E;
 
     float q[NCH][4], o[NCH][4];
 #pragma unroll
@@ -352,7 +351,7 @@ __device__ __forceinline__ void att_bwd_dkdv_f32(float* smem, float* dqkv, const
     const float* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
-    const float cs = scale * ATT_LOG2E;
+    const float cs = scale * LOG2E;
 
     float kr[NCH][4], vr[NCH][4], dk[NCH][4], dv[NCH][4];
 #pragma unroll
@@ -374,7 +373,7 @@ __device__ __forceinline__ void att_bwd_dkdv_f32(float* smem, float* dqkv, const
         att_load_tile_f32<HS>(dOs, dbase, C, q0, T_, hs, hs16, vec);
         if (threadIdx.x < R) {
             const int tq = q0 + threadIdx.x;
-            Ls[threadIdx.x] = tq < T_ ? lse[(long long)bh * T_ + tq] * ATT_LOG2E : 0.f;
+            Ls[threadIdx.x] = tq < T_ ? lse[(long long)bh * T_ + tq] * LOG2E : 0.f;
             Ds[threadIdx.x] = tq < T_ ? D[(long long)bh * T_ + tq] : 0.f;
         }
         __syncthreads();
@@ -451,7 +450,7 @@ __device__ __forceinline__ void att_bwd_dq_f32(float* smem, float* dqkv, const f
     const float* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
-    const float cs = scale * ATT_LOG2E;
+    const float cs = scale * LOG2E;
 
     float qr[NCH][4], dor[NCH][4], dq[NCH][4];
 #pragma unroll
@@ -467,7 +466,7 @@ __device__ __forceinline__ void att_bwd_dq_f32(float* smem, float* dqkv, const f
 #pragma unroll
         for (int e = 0; e < 4; e++) dq[i][e] = 0.f;
     }
-    const float L = t < T_ ? lse[(long long)bh * T_ + t] * ATT_LOG2E : 0.f;
+    const float L = t < T_ ? lse[(long long)bh * T_ + t] * LOG2E : 0.f;
     const float Dt = t < T_ ? D[(long long)bh * T_ + t] : 0.f;
     const int kend = min(q0 + R, T_);
     for (int k0 = 0; k0 < kend; k0 += R) {
@@ -714,14 +713,6 @@ __device__ __forceinline__ void att_store_frag_bf16(E* dst, long long stride, in
     }
 }
 
-// exp2 on the MUFU unit (ex2.approx.ftz: ~2 ulp, -inf -> +0). The softmax is exp2-based with the
-// scale * log2(e) folded into one FFMA per score, so each score costs FFMA + MUFU.
-__device__ __forceinline__ float att_ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
 extern __shared__ __align__(16) unsigned char att_dyn_smem[];
 
 // ---------------------------------------------------------------------------------------------
@@ -763,7 +754,7 @@ __device__ __forceinline__ void att_fwd_bf16(E* out, float* lse, const E* qkv,
     const int C3 = 3 * C;
     const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
     const bool vec = (((size_t)qkv) & 15) == 0;
-    const float cs = (1.0f / sqrtf((float)hs)) * ATT_LOG2E;
+    const float cs = (1.0f / sqrtf((float)hs)) * LOG2E;
     const int kend = min(q0 + BQ, T_);
     const int ntiles = (kend + BK - 1) / BK;
 
@@ -869,7 +860,7 @@ __device__ __forceinline__ void att_fwd_bf16(E* out, float* lse, const E* qkv,
                 const float mn0 = fmaxf(m[mt][0], mx0 * cs), mn1 = fmaxf(m[mt][1], mx1 * cs);
                 const float mr0 = (mn0 == ATT_NEG_INF) ? 0.f : mn0;  // fully masked row: no NaN
                 const float mr1 = (mn1 == ATT_NEG_INF) ? 0.f : mn1;
-                const float cr0 = att_ex2(m[mt][0] - mr0), cr1 = att_ex2(m[mt][1] - mr1);
+                const float cr0 = ex2_ftz(m[mt][0] - mr0), cr1 = ex2_ftz(m[mt][1] - mr1);
                 m[mt][0] = mn0; m[mt][1] = mn1;
                 l[mt][0] *= cr0; l[mt][1] *= cr1;
 #pragma unroll
@@ -878,10 +869,10 @@ __device__ __forceinline__ void att_fwd_bf16(E* out, float* lse, const E* qkv,
                 }
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
-                    s[mt][nt][0] = att_ex2(fmaf(s[mt][nt][0], cs, -mr0));
-                    s[mt][nt][1] = att_ex2(fmaf(s[mt][nt][1], cs, -mr0));
-                    s[mt][nt][2] = att_ex2(fmaf(s[mt][nt][2], cs, -mr1));
-                    s[mt][nt][3] = att_ex2(fmaf(s[mt][nt][3], cs, -mr1));
+                    s[mt][nt][0] = ex2_ftz(fmaf(s[mt][nt][0], cs, -mr0));
+                    s[mt][nt][1] = ex2_ftz(fmaf(s[mt][nt][1], cs, -mr0));
+                    s[mt][nt][2] = ex2_ftz(fmaf(s[mt][nt][2], cs, -mr1));
+                    s[mt][nt][3] = ex2_ftz(fmaf(s[mt][nt][3], cs, -mr1));
                     l[mt][0] += s[mt][nt][0] + s[mt][nt][1];
                     l[mt][1] += s[mt][nt][2] + s[mt][nt][3];
                 }
@@ -981,7 +972,7 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(E* dqkv, const E* dout,
     const float* Dbase = D + (long long)bh * T_;
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
-    const float cs = scale * ATT_LOG2E;
+    const float cs = scale * LOG2E;
     const int ntiles = (T_ - k0 + BC - 1) / BC;  // >= 1 (k0 < T_)
 
     att_tile_async<HS, BR, NTH>(Ks, base + C, C3, k0, T_, hs, hs16, vec);
@@ -1070,13 +1061,13 @@ __device__ __noinline__ void att_bwd_dkdv_bf16(E* dqkv, const E* dout,
 #pragma unroll
                 for (int e1 = 0; e1 < 2; e1++) {
                     const int ti = nt * 8 + 2 * t4 + e1;
-                    const float Lq = Ls[ti] * ATT_LOG2E, Dq = Ds[ti];
+                    const float Lq = Ls[ti] * LOG2E, Dq = Ds[ti];
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
                         for (int e2 = 0; e2 < 2; e2++) {
                             const int e = e1 + 2 * e2;
-                            float p = att_ex2(fmaf(st[mt][nt][e], cs, -Lq));
+                            float p = ex2_ftz(fmaf(st[mt][nt][e], cs, -Lq));
                             if (need_mask) {
                                 const int tq = q0 + ti;
                                 const int sk = ws0 + mt * 16 + g + e2 * 8;
@@ -1161,7 +1152,7 @@ __device__ __noinline__ void att_bwd_dq_bf16(E* dqkv, const E* dout,
     const E* dbase = dout + (long long)b * T_ * C + (long long)h * hs;
     const bool vec = ((((size_t)qkv) | ((size_t)dout)) & 15) == 0;
     const float scale = 1.0f / sqrtf((float)hs);
-    const float cs = scale * ATT_LOG2E;
+    const float cs = scale * LOG2E;
     const int kend = min(q0 + BR, T_);
     const int ntiles = (kend + BC - 1) / BC;
 
@@ -1177,7 +1168,7 @@ __device__ __noinline__ void att_bwd_dq_bf16(E* dqkv, const E* dout,
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
             const int r = wq0 + mt * 16 + g + 8 * hh;
-            L[mt][hh] = r < T_ ? lse[(long long)bh * T_ + r] * ATT_LOG2E : 0.f;
+            L[mt][hh] = r < T_ ? lse[(long long)bh * T_ + r] * LOG2E : 0.f;
             Dr[mt][hh] = r < T_ ? D[(long long)bh * T_ + r] : 0.f;
         }
     }
@@ -1247,7 +1238,7 @@ __device__ __noinline__ void att_bwd_dq_bf16(E* dqkv, const E* dout,
                 for (int nt = 0; nt < NTC; nt++) {
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        float p = att_ex2(fmaf(s[mt][nt][e], cs, -L[mt][e >> 1]));
+                        float p = ex2_ftz(fmaf(s[mt][nt][e], cs, -L[mt][e >> 1]));
                         if (need_mask) {
                             const int sk = k0 + nt * 8 + 2 * t4 + (e & 1);
                             const int tq = wq0 + mt * 16 + g + (e >> 1) * 8;

@@ -48,8 +48,8 @@
 // per call, against 0.130 when hs 80 ran as HS 128.
 // ---------------------------------------------------------------------------------------------
 
-// Prepended by mod.rs: wgmma_common.cuh (u32/u64, cp.async, wgmma wrappers Wg / WgRs, fences,
-// sm90_desc, sm90_ex2, sm90_pack, SM90_LOG2E).
+// Prepended by mod.rs: device_common.cuh (ex2_ftz, LOG2E) and wgmma_common.cuh (u32/u64,
+// cp.async, wgmma wrappers Wg / WgRs, fences, sm90_desc, sm90_pack).
 
 #define ATW_LN2 0.6931471805599453f
 #define ATW_NEG_INF __int_as_float(0xff800000)
@@ -119,18 +119,18 @@ __device__ __forceinline__ void atw_softmax(float (&s)[NS * 4], u32 (&pa)[NS / 2
     const float mn0 = fmaxf(m0, mx0 * cs), mn1 = fmaxf(m1, mx1 * cs);
     const float mr0 = (mn0 == ATW_NEG_INF) ? 0.f : mn0;  // fully masked row: no NaN
     const float mr1 = (mn1 == ATW_NEG_INF) ? 0.f : mn1;
-    cr0 = sm90_ex2(m0 - mr0);
-    cr1 = sm90_ex2(m1 - mr1);
+    cr0 = ex2_ftz(m0 - mr0);
+    cr1 = ex2_ftz(m1 - mr1);
     m0 = mn0;
     m1 = mn1;
     l0 *= cr0;
     l1 *= cr1;
 #pragma unroll
     for (int j = 0; j < NS; j++) {
-        const float p0 = sm90_ex2(fmaf(s[4 * j], cs, -mr0));
-        const float p1 = sm90_ex2(fmaf(s[4 * j + 1], cs, -mr0));
-        const float p2 = sm90_ex2(fmaf(s[4 * j + 2], cs, -mr1));
-        const float p3 = sm90_ex2(fmaf(s[4 * j + 3], cs, -mr1));
+        const float p0 = ex2_ftz(fmaf(s[4 * j], cs, -mr0));
+        const float p1 = ex2_ftz(fmaf(s[4 * j + 1], cs, -mr0));
+        const float p2 = ex2_ftz(fmaf(s[4 * j + 2], cs, -mr1));
+        const float p3 = ex2_ftz(fmaf(s[4 * j + 3], cs, -mr1));
         l0 += p0 + p1;
         l1 += p2 + p3;
         pa[j >> 1][(j & 1) * 2] = sm90_pack<E>(p0, p1);
@@ -232,7 +232,7 @@ __device__ __forceinline__ void atw_fwd(E* out, float* lse, const E* qkv, int B,
     const int r0 = wq0 + 16 * warp + (lane >> 2), r1 = r0 + 8;  // this thread's two rows
     const int C3 = 3 * C;
     const E* base = qkv + (long long)b * T_ * C3 + (long long)h * hs;
-    const float cs = (1.0f / sqrtf((float)hs)) * SM90_LOG2E;
+    const float cs = (1.0f / sqrtf((float)hs)) * LOG2E;
     const int kend = min(q0 + BQ, T_);
     const int ntiles = (kend + BK - 1) / BK;
     const u32 sQw = sQ + wg * (64 * 128);

@@ -50,8 +50,8 @@
 // Padded head sizes (H100, HALFLING_CUDA_PROFILE, L8 d1280 h16 = hs 80, B 8, T 1024): v0 at
 // HS 80 0.283 ms per call, against 0.732 for attention.cu's hs128 kernel that ran it before.
 
-// Prepended by mod.rs: wgmma_common.cuh (u32/u64, cp.async, wgmma wrappers Wg / WgRs, fences,
-// sm90_desc, sm90_ex2, sm90_pack, SM90_LOG2E).
+// Prepended by mod.rs: device_common.cuh (ex2_ftz, LOG2E) and wgmma_common.cuh (u32/u64,
+// cp.async, wgmma wrappers Wg / WgRs, fences, sm90_desc, sm90_pack).
 
 extern __shared__ __align__(1024) unsigned char sm90_dyn_smem[];
 
@@ -254,7 +254,7 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
     const float* Fp = reinterpret_cast<const float*>(sm + 2 * Cf::OWN + NS * Cf::STAGE);
     const u32 Ft = s0 + 2 * Cf::OWN + NS * Cf::STAGE;
     const float scale = 1.0f / sqrtf((float)hs);
-    const float cs = scale * SM90_LOG2E;
+    const float cs = scale * LOG2E;
     const int qt0 = (k0 / BN) * BN;  // the first query tile that sees a key of this block
     const int ntiles = (T_ - qt0 + BN - 1) / BN;
 
@@ -309,11 +309,11 @@ __device__ __forceinline__ void sm90_dkdv(E* dqkv, const E* dout, const E* qkv, 
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int qi = 8 * j + 2 * t4 + e;
-                    const float Lq = Ls[qi] * SM90_LOG2E, Dq = Ds[qi];
+                    const float Lq = Ls[qi] * LOG2E, Dq = Ds[qi];
 #pragma unroll
                     for (int hh = 0; hh < 2; hh++) {
                         const int x = 4 * j + 2 * hh + e;
-                        float p = sm90_ex2(fmaf(st[x], cs, -Lq));
+                        float p = ex2_ftz(fmaf(st[x], cs, -Lq));
                         if (MASK) {
                             const int tq = q0 + qi;
                             if (tq < sk0 + 8 * hh || tq >= T_) p = 0.f;
@@ -392,7 +392,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
     const u32 s0 = sm90_addr(sm);
     const u32 Qt = s0, dOt = s0 + Cf::OWN, St = s0 + 2 * Cf::OWN;
     const float scale = 1.0f / sqrtf((float)hs);
-    const float cs = scale * SM90_LOG2E;
+    const float cs = scale * LOG2E;
     const int kend = min(q0 + BM, T_);
     const int ntiles = (kend + BN - 1) / BN;
 
@@ -408,7 +408,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
         const int r = tq0 + 8 * hh;
-        L[hh] = r < T_ ? lse[(long long)bh * T_ + r] * SM90_LOG2E : 0.f;
+        L[hh] = r < T_ ? lse[(long long)bh * T_ + r] * LOG2E : 0.f;
         Dr[hh] = r < T_ ? D[(long long)bh * T_ + r] : 0.f;
     }
     float dq[HS / 2];
@@ -441,7 +441,7 @@ __device__ __forceinline__ void sm90_dq(E* dqkv, const E* dout, const E* qkv, co
 #pragma unroll
                 for (int x2 = 0; x2 < 4; x2++) {
                     const int x = 4 * j + x2, hh = x2 >> 1;
-                    float p = sm90_ex2(fmaf(s[x], cs, -L[hh]));
+                    float p = ex2_ftz(fmaf(s[x], cs, -L[hh]));
                     if (MASK && k0 + 8 * j + 2 * t4 + (x2 & 1) > tq0 + 8 * hh) p = 0.f;
                     s[x] = p * (dp[x] - Dr[hh]);  // dS
                 }

@@ -1216,18 +1216,12 @@ __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float
 }
 
 // The classifier's per-logit exponentials: exp(x − c) as 2^(x·log2 e − c·log2 e), one FMA and
-// the flush-to-zero ex2 (exp2 of −126 and below is 0: terms under 1e-38 of a sum of at least 1,
+// the flush-to-zero ex2 (`ex2_ftz`, device_common.cuh; exp2 of −126 and below is 0: terms under 1e-38 of a sum of at least 1,
 // gradients under bf16's range). c·log2 e is rounded once per row, so its error scales the
 // whole row alike; relative error a few 1e-7 per term. expf's exact sequence (and __expf's
 // subnormal handling) cost ~7 instructions a logit where this costs 2, and instructions, not
 // bytes, bound the classifier (a variant reading each row once ran no faster): with full packs
 // also skipping the per-logit column checks, 0.429 → 0.349 ms per 4096 GPT-2 rows on the H100.
-#define LOG2E 1.4426950408889634f
-__device__ __forceinline__ float exp2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // log Σ_{j<V} exp(row[j]), by a fixed-shape tree: lanes, then warps. Ends with a barrier.
 template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec) {
@@ -1262,7 +1256,7 @@ template <typename T> __device__ float row_logsumexp(const T* x, int V, bool vec
                 }
                 const float mb = m * LOG2E;
 #pragma unroll
-                for (int k = 0; k < 8; ++k) s += exp2_ftz(fmaf(f[u][k], LOG2E, -mb));
+                for (int k = 0; k < 8; ++k) s += ex2_ftz(fmaf(f[u][k], LOG2E, -mb));
             }
         }
     } else {
@@ -1323,7 +1317,7 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
                 if (c + 8 <= V) {  // real columns only: softmax·dloss, the target's −dloss after
 #pragma unroll
                     for (int k = 0; k < 8; ++k)
-                        f[u][k] = exp2_ftz(fmaf(f[u][k], LOG2E, -lb)) * dloss;
+                        f[u][k] = ex2_ftz(fmaf(f[u][k], LOG2E, -lb)) * dloss;
                     if (valid && target - (unsigned)c < 8u) {
 #pragma unroll
                         for (int k = 0; k < 8; ++k)
@@ -1333,7 +1327,7 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
 #pragma unroll
                     for (int k = 0; k < 8; ++k) {
                         const int j = c + k;
-                        f[u][k] = j < V ? (exp2_ftz(fmaf(f[u][k], LOG2E, -lb)) -
+                        f[u][k] = j < V ? (ex2_ftz(fmaf(f[u][k], LOG2E, -lb)) -
                                            ((unsigned)j == target ? 1.0f : 0.0f)) * dloss
                                         : 0.0f;
                     }
@@ -1343,7 +1337,7 @@ __device__ void crossentropy_forward_backward_impl(float* losses, T* logits,
         }
     } else {
         for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
-            const float g = j < V ? (exp2_ftz(fmaf(to_float(x[j]), LOG2E, -lb)) -
+            const float g = j < V ? (ex2_ftz(fmaf(to_float(x[j]), LOG2E, -lb)) -
                                      ((unsigned)j == target ? 1.0f : 0.0f)) * dloss
                                   : 0.0f;
             x[j] = from_float<T>(g);

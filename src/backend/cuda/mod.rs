@@ -41,23 +41,31 @@ use super::{linear_crossentropy_chunk, AdamW, AdamWTensor, Backend, GeluOut, Gem
 use crate::numerics::{self, DType, TensorStats};
 use cublaslt::{Epilogue, Gemm, GemmType, Lt};
 
-/// kernels.cu and fp8.cu, each prefixed with the helpers both use (`elementwise_common.cuh`).
+/// Every source is prefixed with the helpers all share (`device_common.cuh`); kernels.cu and
+/// fp8.cu also with those both use (`elementwise_common.cuh`).
 const KERNELS_CU: &str = concat!(
+    include_str!("device_common.cuh"),
     include_str!("elementwise_common.cuh"),
     include_str!("kernels.cu")
 );
-const ATTENTION_CU: &str = include_str!("attention.cu");
+const ATTENTION_CU: &str = concat!(
+    include_str!("device_common.cuh"),
+    include_str!("attention.cu")
+);
 const FP8_CU: &str = concat!(
+    include_str!("device_common.cuh"),
     include_str!("elementwise_common.cuh"),
     include_str!("fp8.cu")
 );
 /// Hopper-only (sm_90a, wgmma) attention forward and backward, compiled only on compute
 /// capability 9.0; each is prefixed with the device helpers both use (`wgmma_common.cuh`).
 const ATTENTION_WGMMA_CU: &str = concat!(
+    include_str!("device_common.cuh"),
     include_str!("wgmma_common.cuh"),
     include_str!("attention_wgmma.cu")
 );
 const ATTENTION_WGMMA_BWD_CU: &str = concat!(
+    include_str!("device_common.cuh"),
     include_str!("wgmma_common.cuh"),
     include_str!("attention_wgmma_bwd.cu")
 );

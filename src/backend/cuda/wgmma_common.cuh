@@ -7,7 +7,7 @@
 //   - the 128-byte-swizzle shared-memory matrix descriptor
 //   - wgmma m64nNk16 with f32 accumulators: Wg<E, N> (A and B from shared memory, N = 64, 128)
 //     and WgRs<E, N> (A from registers, N = 32 .. 128 in steps of 16), E = bf16 or f16
-//   - exp2 on the MUFU unit, two floats packed into one register of E
+//   - two floats packed into one register of E
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,7 +15,6 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#define SM90_LOG2E 1.4426950408889634f
 
 __device__ __forceinline__ u32 sm90_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
@@ -54,12 +53,6 @@ __device__ __forceinline__ u64 sm90_desc(u32 addr, u32 lbo, u32 sbo) {
            ((u64)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
 }
 
-// exp2 on the MUFU unit (ex2.approx.ftz: ~2 ulp, -inf -> +0), as attention.cu.
-__device__ __forceinline__ float sm90_ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 // Two floats rounded to E (nearest even) in one register, lo in the low 16 bits.
 template <typename E> __device__ __forceinline__ u32 sm90_pack(float lo, float hi);
 template <> __device__ __forceinline__ u32 sm90_pack<__nv_bfloat16>(float lo, float hi) {
