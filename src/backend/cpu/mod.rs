@@ -990,11 +990,6 @@ mod tests {
     fn layernorm_backward_forms_the_residual_bias_gradient() {
         let be = CpuBackend::<f32>::new();
         let (n, c) = (5, 7);
-        let vals = |k: usize, m: usize| -> Vec<f32> {
-            (0..m)
-                .map(|i| ((i * 37 + k * 11) % 17) as f32 * 0.13 - 1.0)
-                .collect()
-        };
         let inp = be.buf_from(DType::BF16, &vals(1, n * c));
         let dout = be.buf_from(DType::BF16, &vals(2, n * c));
         let w = be.buf_from(DType::BF16, &vals(3, c));
@@ -1051,11 +1046,6 @@ mod tests {
         let be = CpuBackend::<f32>::new();
         let (b, t, c, nh) = (2, 5, 8, 2);
         let (n, c3) = (b * t, 3 * c);
-        let vals = |k: usize, m: usize| -> Vec<f32> {
-            (0..m)
-                .map(|i| ((i * 37 + k * 11) % 17) as f32 * 0.13 - 1.0)
-                .collect()
-        };
         let qkv = be.buf_from(DType::BF16, &vals(1, n * c3));
         let dout = be.buf_from(DType::BF16, &vals(2, n * c));
         let mut out = be.alloc(DType::BF16, n * c).unwrap();
@@ -1094,6 +1084,13 @@ mod tests {
             assert_eq!(db.as_slice(), want.as_slice(), "scale {scale}");
             assert_ne!(db.as_slice(), &vals(3, c3)[..]);
         }
+    }
+
+    /// `m` deterministic values in [-1, 1.08], a different pattern for each `k`.
+    fn vals(k: usize, m: usize) -> Vec<f32> {
+        (0..m)
+            .map(|i| ((i * 37 + k * 11) % 17) as f32 * 0.13 - 1.0)
+            .collect()
     }
 
     /// The bias gradient `linear_backward` leaves, starting from `start`, for output gradient

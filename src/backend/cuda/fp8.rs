@@ -616,7 +616,7 @@ impl CudaBackend {
             return None;
         }
         let token = op.keep?;
-        let src = self.ptr(x).ok()?;
+        let src = self.address(x);
         let scratch = self.fp8.borrow();
         let k = scratch.kept.get(&token.id)?;
         let matches = k.token == token
@@ -629,7 +629,7 @@ impl CudaBackend {
         if !matches {
             return None;
         }
-        let cell = self.ptr(&k.buf).ok()?;
+        let cell = self.address(&k.buf);
         let t = cell + CELL_STRIDE as u64;
         let p = t + (rows * cols).next_multiple_of(256) as u64;
         Some((

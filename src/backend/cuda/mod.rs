@@ -340,11 +340,7 @@ fn compile_cached(
     driver_version: i32,
     cubin: bool,
 ) -> Result<Image> {
-    let options = [
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".to_string(),
-        format!("--include-path={}", include.display()),
-    ];
+    let options = nvrtc_options(arch, include);
     let key = ptx_cache_key(&[source, &options.join(" "), &driver_version.to_string()]);
     let cache_dir = cache_dir("ptx");
     let extension = if cubin { "cubin" } else { "ptx" };
@@ -377,6 +373,15 @@ fn compile_cached(
     image(bytes)
 }
 
+/// The NVRTC options every source is compiled with (also part of the cache key).
+fn nvrtc_options(arch: &str, include: &std::path::Path) -> [String; 3] {
+    [
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        format!("--include-path={}", include.display()),
+    ]
+}
+
 /// Compiles `source` (`name`.cu) with NVRTC to a CUBIN for the exact architecture `arch`
 /// (`sm_90`, `sm_90a`, ...); needs no GPU.
 fn compile_cubin(
@@ -390,11 +395,7 @@ fn compile_cubin(
     let src = std::ffi::CString::new(source).map_err(|e| failed("cannot read", &e))?;
     let file =
         std::ffi::CString::new(format!("{name}.cu")).map_err(|e| failed("cannot name", &e))?;
-    let options = [
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".to_string(),
-        format!("--include-path={}", include.display()),
-    ];
+    let options = nvrtc_options(arch, include);
     let prog = result::create_program(&src, Some(&file)).map_err(|e| failed("cannot load", &e))?;
     // SAFETY: `prog` was created above and is destroyed once, below; the buffers passed are
     // sized as NVRTC reports.
@@ -791,6 +792,13 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `buf`'s device address as an identity only (cache lookups): nothing reads or writes it,
+    /// so deferred zeros stay deferred.
+    fn address(&self, buf: &CudaBuf) -> u64 {
+        let (p, _sync) = buf.mem.device_ptr(&self.stream);
+        p
+    }
+
     /// `buf`'s device address for an op that reads it (or accumulates into it): a buffer
     /// [`Backend::zero`] left unzeroed gets its zeros first.
     fn ptr(&self, buf: &CudaBuf) -> Result<u64> {
@@ -841,8 +849,7 @@ impl CudaBackend {
                 return Ok(p);
             }
         }
-        self.refuse_while_recording("a kernel table upload")?;
-        self.memory_epoch.set(self.memory_epoch.get() + 1);
+        self.new_device_memory("a kernel table upload")?;
         let mut mem = match tables.remove(kernel) {
             Some((_, mem)) if mem.len() >= bytes.len() => mem,
             _ => self
@@ -897,12 +904,19 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Before `what` places device memory a recorded graph may come to address: refused while
+    /// recording, and a new [`Backend::graph_epoch`] after.
+    fn new_device_memory(&self, what: &str) -> Result<()> {
+        self.refuse_while_recording(what)?;
+        self.memory_epoch.set(self.memory_epoch.get() + 1);
+        Ok(())
+    }
+
     /// A scratch area of at least `bytes`, grown (never shrunk) on demand.
     fn scratch_ptr(&self, bytes: usize) -> Result<u64> {
         let mut scratch = self.scratch.borrow_mut();
         if scratch.as_ref().map_or(true, |s| s.len() < bytes) {
-            self.refuse_while_recording("growing the scratch area")?;
-            self.memory_epoch.set(self.memory_epoch.get() + 1);
+            self.new_device_memory("growing the scratch area")?;
             let mem = self
                 .stream
                 .alloc_zeros::<u8>(bytes.max(1 << 20))
@@ -1165,8 +1179,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
-        self.refuse_while_recording("an allocation")?;
-        self.memory_epoch.set(self.memory_epoch.get() + 1);
+        self.new_device_memory("an allocation")?;
         let bytes = len * dtype.size_bytes();
         let mem = self
             .stream
@@ -1184,8 +1197,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_tokens(&self, len: usize) -> Result<CudaTokens> {
-        self.refuse_while_recording("an allocation")?;
-        self.memory_epoch.set(self.memory_epoch.get() + 1);
+        self.new_device_memory("an allocation")?;
         let z = |n: usize| {
             self.stream
                 .alloc_zeros::<i32>(n.max(1))
@@ -1270,8 +1282,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_seed(&self) -> Result<CudaSlice<u64>> {
-        self.refuse_while_recording("an allocation")?;
-        self.memory_epoch.set(self.memory_epoch.get() + 1);
+        self.new_device_memory("an allocation")?;
         self.stream
             .alloc_zeros::<u64>(1)
             .map_err(|e| oom(e, 8, self.live.get()))
